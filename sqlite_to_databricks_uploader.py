@@ -146,7 +146,7 @@ class Config:
         100_000, "--batch-size", "BATCH_SIZE", "int",
         "rows per batch; each batch is one commit and one checkpoint", "source")
     busy_timeout: float = option(
-        30.0, "--busy-timeout", "SQLITE_BUSY_TIMEOUT", "float",
+        30.0, "--busy-timeout", "BUSY_TIMEOUT", "float",
         "seconds to wait for a SQLite lock held by the writer", "source")
     state_dir: str = option(
         "/state", "--state-dir", "STATE_DIR", "path",
@@ -673,6 +673,7 @@ class Batch:
     batch_id: str = ""
     kinds: list = dataclasses.field(default_factory=list)
     rescued: int = 0
+    payload: object = None
 
 
 def read_batches(conn, source, cursor, batch_size):
@@ -689,12 +690,13 @@ def read_batches(conn, source, cursor, batch_size):
             raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
         if not rows:
             return
-        last = rows[-1]
+        last, count = rows[-1], len(rows)
         cursor = [last[p] for p in positions]
         values = list(zip(*rows))[offset:]
-        yield Batch(source.column_names, values, len(rows), cursor,
+        rows = None  # the columns hold the values now; free the row tuples
+        yield Batch(source.column_names, values, count, cursor,
                     last[ts_pos + offset] if ts_pos is not None else None)
-        if len(rows) < batch_size:
+        if count < batch_size:
             return
 
 
@@ -988,6 +990,10 @@ class Sink:
         """{column: kind} of the target table's existing columns."""
         return {}
 
+    def prepare(self, batch):
+        """Encode the batch for this sink; runs in the read-ahead thread, no I/O."""
+        return None
+
     def write(self, table, batch):
         """Append the batch, tagged with its batch id; skip it if already committed."""
         raise NotImplementedError
@@ -1032,7 +1038,7 @@ class DeltaSink(Sink):
         super().__init__(config, identity)
         uri = config.delta_uri
         self.base = uri if "://" in uri else os.path.abspath(uri)
-        self._kinds = {}
+        self._tables = {}
 
     @property
     def destination(self):
@@ -1045,32 +1051,37 @@ class DeltaSink(Sink):
         return os.path.join(self.base, table)
 
     def _open(self, table):
+        """The table's DeltaTable, brought up to date; None if it does not exist yet."""
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
+        found = self._tables.get(table)
+        if found is not None:
+            found.update_incremental()
+            return found
         try:
-            return DeltaTable(self.table_uri(table))
+            found = self._tables[table] = DeltaTable(self.table_uri(table))
         except TableNotFoundError:
             return None
+        return found
 
     def known_kinds(self, table):
-        if table not in self._kinds:
-            found = self._open(table)
-            self._kinds[table] = delta_kinds(found.schema()) if found else {}
-        return self._kinds[table]
+        found = self._open(table)
+        return delta_kinds(found.schema()) if found else {}
 
     def has_committed(self, table, seq, batch_id):
         found = self._open(table)
         version = found.transaction_version(self.identity.app_id) if found else None
         return version is not None and version >= seq
 
+    def prepare(self, batch):
+        return to_record_batch(batch, self.identity)
+
     def write(self, table, batch):
-        data = to_record_batch(batch, self.identity)
         for attempt in range(1, self.RETRIES + 1):
             try:
                 if self.has_committed(table, batch.seq, batch.batch_id):
                     return Receipt(batch.count, skipped=True)
-                self._append(table, batch, data)
-                self._kinds.pop(table, None)
+                self._append(table, batch)
                 return Receipt(batch.count)
             except Exception as exc:  # deltalake raises several unrelated types
                 if not is_transient_delta_error(exc) or attempt == self.RETRIES:
@@ -1080,13 +1091,14 @@ class DeltaSink(Sink):
                 time.sleep(min(2 ** attempt, 30) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
-    def _append(self, table, batch, data):
+    def _append(self, table, batch):
         from deltalake import CommitProperties, Transaction, write_deltalake
         marker = Transaction(self.identity.app_id, batch.seq)
         meta = {"uploader.source_id": self.identity.source_id,
                 "uploader.batch_id": batch.batch_id,
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end))}
-        write_deltalake(self.table_uri(table), data, mode="append", schema_mode="merge",
+        target = self._tables.get(table) or self.table_uri(table)
+        write_deltalake(target, batch.payload, mode="append", schema_mode="merge",
                         commit_properties=CommitProperties(app_transactions=[marker],
                                                            custom_metadata=meta))
 
@@ -1425,13 +1437,23 @@ def settle_inflight(job):
                  flight["batch_id"], flight["table"])
 
 
+def prepare_batches(job, batches, first_seq):
+    """Number, type and encode each batch for the sink (in the read-ahead thread)."""
+    state_id = job.checkpoint.data["state_id"]
+    for seq, batch in enumerate(batches, start=first_seq):
+        batch.seq, batch.batch_id = seq, f"{state_id}-{seq}"
+        batch.kinds = resolve_kinds(job.source, batch, job.kinds)
+        batch.payload = job.sink.prepare(batch)
+        if batch.payload is not None:
+            batch.values = None  # encoded: let the Python objects go
+        yield batch
+
+
 def write_batch(job, batch):
     """In-flight record -> write to the sink -> advance the checkpoint."""
     dest = job.sink.destination
-    pos = job.checkpoint.position(dest)
-    batch.seq = pos["seq"] + 1
-    batch.batch_id = f"{job.checkpoint.data['state_id']}-{batch.seq}"
-    batch.kinds = resolve_kinds(job.source, batch, job.kinds)
+    if batch.seq != job.checkpoint.position(dest)["seq"] + 1:
+        raise AssertionError(f"batch {batch.seq} out of order")
     job.checkpoint.begin(dest, batch, job.table)
     receipt = job.sink.write(job.table, batch)
     job.checkpoint.commit(dest)
@@ -1441,7 +1463,8 @@ def write_batch(job, batch):
 def run_cycle(job):
     """Upload every row after the cursor, batch by batch; return rows uploaded."""
     conn, source, dest = job.conn, job.source, job.sink.destination
-    cursor = decode_cursor(job.checkpoint.position(dest)["cursor"])
+    pos = job.checkpoint.position(dest)
+    cursor = decode_cursor(pos["cursor"])
     check_not_behind(conn, source, cursor)
     report_null_timestamps(conn, source)
     pending = count_pending(conn, source, cursor)
@@ -1449,11 +1472,11 @@ def run_cycle(job):
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
     batches = read_batches(conn, source, cursor, job.config.batch_size)
-    for batch in prefetch(batches, job.stop):
-        began = time.monotonic()
+    mark = started
+    for batch in prefetch(prepare_batches(job, batches, pos["seq"] + 1), job.stop):
         receipt = write_batch(job, batch)
         done += batch.count
-        took = max(time.monotonic() - began, 1e-9)
+        took, mark = max(time.monotonic() - mark, 1e-9), time.monotonic()
         log.info("batch %s: %d rows -> %s in %.2f s (%d rows/s)%s%s, pending %d",
                  batch.batch_id, batch.count, job.table, took, batch.count / took,
                  ", already there" if receipt.skipped else "",
