@@ -416,11 +416,6 @@ def validate_config(config):
     if not config.source_id:
         updates["source_id"] = socket.gethostname() or "unknown-host"
         updates["sources"] = {**config.sources, "source_id": "default (host name)"}
-    for stage in ("sanitize", "filter", "aggregate"):
-        if getattr(config, f"enable_{stage}"):
-            raise ConfigError(
-                f"config: enable_{stage} is set (from {config.origin('enable_' + stage)}) "
-                "but processing stages are not available in this version; unset it")
     return dataclasses.replace(config, **updates)
 
 
@@ -494,7 +489,6 @@ class SourceTable:
 
 TIMESTAMP_NAMES = ("timestamp", "ts", "time", "datetime", "event_time", "created_at",
                    "created", "recorded_at", "inserted_at", "reading_time", "date")
-TIMESTAMP_TYPES = ("DATETIME", "TIMESTAMP", "DATE")
 
 
 def quote_ident(name):
@@ -577,7 +571,7 @@ def find_timestamp_column(columns, wanted, table):
         if candidate in by_name:
             return by_name[candidate]
     for column in columns:
-        if column.decl_type.upper() in TIMESTAMP_TYPES:
+        if re.match(r"(DATETIME|TIMESTAMP|DATE)\b", column.decl_type, re.I):
             return column.name
     return None
 
@@ -598,7 +592,10 @@ def choose_cursor(columns, ts, autoincrement, without_rowid, table):
            next(c for c in columns if c.name == pks[0]).decl_type.upper() == "INTEGER"
            else None)
     if without_rowid:
-        return Cursor("pair", (ts, *pks)) if ts and ts not in pks else Cursor("key", tuple(pks))
+        # the timestamp leads even when it is part of the key, so that new rows of
+        # every key sort after the cursor
+        rest = tuple(p for p in pks if p != ts)
+        return Cursor("pair", (ts, *rest)) if ts and rest else Cursor("key", tuple(pks))
     if autoincrement and ipk:
         return Cursor("rowid", (ipk,))
     tiebreak, hidden = ipk, False
@@ -669,11 +666,16 @@ class Batch:
     count: int
     cursor_end: list
     last_timestamp: object = None
+    kinds: list = dataclasses.field(default_factory=list)
     seq: int = 0
     batch_id: str = ""
-    kinds: list = dataclasses.field(default_factory=list)
     rescued: int = 0
     payload: object = None
+    carry: object = None
+    notes: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.source_count = self.count  # rows read from the source, before processing
 
 
 def read_batches(conn, source, cursor, batch_size):
@@ -681,6 +683,7 @@ def read_batches(conn, source, cursor, batch_size):
     positions = key_positions(source)
     ts_pos = source.column_names.index(source.timestamp_col) if source.timestamp_col else None
     offset = 1 if source.cursor.hidden else 0
+    kinds = source_kinds(source)
     while True:
         sql = select_sql(source, cursor is not None)
         params = (list(cursor) if cursor is not None else []) + [batch_size]
@@ -695,7 +698,7 @@ def read_batches(conn, source, cursor, batch_size):
         values = list(zip(*rows))[offset:]
         rows = None  # the columns hold the values now; free the row tuples
         yield Batch(source.column_names, values, count, cursor,
-                    last[ts_pos + offset] if ts_pos is not None else None)
+                    last[ts_pos + offset] if ts_pos is not None else None, list(kinds))
         if count < batch_size:
             return
 
@@ -820,13 +823,18 @@ def infer_kind(values):
     return STRING
 
 
-def resolve_kinds(source, batch, known):
+def source_kinds(source):
+    """Declared Delta types of the source columns (None: follow the values)."""
+    return [declared_kind(c.decl_type, c.name == source.timestamp_col)
+            for c in source.columns]
+
+
+def resolve_kinds(batch, known):
     """Delta types of the batch's columns: the target's own, else declared, else seen."""
     kinds = []
-    for column, values in zip(source.columns, batch.values):
-        kind = known.get(column.name) or declared_kind(
-            column.decl_type, column.name == source.timestamp_col) or infer_kind(values)
-        known.setdefault(column.name, kind)
+    for name, kind, values in zip(batch.columns, batch.kinds, batch.values):
+        kind = known.get(name) or kind or infer_kind(values)
+        known.setdefault(name, kind)
         kinds.append(kind)
     return kinds
 
@@ -904,21 +912,561 @@ def jsonable(value):
     return value
 
 
+def coerce_one(value, kind, i, name, rescued):
+    """Typed value, or None with the original kept in `rescued`."""
+    typed, fits = coerce_value(value, kind)
+    if not fits:
+        rescued.setdefault(i, {})[name] = jsonable(value)
+    return typed
+
+
 def coerce_column(values, kind, name, rescued):
     """Typed values of one column; misfits become NULL and go into `rescued`."""
-    out = []
-    for i, value in enumerate(values):
-        typed, fits = coerce_value(value, kind)
-        if not fits:
-            rescued.setdefault(i, {})[name] = jsonable(value)
-        out.append(typed)
-    return out
+    return [coerce_one(value, kind, i, name, rescued) for i, value in enumerate(values)]
 
 
 def rescued_json(rescued, count):
     """The `_rescued_data` column: one JSON object per row that had misfits."""
     return [json.dumps(rescued[i], ensure_ascii=False, sort_keys=True)
             if i in rescued else None for i in range(count)]
+
+
+# === Processing ======================================================================
+# Pure functions over column-major batches (names, kinds, values): no I/O, no
+# globals. Stages run in the order sanitize -> filter -> aggregate.
+
+FILTER_OPS = (">", ">=", "<", "<=", "==", "!=", "in", "not_in", "is_null")
+AGG_FUNCTIONS = ("avg", "min", "max", "sum", "count")
+TIME_PARTS = {"hour_of_day": BIGINT, "minute_of_hour": BIGINT, "day_of_week": BIGINT,
+              "day_of_month": BIGINT, "month": BIGINT, "year": BIGINT, "date": STRING}
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MICROS = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One compiled sanitize rule: op is remove|replace|hash|round|drop|null."""
+
+    column: str
+    op: str
+    arg: object = None
+    arg2: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One compiled filter condition on a column."""
+
+    column: str
+    op: str
+    operand: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+    """A compiled aggregate spec; window and grace are in microseconds (0: none)."""
+
+    group_by: tuple
+    measures: tuple  # ((column, (functions...)), ...); column "records" counts rows
+    window: int = 0
+    grace: int = 0
+    timestamp_col: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The processing stages enabled, compiled and validated."""
+
+    sanitize: tuple = ()
+    filter: tuple = ()
+    aggregate: Aggregation | None = None
+    hash_key: bytes = dataclasses.field(default=b"", repr=False)
+
+    @property
+    def is_raw(self):
+        return not (self.sanitize or self.filter or self.aggregate)
+
+
+def compile_plan(config, source, environ):
+    """Validate the enabled stages against the source columns; one error names the fault."""
+    names = list(source.column_names)
+    kinds = dict(zip(names, source_kinds(source)))
+    plan = {}
+    if config.enable_sanitize:
+        plan["sanitize"] = compile_sanitize(config, names, kinds)
+        if any(rule.op == "hash" for rule in plan["sanitize"]):
+            key = environ.get("SANITIZE_HASH_KEY", "")
+            if not key:
+                raise ConfigError("config: sanitize_config uses hash but SANITIZE_HASH_KEY "
+                                  "is not set; set it to the same secret on every node")
+            plan["hash_key"] = key.encode()
+        for rule in plan["sanitize"]:
+            if rule.op == "drop":
+                names.remove(rule.column)
+            elif rule.op == "hash":
+                kinds[rule.column] = STRING
+    if config.enable_filter:
+        plan["filter"] = compile_filter(config, names, kinds)
+    if config.enable_aggregate:
+        plan["aggregate"] = compile_aggregate(config, names, kinds, source.timestamp_col)
+    return Plan(**plan)
+
+
+def stage_spec(config, stage):
+    """The JSON spec of a stage, required once the stage is enabled."""
+    spec = getattr(config, f"{stage}_config")
+    if not spec:
+        raise ConfigError(f"config: enable_{stage} is set (from "
+                          f"{config.origin('enable_' + stage)}) but {stage}_config is empty; "
+                          f"set {stage.upper()}_CONFIG or {stage}_config in the YAML file")
+    return spec, f"{stage}_config (from {config.origin(stage + '_config')})"
+
+
+def check_column(column, names, where):
+    """An unknown column is a config error that lists the known ones."""
+    if column not in names:
+        raise ConfigError(f"config: {where}: unknown column {column!r}; "
+                          f"columns: {', '.join(names)}")
+
+
+def compile_sanitize(config, names, kinds):
+    """Rules from {column: regex | {replace_value, with_value} | {hash|round|drop|null}}."""
+    spec, where = stage_spec(config, "sanitize")
+    rules = []
+    for column, action in spec.items():
+        check_column(column, names, where)
+        rules.append(compile_rule(column, action, where))
+    return tuple(rules)
+
+
+def compile_rule(column, action, where):
+    """One sanitize rule, checked."""
+    if isinstance(action, str):
+        try:
+            return Rule(column, "remove", re.compile(action))
+        except re.error as exc:
+            raise ConfigError(f"config: {where}: bad regex for {column!r}: {exc}") from None
+    if not isinstance(action, dict):
+        raise ConfigError(f"config: {where}: rule for {column!r} must be a regex string "
+                          "or an object")
+    keys = set(action)
+    if keys == {"replace_value", "with_value"}:
+        return Rule(column, "replace", action["replace_value"], action["with_value"])
+    if keys == {"round"} and isinstance(action["round"], int) and not isinstance(
+            action["round"], bool):
+        return Rule(column, "round", action["round"])
+    for op in ("hash", "drop", "null"):
+        if keys == {op} and action[op] is True:
+            return Rule(column, op)
+    raise ConfigError(f"config: {where}: rule for {column!r} must be one of "
+                      "{replace_value, with_value}, {hash: true}, {round: N}, "
+                      f"{{drop: true}}, {{null: true}} (got {json.dumps(action)})")
+
+
+def compile_filter(config, names, kinds):
+    """Conditions from {column: scalar | {op: operand, ...}}; all must hold."""
+    spec, where = stage_spec(config, "filter")
+    conditions = []
+    for column, test in spec.items():
+        check_column(column, names, where)
+        pairs = test.items() if isinstance(test, dict) else [
+            ("is_null", True) if test is None else ("==", test)]
+        for op, operand in pairs:
+            conditions.append(compile_condition(column, op, operand, kinds.get(column), where))
+    return tuple(conditions)
+
+
+def compile_condition(column, op, operand, kind, where):
+    """One filter condition, with its operand checked against the column's type."""
+    if op not in FILTER_OPS:
+        raise ConfigError(f"config: {where}: unknown operator {op!r} for {column!r}; "
+                          f"operators: {', '.join(FILTER_OPS)}")
+    if op == "is_null":
+        if not isinstance(operand, bool):
+            raise ConfigError(f"config: {where}: is_null for {column!r} takes true or false")
+        return Condition(column, op, operand)
+    if op in ("in", "not_in"):
+        if not isinstance(operand, list):
+            raise ConfigError(f"config: {where}: {op} for {column!r} takes a list")
+        for item in operand:
+            check_operand(column, op, item, kind, where)
+        return Condition(column, op, tuple(operand))
+    check_operand(column, op, operand, kind, where)
+    return Condition(column, op, operand)
+
+
+def check_operand(column, op, operand, kind, where):
+    """Text against a numeric column, or a number against a text column, is an error."""
+    if isinstance(operand, (dict, list)) or operand is None:
+        raise ConfigError(f"config: {where}: {op} for {column!r} takes a number or text "
+                          f"(got {json.dumps(operand)})")
+    numeric = isinstance(operand, (int, float))
+    if (kind in (BIGINT, DOUBLE, BOOLEAN) and not numeric) or (kind == STRING and numeric):
+        raise ConfigError(f"config: {where}: {column!r} holds {kind} values, which never "
+                          f"compare with {json.dumps(operand)}")
+
+
+def compile_aggregate(config, names, kinds, timestamp_col):
+    """The aggregate spec: group_by, aggregations, optional window and grace."""
+    spec, where = stage_spec(config, "aggregate")
+    unknown = set(spec) - {"group_by", "aggregations", "window", "grace"}
+    if unknown:
+        raise ConfigError(f"config: {where}: unknown key {sorted(unknown)[0]!r}; keys: "
+                          "group_by, aggregations, window, grace")
+    group_by = spec.get("group_by") or []
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    for column in group_by:
+        if column not in names and column not in TIME_PARTS:
+            check_column(column, names + sorted(TIME_PARTS), where + ": group_by")
+        if column in TIME_PARTS and column not in names and not timestamp_col:
+            raise ConfigError(f"config: {where}: {column!r} needs a timestamp column")
+    measures = compile_measures(spec.get("aggregations"), names, kinds, where)
+    window = parse_duration(spec.get("window"), "window", where)
+    grace = parse_duration(spec.get("grace"), "grace", where)
+    if window and not timestamp_col:
+        raise ConfigError(f"config: {where}: a window needs a timestamp column")
+    if window and timestamp_col not in names:
+        raise ConfigError(f"config: {where}: the window needs {timestamp_col!r}, which "
+                          "sanitize_config drops")
+    return Aggregation(tuple(group_by), measures, window, grace, timestamp_col)
+
+
+def compile_measures(aggregations, names, kinds, where):
+    """((column, (functions...)), ...) from {column: fn | [fn, ...]}."""
+    if not isinstance(aggregations, dict) or not aggregations:
+        raise ConfigError(f"config: {where}: aggregations must map columns to "
+                          f"{'|'.join(AGG_FUNCTIONS)}")
+    measures = []
+    for column, fns in aggregations.items():
+        fns = [fns] if isinstance(fns, str) else fns
+        if not isinstance(fns, list) or not fns:
+            raise ConfigError(f"config: {where}: aggregations for {column!r} must be a "
+                              "function name or a list of them")
+        for fn in fns:
+            if fn not in AGG_FUNCTIONS:
+                raise ConfigError(f"config: {where}: unknown aggregation {fn!r} for "
+                                  f"{column!r}; functions: {', '.join(AGG_FUNCTIONS)}")
+        if column == "records" and column not in names:
+            if fns != ["count"]:
+                raise ConfigError(f"config: {where}: 'records' counts rows; use "
+                                  "\"records\": \"count\"")
+        else:
+            check_column(column, names, where + ": aggregations")
+            if kinds.get(column) in (STRING, BINARY) and set(fns) & {"avg", "sum"}:
+                raise ConfigError(f"config: {where}: cannot avg or sum {column!r}: it "
+                                  f"holds {kinds[column]} values")
+        measures.append((column, tuple(fns)))
+    return tuple(measures)
+
+
+def parse_duration(text, key, where):
+    """'15m' -> microseconds; None -> 0."""
+    if text is None:
+        return 0
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(text))
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(f"config: {where}: {key} must look like 30s, 15m, 1h or 1d "
+                          f"(got {json.dumps(text)})")
+    return int(match.group(1)) * WINDOW_UNITS[match.group(2)] * MICROS
+
+
+def process_batch(plan, batch, carry):
+    """Run the enabled stages over a batch; return (batch, carry after it)."""
+    if plan.is_raw:
+        return batch, carry
+    names, kinds, values = list(batch.columns), list(batch.kinds), list(batch.values)
+    count, notes = batch.count, {}
+    if plan.sanitize:
+        names, kinds, values = sanitize_columns(plan.sanitize, names, kinds, values,
+                                                plan.hash_key)
+    if plan.filter:
+        values, kept = filter_columns(plan.filter, names, values, count)
+        notes["filtered_out"], count = count - kept, kept
+    if plan.aggregate:
+        names, kinds, values, carry, agg_notes = aggregate_columns(
+            plan.aggregate, names, kinds, values, count, carry)
+        notes.update(agg_notes)
+        count = len(values[0]) if values else 0
+    out = dataclasses.replace(batch, columns=names, kinds=kinds, values=values, count=count,
+                              notes=notes)
+    out.source_count = batch.source_count
+    return out, carry
+
+
+def sanitize_columns(rules, names, kinds, values, hash_key):
+    """Apply sanitize rules column by column."""
+    for rule in rules:
+        i = names.index(rule.column)
+        if rule.op == "drop":
+            del names[i], kinds[i], values[i]
+            continue
+        values[i] = sanitize_values(rule, values[i], hash_key)
+        if rule.op == "hash":
+            kinds[i] = STRING
+    return names, kinds, values
+
+
+def sanitize_values(rule, column, hash_key):
+    """One sanitized column."""
+    if rule.op == "remove":
+        sub = rule.arg.sub
+        return [sub("", v) if type(v) is str else v for v in column]
+    if rule.op == "replace":
+        old, new = rule.arg, rule.arg2
+        if isinstance(old, str) and isinstance(new, str):
+            return [v.replace(old, new) if type(v) is str else v for v in column]
+        return [new if v == old and type(v) is type(old) else v for v in column]
+    if rule.op == "round":
+        digits = rule.arg
+        return [round(v, digits) if type(v) is float else v for v in column]
+    if rule.op == "null":
+        return [None] * len(column)
+    return hash_column(column, hash_key)
+
+
+def hash_column(column, key):
+    """Keyed SHA-256 (HMAC) hex of each value; the same value gives the same hash."""
+    import hmac
+    cache = {}
+    out = []
+    for value in column:
+        if value is None:
+            out.append(None)
+            continue
+        digest = cache.get(value)
+        if digest is None:
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            digest = cache[value] = hmac.digest(key, raw, "sha256").hex()
+        out.append(digest)
+    return out
+
+
+def filter_columns(conditions, names, values, count):
+    """Keep the rows where every condition holds; return (values, rows kept)."""
+    import itertools
+    mask = None
+    for cond in conditions:
+        column = values[names.index(cond.column)]
+        test = condition_test(cond)
+        hits = [test(v) for v in column]
+        mask = hits if mask is None else [a and b for a, b in zip(mask, hits)]
+    kept = sum(mask)
+    if kept == count:
+        return values, kept
+    return [list(itertools.compress(column, mask)) for column in values], kept
+
+
+def condition_test(cond):
+    """A predicate for one condition. NULL satisfies no comparison."""
+    op, operand = cond.op, cond.operand
+    if op == "is_null":
+        return (lambda v: v is None) if operand else (lambda v: v is not None)
+    if op in ("in", "not_in"):
+        keyed = {(is_number(x), x) for x in operand}
+        inside = op == "in"
+        return lambda v: v is not None and ((is_number(v), v) in keyed) == inside
+    numeric = is_number(operand)
+    compare = {">": lambda a: a > operand, ">=": lambda a: a >= operand,
+               "<": lambda a: a < operand, "<=": lambda a: a <= operand,
+               "==": lambda a: a == operand, "!=": lambda a: a != operand}[op]
+    return lambda v: v is not None and is_number(v) == numeric and (
+        numeric or type(v) is type(operand)) and compare(v)
+
+
+def is_number(value):
+    """Numbers (bool included, as SQLite stores it) compare with numbers only."""
+    return isinstance(value, (int, float))
+
+
+def time_part(part, micros):
+    """A derived group-by value from a timestamp in microseconds."""
+    moment = EPOCH + dt.timedelta(microseconds=micros)
+    if part == "hour_of_day":
+        return moment.hour
+    if part == "minute_of_hour":
+        return moment.minute
+    if part == "day_of_week":
+        return moment.isoweekday()
+    if part == "day_of_month":
+        return moment.day
+    if part == "month":
+        return moment.month
+    if part == "year":
+        return moment.year
+    return moment.date().isoformat()
+
+
+def aggregate_columns(spec, names, kinds, values, count, carry):
+    """Group rows and aggregate; with a window, emit closed windows and carry open ones.
+
+    A window [start, end) closes when a row at or after end + grace has been read
+    (the watermark, in read order). A row whose window is already closed when it is
+    read is late: counted, not aggregated. Both depend only on the read order, so
+    the output is the same however the rows are split into batches and cycles.
+    """
+    column = dict(zip(names, values))
+    stamps = timestamp_micros(column, spec, count)
+    groups = [column[g] if g in column else derived_part(g, stamps) for g in spec.group_by]
+    measured = [(m, column.get(m)) for m, _ in spec.measures]
+    families = [kinds[names.index(m)] == STRING if m in column else False
+                for m, _ in spec.measures]
+    state = decode_carry(carry)
+    open_, watermark = state["open"], state["watermark"]
+    late = untimed = 0
+    for i in range(count):
+        ts = stamps[i] if stamps is not None else None
+        if stamps is not None and ts is None:
+            untimed += 1
+            continue
+        start = ts - ts % spec.window if spec.window else None
+        if spec.window and watermark is not None and \
+                start + spec.window + spec.grace <= watermark:
+            late += 1
+            continue
+        key = (tuple(g[i] for g in groups), start)
+        acc = open_.get(key)
+        if acc is None:
+            acc = open_[key] = [0, {m: [0, 0, None, None] for m, col in measured
+                                    if col is not None}]
+        acc[0] += 1
+        for (name, col), text in zip(measured, families):
+            if col is not None:
+                accumulate(acc[1][name], col[i], text)
+        if spec.window and (watermark is None or ts > watermark):
+            watermark = ts
+    done = closed_keys(open_, spec, watermark)
+    rows = [emit_row(key, open_.pop(key), spec) for key in done]
+    notes = {k: v for k, v in (("late", late), ("untimed", untimed)) if v}
+    carry = encode_carry(open_, watermark) if spec.window else None
+    out_names, out_kinds = aggregate_schema(spec, names, kinds)
+    out_values = [list(col) for col in zip(*rows)] if rows else [[] for _ in out_names]
+    return out_names, out_kinds, out_values, carry, notes
+
+
+def timestamp_micros(column, spec, count):
+    """Row timestamps in microseconds when the spec needs them, else None."""
+    needs = spec.window or any(g in TIME_PARTS and g not in column for g in spec.group_by)
+    if not needs:
+        return None
+    cache = {}
+    out = []
+    for value in column[spec.timestamp_col]:
+        micros = cache.get(value, ...) if value is not None else None
+        if micros is ...:
+            micros = cache[value] = parse_timestamp(value)
+        out.append(micros)
+    return out
+
+
+def derived_part(part, stamps):
+    """A column of a time part (hour_of_day, ...) computed from the timestamps."""
+    cache = {}
+    out = []
+    for micros in stamps:
+        if micros is None:
+            out.append(None)
+            continue
+        minute = micros - micros % (60 * MICROS)  # every part is constant within it
+        value = cache.get(minute)
+        if value is None:
+            value = cache[minute] = time_part(part, micros)
+        out.append(value)
+    return out
+
+
+def accumulate(acc, value, text):
+    """Fold one value into [count, sum, min, max]; text columns only min/max."""
+    if value is None or (text and type(value) is not str) or (
+            not text and not is_number(value)):
+        return
+    acc[0] += 1
+    if not text:
+        acc[1] += value
+    if acc[2] is None or value < acc[2]:
+        acc[2] = value
+    if acc[3] is None or value > acc[3]:
+        acc[3] = value
+
+
+def closed_keys(open_, spec, watermark):
+    """Keys to emit now: every group without a window; closed windows with one."""
+    if not spec.window:
+        keys = list(open_)
+    elif watermark is None:
+        keys = []
+    else:
+        keys = [k for k in open_ if k[1] + spec.window + spec.grace <= watermark]
+    return sorted(keys, key=lambda k: (k[1] or 0, json.dumps(k[0], default=str)))
+
+
+def measure_outputs(spec):
+    """(output column, measure column, function) in output order."""
+    out = []
+    for column, fns in spec.measures:
+        if column == "records" and fns == ("count",):
+            out.append(("records", column, "records"))
+            continue
+        wanted = list(fns) + [f for f in ("sum", "count") if "avg" in fns and f not in fns]
+        out.extend((f"{column}_{fn}", column, fn) for fn in wanted)
+    if not any(name == "records" for name, _, _ in out):
+        out.append(("records", None, "records"))
+    return out
+
+
+def aggregate_schema(spec, names, kinds):
+    """Output column names and kinds of the aggregate stage."""
+    kind_of = dict(zip(names, kinds))
+    out_names = list(spec.group_by)
+    out_kinds = [kind_of.get(g) or TIME_PARTS.get(g) for g in spec.group_by]
+    if spec.window:
+        out_names += ["window_start", "window_end"]
+        out_kinds += [TIMESTAMP, TIMESTAMP]
+    for name, column, fn in measure_outputs(spec):
+        source = kind_of.get(column)
+        out_names.append(name)
+        out_kinds.append(BIGINT if fn in ("count", "records") else DOUBLE if fn == "avg"
+                         else (BIGINT if source in (BIGINT, BOOLEAN) else DOUBLE)
+                         if fn == "sum" else source)
+    return out_names, out_kinds
+
+
+def emit_row(key, acc, spec):
+    """One output row for a (group, window) accumulator."""
+    group, start = key
+    row = list(group)
+    if spec.window:
+        row += [micros_to_iso(start), micros_to_iso(start + spec.window)]
+    records, measures = acc
+    for _name, column, fn in measure_outputs(spec):
+        if fn == "records":
+            row.append(records)
+            continue
+        count, total, low, high = measures[column]
+        row.append({"count": count, "sum": total if count else None, "min": low,
+                    "max": high, "avg": total / count if count else None}[fn])
+    return row
+
+
+def micros_to_iso(micros):
+    """Microseconds since the epoch as ISO-8601 UTC text."""
+    return (EPOCH + dt.timedelta(microseconds=micros)).isoformat()
+
+
+def encode_carry(open_, watermark):
+    """Open windows as JSON-safe data for the checkpoint."""
+    return {"watermark": watermark,
+            "open": [[encode_cursor(list(group)), start, acc[0], acc[1]]
+                     for (group, start), acc in open_.items()]}
+
+
+def decode_carry(carry):
+    """Inverse of encode_carry; a missing carry is an empty one."""
+    if not carry:
+        return {"open": {}, "watermark": None}
+    open_ = {(tuple(decode_cursor(group)), start): [records, measures]
+             for group, start, records, measures in carry["open"]}
+    return {"open": open_, "watermark": carry["watermark"]}
 
 
 # === Routing =========================================================================
@@ -1140,21 +1688,36 @@ def to_arrow_array(values, kind, name, rescued):
     """One Arrow column: fast path through Arrow, per-value fallback for misfits."""
     from arro3.core import Array, DataType
     if kind == TIMESTAMP:
-        try:
-            text = Array(values, DataType.string())
-            stamps = text.cast(arrow_type(TIMESTAMP))
-            if stamps.null_count == text.null_count:
-                return stamps
-        except (TypeError, ValueError, OverflowError):
-            pass
-        micros = coerce_column(values, TIMESTAMP, name, rescued)
-        return Array(micros, DataType.int64()).cast(arrow_type(TIMESTAMP))
+        return timestamp_array(values, name, rescued)
     if kind != BOOLEAN:
         try:
             return Array(values, arrow_type(kind))
         except (TypeError, ValueError, OverflowError):
             pass
     return Array(coerce_column(values, kind, name, rescued), arrow_type(kind))
+
+
+def timestamp_array(values, name, rescued):
+    """Text through Arrow's parser, each value on its own; the rest per value in Python."""
+    from arro3.core import Array, DataType
+    try:
+        return checked_cast(Array(values, DataType.string()))
+    except (TypeError, ValueError, OverflowError):
+        pass  # not all text: judge each value
+    texts = [v if type(v) is str else None for v in values]
+    fast = Array(texts, DataType.string()).cast(arrow_type(TIMESTAMP))
+    fast = fast.cast(DataType.int64()).to_pylist()
+    micros = [m if m is not None else coerce_one(v, TIMESTAMP, i, name, rescued)
+              for i, (m, v) in enumerate(zip(fast, values))]
+    return Array(micros, DataType.int64()).cast(arrow_type(TIMESTAMP))
+
+
+def checked_cast(text):
+    """Cast a text array to TIMESTAMP; TypeError unless every non-NULL text parsed."""
+    stamps = text.cast(arrow_type(TIMESTAMP))
+    if stamps.null_count != text.null_count:
+        raise TypeError("some text is not a timestamp")
+    return stamps
 
 
 def to_record_batch(batch, identity):
@@ -1284,14 +1847,14 @@ class Checkpoint:
         """The progress record of one destination (created empty on first use)."""
         return self.data["destinations"].setdefault(destination, {
             "cursor": None, "last_upload": None, "rows": 0, "seq": 0,
-            "inflight": None, "updated_at": None})
+            "inflight": None, "carry": None, "updated_at": None})
 
     def begin(self, destination, batch, table):
         """Record the batch as in flight before it is sent."""
         self.position(destination)["inflight"] = {
             "batch_id": batch.batch_id, "seq": batch.seq, "table": table,
             "rows": batch.count, "cursor_end": encode_cursor(batch.cursor_end),
-            "last_upload": batch.last_timestamp}
+            "last_upload": batch.last_timestamp, "carry": batch.carry}
         self.save()
 
     def commit(self, destination):
@@ -1300,9 +1863,18 @@ class Checkpoint:
         flight = pos["inflight"]
         pos.update(cursor=flight["cursor_end"], seq=flight["seq"], inflight=None,
                    rows=pos["rows"] + flight["rows"], table=flight["table"],
-                   updated_at=utc_now_text())
+                   carry=flight.get("carry"), updated_at=utc_now_text())
         if flight.get("last_upload") is not None:
             pos["last_upload"] = flight["last_upload"]
+        self.save()
+
+    def advance(self, destination, batch):
+        """A batch that left nothing to write (all filtered, windows still open)."""
+        pos = self.position(destination)
+        pos.update(cursor=encode_cursor(batch.cursor_end), carry=batch.carry,
+                   updated_at=utc_now_text())
+        if batch.last_timestamp is not None:
+            pos["last_upload"] = batch.last_timestamp
         self.save()
 
     def abandon(self, destination):
@@ -1380,6 +1952,7 @@ class Job:
     sink: Sink
     table: str
     stop: threading.Event
+    plan: Plan = Plan()
     kinds: dict = dataclasses.field(default_factory=dict)
 
 
@@ -1437,21 +2010,29 @@ def settle_inflight(job):
                  flight["batch_id"], flight["table"])
 
 
-def prepare_batches(job, batches, first_seq):
-    """Number, type and encode each batch for the sink (in the read-ahead thread)."""
+def prepare_batches(job, batches, position):
+    """Process, number, type and encode each batch (in the read-ahead thread)."""
     state_id = job.checkpoint.data["state_id"]
-    for seq, batch in enumerate(batches, start=first_seq):
-        batch.seq, batch.batch_id = seq, f"{state_id}-{seq}"
-        batch.kinds = resolve_kinds(job.source, batch, job.kinds)
-        batch.payload = job.sink.prepare(batch)
-        if batch.payload is not None:
-            batch.values = None  # encoded: let the Python objects go
+    seq, carry = position["seq"], position.get("carry")
+    for batch in batches:
+        batch, carry = process_batch(job.plan, batch, carry)
+        batch.carry = carry
+        if batch.count:
+            seq += 1
+            batch.seq, batch.batch_id = seq, f"{state_id}-{seq}"
+            batch.kinds = resolve_kinds(batch, job.kinds)
+            batch.payload = job.sink.prepare(batch)
+            if batch.payload is not None:
+                batch.values = None  # encoded: let the Python objects go
         yield batch
 
 
 def write_batch(job, batch):
     """In-flight record -> write to the sink -> advance the checkpoint."""
     dest = job.sink.destination
+    if not batch.count:
+        job.checkpoint.advance(dest, batch)
+        return Receipt(0)
     if batch.seq != job.checkpoint.position(dest)["seq"] + 1:
         raise AssertionError(f"batch {batch.seq} out of order")
     job.checkpoint.begin(dest, batch, job.table)
@@ -1468,23 +2049,33 @@ def run_cycle(job):
     check_not_behind(conn, source, cursor)
     report_null_timestamps(conn, source)
     pending = count_pending(conn, source, cursor)
-    started, done = time.monotonic(), 0
+    started, done, read = time.monotonic(), 0, 0
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
     batches = read_batches(conn, source, cursor, job.config.batch_size)
-    mark = started
-    for batch in prefetch(prepare_batches(job, batches, pos["seq"] + 1), job.stop):
+    mark, notes = started, {}
+    for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         receipt = write_batch(job, batch)
         done += batch.count
+        read += batch.source_count
+        for key, value in batch.notes.items():
+            notes[key] = notes.get(key, 0) + value
         took, mark = max(time.monotonic() - mark, 1e-9), time.monotonic()
-        log.info("batch %s: %d rows -> %s in %.2f s (%d rows/s)%s%s, pending %d",
-                 batch.batch_id, batch.count, job.table, took, batch.count / took,
-                 ", already there" if receipt.skipped else "",
+        log.log(logging.INFO if batch.count else logging.DEBUG,"batch %s: %d rows -> %s in %.2f s (%d rows/s)%s%s, pending %d",
+                 batch.batch_id or "(none)", batch.count, job.table, took,
+                 batch.source_count / took, ", already there" if receipt.skipped else "",
                  f", {batch.rescued} rows with rescued values" if batch.rescued else "",
-                 max(pending - done, 0))
+                 max(pending - read, 0))
     elapsed = time.monotonic() - started
-    log.info("cycle: %d rows uploaded to %s in %.2f s%s", done, job.table, elapsed,
+    log.info("cycle: %d rows read, %d rows uploaded to %s in %.2f s%s%s", read, done,
+             job.table, elapsed, "".join(f", {v} {k.replace('_', ' ')}"
+                                         for k, v in sorted(notes.items())),
              " (stopping)" if job.stop.is_set() else "")
+    if notes.get("late") or notes.get("untimed"):
+        log.warning("aggregate: %d rows arrived after their window closed and %d rows "
+                    "have no usable timestamp; they are not in %s (raise 'grace' to wait "
+                    "longer for late rows)", notes.get("late", 0), notes.get("untimed", 0),
+                    job.table)
     return done
 
 
@@ -1519,17 +2110,19 @@ def run_forever(job, sleep_backoff=None):
     return EXIT_OK
 
 
-def open_job(config, reset_state, stop):
+def open_job(config, reset_state, stop, environ=None):
     """Open source, checkpoint and sink; settle any in-flight batch."""
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
     source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
                             config.sqlite)
+    plan = compile_plan(config, source, os.environ if environ is None else environ)
     checkpoint = Checkpoint(resolve_state_dir(config))
     checkpoint.lock()
     checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
     identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
     sink = make_sink(config, identity)
-    job = Job(config, conn, source, checkpoint, sink, target_table(config, source), stop)
+    job = Job(config, conn, source, checkpoint, sink, target_table(config, source), stop,
+              plan)
     for line in preflight(conn, source):
         log.info(line)
     log.info("target: %s table %s (node %s)", sink.describe(), job.table, config.source_id)
@@ -1747,7 +2340,7 @@ def main(argv=None, environ=None):
             names, rows = run_query(os.path.abspath(config.delta_uri), args.run_query)
             print(format_rows(names, rows))
             return EXIT_OK
-        return run_job(config, args)
+        return run_job(config, args, environ)
     except UploaderError as exc:
         log.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
@@ -1768,14 +2361,14 @@ def apply_demo_defaults(args, environ):
              args.sqlite)
 
 
-def run_job(config, args):
+def run_job(config, args, environ):
     """Open the job, run it until done or stopped, close it."""
     if not config.sqlite:
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
     stop = threading.Event()
     install_signal_handlers(stop)
-    job = open_job(config, args.reset_state, stop)
+    job = open_job(config, args.reset_state, stop, environ)
     try:
         code = run_forever(job)
         if args.demo:

@@ -1,0 +1,341 @@
+"""Checkpoint (DESIGN 5): the state file, its lock, its errors and where it lives."""
+
+import dataclasses
+import fcntl
+import glob
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import unittest
+from unittest import mock
+
+from tests.helpers import (SCRIPT, TempDirTestCase, file_digest, make_db, run_main,
+                           run_script, sensor_db, up)
+from tests.test_crash import (UploadChecks, add_rows, child_env, destination_of,
+                              read_state, target_ids)
+
+TOKEN = "dapi-0123456789abcdef-NEVER-IN-STATE"
+
+
+def wait_for(predicate, timeout=60, what="a condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds (never a timing test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class CheckpointTestCase(UploadChecks, TempDirTestCase):
+    """A 600-row sensor database and a state dir under the temp dir."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = sensor_db(self.path("sensors.db"), 30)  # 600 rows
+        self.state_dir = self.path("state")
+        self.state_file = os.path.join(self.state_dir, up.STATE_FILE)
+
+    def upload(self, *extra, env=None, **env_extra):
+        """One --once run of the script; returns the CompletedProcess."""
+        return run_script(["--sqlite", self.db, "--once", "--batch-size", "250", *extra],
+                          env if env is not None else self.base_env(**env_extra))
+
+    def assert_ok(self, done):
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+
+class StateFileTest(CheckpointTestCase):
+
+    def test_state_is_versioned_json_with_a_cursor_per_destination(self):
+        lake_a, lake_b = self.path("lake-a"), self.path("lake-b")
+        self.assert_ok(self.upload(DELTA_URI=lake_a))
+        with open(self.state_file, encoding="utf-8") as fh:
+            state = json.load(fh)
+        self.assertEqual(state["version"], up.STATE_VERSION)
+        self.assertEqual(state["source"]["path"], os.path.realpath(self.db))
+        self.assertEqual(state["source"]["table"], "sensor_readings")
+        self.assertEqual(state["source"]["cursor"]["kind"], "rowid")
+        self.assertEqual(destination_of(state, lake_a)["cursor"], [600])
+
+        add_rows(self.db, 100)
+        # A new destination starts from the beginning; the first keeps its cursor.
+        self.assert_ok(self.upload("--delta-uri", lake_b))
+        self.assertEqual(sorted(target_ids(self.table_uri(lake_b))), list(range(1, 701)))
+        state = read_state(self.state_dir)
+        self.assertEqual(len(state["destinations"]), 2)
+        self.assertEqual(destination_of(state, lake_a)["cursor"], [600])
+        self.assertEqual(destination_of(state, lake_b)["cursor"], [700])
+        self.assertEqual(sorted(target_ids(self.table_uri(lake_a))), list(range(1, 601)))
+
+        # Switching back continues where the first destination stood.
+        done = self.upload(DELTA_URI=lake_a)
+        self.assert_ok(done)
+        self.assertIn("cycle: 100 rows uploaded", done.stderr)
+        self.assert_exactly_once(self.db, lake=lake_a)
+        self.assert_exactly_once(self.db, lake=lake_b)
+
+    def test_writes_are_atomic_the_file_always_parses_and_no_tmp_is_left(self):
+        # Small batches: hundreds of state writes while this process keeps reading.
+        sensor_db(self.db, 100)  # 600 + 2,000 rows
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--sqlite", self.db, "--once",
+                                 "--batch-size", "10"], env=child_env(self.base_env()),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        reads, torn = 0, []
+        while proc.poll() is None:
+            try:
+                with open(self.state_file, encoding="utf-8") as fh:
+                    text = fh.read()
+            except FileNotFoundError:
+                time.sleep(0.001)
+                continue
+            reads += 1
+            try:
+                json.loads(text)
+            except ValueError as exc:
+                torn.append(f"{exc}: {text[:80]!r}")
+        _, stderr = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, stderr)
+        self.assertEqual(torn, [], f"{len(torn)} of {reads} reads did not parse")
+        self.assertEqual(read_state(self.state_dir)["version"], up.STATE_VERSION)
+        leftovers = [n for n in os.listdir(self.state_dir) if "tmp" in n.lower()]
+        self.assertEqual(leftovers, [])
+        self.assert_exactly_once(self.db)
+
+    def test_token_never_appears_in_the_state_dir(self):
+        for how in ("env", "flag"):
+            with self.subTest(token_from=how):
+                state_dir = self.path(f"state-{how}")
+                env = self.base_env(STATE_DIR=state_dir)
+                extra = ("--databricks-token", TOKEN) if how == "flag" else ()
+                if how == "env":
+                    env["DATABRICKS_TOKEN"] = TOKEN
+                done = self.upload(*extra, env=env)
+                self.assert_ok(done)
+                self.assertNotIn(TOKEN, done.stderr)
+                for name in os.listdir(state_dir):
+                    with open(os.path.join(state_dir, name), "rb") as fh:
+                        self.assertNotIn(TOKEN.encode(), fh.read(), name)
+
+
+class LockTest(CheckpointTestCase):
+
+    def test_second_uploader_fails_while_the_lock_is_held(self):
+        os.makedirs(self.state_dir)
+        with open(self.state_file + ".lock", "a+", encoding="utf-8") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder.truncate(0)
+            holder.write(str(os.getpid()))
+            holder.flush()
+            done = self.upload()
+        self.assertNotEqual(done.returncode, 0)
+        line = self.error_line(done.stderr)
+        self.assertIn(f"pid {os.getpid()}", line)
+        self.assertFalse(os.path.exists(self.state_file), "the loser wrote state")
+        self.assertEqual(target_ids(self.table_uri()), [])
+        # Released: the next run goes ahead.
+        self.assert_ok(self.upload())
+        self.assert_exactly_once(self.db)
+
+    def test_second_uploader_fails_while_a_looping_uploader_runs(self):
+        first = subprocess.Popen(
+            [sys.executable, SCRIPT, "--sqlite", self.db, "--interval", "0.2"],
+            env=child_env(self.base_env()), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self.addCleanup(first.kill)
+        wait_for(lambda: (destination_of(read_state(self.state_dir), self.path("lake"))
+                          or {}).get("cursor") == [600] or first.poll() is not None,
+                 what="the first uploader to upload")
+        self.assertIsNone(first.poll(), "the looping uploader exited")
+        before = file_digest(self.state_file)
+        done = self.upload(DELTA_URI=self.path("other-lake"))
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn(f"pid {first.pid}", self.error_line(done.stderr))
+        self.assertEqual(file_digest(self.state_file), before)
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+        self.assertEqual(first.returncode, 0, stderr)
+        self.assert_ok(self.upload(DELTA_URI=self.path("other-lake")))
+
+
+class BadStateTest(CheckpointTestCase):
+    """Unreadable or foreign state is an error, never a silent reset."""
+
+    def assert_refused(self, done, digest, lake):
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("--reset-state", self.error_line(done.stderr))
+        self.assertEqual(file_digest(self.state_file), digest, "state file was changed")
+        self.assertEqual(sorted(os.listdir(self.state_dir)),
+                         [up.STATE_FILE, up.STATE_FILE + ".lock"], "state dir changed")
+        self.assertEqual(target_ids(self.table_uri(lake)), [], "rows were uploaded")
+
+    def test_corrupt_state_is_an_error_and_left_untouched(self):
+        self.assert_ok(self.upload())
+        with open(self.state_file, "rb") as fh:
+            good = fh.read()
+        cases = {
+            "garbage bytes": b"\x00\xff\xfeGARBAGE\x89PNG\r\n\x1a\n" * 20,
+            "empty file": b"",
+            "truncated JSON": good[: len(good) // 2],
+            "JSON of another tool": json.dumps(
+                {"last_upload": "2025-01-01 00:00:00"}).encode(),
+            "a JSON list": b"[1, 2, 3]",
+            "newer version": json.dumps({**json.loads(good), "version": 99}).encode(),
+        }
+        for name, content in cases.items():
+            with self.subTest(name):
+                with open(self.state_file, "wb") as fh:
+                    fh.write(content)
+                lake = self.path(f"lake-{len(name)}")
+                self.assert_refused(self.upload(DELTA_URI=lake),
+                                    file_digest(self.state_file), lake)
+
+    def test_state_with_a_mangled_body_is_an_error_not_a_traceback(self):
+        # Our tool's header, but a body that no run of it writes (hand-edited, or
+        # damaged): the same one-line error and exit 2 as any unreadable state.
+        self.assert_ok(self.upload())
+        good = read_state(self.state_dir)
+        dest = next(iter(good["destinations"]))
+        cases = {
+            "source is not an object": {**good, "source": "sensors.db"},
+            "destination is not an object": {**good, "destinations": {dest: "600"}},
+            "cursor is not a list": {**good, "destinations": {
+                dest: {**good["destinations"][dest], "cursor": "600"}}},
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                with open(self.state_file, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh)
+                done = self.upload()
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn("--reset-state", self.error_line(done.stderr))
+
+    def test_state_of_another_sqlite_file_is_an_error(self):
+        self.assert_ok(self.upload())
+        other = sensor_db(self.path("other.db"), 10)
+        digest = file_digest(self.state_file)
+        lake = self.path("other-lake")
+        done = run_script(["--sqlite", other, "--once"], self.base_env(DELTA_URI=lake))
+        self.assert_refused(done, digest, lake)
+        self.assertIn(os.path.realpath(self.db), done.stderr)
+
+    def test_state_of_another_table_is_an_error(self):
+        db = make_db(self.path("two.db"), """
+            CREATE TABLE a (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);
+            CREATE TABLE b (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);
+            INSERT INTO a (v) VALUES ('a1'), ('a2');
+            INSERT INTO b (v) VALUES ('b1');""")
+        done = run_script(["--sqlite", db, "--table", "a", "--once"], self.base_env())
+        self.assert_ok(done)
+        digest = file_digest(self.state_file)
+        lake = self.path("lake-b")
+        done = run_script(["--sqlite", db, "--table", "b", "--once"],
+                          self.base_env(DELTA_URI=lake))
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("--reset-state", self.error_line(done.stderr))
+        self.assertEqual(file_digest(self.state_file), digest)
+        self.assertFalse(os.path.exists(os.path.join(lake, "b")))
+
+
+class ResetStateTest(CheckpointTestCase):
+
+    def test_reset_state_uploads_everything_again_and_keeps_a_backup(self):
+        self.assert_ok(self.upload())
+        with open(self.state_file, "rb") as fh:
+            old = fh.read()
+        fresh = self.path("fresh-lake")
+        done = self.upload("--reset-state", DELTA_URI=fresh)
+        self.assert_ok(done)
+        self.assertIn("cycle: 600 rows uploaded", done.stderr)
+        self.assert_exactly_once(self.db, lake=fresh)
+        backups = glob.glob(self.state_file + ".reset-*")
+        self.assertEqual(len(backups), 1, os.listdir(self.state_dir))
+        with open(backups[0], "rb") as fh:
+            self.assertEqual(fh.read(), old)
+        state = read_state(self.state_dir)
+        self.assertNotEqual(state["state_id"], json.loads(old)["state_id"])
+        self.assertIsNone(destination_of(state, self.path("lake")),
+                          "the reset state still carries the old destination")
+        # The old lake was not touched.
+        self.assertEqual(sorted(target_ids(self.table_uri())), list(range(1, 601)))
+
+    def test_reset_state_replaces_corrupt_or_foreign_state(self):
+        os.makedirs(self.state_dir)
+        with open(self.state_file, "wb") as fh:
+            fh.write(b"{not json")
+        self.assertEqual(self.upload().returncode, 2)
+        self.assert_ok(self.upload("--reset-state"))
+        self.assert_exactly_once(self.db)
+        with open(glob.glob(self.state_file + ".reset-*")[0], "rb") as fh:
+            self.assertEqual(fh.read(), b"{not json")
+
+    def test_two_resets_in_the_same_second_keep_both_backups(self):
+        # The backup is named after the clock's second: a second reset within that
+        # second must not overwrite the first backup (the only copy of the old cursor).
+        self.assert_ok(self.upload())
+        with open(self.state_file, "rb") as fh:
+            original = fh.read()
+        saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        self.addCleanup(signal.signal, signal.SIGINT, saved[1])
+        self.addCleanup(signal.signal, signal.SIGTERM, saved[0])
+        argv = ["--sqlite", self.db, "--once", "--reset-state"]
+        with mock.patch("time.time", return_value=1_767_225_600.0):
+            for lake in ("reset-1", "reset-2"):
+                code, _, err = run_main(argv, self.base_env(DELTA_URI=self.path(lake)))
+                self.assertEqual(code, 0, err)
+        backups = {}
+        for path in glob.glob(self.state_file + ".reset-*"):
+            with open(path, "rb") as fh:
+                backups[path] = fh.read()
+        self.assertTrue(original in backups.values(), "the state before the first "
+                        f"reset was lost; backups left: {sorted(backups)}")
+        self.assertEqual(len(backups), 2)
+
+
+class StateDirTest(CheckpointTestCase):
+
+    def test_explicit_state_dir_that_cannot_be_written_is_exit_2(self):
+        blocker = self.path("a-regular-file")
+        with open(blocker, "w") as fh:
+            fh.write("not a directory")
+        wanted = os.path.join(blocker, "state")
+        for origin, argv, env in (
+                ("STATE_DIR", [], {"STATE_DIR": wanted}),
+                ("--state-dir", ["--state-dir", wanted], {})):
+            with self.subTest(origin):
+                done = self.upload(*argv, env={**self.base_env(), **env})
+                self.assertEqual(done.returncode, 2, done.stderr)
+                line = self.error_line(done.stderr)
+                self.assertIn(wanted, line)
+                self.assertIn(origin, line)
+                self.assertEqual(target_ids(self.table_uri()), [])
+
+    def test_default_state_dir_not_writable_falls_back_to_local_state(self):
+        blocker = self.path("a-regular-file")
+        with open(blocker, "w") as fh:
+            fh.write("not a directory")
+        cwd = self.path("cwd")
+        os.makedirs(cwd)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(cwd)
+        config = dataclasses.replace(up.Config(), state_dir=os.path.join(blocker, "state"),
+                                     sources={})
+        self.assertEqual(config.origin("state_dir"), "default")
+        with self.assertLogs("uploader", "WARNING") as logs:
+            chosen = up.resolve_state_dir(config)
+        self.assertEqual(os.path.realpath(chosen), os.path.realpath(os.path.join(cwd, "state")))
+        self.assertTrue(os.path.isdir(chosen))
+        self.assertIn("not writable", "\n".join(logs.output))
+
+    def test_default_state_dir_when_writable_is_used(self):
+        config = dataclasses.replace(up.Config(), state_dir=self.path("default-state"),
+                                     sources={})
+        self.assertEqual(up.resolve_state_dir(config), self.path("default-state"))
+
+
+if __name__ == "__main__":
+    unittest.main()

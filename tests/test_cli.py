@@ -1,0 +1,403 @@
+"""CLI: main() exit codes, the one `error:` line, --help/--version, and runs end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import unittest
+from unittest import mock
+
+from .helpers import SCRIPT, TempDirTestCase, make_db, read_delta, run_main, run_script, up
+
+TOKEN = "dapi0123456789abcdefSECRET"
+HOST = "adb-1234567890123456.7.azuredatabricks.net"
+
+# DESIGN section 2: flag -> environment variable.
+DESIGN_NAMES = [
+    ("--sqlite", "SQLITE_PATH"), ("--table", "SQLITE_TABLE_NAME"),
+    ("--timestamp-col", "TIMESTAMP_COL"), ("--state-dir", "STATE_DIR"),
+    ("--interval", "UPLOAD_INTERVAL"), ("--once", "ONCE"),
+    ("--databricks-host", "DATABRICKS_HOST"), ("--databricks-http-path", "DATABRICKS_HTTP_PATH"),
+    ("--databricks-token", "DATABRICKS_TOKEN"), ("--databricks-database", "DATABRICKS_DATABASE"),
+    ("--databricks-table", "DATABRICKS_TABLE"), ("--delta-uri", "DELTA_URI"),
+    ("--batch-size", "BATCH_SIZE"), ("--config", "UPLOADER_CONFIG"),
+]
+
+READINGS_SCHEMA = """
+CREATE TABLE readings (id INTEGER PRIMARY KEY, timestamp TEXT, logged_at TEXT, value REAL);
+CREATE TABLE other (x INTEGER);
+"""
+READINGS = [(i, f"2025-01-01T00:00:0{i}Z", f"2025-01-02T00:00:0{i}Z", i * 1.5)
+            for i in range(1, 6)]
+
+
+def help_entries(text):
+    """{option string: its whole help entry, on one line} from argparse --help output."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line.strip()
+        elif current and line.startswith("   ") and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+class CliTestCase(TempDirTestCase):
+    """A temp dir, a small sensor database, and the signal handlers main() installs undone."""
+
+    def setUp(self):
+        super().setUp()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.db = make_db(self.path("sensors.db"),
+                          "CREATE TABLE r (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                          "timestamp TEXT, v REAL)",
+                          [(f"2025-01-01T00:00:0{i}Z", i * 0.5) for i in range(6)],
+                          columns=["timestamp", "v"])
+
+    def write(self, name, text):
+        path = self.path(name)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path
+
+    def assertOneErrorLine(self, err):
+        """stderr is exactly one line, `error: ...`; return it."""
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 1, f"stderr:\n{err}")
+        self.assertTrue(lines[0].startswith("error: "), lines[0])
+        return lines[0]
+
+    def assertNothingWritten(self):
+        """No state dir and no lakehouse under the temp dir (see base_env)."""
+        self.assertFalse(os.path.exists(self.path("state")), "state dir was created")
+        self.assertFalse(os.path.exists(self.path("lake")), "lakehouse was written")
+
+    def guarded_main(self, argv, env):
+        """run_main, failing fast (instead of looping) if a bad config reaches the cycle."""
+        reached = AssertionError("bad configuration was not caught before the cycle")
+        with mock.patch.object(up, "run_forever", side_effect=reached):
+            return run_main(argv, env)
+
+
+class BadConfigTest(CliTestCase):
+    """Bad values stop the tool before any row is read: exit 2, one `error:` line."""
+
+    # (label, argv, extra env, YAML text or None, parts the error line must contain)
+    CASES = [
+        ("unknown YAML key", [], {}, "intervall: 60\n",
+         ["intervall", "did you mean 'interval'"]),
+        ("interval not a number", [], {"UPLOAD_INTERVAL": "soon"}, None,
+         ["interval", "soon", "UPLOAD_INTERVAL"]),
+        ("interval zero", ["--interval", "0"], {}, None, ["interval", "0", "--interval"]),
+        ("interval negative in YAML", [], {}, "interval: -5\n", ["interval", "-5"]),
+        ("batch_size zero", [], {"BATCH_SIZE": "0"}, None, ["batch_size", "0", "BATCH_SIZE"]),
+        ("malformed JSON in env", [], {"FILTER_CONFIG": "{bad"}, None,
+         ["filter_config", "{bad", "FILTER_CONFIG"]),
+        ("JSON array for an object", [], {"FILTER_CONFIG": '["S1", "S2"]'}, None,
+         ["filter_config", '["S1", "S2"]', "FILTER_CONFIG"]),
+        ("unknown boolean word", [], {"ONCE": "maybe"}, None, ["once", "maybe", "ONCE"]),
+        ("boolean 2", [], {"ONCE": "2"}, None, ["once", "2", "ONCE"]),
+        ("boolean word in YAML", [], {}, "once: maybe\n", ["once", "maybe"]),
+        ("malformed YAML", [], {}, "sqlite: [unclosed\n", []),
+        ("YAML file is a list", [], {}, "- sqlite: x.db\n- once: true\n", []),
+        ("workspace and Delta URI", [], {"DATABRICKS_HOST": HOST}, None,
+         ["databricks_host", "DATABRICKS_HOST", "delta_uri", "DELTA_URI"]),
+    ]
+
+    def test_bad_values(self):
+        for label, argv, extra, yaml_text, parts in self.CASES:
+            with self.subTest(label):
+                env = self.base_env(SQLITE_PATH=self.db, DATABRICKS_TOKEN=TOKEN, **extra)
+                if yaml_text is not None:
+                    path = self.write("uploader.yaml", yaml_text)
+                    argv, parts = [*argv, "--config", path], [*parts, path]
+                code, out, err = self.guarded_main(argv, env)
+                self.assertEqual(code, 2)
+                line = self.assertOneErrorLine(err)
+                for part in parts:
+                    self.assertIn(part, line)
+                self.assertNotIn(TOKEN, out + err)
+                self.assertNothingWritten()
+
+    def test_missing_yaml_file(self):
+        path = self.path("absent.yaml")
+        for argv, env in ((["--config", path], {}), ([], {"UPLOADER_CONFIG": path})):
+            with self.subTest(argv=argv, env=env):
+                code, _, err = self.guarded_main(argv, self.base_env(SQLITE_PATH=self.db, **env))
+                self.assertEqual(code, 2)
+                self.assertIn(path, self.assertOneErrorLine(err))
+                self.assertNothingWritten()
+
+    def test_missing_yaml_file_error_names_where_the_path_came_from(self):
+        # A stale UPLOADER_CONFIG in a unit file is the usual cause: say so.
+        path = self.path("absent.yaml")
+        for argv, env, origin in ((["--config", path], {}, "--config"),
+                                  ([], {"UPLOADER_CONFIG": path}, "UPLOADER_CONFIG")):
+            with self.subTest(origin):
+                code, _, err = self.guarded_main(argv, self.base_env(SQLITE_PATH=self.db, **env))
+                self.assertEqual(code, 2)
+                self.assertIn(origin, self.assertOneErrorLine(err))
+
+    def test_bad_value_with_token_flag_warns_and_never_prints_it(self):
+        code, out, err = self.guarded_main(
+            ["--databricks-token", TOKEN, "--batch-size", "0"], self.base_env(SQLITE_PATH=self.db))
+        self.assertEqual(code, 2)
+        self.assertNotIn(TOKEN, out + err)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        self.assertEqual(len(errors), 1, err)
+        self.assertIn("batch_size", errors[0])
+        self.assertIn("ps", err)
+        self.assertNothingWritten()
+
+    def test_token_flag_with_print_config(self):
+        code, out, err = run_main(["--print-config", "--databricks-token", TOKEN], {})
+        self.assertEqual(code, 0, err)
+        self.assertNotIn(TOKEN, out + err)
+        self.assertIn("`ps`", err)
+        self.assertIn("DATABRICKS_TOKEN", err)
+
+    def test_no_sqlite_configured(self):
+        code, _, err = self.guarded_main(["--once"], self.base_env())
+        self.assertEqual(code, 2)
+        line = self.assertOneErrorLine(err)
+        self.assertIn("--sqlite", line)
+        self.assertIn("SQLITE_PATH", line)
+        self.assertNothingWritten()
+
+    def test_host_that_is_only_a_scheme_is_a_config_error(self):
+        # normalize_host("https://") is "": neither a workspace nor a Delta URI is left.
+        env = {"STATE_DIR": self.path("state"), "SOURCE_ID": "test-node",
+               "DATABRICKS_HOST": "https://"}
+        code, _, err = run_main(["--once", "--sqlite", self.db], env)
+        self.assertEqual(code, 2)
+        self.assertIn("databricks_host", self.assertOneErrorLine(err))
+
+
+class SourceInputTest(CliTestCase):
+    """A SQLite file that is missing or not SQLite is bad input: exit 2, one line."""
+
+    def test_bad_sqlite_files(self):
+        not_sqlite = self.write("notes.db", "these are not the rows you are looking for\n" * 50)
+        os.mkdir(self.path("a-directory.db"))
+        for path in (self.path("absent.db"), not_sqlite, self.path("a-directory.db")):
+            with self.subTest(path=os.path.basename(path)):
+                code, _, err = run_main(["--once", "--sqlite", path], self.base_env())
+                self.assertEqual(code, 2)
+                line = self.assertOneErrorLine(err)
+                self.assertIn(path, line)
+                self.assertNothingWritten()
+
+    def test_missing_file_error_names_its_source(self):
+        path = self.path("absent.db")
+        code, _, err = run_main(["--once"], self.base_env(SQLITE_PATH=path))
+        self.assertEqual(code, 2)
+        self.assertIn("SQLITE_PATH", self.assertOneErrorLine(err))
+
+    def test_not_sqlite_file_is_left_untouched(self):
+        path = self.write("notes.db", "plain text\n" * 100)
+        before = os.stat(path)
+        run_main(["--once", "--sqlite", path], self.base_env())
+        after = os.stat(path)
+        self.assertEqual((before.st_size, before.st_mtime_ns), (after.st_size, after.st_mtime_ns))
+
+
+class RunTest(CliTestCase):
+    """main() runs a cycle: exit 0 on success, 1 when the cycle fails."""
+
+    def upload(self, *argv, **env):
+        return run_main(["--once", "--sqlite", self.db, *argv], self.base_env(**env))
+
+    def lake_rows(self, table="raw_r"):
+        return read_delta(self.path("lake", table))
+
+    def test_once_uploads_and_exits_0(self):
+        code, out, err = self.upload(DATABRICKS_TOKEN=TOKEN)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.lake_rows()), 6)
+        self.assertTrue(os.path.exists(self.path("state", "last_upload.json")))
+        self.assertNotIn(TOKEN, out + err)
+        self.assertNotIn("error: ", err)
+
+    def test_second_run_uploads_nothing_new_and_reset_state_starts_over(self):
+        self.assertEqual(self.upload()[0], 0)
+        self.assertEqual(self.upload()[0], 0)
+        self.assertEqual(len(self.lake_rows()), 6)
+        code, _, err = self.upload("--reset-state")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.lake_rows()), 12)
+
+    def test_source_replaced_behind_the_cursor_fails_the_cycle(self):
+        self.assertEqual(self.upload()[0], 0)
+        os.remove(self.db)
+        make_db(self.db, "CREATE TABLE r (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "timestamp TEXT, v REAL)", [("2025-01-01T00:00:00Z", 0.0)],
+                columns=["timestamp", "v"])
+        code, _, err = self.upload()
+        self.assertEqual(code, 1)
+        last = err.splitlines()[-1]
+        self.assertTrue(last.startswith("error: "), err)
+        self.assertIn("--reset-state", last)
+        self.assertEqual(len(self.lake_rows()), 6)
+
+    def test_failed_write_exits_1(self):
+        lake_file = self.write("lake", "a file where the lakehouse directory should be\n")
+        code, _, err = self.upload(DELTA_URI=lake_file)
+        self.assertEqual(code, 1)
+        self.assertIn("error: ", err)
+
+    def test_failed_write_error_is_one_line(self):
+        # STYLE: main turns UploaderError into one `error: ...` line; the Delta error
+        # text carries its own newline ("...\nError: Os { ... }").
+        lake_file = self.write("lake", "a file where the lakehouse directory should be\n")
+        code, _, err = self.upload(DELTA_URI=lake_file)
+        self.assertEqual(code, 1)
+        errors = [line for line in err.splitlines() if not line[:4].isdigit()]
+        self.assertEqual(len(errors), 1, err)
+        self.assertTrue(errors[0].startswith("error: "), err)
+
+
+class NamesRunTest(CliTestCase):
+    """The source and target settings steer a real run, in each of the three spellings."""
+
+    def spellings(self):
+        db = make_db(self.path("two-tables.db"), READINGS_SCHEMA, READINGS)
+        for name in ("cli", "env", "yaml"):
+            state, lake = self.path(name, "state"), self.path(name, "lake")
+            if name == "cli":
+                yield name, state, lake, [
+                    "--sqlite", db, "--table", "readings", "--timestamp-col", "logged_at",
+                    "--state-dir", state, "--delta-uri", lake,
+                    "--databricks-table", "measurements", "--batch-size", "2",
+                    "--interval", "5", "--once"], {}
+            elif name == "env":
+                yield name, state, lake, [], {
+                    "SQLITE_PATH": db, "SQLITE_TABLE_NAME": "readings",
+                    "TIMESTAMP_COL": "logged_at", "STATE_DIR": state, "DELTA_URI": lake,
+                    "DATABRICKS_TABLE": "measurements", "BATCH_SIZE": "2",
+                    "UPLOAD_INTERVAL": "5", "ONCE": "TRUE"}
+            else:
+                path = self.write("names.yaml", textwrap.dedent(f"""\
+                    sqlite_path: {db}
+                    sqlite_table_name: readings
+                    timestamp_col: logged_at
+                    state_dir: {state}
+                    delta_uri: {lake}
+                    table_name: measurements
+                    batch_size: 2
+                    interval: 5
+                    once: yes
+                    """))
+                yield name, state, lake, ["--config", path], {}
+
+    def test_each_spelling_steers_the_run(self):
+        for name, state, lake, argv, env in self.spellings():
+            with self.subTest(name):
+                code, _, err = run_main(argv, {"SOURCE_ID": "test-node", **env})
+                self.assertEqual(code, 0, err)
+                rows = read_delta(os.path.join(lake, "raw_measurements"))
+                self.assertEqual(sorted(r["value"] for r in rows), [r[3] for r in READINGS])
+                self.assertEqual(len({r["_batch_id"] for r in rows}), 3)  # 5 rows, batches of 2
+                with open(os.path.join(state, "last_upload.json"), encoding="utf-8") as fh:
+                    source = json.dumps(json.load(fh)["source"])
+                self.assertIn("readings", source)
+                self.assertIn("logged_at", source)
+
+
+class HelpVersionTest(CliTestCase):
+    """--help lists each flag with its environment variable; --version prints it."""
+
+    def test_help_lists_env_var_beside_each_flag(self):
+        code, out, _ = run_main(["--help"], {})
+        self.assertEqual(code, 0)
+        entries = help_entries(out)
+        for flag, env in DESIGN_NAMES:
+            with self.subTest(flag):
+                self.assertIn(flag, entries)
+                self.assertIn(env, entries[flag])
+        for name, setting, _ in up.config_fields():
+            with self.subTest(setting.flag):
+                for env in setting.env:
+                    self.assertIn(env, entries[setting.flag])
+
+    def test_help_lists_the_actions(self):
+        entries = help_entries(run_main(["--help"], {})[1])
+        for flag in ("--config", "--print-config", "--reset-state", "--version"):
+            self.assertIn(flag, entries)
+
+    def test_version(self):
+        code, out, _ = run_main(["--version"], {})
+        self.assertEqual(code, 0)
+        self.assertIn(up.__version__, out)
+
+    def test_help_does_not_import_heavy_modules(self):
+        probe = textwrap.dedent(f"""\
+            import runpy, sys
+            sys.argv = [{SCRIPT!r}, "--help"]
+            try:
+                runpy.run_path({SCRIPT!r}, run_name="__main__")
+            except SystemExit:
+                pass
+            print(sorted(m for m in ("databricks.sql", "deltalake", "yaml") if m in sys.modules))
+            """)
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--sqlite", result.stdout)
+        self.assertEqual(result.stdout.splitlines()[-1], "[]")
+
+
+class EndToEndTest(CliTestCase):
+    """The script run as a user would: env and YAML, --print-config, exit codes."""
+
+    def test_print_config_from_env_and_yaml(self):
+        path = self.write("uploader.yaml", textwrap.dedent(f"""\
+            sqlite_path: {self.db}
+            table_name: readings
+            interval: 60
+            batch_size: 5000
+            once: yes
+            filter_config:
+              temperature:
+                ">": 20
+            """))
+        env = {"UPLOADER_CONFIG": path, "UPLOAD_INTERVAL": "12.5",
+               "DATABRICKS_HOST": f"https://{HOST}/", "DATABRICKS_TOKEN": TOKEN}
+        result = run_script(["--print-config", "--batch-size", "7"], env, cwd=self.tmp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(TOKEN, result.stdout + result.stderr)
+        lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+        expectations = {
+            "sqlite": (self.db, f"{path}: sqlite_path"),
+            "databricks_table": ("readings", "table_name"),
+            "interval": ("12.5", "UPLOAD_INTERVAL"),
+            "batch_size": ("7", "--batch-size"),
+            "once": ("True", "once"),
+            "filter_config": ('"temperature"', "filter_config"),
+            "databricks_host": (HOST, "DATABRICKS_HOST"),
+            "databricks_token": ("", "DATABRICKS_TOKEN"),
+            "state_dir": ("/state", "default"),
+        }
+        for name, (value, source) in expectations.items():
+            with self.subTest(name):
+                self.assertIn(value, lines[name])
+                self.assertIn(source, lines[name])
+        self.assertNotIn("https://", lines["databricks_host"])
+        self.assertFalse(os.path.exists(self.path("state")))
+
+    def test_bad_config_exits_2_with_one_line(self):
+        result = run_script(["--once"], {"SQLITE_PATH": self.db, "UPLOAD_INTERVAL": "0",
+                                         "STATE_DIR": self.path("state"),
+                                         "DELTA_URI": self.path("lake")}, cwd=self.tmp)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("UPLOAD_INTERVAL", self.assertOneErrorLine(result.stderr))
+        self.assertNothingWritten()
+
+
+if __name__ == "__main__":
+    unittest.main()

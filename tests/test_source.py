@@ -1,0 +1,643 @@
+"""Source (SQLite) and cursor: read-only access, table and timestamp detection, the
+cursor of DESIGN section 4, incremental runs, preflight, replaced sources, batches.
+
+Most tests drive the real pipeline (main() with --once into a local Delta table under
+the test's temp dir) and assert on the rows that landed.
+"""
+
+import collections
+import json
+import os
+import shutil
+import sqlite3
+import unittest
+from unittest import mock
+
+from tests import helpers
+
+up = helpers.up
+
+
+# === Local helpers ===================================================================
+
+class PipelineTestCase(helpers.TempDirTestCase):
+    """Runs of main() against SQLite files in the temp dir, and what they left behind."""
+
+    def env(self, where="", **extra):
+        """base_env(), optionally with state and lake in a subdirectory `where`."""
+        env = self.base_env(**extra)
+        if where:
+            env.update(STATE_DIR=self.path(where, "state"), DELTA_URI=self.path(where, "lake"))
+        return env
+
+    def make(self, schema, rows=(), columns=None, where="", name="source.db", **kw):
+        """A SQLite file `name` (in subdirectory `where`) with `schema` and rows."""
+        os.makedirs(self.path(where), exist_ok=True)
+        return helpers.make_db(self.path(where, name), schema, rows, columns, **kw)
+
+    def insert(self, db, rows, columns=None, table=None):
+        """Insert and commit rows, as the sensor would."""
+        conn = sqlite3.connect(db)
+        try:
+            with conn:
+                helpers.insert_rows(conn, rows, columns, table)
+        finally:
+            conn.close()
+
+    def upload(self, db, *flags, where="", expect=0, **extra):
+        """One --once run; assert its exit code; return stderr (the log)."""
+        code, _out, err = helpers.run_main(["--sqlite", db, "--once", *flags],
+                                           self.env(where, **extra))
+        self.assertEqual(code, expect, f"exit code {code}; stderr:\n{err}")
+        return err
+
+    def lake(self, table, where=""):
+        return os.path.join(self.env(where)["DELTA_URI"], table)
+
+    def landed(self, table, where=""):
+        """Rows of the target table (none if it was never created)."""
+        uri = self.lake(table, where)
+        if not os.path.isdir(os.path.join(uri, "_delta_log")):
+            return []
+        return helpers.read_delta(uri)
+
+    def state(self, where=""):
+        with open(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE),
+                  encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def position(self, where=""):
+        """The progress record of the only destination in the state file."""
+        destinations = self.state(where)["destinations"]
+        self.assertEqual(len(destinations), 1, destinations)
+        return next(iter(destinations.values()))
+
+    def assert_once(self, rows, column, expected):
+        """Each expected value of `column` landed exactly once, and nothing else."""
+        counts = collections.Counter(r[column] for r in rows)
+        dupes = {v: n for v, n in counts.items() if n > 1}
+        self.assertEqual(dupes, {}, "rows landed more than once")
+        self.assertEqual(sorted(counts, key=repr), sorted(expected, key=repr))
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def describe(schema, table=None, ts=None):
+    """describe_table() of an in-memory database built from `schema`."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(schema)
+        return up.describe_table(conn, table, ts, ":memory:")
+    finally:
+        conn.close()
+
+
+TS = "2025-01-01T00:00:00"
+
+
+def stamp(second):
+    """ISO text of FIXED_START + second, as a sensor writes it."""
+    return (helpers.FIXED_START + up.dt.timedelta(seconds=second)).strftime(
+        "%Y-%m-%dT%H:%M:%S")
+
+
+# === Read-only access ================================================================
+
+class ReadOnlyTest(PipelineTestCase):
+
+    def assert_untouched(self, paths, run):
+        before = {p: (helpers.file_digest(p), os.stat(p).st_mtime_ns) for p in paths}
+        run()
+        after = {p: (helpers.file_digest(p), os.stat(p).st_mtime_ns) for p in paths}
+        self.assertEqual(after, before)
+
+    def test_run_leaves_file_bytes_and_mtime_unchanged(self):
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT, v REAL)",
+                       [(stamp(i), i / 2) for i in range(5)], ["timestamp", "v"])
+        self.assert_untouched([db], lambda: self.upload(db))
+        self.assertEqual(len(self.landed("raw_readings")), 5)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["lake", "source.db", "state"])
+
+    def test_wal_database_with_live_writer_is_read_and_not_changed(self):
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT, v REAL)",
+                       [(stamp(0), 0.0)], ["timestamp", "v"], wal=True)
+        writer = sqlite3.connect(db)
+        self.addCleanup(writer.close)
+        self.assertEqual(writer.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        writer.execute("PRAGMA wal_autocheckpoint=0")  # committed rows stay in the WAL
+        with writer:
+            helpers.insert_rows(writer, [(stamp(i), float(i)) for i in range(1, 4)],
+                                ["timestamp", "v"])
+        self.assertGreater(os.path.getsize(db + "-wal"), 0)
+        self.assert_untouched([db, db + "-wal"], lambda: self.upload(db))
+        self.assert_once(self.landed("raw_readings"), "v", [0.0, 1.0, 2.0, 3.0])
+
+    def test_wal_database_without_writer_is_read_and_not_changed(self):
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, v)",
+                       [(1,), (2,)], ["v"], wal=True)
+        self.assert_untouched([db], lambda: self.upload(db))
+        self.assert_once(self.landed("raw_readings"), "v", [1, 2])
+
+    def test_missing_file_is_exit_2_with_one_error_line_and_not_created(self):
+        db = self.path("nowhere.db")
+        err = self.upload(db, expect=2)
+        lines = error_lines(err)
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(db, lines[0])
+        self.assertFalse(os.path.exists(db))
+        self.assertFalse(os.path.exists(db + "-journal") or os.path.exists(db + "-wal"))
+
+    def test_not_a_sqlite_file_is_exit_2_and_left_alone(self):
+        junk = self.path("junk.db")
+        with open(junk, "wb") as fh:
+            fh.write(b"this is not a database" * 100)
+        for path in (junk, self.tmp):
+            with self.subTest(path=path):
+                before = helpers.file_digest(junk)
+                err = self.upload(path, expect=2)
+                self.assertEqual(len(error_lines(err)), 1, err)
+                self.assertEqual(helpers.file_digest(junk), before)
+
+    def test_path_with_space_hash_question_mark_and_percent(self):
+        db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v)",
+                       [(1,), (2,)], ["v"], name="my data #1 ?x=%20.db")
+        self.assert_untouched([db], lambda: self.upload(db))
+        self.assert_once(self.landed("raw_t"), "v", [1, 2])
+
+
+# === Table and timestamp detection ===================================================
+
+class TableDetectionTest(PipelineTestCase):
+
+    def test_the_only_user_table_is_chosen(self):
+        # sqlite_sequence (from AUTOINCREMENT), an index and a view are not tables to pick
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, v);"
+                       "CREATE INDEX idx_v ON readings(v);"
+                       "CREATE VIEW big AS SELECT * FROM readings WHERE v > 1;",
+                       [(1,), (2,)], ["v"])
+        self.upload(db)
+        self.assert_once(self.landed("raw_readings"), "v", [1, 2])
+
+    def test_several_tables_is_exit_2_listing_them(self):
+        db = self.make("CREATE TABLE alpha (v); CREATE TABLE beta (v); CREATE TABLE gamma (v);")
+        err = self.upload(db, expect=2)
+        lines = error_lines(err)
+        self.assertEqual(len(lines), 1, err)
+        for name in ("alpha", "beta", "gamma", "--table"):
+            self.assertIn(name, lines[0])
+        self.assertFalse(os.path.exists(self.path("lake")))
+
+    def test_table_flag_picks_one(self):
+        db = self.make("CREATE TABLE alpha (id INTEGER PRIMARY KEY AUTOINCREMENT, v);"
+                       "CREATE TABLE beta (id INTEGER PRIMARY KEY AUTOINCREMENT, v);")
+        self.insert(db, [(1,)], ["v"], table="alpha")
+        self.insert(db, [(20,), (21,)], ["v"], table="beta")
+        self.upload(db, "--table", "beta")
+        self.assert_once(self.landed("raw_beta"), "v", [20, 21])
+        self.assertFalse(os.path.exists(self.lake("raw_alpha")))
+
+    def test_table_from_env(self):
+        db = self.make("CREATE TABLE alpha (v); CREATE TABLE beta (v);")
+        self.insert(db, [(7,)], table="alpha")
+        self.upload(db, SQLITE_TABLE_NAME="alpha")
+        self.assert_once(self.landed("raw_alpha"), "v", [7])
+
+    def test_unknown_table_is_exit_2_listing_the_tables(self):
+        db = self.make("CREATE TABLE alpha (v); CREATE TABLE beta (v);")
+        err = self.upload(db, "--table", "gamma", expect=2)
+        lines = error_lines(err)
+        self.assertEqual(len(lines), 1, err)
+        for name in ("gamma", "alpha", "beta"):
+            self.assertIn(name, lines[0])
+
+    def test_file_without_tables_is_exit_2(self):
+        db = self.make("PRAGMA user_version = 1;")
+        err = self.upload(db, expect=2)
+        self.assertEqual(len(error_lines(err)), 1, err)
+
+
+class TimestampDetectionTest(PipelineTestCase):
+
+    def test_detected_by_name(self):
+        for name in ("timestamp", "created_at", "date", "ts", "time", "Recorded_At"):
+            with self.subTest(name=name):
+                source = describe(f'CREATE TABLE t (v REAL, "{name}" TEXT, w INTEGER)')
+                self.assertEqual(source.timestamp_col, name)
+
+    def test_detected_by_declared_type(self):
+        for decl in ("DATETIME", "TIMESTAMP", "DATE", "datetime"):
+            with self.subTest(decl=decl):
+                source = describe(f"CREATE TABLE t (v REAL, happened {decl}, w TEXT)")
+                self.assertEqual(source.timestamp_col, "happened")
+
+    def test_detected_by_declared_type_with_precision_or_zone(self):
+        # declared_kind() types these columns TIMESTAMP, but detection only matches the
+        # exact words, so the cursor falls back to the rowid
+        for decl in ("DATETIME(6)", "TIMESTAMP WITH TIME ZONE"):
+            with self.subTest(decl=decl):
+                self.assertEqual(up.declared_kind(decl, False), up.TIMESTAMP)
+                source = describe(f"CREATE TABLE t (v REAL, happened {decl})")
+                self.assertEqual(source.timestamp_col, "happened")
+
+    def test_none_found(self):
+        source = describe("CREATE TABLE t (v REAL, label TEXT)")
+        self.assertIsNone(source.timestamp_col)
+        self.assertEqual(source.cursor.kind, "rowid")
+
+    def test_given_explicitly_overrides_detection(self):
+        source = describe("CREATE TABLE t (timestamp TEXT, seen_at TEXT)", ts="SEEN_AT")
+        self.assertEqual(source.timestamp_col, "seen_at")
+        self.assertEqual(source.cursor.columns, ("seen_at", "rowid"))
+
+    def test_given_explicitly_end_to_end(self):
+        db = self.make("CREATE TABLE t (timestamp TEXT, seen_at TEXT, v INTEGER)",
+                       [("garbage", stamp(1), 1), ("junk", stamp(2), 2)])
+        self.upload(db, "--timestamp-col", "seen_at")
+        self.assertEqual(self.state()["source"]["cursor"]["columns"], ["seen_at", "rowid"])
+        self.assertEqual(self.position()["cursor"], [stamp(2), 2])
+        schema = helpers.delta_schema(self.lake("raw_t"))
+        self.assertEqual((schema["seen_at"], schema["timestamp"]), ("timestamp", "string"))
+        self.assert_once(self.landed("raw_t"), "v", [1, 2])
+
+    def test_unknown_timestamp_column_is_exit_2_listing_columns(self):
+        db = self.make("CREATE TABLE t (timestamp TEXT, v INTEGER, label TEXT)", [(TS, 1, "a")])
+        err = self.upload(db, "--timestamp-col", "when", expect=2)
+        lines = error_lines(err)
+        self.assertEqual(len(lines), 1, err)
+        for name in ("when", "timestamp", "v", "label"):
+            self.assertIn(name, lines[0])
+        self.assertFalse(os.path.exists(self.lake("raw_t")))
+
+
+# === Cursor choice (DESIGN 4) ========================================================
+
+class CursorChoiceTest(unittest.TestCase):
+
+    CASES = [
+        # (schema, kind, columns, hidden)
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp TEXT, v)",
+         "rowid", ("id",), False),
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v)", "rowid", ("id",), False),
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY, timestamp TEXT, v)",
+         "pair", ("timestamp", "id"), False),
+        ("CREATE TABLE t (timestamp TEXT, v)", "pair", ("timestamp", "rowid"), True),
+        ("CREATE TABLE t (k TEXT PRIMARY KEY, created_at TEXT)",
+         "pair", ("created_at", "rowid"), True),
+        ("CREATE TABLE t (rowid TEXT, timestamp TEXT)",
+         "pair", ("timestamp", "_rowid_"), True),
+        ("CREATE TABLE t (v REAL)", "rowid", ("rowid",), True),
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY, v)", "rowid", ("id",), False),
+        ("CREATE TABLE t (k TEXT PRIMARY KEY, timestamp TEXT, v) WITHOUT ROWID",
+         "pair", ("timestamp", "k"), False),
+        ("CREATE TABLE t (a TEXT, b INTEGER, timestamp TEXT, PRIMARY KEY (a, b)) "
+         "WITHOUT ROWID", "pair", ("timestamp", "a", "b"), False),
+        ("CREATE TABLE t (a TEXT, b INTEGER, v REAL, PRIMARY KEY (b, a)) WITHOUT ROWID",
+         "key", ("b", "a"), False),
+        ("CREATE TABLE t (timestamp TEXT PRIMARY KEY, v REAL) WITHOUT ROWID",
+         "key", ("timestamp",), False),
+    ]
+
+    def test_cursor_by_table_shape(self):
+        for schema, kind, columns, hidden in self.CASES:
+            with self.subTest(schema=schema):
+                cursor = describe(schema).cursor
+                self.assertEqual((cursor.kind, cursor.columns, cursor.hidden),
+                                 (kind, columns, hidden))
+
+    def test_without_rowid_timestamp_inside_the_key_leads_the_cursor(self):
+        # BUG: with PRIMARY KEY (sensor_id, timestamp) the cursor is the key in key order,
+        # (sensor_id, timestamp), so a new reading of an earlier sensor sorts before the
+        # cursor. The timestamp must come first: (timestamp, sensor_id).
+        source = describe("CREATE TABLE t (sensor_id TEXT, timestamp TEXT, v REAL, "
+                          "PRIMARY KEY (sensor_id, timestamp)) WITHOUT ROWID")
+        self.assertEqual(source.cursor.columns[0], "timestamp")
+        self.assertEqual(set(source.cursor.columns), {"timestamp", "sensor_id"})
+
+    def test_autoincrement_and_without_rowid_are_detected(self):
+        source = describe("CREATE TABLE t (id integer primary key autoincrement, v)")
+        self.assertTrue(source.autoincrement)
+        self.assertFalse(source.without_rowid)
+        source = describe("CREATE TABLE t (k TEXT PRIMARY KEY, v) without rowid")
+        self.assertTrue(source.without_rowid)
+
+
+# === Incremental runs ================================================================
+
+class IncrementalTest(PipelineTestCase):
+
+    def test_second_run_uploads_only_new_rows(self):
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT, v INTEGER)",
+                       [(stamp(i), i) for i in range(5)], ["timestamp", "v"])
+        self.upload(db)
+        first = {r["_batch_id"] for r in self.landed("raw_readings")}
+        self.insert(db, [(stamp(i), i) for i in range(5, 8)], ["timestamp", "v"])
+        self.upload(db)
+        rows = self.landed("raw_readings")
+        self.assert_once(rows, "v", range(8))
+        self.assertEqual(sorted(r["v"] for r in rows if r["_batch_id"] not in first),
+                         [5, 6, 7])
+        self.upload(db)  # nothing new: nothing more lands
+        self.assertEqual(len(self.landed("raw_readings")), 8)
+        self.assertEqual(self.position()["rows"], 8)
+
+    def test_ties_split_across_batches_land_once_in_pair_mode(self):
+        shapes = {
+            "rowid": "CREATE TABLE t (timestamp TEXT NOT NULL, v INTEGER)",
+            "integer_key": "CREATE TABLE t (id INTEGER PRIMARY KEY, timestamp TEXT, v INTEGER)",
+            "without_rowid": "CREATE TABLE t (k TEXT PRIMARY KEY, timestamp TEXT, v INTEGER) "
+                             "WITHOUT ROWID",
+        }
+        for where, schema in shapes.items():
+            with self.subTest(shape=where):
+                cols = ["k", "timestamp", "v"] if "k TEXT" in schema else ["timestamp", "v"]
+                rows = [(TS, i) for i in range(10)] + [(stamp(5), 10), (stamp(5), 11)]
+                if cols[0] == "k":
+                    rows = [(f"k{i:02d}", ts, v) for i, (ts, v) in enumerate(rows)]
+                db = self.make(schema, rows, cols, where=where)
+                err = self.upload(db, "--batch-size", "3", where=where)
+                self.assertEqual(self.state(where)["source"]["cursor"]["kind"], "pair")
+                self.assertEqual(err.count(" rows -> raw_t"), 4, err)
+                self.assert_once(self.landed("raw_t", where), "v", range(12))
+
+    def test_rows_with_the_same_timestamp_as_the_last_uploaded_one_are_picked_up(self):
+        # the seed's cursor, `timestamp > last_upload`, lost exactly these rows
+        shapes = {
+            "rowid": ("CREATE TABLE t (timestamp TEXT, v INTEGER)", None),
+            "integer_key": ("CREATE TABLE t (id INTEGER PRIMARY KEY, timestamp TEXT, "
+                            "v INTEGER)", None),
+            "without_rowid": ("CREATE TABLE t (k TEXT PRIMARY KEY, timestamp TEXT, "
+                              "v INTEGER) WITHOUT ROWID", "k"),
+        }
+        for where, (schema, key) in shapes.items():
+            with self.subTest(shape=where):
+                cols = ([key] if key else []) + ["timestamp", "v"]
+
+                def rows(values, ts):
+                    return [((f"k{v:02d}",) if key else ()) + (ts, v) for v in values]
+
+                db = self.make(schema, rows([0], stamp(0)) + rows([1, 2], stamp(1)), cols,
+                               where=where)
+                self.upload(db, where=where)
+                self.insert(db, rows([3, 4], stamp(1)), cols)  # same as the cursor's
+                self.upload(db, where=where)
+                self.assert_once(self.landed("raw_t", where), "v", range(5))
+
+    def test_without_rowid_timestamp_in_key_uploads_new_rows_of_every_key(self):
+        # BUG: cursor (sensor_id, timestamp) in key order; the new reading of S1 sorts
+        # before the cursor ('S2', t0) and is never uploaded, in silence.
+        db = self.make("CREATE TABLE readings (sensor_id TEXT, timestamp TEXT, v INTEGER, "
+                       "PRIMARY KEY (sensor_id, timestamp)) WITHOUT ROWID",
+                       [("S1", stamp(0), 0), ("S2", stamp(0), 1)])
+        self.upload(db)
+        self.insert(db, [("S1", stamp(1), 2), ("S2", stamp(1), 3)])
+        self.upload(db)
+        self.assert_once(self.landed("raw_readings"), "v", range(4))
+
+    def test_column_named_rowid_does_not_hide_the_rowid(self):
+        db = self.make('CREATE TABLE t ("rowid" TEXT, timestamp TEXT NOT NULL, v INTEGER)',
+                       [("z", TS, 0), ("a", TS, 1), ("m", TS, 2)])
+        self.upload(db, "--batch-size", "2")
+        self.insert(db, [("b", TS, 3)])
+        self.upload(db, "--batch-size", "2")
+        rows = self.landed("raw_t")
+        self.assert_once(rows, "v", range(4))
+        self.assertEqual(sorted(r["rowid"] for r in rows), ["a", "b", "m", "z"])
+        self.assertEqual(self.position()["cursor"], [TS, 4])
+
+    def test_late_rows_with_an_older_timestamp_land_in_autoincrement_mode(self):
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT NOT NULL, v INTEGER)",
+                       [(stamp(10), 0), (stamp(11), 1)], ["timestamp", "v"])
+        self.upload(db)
+        self.insert(db, [(stamp(1), 2), (stamp(10), 3), (stamp(12), 4)], ["timestamp", "v"])
+        self.upload(db)
+        self.assert_once(self.landed("raw_readings"), "v", range(5))
+        self.assertEqual(self.position()["cursor"], [5])
+
+    def test_text_and_epoch_timestamps_land_as_the_right_utc_time(self):
+        when = up.dt.datetime(2025, 3, 1, 12, 0, tzinfo=up.dt.timezone.utc)
+        epoch = int(when.timestamp())
+        values = ["2025-03-01T12:00:00", "2025-03-01 12:00:00", "2025-03-01T12:00:00Z",
+                  "2025-03-01 12:00:00Z", "2025-03-01T14:00:00+02:00",
+                  "2025-03-01 07:00:00-05:00", epoch, epoch * 1000, float(epoch),
+                  str(epoch)]
+        # an untyped column keeps numbers as numbers; batch 1 is all text (Arrow's fast
+        # path), batch 2 mixes text and numbers (the per-value path)
+        db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp, v INTEGER)",
+                       [(ts, i) for i, ts in enumerate(values)], ["timestamp", "v"])
+        self.upload(db, "--batch-size", "6")
+        rows = sorted(self.landed("raw_readings"), key=lambda r: r["v"])
+        self.assertEqual(helpers.delta_schema(self.lake("raw_readings"))["timestamp"],
+                         "timestamp")
+        self.assertEqual([r["timestamp"] for r in rows], [when] * len(values))
+        self.assertEqual([r["_rescued_data"] for r in rows], [None] * len(values))
+
+    def test_epoch_timestamps_in_pair_mode_across_runs(self):
+        base = 1_735_689_600  # 2025-01-01T00:00:00Z
+        db = self.make("CREATE TABLE t (ts INTEGER NOT NULL, v INTEGER)",
+                       [(base + i // 2, i) for i in range(4)])
+        self.upload(db)
+        self.insert(db, [(base + 1, 4), (base + 2, 5)])
+        self.upload(db)
+        rows = sorted(self.landed("raw_t"), key=lambda r: r["v"])
+        self.assert_once(rows, "v", range(6))
+        self.assertEqual(rows[5]["ts"], helpers.FIXED_START + up.dt.timedelta(seconds=2))
+
+
+# === The cursor in the state file ====================================================
+
+class StateCursorTest(PipelineTestCase):
+
+    def test_text_timestamp_stays_text(self):
+        last = "2025-01-01 10:00:00.500+02:00"
+        db = self.make("CREATE TABLE t (timestamp TEXT, v)",
+                       [("2025-01-01 09:00:00+02:00", 1), (last, 2)])
+        self.upload(db)
+        pos = self.position()
+        self.assertEqual(pos["cursor"], [last, 2])
+        self.assertIsInstance(pos["cursor"][0], str)
+        self.assertEqual(pos["last_upload"], last)
+
+    def test_numbers_stay_numbers(self):
+        cases = {"integer_ms": ("INTEGER", 1_735_689_600_123),
+                 "real_seconds": ("REAL", 1_735_689_600.25)}
+        for where, (decl, last) in cases.items():
+            with self.subTest(decl=decl):
+                db = self.make(f"CREATE TABLE t (ts {decl}, v)", [(last - 1, 1), (last, 2)],
+                               where=where)
+                self.upload(db, where=where)
+                cursor = self.position(where)["cursor"]
+                self.assertEqual(cursor, [last, 2])
+                self.assertIs(type(cursor[0]), type(last))
+                self.assertIs(type(cursor[1]), int)
+
+    def test_rowid_cursor_is_the_integer_key(self):
+        db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT, v)", [(TS, 1), (TS, 2), (TS, 3)],
+                       ["timestamp", "v"])
+        self.upload(db)
+        self.assertEqual(self.position()["cursor"], [3])
+        self.assertEqual(self.state()["source"]["cursor"],
+                         {"kind": "rowid", "columns": ["id"]})
+
+
+# === Preflight =======================================================================
+
+class PreflightTest(PipelineTestCase):
+
+    def preflight_log(self, schema, rows=((TS, 1),), where=""):
+        db = self.make(schema, rows, where=where)
+        return self.upload(db, where=where)
+
+    def test_pair_cursor_without_index_prints_the_create_index_fix(self):
+        err = self.preflight_log("CREATE TABLE readings (timestamp TEXT NOT NULL, v)")
+        self.assertIn('CREATE INDEX "idx_readings_timestamp" ON "readings"("timestamp")', err)
+
+    def test_pair_cursor_with_index_has_no_create_index_line(self):
+        err = self.preflight_log("CREATE TABLE readings (timestamp TEXT NOT NULL, v);"
+                                 "CREATE INDEX by_ts ON readings(timestamp);")
+        self.assertNotIn("CREATE INDEX", err)
+
+    def test_nullable_timestamp_is_mentioned(self):
+        err = self.preflight_log("CREATE TABLE readings (timestamp TEXT, v)", where="a")
+        self.assertRegex(err, r"'timestamp' is nullable.*NOT NULL")
+        err = self.preflight_log("CREATE TABLE readings (timestamp TEXT NOT NULL, v)",
+                                 where="b")
+        self.assertNotIn("nullable", err)
+
+    def test_rowid_cursor_without_autoincrement_warns_about_reuse(self):
+        err = self.preflight_log("CREATE TABLE t (id INTEGER PRIMARY KEY, v)", rows=[(1, 1)],
+                                 where="a")
+        self.assertRegex(err, r"rowids can be reused.*AUTOINCREMENT")
+        err = self.preflight_log("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v)",
+                                 rows=[(1, 1)], where="b")
+        self.assertNotIn("can be reused", err)
+
+
+# === NULL timestamps =================================================================
+
+class NullTimestampTest(PipelineTestCase):
+
+    def test_pair_mode_reports_null_timestamps_every_cycle(self):
+        db = self.make("CREATE TABLE t (timestamp TEXT, v INTEGER)",
+                       [(stamp(0), 0), (None, 1), (stamp(1), 2), (None, 3)])
+        for _cycle in range(2):
+            err = self.upload(db)
+            self.assertRegex(err, r"WARNING .*\b2 rows have a NULL 'timestamp' "
+                                  r"\(rowid 2\.\.4\)")
+        self.assert_once(self.landed("raw_t"), "v", [0, 2])
+
+    def test_rowid_mode_uploads_null_timestamps_like_any_row(self):
+        db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "timestamp TEXT, v INTEGER)",
+                       [(stamp(0), 0), (None, 1), (stamp(1), 2)], ["timestamp", "v"])
+        err = self.upload(db)
+        self.assertNotIn("NULL", err)
+        rows = sorted(self.landed("raw_t"), key=lambda r: r["v"])
+        self.assertEqual([r["v"] for r in rows], [0, 1, 2])
+        self.assertIsNone(rows[1]["timestamp"])
+        self.assertIsNone(rows[1]["_rescued_data"])
+
+
+# === Source replaced by an older copy ================================================
+
+class ReplacedSourceTest(PipelineTestCase):
+
+    SHAPES = {
+        "autoincrement": "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                         "timestamp TEXT, v INTEGER)",
+        "pair": "CREATE TABLE t (timestamp TEXT, v INTEGER)",
+        "rowid": "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)",
+    }
+
+    def test_older_copy_fails_until_reset_state(self):
+        for where, schema in self.SHAPES.items():
+            with self.subTest(shape=where):
+                cols = ["timestamp", "v"] if "timestamp" in schema else ["v"]
+                rows = [(stamp(i), i) if len(cols) == 2 else (i,) for i in range(6)]
+                old = self.make(schema, rows[:3], cols, where=where, name="old.db")
+                db = self.make(schema, rows, cols, where=where)
+                self.upload(db, where=where)
+                saved = self.position(where)
+                shutil.copyfile(old, db)
+                err = self.upload(db, where=where, expect=1)
+                lines = error_lines(err)
+                self.assertEqual(len(lines), 1, err)
+                self.assertIn("--reset-state", lines[0])
+                self.assertEqual(self.position(where), saved)  # nothing skipped
+                self.assertEqual(len(self.landed("raw_t", where)), 6)
+
+                before = {r["_batch_id"] for r in self.landed("raw_t", where)}
+                self.upload(db, "--reset-state", where=where)
+                rows = self.landed("raw_t", where)
+                again = [r["v"] for r in rows if r["_batch_id"] not in before]
+                self.assertEqual(sorted(again), [0, 1, 2])  # the whole older copy
+                self.assertEqual(len(rows), 9)
+                self.assertEqual(self.position(where)["rows"], 3)
+                backups = [n for n in os.listdir(self.env(where)["STATE_DIR"])
+                           if ".reset-" in n]
+                self.assertEqual(len(backups), 1)
+
+
+# === Batches and names ===============================================================
+
+class BatchTest(PipelineTestCase):
+
+    def test_checkpoint_advances_after_each_batch(self):
+        db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v INTEGER)",
+                       [(i,) for i in range(10)], ["v"])
+        state_path = os.path.join(self.env()["STATE_DIR"], up.STATE_FILE)
+        seen, write = [], up.DeltaSink.write
+
+        def spy(sink, table, batch):
+            with open(state_path, encoding="utf-8") as fh:
+                pos = next(iter(json.load(fh)["destinations"].values()))
+            seen.append((pos["cursor"], pos["inflight"]["cursor_end"], pos["rows"]))
+            return write(sink, table, batch)
+
+        with mock.patch.object(up.DeltaSink, "write", spy):
+            err = self.upload(db, "--batch-size", "3")
+        self.assertEqual(err.count(" rows -> raw_t"), 4, err)
+        self.assertEqual(seen, [(None, [3], 0), ([3], [6], 3), ([6], [9], 6),
+                                ([9], [10], 9)])
+        pos = self.position()
+        self.assertEqual((pos["cursor"], pos["rows"], pos["seq"], pos["inflight"]),
+                         ([10], 10, 4, None))
+        rows = self.landed("raw_t")
+        self.assert_once(rows, "v", range(10))
+        sizes = collections.Counter(r["_batch_id"] for r in rows)
+        self.assertEqual(sorted(sizes.values()), [1, 3, 3, 3])
+
+    def test_exact_multiple_of_batch_size(self):
+        db = self.make("CREATE TABLE t (timestamp TEXT NOT NULL, v INTEGER)",
+                       [(stamp(i // 2), i) for i in range(6)])
+        self.upload(db, "--batch-size", "3")
+        self.assert_once(self.landed("raw_t"), "v", range(6))
+        self.assertEqual(self.position()["seq"], 2)
+
+    def test_names_with_spaces_quotes_and_unicode(self):
+        table, ts, col = 'we"ird tåble ✓', 'time "of" día', "tëmp 'x' \\ y"
+        q = up.quote_ident
+        db = self.make(f"CREATE TABLE {q(table)} ({q(ts)} TEXT NOT NULL, {q(col)} REAL)",
+                       [(stamp(i // 3), i / 4) for i in range(7)])
+        self.upload(db, "--timestamp-col", ts, "--batch-size", "2")
+        self.insert(db, [(stamp(2), 7 / 4)])
+        self.upload(db, "--timestamp-col", ts, "--batch-size", "2")
+        (name,) = os.listdir(self.path("lake"))
+        self.assertEqual(name, up.route_table(table))
+        self.assertTrue(name.startswith("raw_"))
+        rows = self.landed(name)
+        self.assert_once(rows, col, [i / 4 for i in range(8)])
+        self.assertEqual(helpers.delta_schema(self.lake(name))[ts], "timestamp")
+        self.assertEqual(self.state()["source"]["table"], table)
+        self.assertEqual(self.position()["cursor"], [stamp(2), 8])
+
+
+if __name__ == "__main__":
+    unittest.main()
