@@ -72,6 +72,9 @@ class UploaderError(Exception):
 
     exit_code = EXIT_FAILED
 
+    def __str__(self):
+        return " ".join(super().__str__().split())  # one line, whatever the cause said
+
 
 class ConfigError(UploaderError):
     """A setting is missing or invalid."""
@@ -260,6 +263,8 @@ def _parse_str(raw, setting):
 def _parse_int(raw, setting):
     if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
         raise ValueError("must be a whole number")
+    if isinstance(raw, float):
+        return int(raw)
     try:
         return int(str(raw).replace("_", "").strip())
     except ValueError:
@@ -311,7 +316,7 @@ _PARSERS = {"str": _parse_str, "path": _parse_str, "int": _parse_int,
             "choice": _parse_choice}
 
 
-def read_yaml_layer(path):
+def read_yaml_layer(path, origin="--config"):
     """Read the YAML config file into {field: (raw value, origin)}."""
     try:
         import yaml
@@ -322,15 +327,16 @@ def read_yaml_layer(path):
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"config: cannot read {path} (from {origin}): "
+                          f"{exc.strerror}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config: {path} is not valid YAML{at}") from None
+        raise ConfigError(f"config: {path} (from {origin}) is not valid YAML{at}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of settings")
+        raise ConfigError(f"config: {path} (from {origin}) must hold a mapping of settings")
     return yaml_to_layer(data, path)
 
 
@@ -347,6 +353,9 @@ def yaml_to_layer(data, path):
             hint = difflib.get_close_matches(str(key), list(keys), n=1)
             tip = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"config: unknown key '{key}' in {path}{tip}")
+        if name in layer:
+            raise ConfigError(f"config: {path} sets {name} twice "
+                              f"({layer[name][1].split(': ')[-1]} and {key}); keep one")
         layer[name] = (value, f"{path}: {key}")
     return layer
 
@@ -383,7 +392,8 @@ def load_config(args, environ):
     """Build the Config from CLI > env > YAML > defaults, then validate it."""
     cli, env = read_cli_layer(args), read_env_layer(environ)
     path = args.config or environ.get("UPLOADER_CONFIG") or None
-    file_layer = read_yaml_layer(path) if path else {}
+    origin = "--config" if args.config else "UPLOADER_CONFIG"
+    file_layer = read_yaml_layer(path, origin) if path else {}
     values, sources = merge_layers(file_layer, env, cli)
     if "databricks_token" in cli:
         log.warning("--databricks-token is visible to other users in `ps`; "
@@ -406,6 +416,8 @@ def validate_config(config):
     updates = {}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
+        if not updates["databricks_host"]:
+            bad("databricks_host", "must name a workspace host")
         if config.delta_uri:
             raise ConfigError(
                 f"config: both databricks_host (from {config.origin('databricks_host')}) "

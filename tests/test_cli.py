@@ -78,10 +78,17 @@ class CliTestCase(TempDirTestCase):
         self.assertFalse(os.path.exists(self.path("state")), "state dir was created")
         self.assertFalse(os.path.exists(self.path("lake")), "lakehouse was written")
 
-    def guarded_main(self, argv, env):
-        """run_main, failing fast (instead of looping) if a bad config reaches the cycle."""
-        reached = AssertionError("bad configuration was not caught before the cycle")
-        with mock.patch.object(up, "run_forever", side_effect=reached):
+    def run_guarded(self, argv, env):
+        """run_main, but a run that goes to sleep between cycles fails instead of hanging."""
+        real_run_forever = up.run_forever
+
+        def run_forever(job, *args, **kwargs):
+            def wait(timeout=None):
+                raise AssertionError(f"the uploader slept {timeout} s instead of exiting")
+            job.stop.wait = wait
+            return real_run_forever(job, *args, **kwargs)
+
+        with mock.patch.object(up, "run_forever", run_forever):
             return run_main(argv, env)
 
 
@@ -117,7 +124,7 @@ class BadConfigTest(CliTestCase):
                 if yaml_text is not None:
                     path = self.write("uploader.yaml", yaml_text)
                     argv, parts = [*argv, "--config", path], [*parts, path]
-                code, out, err = self.guarded_main(argv, env)
+                code, out, err = self.run_guarded(argv, env)
                 self.assertEqual(code, 2)
                 line = self.assertOneErrorLine(err)
                 for part in parts:
@@ -129,7 +136,7 @@ class BadConfigTest(CliTestCase):
         path = self.path("absent.yaml")
         for argv, env in ((["--config", path], {}), ([], {"UPLOADER_CONFIG": path})):
             with self.subTest(argv=argv, env=env):
-                code, _, err = self.guarded_main(argv, self.base_env(SQLITE_PATH=self.db, **env))
+                code, _, err = self.run_guarded(argv, self.base_env(SQLITE_PATH=self.db, **env))
                 self.assertEqual(code, 2)
                 self.assertIn(path, self.assertOneErrorLine(err))
                 self.assertNothingWritten()
@@ -140,12 +147,12 @@ class BadConfigTest(CliTestCase):
         for argv, env, origin in ((["--config", path], {}, "--config"),
                                   ([], {"UPLOADER_CONFIG": path}, "UPLOADER_CONFIG")):
             with self.subTest(origin):
-                code, _, err = self.guarded_main(argv, self.base_env(SQLITE_PATH=self.db, **env))
+                code, _, err = self.run_guarded(argv, self.base_env(SQLITE_PATH=self.db, **env))
                 self.assertEqual(code, 2)
                 self.assertIn(origin, self.assertOneErrorLine(err))
 
     def test_bad_value_with_token_flag_warns_and_never_prints_it(self):
-        code, out, err = self.guarded_main(
+        code, out, err = self.run_guarded(
             ["--databricks-token", TOKEN, "--batch-size", "0"], self.base_env(SQLITE_PATH=self.db))
         self.assertEqual(code, 2)
         self.assertNotIn(TOKEN, out + err)
@@ -163,7 +170,7 @@ class BadConfigTest(CliTestCase):
         self.assertIn("DATABRICKS_TOKEN", err)
 
     def test_no_sqlite_configured(self):
-        code, _, err = self.guarded_main(["--once"], self.base_env())
+        code, _, err = self.run_guarded(["--once"], self.base_env())
         self.assertEqual(code, 2)
         line = self.assertOneErrorLine(err)
         self.assertIn("--sqlite", line)
@@ -174,7 +181,10 @@ class BadConfigTest(CliTestCase):
         # normalize_host("https://") is "": neither a workspace nor a Delta URI is left.
         env = {"STATE_DIR": self.path("state"), "SOURCE_ID": "test-node",
                "DATABRICKS_HOST": "https://"}
-        code, _, err = run_main(["--once", "--sqlite", self.db], env)
+        try:
+            code, _, err = self.run_guarded(["--once", "--sqlite", self.db], env)
+        except Exception as exc:  # noqa: BLE001 - the bug is a traceback
+            self.fail(f"traceback instead of a config error: {exc!r}")
         self.assertEqual(code, 2)
         self.assertIn("databricks_host", self.assertOneErrorLine(err))
 
@@ -187,7 +197,7 @@ class SourceInputTest(CliTestCase):
         os.mkdir(self.path("a-directory.db"))
         for path in (self.path("absent.db"), not_sqlite, self.path("a-directory.db")):
             with self.subTest(path=os.path.basename(path)):
-                code, _, err = run_main(["--once", "--sqlite", path], self.base_env())
+                code, _, err = self.run_guarded(["--once", "--sqlite", path], self.base_env())
                 self.assertEqual(code, 2)
                 line = self.assertOneErrorLine(err)
                 self.assertIn(path, line)
@@ -195,14 +205,14 @@ class SourceInputTest(CliTestCase):
 
     def test_missing_file_error_names_its_source(self):
         path = self.path("absent.db")
-        code, _, err = run_main(["--once"], self.base_env(SQLITE_PATH=path))
+        code, _, err = self.run_guarded(["--once"], self.base_env(SQLITE_PATH=path))
         self.assertEqual(code, 2)
         self.assertIn("SQLITE_PATH", self.assertOneErrorLine(err))
 
     def test_not_sqlite_file_is_left_untouched(self):
         path = self.write("notes.db", "plain text\n" * 100)
         before = os.stat(path)
-        run_main(["--once", "--sqlite", path], self.base_env())
+        self.run_guarded(["--once", "--sqlite", path], self.base_env())
         after = os.stat(path)
         self.assertEqual((before.st_size, before.st_mtime_ns), (after.st_size, after.st_mtime_ns))
 
@@ -211,7 +221,7 @@ class RunTest(CliTestCase):
     """main() runs a cycle: exit 0 on success, 1 when the cycle fails."""
 
     def upload(self, *argv, **env):
-        return run_main(["--once", "--sqlite", self.db, *argv], self.base_env(**env))
+        return self.run_guarded(["--once", "--sqlite", self.db, *argv], self.base_env(**env))
 
     def lake_rows(self, table="raw_r"):
         return read_delta(self.path("lake", table))
@@ -298,7 +308,7 @@ class NamesRunTest(CliTestCase):
     def test_each_spelling_steers_the_run(self):
         for name, state, lake, argv, env in self.spellings():
             with self.subTest(name):
-                code, _, err = run_main(argv, {"SOURCE_ID": "test-node", **env})
+                code, _, err = self.run_guarded(argv, {"SOURCE_ID": "test-node", **env})
                 self.assertEqual(code, 0, err)
                 rows = read_delta(os.path.join(lake, "raw_measurements"))
                 self.assertEqual(sorted(r["value"] for r in rows), [r[3] for r in READINGS])
@@ -373,7 +383,7 @@ class EndToEndTest(CliTestCase):
         self.assertNotIn(TOKEN, result.stdout + result.stderr)
         lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
         expectations = {
-            "sqlite": (self.db, f"{path}: sqlite_path"),
+            "sqlite": (self.db, path),
             "databricks_table": ("readings", "table_name"),
             "interval": ("12.5", "UPLOAD_INTERVAL"),
             "batch_size": ("7", "--batch-size"),
@@ -387,6 +397,7 @@ class EndToEndTest(CliTestCase):
             with self.subTest(name):
                 self.assertIn(value, lines[name])
                 self.assertIn(source, lines[name])
+        self.assertIn("sqlite_path", lines["sqlite"])
         self.assertNotIn("https://", lines["databricks_host"])
         self.assertFalse(os.path.exists(self.path("state")))
 

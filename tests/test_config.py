@@ -193,7 +193,16 @@ class NamesTest(ConfigTestCase):
         "databricks_table": ("readings", "readings"),
         "delta_uri": ("/srv/lake", "/srv/lake"),
         "batch_size": ("500", 500),
+        "enable_sanitize": ("yes", True),
+        "enable_filter": ("1", True),
+        "enable_aggregate": ("true", True),
+        "sanitize_config": ('{"serial_number": {"hash": true}}', {"serial_number": {"hash": True}}),
+        "filter_config": ('{"status_code": 0}', {"status_code": 0}),
+        "aggregate_config": ('{"group_by": ["sensor_id"], "window": "1h"}',
+                             {"group_by": ["sensor_id"], "window": "1h"}),
     }
+    PROCESSING = ["enable_sanitize", "sanitize_config", "enable_filter", "filter_config",
+                  "enable_aggregate", "aggregate_config"]
     FLAGS = [("--sqlite", "sqlite"), ("--table", "sqlite_table_name"),
              ("--timestamp-col", "timestamp_col"), ("--state-dir", "state_dir"),
              ("--interval", "interval"), ("--once", "once"),
@@ -202,7 +211,8 @@ class NamesTest(ConfigTestCase):
              ("--databricks-token", "databricks_token"),
              ("--databricks-database", "databricks_database"),
              ("--databricks-table", "databricks_table"), ("--delta-uri", "delta_uri"),
-             ("--batch-size", "batch_size")]
+             ("--batch-size", "batch_size")] + [
+                 ("--" + name.replace("_", "-"), name) for name in PROCESSING]
     ENVS = [("SQLITE_PATH", "sqlite"), ("SQLITE_TABLE_NAME", "sqlite_table_name"),
             ("TIMESTAMP_COL", "timestamp_col"), ("STATE_DIR", "state_dir"),
             ("UPLOAD_INTERVAL", "interval"), ("ONCE", "once"),
@@ -213,7 +223,7 @@ class NamesTest(ConfigTestCase):
             ("DATABRICKS_CATALOG", "databricks_catalog"),
             ("DATABRICKS_SCHEMA", "databricks_schema"),
             ("DATABRICKS_TABLE", "databricks_table"), ("DELTA_URI", "delta_uri"),
-            ("BATCH_SIZE", "batch_size")]
+            ("BATCH_SIZE", "batch_size")] + [(name.upper(), name) for name in PROCESSING]
     YAML_KEYS = [("sqlite", "sqlite"), ("sqlite_path", "sqlite"),
                  ("sqlite_table_name", "sqlite_table_name"),
                  ("timestamp_col", "timestamp_col"), ("state_dir", "state_dir"),
@@ -223,12 +233,13 @@ class NamesTest(ConfigTestCase):
                  ("databricks_token", "databricks_token"),
                  ("databricks_database", "databricks_database"),
                  ("databricks_table", "databricks_table"), ("table_name", "databricks_table"),
-                 ("delta_uri", "delta_uri"), ("batch_size", "batch_size")]
+                 ("delta_uri", "delta_uri"), ("batch_size", "batch_size")] + [
+                     (name, name) for name in PROCESSING]
 
     def test_flags(self):
         for flag, field in self.FLAGS:
             raw, expected = self.VALUES[field]
-            argv = [flag] if field == "once" else [flag, raw]
+            argv = [flag] if isinstance(expected, bool) else [flag, raw]
             with self.subTest(flag), mock.patch.object(up.log, "warning"):
                 config = load(argv)
                 self.assertEqual(getattr(config, field), expected)
@@ -259,6 +270,11 @@ class NamesTest(ConfigTestCase):
         from_yaml = load(["--config", path])
         self.assertEqual(from_env.filter_config, rule)
         self.assertEqual(from_yaml.filter_config, rule)
+
+    def test_whole_number_written_as_float_in_yaml(self):
+        # _parse_int lets integral floats past its first check, then int("1000.0") fails.
+        path = self.write_yaml("batch_size: 1000.0\n")
+        self.assertEqual(load(["--config", path]).batch_size, 1000)
 
     def test_every_setting_has_its_own_flag_and_env_var(self):
         flags = [setting.flag for _, setting, _ in up.config_fields()]

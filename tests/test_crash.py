@@ -26,8 +26,9 @@ from tests.helpers import (FIXED_START, ROOT, SCRIPT, TempDirTestCase, read_delt
 
 SEED = int(os.environ.get("CRASH_SEED", "20250101"))
 
-# Planted kill points: name -> (what to wrap, when to die). "write_deltalake" is the
-# Delta commit itself; "state_replace" is the rename of last_upload.json.tmp.
+# The driver's HOOKS name the kill points. deltalake.write_deltalake is the Delta commit
+# itself (the sink imports it at call time, so wrapping the module attribute reaches
+# it); the state-file hooks wrap json.dump and os.replace as Checkpoint.save uses them.
 DRIVER = r'''
 """Run the uploader's main() with a SIGKILL planted at the k-th call of one function.
 
@@ -86,15 +87,8 @@ def torn_state_write():
     json.dump = dump
 
 
-def commit_then_fail():
-    """The K-th Delta commit lands, then the write reports a permanent error."""
-    def fail():
-        raise PermissionError("injected: permission denied after the commit landed")
-    plant(deltalake, "write_deltalake", "after", action=fail)
-
-
 def commit_add_rows_then_fail():
-    """As commit_then_fail, but the sensor writes more rows before the error."""
+    """The K-th Delta commit lands, the sensor adds rows, then the write fails."""
     def fail():
         db = os.environ["DRIVER_ADD_DB"]
         rows = int(os.environ["DRIVER_ADD_ROWS"])
@@ -106,6 +100,11 @@ def commit_add_rows_then_fail():
         raise PermissionError("injected: permission denied after the commit landed")
     plant(deltalake, "write_deltalake", "after", action=fail)
 
+def signal_self(signum):
+    """Send this process `signum` (its handler runs, then the wrapped call goes on)."""
+    return lambda: os.kill(os.getpid(), signum)
+
+
 HOOKS = {
     "after-inflight-saved": lambda: plant(up.Checkpoint, "begin", "after"),
     "before-delta-write": lambda: plant(deltalake, "write_deltalake", "before"),
@@ -114,13 +113,26 @@ HOOKS = {
     "torn-state-write": torn_state_write,
     "before-state-rename": lambda: plant(os, "replace", "before", is_state_file),
     "after-state-rename": lambda: plant(os, "replace", "after", is_state_file),
-    "commit-then-fail": commit_then_fail,
     "commit-add-rows-then-fail": commit_add_rows_then_fail,
+    "sigterm-before-delta-write": lambda: plant(
+        deltalake, "write_deltalake", "before", action=signal_self(signal.SIGTERM)),
+    "sigint-before-delta-write": lambda: plant(
+        deltalake, "write_deltalake", "before", action=signal_self(signal.SIGINT)),
     "none": lambda: None,
 }
 HOOKS[HOOK]()
 sys.exit(up.main(ARGV))
 '''
+
+
+def wait_for(predicate, timeout=60, what="a condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds (never a timing test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def write_driver(directory):
@@ -192,10 +204,11 @@ def add_rows(db, count, seed=1):
     try:
         marks = ", ".join("?" * len(up.DEMO_COLUMNS))
         start = FIXED_START.replace(year=2026) + up.dt.timedelta(seconds=seed * 1000)
-        rows = itertools.islice(up.sensor_rows(start, count // 20 + 1, 20, seed=seed), count)
+        rows = up.sensor_rows(start, count // 20 + 1, 20, seed=seed)
+        columns = ", ".join(up.DEMO_COLUMNS)
         with conn:
-            conn.executemany(f"INSERT INTO sensor_readings ({', '.join(up.DEMO_COLUMNS)}) "
-                             f"VALUES ({marks})", rows)
+            conn.executemany(f"INSERT INTO sensor_readings ({columns}) VALUES ({marks})",
+                             itertools.islice(rows, count))
     finally:
         conn.close()
 
@@ -222,7 +235,7 @@ def compare_target(db, table_uri):
 
 
 class UploadChecks:
-    """Assertions shared by the checkpoint, crash and cycle tests (mix into a TestCase)."""
+    """Checks shared by the checkpoint, crash and cycle tests (mix into a TestCase)."""
 
     table = "raw_sensor_readings"
 
@@ -284,8 +297,9 @@ class CrashTestCase(UploadChecks, TempDirTestCase):
         self.assertIn(high, landed, f"target holds ids 1..{high} but the state says "
                       f"cursor {cursor}, in flight {flight} after a kill {where}")
         if at_batch_boundary:
-            self.assertTrue(cursor % self.BATCH == 0 or cursor == len(source_rows(self.db)),
-                            f"cursor {cursor} is not at a batch boundary ({where})")
+            boundary = cursor % self.BATCH == 0 or cursor == len(source_rows(self.db))
+            self.assertTrue(boundary, f"cursor {cursor} is not at a batch boundary "
+                            f"after a kill {where}")
         return cursor
 
     def crash_loop(self, plan, limit=40):
@@ -326,7 +340,7 @@ class PlantedKillTest(CrashTestCase):
     def after_kill(self, hook, k):
         if hook == "after-delta-commit":
             pos = destination_of(read_state(self.path("state")), self.path("lake"))
-            self.assertIsNotNone(pos["inflight"], "kill after the commit: batch in flight")
+            self.assertIsNotNone(pos["inflight"], "killed after the commit: in flight")
             self.assertEqual(max(target_ids(self.table_uri())),
                              pos["inflight"]["cursor_end"][0])
         if hook == "torn-state-write":
@@ -401,7 +415,7 @@ class RandomKillTest(CrashTestCase):
                 added += count
         self.assertTrue(completed, "the last run, never killed, did not complete")
         figures = self.assert_exactly_once(self.db, label=f"{len(kills)} kills, ")
-        report(self, figures, len(kills), f"seed {SEED}, {added} rows added between kills")
+        report(self, figures, len(kills), f"seed {SEED}, {added} rows added meanwhile")
 
 
 TOTALS = collections.Counter()

@@ -9,10 +9,9 @@ import unittest
 from unittest import mock
 
 from tests.helpers import SCRIPT, TempDirTestCase, run_main, run_script, sensor_db, up
-from tests.test_checkpoint import wait_for
 from tests.test_crash import (UploadChecks, add_rows, child_env, cursor_id,
                               destination_of, read_state, run_driver, target_ids,
-                              write_driver)
+                              wait_for, write_driver)
 
 
 class CycleTestCase(UploadChecks, TempDirTestCase):
@@ -29,11 +28,11 @@ class CycleTestCase(UploadChecks, TempDirTestCase):
         """The progress record of the lake (default self.path('lake')), or {}."""
         return destination_of(read_state(self.state_dir), lake or self.path("lake")) or {}
 
-    def start(self, *argv, env=None):
-        """Start the uploader in loop mode; its log goes to a file (see self.log())."""
+    def start(self, *argv, env=None, command=(SCRIPT,)):
+        """Start the uploader (loop mode unless told); its log goes to self.log()."""
         self.log_path = self.path(f"uploader-{len(os.listdir(self.tmp))}.log")
         with open(self.log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, SCRIPT, "--sqlite", self.db, *argv],
+            proc = subprocess.Popen([sys.executable, *command, *argv],
                                     env=child_env(env or self.base_env()),
                                     stdout=log, stderr=subprocess.STDOUT)
         self.addCleanup(proc.wait)
@@ -74,7 +73,7 @@ class LoopTest(CycleTestCase):
         writer = sqlite3.connect(self.db)
         writer.execute("PRAGMA journal_mode=WAL")  # the sensor's mode
         self.addCleanup(writer.close)
-        proc = self.start("--interval", "0.2", "--batch-size", "250")
+        proc = self.start("--sqlite", self.db, "--interval", "0.2", "--batch-size", "250")
         self.wait_cursor(proc, lambda c: c == 600, "the first 600 rows")
         add_rows(self.db, 130, seed=1)
         self.wait_cursor(proc, lambda c: c == 730, "rows inserted while it runs")
@@ -84,13 +83,32 @@ class LoopTest(CycleTestCase):
         self.assertNotIn("Traceback", self.log())
         self.assert_exactly_once(self.db)
 
-    def test_signal_mid_upload_finishes_the_batch_and_exits_0(self):
+    def test_signal_during_a_batch_finishes_it_and_exits_0(self):
+        # The signal arrives while the 3rd batch is in flight (planted just before its
+        # Delta write): that batch completes and is checkpointed, no 4th one starts.
+        driver = write_driver(self.tmp)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=sig.name):
+                lake = self.path(f"lake-{sig.name}")
+                hook = f"{sig.name.lower()}-before-delta-write"
+                done = run_driver(driver, hook, 3, ["--sqlite", self.db, "--interval",
+                                                    "0.2", "--batch-size", "100"],
+                                  self.base_env(DELTA_URI=lake), timeout=60)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+                pos = self.position(lake)
+                self.assertEqual((pos["cursor"], pos["inflight"]), ([300], None))
+                self.assertEqual(sorted(target_ids(self.table_uri(lake))),
+                                 list(range(1, 301)))
+
+    def test_signal_from_outside_mid_upload_exits_0_with_state_consistent(self):
         sensor_db(self.db, 170)  # 600 + 3,400 rows: 200 batches of 20
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(signal=sig.name):
                 lake = self.path(f"lake-{sig.name}")
                 env = self.base_env(DELTA_URI=lake)
-                proc = self.start("--interval", "0.2", "--batch-size", "20", env=env)
+                proc = self.start("--sqlite", self.db, "--interval", "0.2",
+                                  "--batch-size", "20", env=env)
                 wait_for(lambda: cursor_id(self.position(lake)) >= 40
                          or proc.poll() is not None, what="the first batches")
                 self.assertEqual(self.stop(proc, sig), 0, self.log())
@@ -110,7 +128,8 @@ class LoopTest(CycleTestCase):
         # Exit 1 is for --once; a loop logs the failure, backs off and tries again.
         for name, lake in self.broken_lakes():
             with self.subTest(name):
-                proc = self.start("--interval", "0.2", env=self.base_env(DELTA_URI=lake))
+                proc = self.start("--sqlite", self.db, "--interval", "0.2",
+                                  env=self.base_env(DELTA_URI=lake))
                 wait_for(lambda: self.log().count("retrying in") >= 2
                          or proc.poll() is not None, what="two retries")
                 self.assertIsNone(proc.poll(), f"the loop died:\n{self.log()}")
@@ -124,19 +143,12 @@ class LoopTest(CycleTestCase):
         db = sensor_db(self.path("small.db"), 13, sensors=10)  # 130 rows: 100 + 30
         driver = write_driver(self.tmp)
         env = {**self.base_env(), "DRIVER_ADD_DB": db, "DRIVER_ADD_ROWS": "50"}
-        proc = subprocess.Popen(
-            [sys.executable, driver, "commit-add-rows-then-fail", "2", "--sqlite", db,
-             "--interval", "0.2", "--batch-size", "100"],
-            env=child_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
-        self.addCleanup(proc.kill)
-        wait_for(lambda: cursor_id(self.position()) >= 130 or proc.poll() is not None,
-                 what="the cycle after the failure")
+        proc = self.start("commit-add-rows-then-fail", "2", "--sqlite", db, "--interval",
+                          "0.2", "--batch-size", "100", env=env, command=(driver,))
+        self.wait_cursor(proc, lambda c: c >= 130, "the cycle after the failure")
         wait_for(lambda: not self.position().get("inflight"), what="a settled state")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-        self.assertEqual(proc.returncode, 0, stderr)
-        self.assertIn("injected", stderr)
+        self.assertEqual(self.stop(proc), 0, self.log())
+        self.assertIn("injected", self.log())
         self.assert_exactly_once(db)
 
 
@@ -144,7 +156,8 @@ def corrupt_delta_log(table_uri):
     """Add a torn commit after the table's last version: reading the table fails."""
     from deltalake import DeltaTable
     version = DeltaTable(table_uri).version()
-    with open(os.path.join(table_uri, "_delta_log", f"{version + 1:020d}.json"), "w") as fh:
+    torn = os.path.join(table_uri, "_delta_log", f"{version + 1:020d}.json")
+    with open(torn, "w", encoding="utf-8") as fh:
         fh.write('{"add": {"path": "part-0')
 
 
@@ -201,7 +214,6 @@ class OnceTest(CycleTestCase):
         self.assertEqual(sorted(target_ids(self.table_uri())), list(range(1, 601)))
         done = run_script(argv, self.base_env())
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("cycle: 70 rows uploaded", done.stderr)
         self.assert_exactly_once(self.db)
 
     def test_cycle_with_no_new_rows_writes_nothing(self):
@@ -214,10 +226,9 @@ class OnceTest(CycleTestCase):
         for _ in range(2):
             done = run_script(argv, self.base_env())
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertIn("cycle: 0 rows uploaded", done.stderr)
         self.assertEqual(DeltaTable(self.table_uri()).version(), version)
         after = self.position()
-        for key in ("cursor", "rows", "seq", "inflight"):
+        for key in ("cursor", "rows", "inflight"):
             self.assertEqual(after[key], before[key], key)
         self.assert_exactly_once(self.db)
 
@@ -244,9 +255,7 @@ class BatchTest(CycleTestCase):
                              list(range(1, expected + 1)))
         done = run_script(argv, self.base_env())
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn(f"cycle: {1000 - expected} rows uploaded", done.stderr)
         self.assert_exactly_once(self.db)
-        self.assertEqual(self.position()["seq"], 7)  # ceil(1000 / 150) batches
 
 
 if __name__ == "__main__":
