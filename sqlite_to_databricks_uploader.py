@@ -1616,12 +1616,21 @@ class DeltaSink(Sink):
         from deltalake.exceptions import TableNotFoundError
         found = self._tables.get(table)
         if found is not None:
-            found.update_incremental()
+            try:
+                found.update_incremental()
+            except Exception as exc:  # deltalake raises several unrelated types
+                self._tables.pop(table, None)
+                raise SinkError(f"sink: reading {self.table_uri(table)} failed: "
+                                f"{first_line(exc)}",
+                                transient=is_transient_delta_error(exc)) from None
             return found
         try:
             found = self._tables[table] = DeltaTable(self.table_uri(table))
         except TableNotFoundError:
             return None
+        except Exception as exc:  # deltalake raises several unrelated types
+            raise SinkError(f"sink: reading {self.table_uri(table)} failed: "
+                            f"{first_line(exc)}", transient=is_transient_delta_error(exc))
         return found
 
     def known_kinds(self, table):
@@ -1643,10 +1652,13 @@ class DeltaSink(Sink):
                     return Receipt(batch.count, skipped=True)
                 self._append(table, batch)
                 return Receipt(batch.count)
+            except SinkError:
+                raise
             except Exception as exc:  # deltalake raises several unrelated types
                 if not is_transient_delta_error(exc) or attempt == self.RETRIES:
                     raise SinkError(f"sink: writing batch {batch.batch_id} to "
-                                    f"{self.table_uri(table)} failed: {exc}") from exc
+                                    f"{self.table_uri(table)} failed: "
+                                    f"{first_line(exc)}") from exc
                 log.warning("sink: write to %s failed (%s); retry %d", table, exc, attempt)
                 time.sleep(min(2 ** attempt, 30) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
@@ -1661,6 +1673,12 @@ class DeltaSink(Sink):
         write_deltalake(target, batch.payload, mode="append", schema_mode="merge",
                         commit_properties=CommitProperties(app_transactions=[marker],
                                                            custom_metadata=meta))
+
+
+def first_line(exc):
+    """The first line of an exception's message (libraries add backtraces)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_transient_delta_error(exc):
@@ -1839,6 +1857,9 @@ class Checkpoint:
         """Read the state (missing means first run); foreign state is an error."""
         if reset and os.path.exists(self.path):
             backup = f"{self.path}.reset-{int(time.time())}"
+            n = 1
+            while os.path.exists(backup):
+                backup, n = f"{self.path}.reset-{int(time.time())}-{n}", n + 1
             os.replace(self.path, backup)
             log.warning("state: --reset-state: previous state kept as %s", backup)
         if not os.path.exists(self.path):
@@ -1932,6 +1953,13 @@ def check_state_shape(data):
         raise ValueError(f"unsupported state version {data.get('version')!r}")
     if not isinstance(data.get("destinations"), dict) or not data.get("state_id"):
         raise ValueError("state file is incomplete")
+    if not isinstance(data.get("source"), dict):
+        raise ValueError("state file has no source")
+    for dest, pos in data["destinations"].items():
+        if not (isinstance(pos, dict) and isinstance(pos.get("cursor"), (list, type(None)))
+                and isinstance(pos.get("inflight"), (dict, type(None)))
+                and isinstance(pos.get("seq", 0), int)):
+            raise ValueError(f"destination {dest!r} is malformed")
 
 
 def check_state_source(data, source_desc, path):
@@ -2056,6 +2084,7 @@ def write_batch(job, batch):
 def run_cycle(job):
     """Upload every row after the cursor, batch by batch; return rows uploaded."""
     conn, source, dest = job.conn, job.source, job.sink.destination
+    settle_inflight(job)  # a failed write of the previous cycle may have landed
     pos = job.checkpoint.position(dest)
     cursor = decode_cursor(pos["cursor"])
     check_not_behind(conn, source, cursor)
@@ -2141,7 +2170,6 @@ def open_job(config, reset_state, stop, environ=None):
     if config.target == "delta" and config.origin("delta_uri") == "default":
         log.info("target: no Databricks workspace configured; writing to the local "
                  "Delta lakehouse %s", os.path.abspath(config.delta_uri))
-    settle_inflight(job)
     return job
 
 

@@ -73,7 +73,8 @@ class StateFileTest(CheckpointTestCase):
         with open(log_path, "w") as log:
             argv = [SCRIPT, "--sqlite", self.db, "--once", "--batch-size", "10"]
             env = child_env(self.base_env())
-            proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log)
+            proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=log,
+                                    stderr=log)
         self.addCleanup(proc.kill)
         reads, torn, deadline = 0, [], time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
