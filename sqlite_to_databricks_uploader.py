@@ -187,6 +187,20 @@ class Config:
     databricks_schema: str | None = option(
         None, "--databricks-schema", "DATABRICKS_SCHEMA", "str",
         "target schema (with --databricks-catalog)", "databricks")
+    databricks_client_id: str | None = option(
+        None, "--databricks-client-id", "DATABRICKS_CLIENT_ID", "str",
+        "service principal id for OAuth machine-to-machine (instead of a token)",
+        "databricks")
+    databricks_client_secret: str | None = option(
+        None, "--databricks-client-secret", "DATABRICKS_CLIENT_SECRET", "str",
+        "service principal OAuth secret (prefer the env var)", "databricks", secret=True)
+    databricks_volume: str | None = option(
+        None, "--databricks-volume", "DATABRICKS_VOLUME", "str",
+        "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging big batches "
+        "as Parquet and loading them with COPY INTO", "databricks")
+    max_statement_bytes: int = option(
+        1_048_576, "--max-statement-bytes", "MAX_STATEMENT_BYTES", "int",
+        "largest SQL statement sent to the warehouse, in bytes", "databricks")
     databricks_table: str | None = option(
         None, "--databricks-table", "DATABRICKS_TABLE", "str",
         "base name of the target table (default: the source table's name)", "target",
@@ -423,12 +437,55 @@ def validate_config(config):
                 f"config: both databricks_host (from {config.origin('databricks_host')}) "
                 f"and delta_uri (from {config.origin('delta_uri')}) are set; "
                 "the uploader writes to one destination: unset one of them")
+        updates["databricks_database"] = validate_workspace(config)
     elif not config.delta_uri:
         updates["delta_uri"] = DEFAULT_DELTA_URI
     if not config.source_id:
         updates["source_id"] = socket.gethostname() or "unknown-host"
         updates["sources"] = {**config.sources, "source_id": "default (host name)"}
     return dataclasses.replace(config, **updates)
+
+
+def missing(name, why=""):
+    """A ConfigError naming the flag, env var and YAML key that provide a setting."""
+    setting = SETTINGS[name]
+    return ConfigError(f"config: {name} is required{why}: set {setting.flag}, "
+                       f"{' or '.join(setting.env)} or '{name}' in the YAML file")
+
+
+def validate_workspace(config):
+    """Check the Databricks settings; return the target catalog.schema."""
+    need = " when databricks_host is set"
+    if not config.databricks_http_path:
+        raise missing("databricks_http_path", need)
+    has_oauth = config.databricks_client_id or config.databricks_client_secret
+    if not config.databricks_token and not has_oauth:
+        raise missing("databricks_token", need + " (or databricks_client_id and "
+                      "databricks_client_secret for OAuth)")
+    if has_oauth and not config.databricks_token:
+        for name in ("databricks_client_id", "databricks_client_secret"):
+            if not getattr(config, name):
+                raise missing(name, " for OAuth machine-to-machine")
+    database = config.databricks_database
+    if not database:
+        if not (config.databricks_catalog and config.databricks_schema):
+            raise missing("databricks_database", need + " (or both databricks_catalog "
+                          "and databricks_schema)")
+        database = f"{config.databricks_catalog}.{config.databricks_schema}"
+    parts = database.split(".")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"config: databricks_database must be catalog.schema (got "
+                          f"{database!r} from {config.origin('databricks_database')})")
+    volume = config.databricks_volume
+    if volume and not re.fullmatch(r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
+        raise ConfigError(f"config: databricks_volume must look like "
+                          f"/Volumes/catalog/schema/volume (got {volume!r} from "
+                          f"{config.origin('databricks_volume')})")
+    if config.max_statement_bytes < 10_000:
+        raise ConfigError(f"config: max_statement_bytes must be at least 10000 (got "
+                          f"{config.max_statement_bytes} from "
+                          f"{config.origin('max_statement_bytes')})")
+    return database
 
 
 def normalize_host(host):
@@ -685,6 +742,8 @@ class Batch:
     payload: object = None
     carry: object = None
     notes: dict = dataclasses.field(default_factory=dict)
+    keys: list = dataclasses.field(default_factory=list)  # cursor columns, per source row
+    stamps: object = None  # timestamp column, per source row
 
     def __post_init__(self):
         self.source_count = self.count  # rows read from the source, before processing
@@ -707,12 +766,25 @@ def read_batches(conn, source, cursor, batch_size):
             return
         last, count = rows[-1], len(rows)
         cursor = [last[p] for p in positions]
-        values = list(zip(*rows))[offset:]
+        columns = list(zip(*rows))
         rows = None  # the columns hold the values now; free the row tuples
-        yield Batch(source.column_names, values, count, cursor,
-                    last[ts_pos + offset] if ts_pos is not None else None, list(kinds))
+        stamps = columns[ts_pos + offset] if ts_pos is not None else None
+        yield Batch(source.column_names, columns[offset:], count, cursor,
+                    stamps[-1] if stamps is not None else None, list(kinds),
+                    keys=[columns[p] for p in positions], stamps=stamps)
         if count < batch_size:
             return
+
+
+def slice_batch(batch, start, end):
+    """Source rows [start, end) of a batch, with the cursor after its last row."""
+    part = dataclasses.replace(
+        batch, values=[v[start:end] for v in batch.values], count=end - start,
+        cursor_end=[k[end - 1] for k in batch.keys],
+        last_timestamp=batch.stamps[end - 1] if batch.stamps is not None else None,
+        keys=[k[start:end] for k in batch.keys],
+        stamps=batch.stamps[start:end] if batch.stamps is not None else None)
+    return part
 
 
 def count_pending(conn, source, cursor):
@@ -1550,9 +1622,17 @@ class Sink:
         """{column: kind} of the target table's existing columns."""
         return {}
 
-    def prepare(self, batch):
+    def rows_per_write(self):
+        """Largest batch one write takes (None: any); the cycle splits batches to fit."""
+        return None
+
+    def prepare(self, table, batch):
         """Encode the batch for this sink; runs in the read-ahead thread, no I/O."""
         return None
+
+    def fits(self, payload):
+        """False when a prepared batch is too big for one write and must be split."""
+        return True
 
     def write(self, table, batch):
         """Append the batch, tagged with its batch id; skip it if already committed."""
@@ -1642,7 +1722,7 @@ class DeltaSink(Sink):
         version = found.transaction_version(self.identity.app_id) if found else None
         return version is not None and version >= seq
 
-    def prepare(self, batch):
+    def prepare(self, table, batch):
         return to_record_batch(batch, self.identity)
 
     def write(self, table, batch):
@@ -1769,15 +1849,450 @@ def to_record_batch(batch, identity):
 
 @register_sink
 class DatabricksSink(Sink):
-    """Append to Unity Catalog tables through a Databricks SQL warehouse."""
+    """Append to Unity Catalog tables through a Databricks SQL warehouse.
+
+    Every write is idempotent: one `INSERT ... REPLACE WHERE _source_id/_batch_id`
+    statement per batch (the cycle sizes batches to the statement budget), or a
+    Parquet file staged in a volume and loaded with COPY INTO, which skips files it
+    has loaded before. The connector may send a statement twice; either way the
+    table ends as if it ran once.
+    """
 
     name = "databricks"
+    RETRIES = 6
+    connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
 
     def __init__(self, config, identity):
         super().__init__(config, identity)
-        raise ConfigError("config: the Databricks SQL warehouse sink is not available in "
-                          "this version; unset databricks_host (from "
-                          f"{config.origin('databricks_host')}) to use the Delta sink")
+        self.database = config.databricks_database
+        self._conn = None
+        self._columns = {}
+        self._rows_per_write = 2000
+        self._staging_dir = None
+
+    @property
+    def destination(self):
+        return f"databricks:{self.config.databricks_host}/{self.database}"
+
+    def describe(self):
+        return f"Databricks {self.config.databricks_host} {self.database}"
+
+    def target(self, table):
+        """The backtick-quoted catalog.schema.table."""
+        return qualified_name(self.database, table)
+
+    # --- connection ----------------------------------------------------------------
+
+    def _connect(self):
+        import tempfile
+        module = self.connector
+        if module is None:
+            from databricks import sql as module
+        self._staging_dir = self._staging_dir or tempfile.mkdtemp(prefix="uploader-stage-")
+        cfg = self.config
+        kwargs = dict(server_hostname=cfg.databricks_host, http_path=cfg.databricks_http_path,
+                      user_agent_entry=f"{TOOL}/{__version__}",
+                      session_configuration={"TIMEZONE": "UTC"},
+                      staging_allowed_local_path=self._staging_dir,
+                      enable_telemetry=False, _retry_stop_after_attempts_duration=120)
+        if cfg.databricks_token:
+            kwargs["access_token"] = cfg.databricks_token
+        else:
+            kwargs["credentials_provider"] = oauth_m2m_provider(
+                cfg.databricks_host, cfg.databricks_client_id, cfg.databricks_client_secret)
+        try:
+            return module.connect(**kwargs)
+        except Exception as exc:  # the connector raises many types; classify them
+            raise databricks_error("connecting to the warehouse", exc, self.config) from None
+
+    def execute(self, sql, params=None, fetch=False, what="running a statement"):
+        """Run one statement on the shared connection; reopen it after a failure."""
+        if self._conn is None:
+            self._conn = self._connect()
+        try:
+            cursor = self._conn.cursor()
+            try:
+                cursor.execute(sql, params) if params else cursor.execute(sql)
+                return cursor.fetchall() if fetch else None
+            finally:
+                cursor.close()
+        except Exception as exc:  # classified below; the connection is not trusted after
+            self._reset()
+            raise databricks_error(what, exc, self.config) from None
+
+    def _reset(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self):
+        self._reset()
+        if self._staging_dir:
+            import shutil
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
+
+    def retrying(self, what, action):
+        """Run `action`, retrying transient failures with capped backoff and jitter."""
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                return action()
+            except SinkError as exc:
+                if not exc.transient or attempt == self.RETRIES:
+                    raise
+                delay = min(2 ** attempt, 60) * random.uniform(0.5, 1.0)
+                log.warning("sink: %s failed (%s); retry %d in %.0f s", what, exc, attempt,
+                            delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # --- tables --------------------------------------------------------------------
+
+    def _describe(self, table):
+        """{column: kind} of the target table, in table order; {} when it is missing."""
+        try:
+            rows = self.execute(f"DESCRIBE TABLE {self.target(table)}", fetch=True,
+                                what=f"describing {table}")
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc) or "not found" in str(exc).lower():
+                return {}
+            raise
+        columns = {}
+        for row in rows:
+            name, dtype = row[0], row[1]
+            if not name or name.startswith("#"):
+                break
+            columns[name] = SQL_TO_KIND.get(str(dtype).lower().split("(")[0], STRING)
+        return columns
+
+    def known_kinds(self, table):
+        if table not in self._columns:
+            self._columns[table] = self.retrying(f"describing {table}",
+                                                 lambda: self._describe(table))
+        return dict(self._columns[table])
+
+    def ensure_table(self, table, names, kinds):
+        """Create the table when missing; add the batch's new columns."""
+        known = self.known_kinds(table)
+        if not known:
+            ddl = create_table_sql(self.target(table), names, kinds)
+            self._ddl(ddl, table)
+            known = self._columns[table] = self._describe(table) or dict(zip(
+                list(names) + list(LINEAGE_COLUMNS), list(kinds) + list(LINEAGE_KINDS)))
+        lower = {n.lower() for n in known}
+        new = [(n, k) for n, k in zip(names, kinds) if n.lower() not in lower]
+        if new:
+            self._ddl(add_columns_sql(self.target(table), new), table)
+            known.update(new)
+            self._columns[table] = known
+
+    def _ddl(self, ddl, table):
+        try:
+            self.retrying(f"changing {table}", lambda: self.execute(ddl, what=f"changing {table}"))
+        except SinkError as exc:
+            if not exc.transient and re.search(r"PERMISSION|INSUFFICIENT|403|not authorized",
+                                               str(exc), re.I):
+                raise SinkError(f"{exc}; ask an admin to run: {ddl}") from None
+            raise
+        log.info("sink: %s", ddl if len(ddl) < 300 else ddl[:300] + " ...")
+
+    # --- writes --------------------------------------------------------------------
+
+    def rows_per_write(self):
+        """Rows per batch so that one batch is one statement (inline path)."""
+        if self.config.databricks_volume:
+            return None
+        return self._rows_per_write
+
+    def prepare(self, table, batch):
+        if self.config.databricks_volume and batch.count > self._rows_per_write:
+            return StagedFile(batch.batch_id, parquet_bytes(batch, self.identity))
+        statement = render_insert(self.target(table), batch, self.identity)
+        size = len(statement.encode("utf-8"))
+        per_row = max(size / max(batch.source_count, 1), 1.0)
+        self._rows_per_write = max(1, int(self.config.max_statement_bytes * 0.97 / per_row))
+        return InlineStatement(statement, size)
+
+    def fits(self, payload):
+        return not isinstance(payload, InlineStatement) or (
+            payload.size <= self.config.max_statement_bytes)
+
+    def write(self, table, batch):
+        self.ensure_table(table, batch.columns, batch.kinds)
+        payload = batch.payload
+        if isinstance(payload, StagedFile):
+            self.retrying(f"staging batch {batch.batch_id}",
+                          lambda: self._load_staged(table, payload))
+        else:
+            self.retrying(f"writing batch {batch.batch_id}", lambda: self.execute(
+                payload.sql, what=f"writing batch {batch.batch_id}"))
+        self.statements += 1
+        return Receipt(batch.count)
+
+    statements = 0
+
+    def _load_staged(self, table, staged):
+        """PUT the Parquet file into the volume, COPY INTO, then remove the file."""
+        folder = f"{self.config.databricks_volume.rstrip('/')}/{self.identity.source_id}/{table}"
+        name = f"{staged.batch_id}.parquet"
+        if self._conn is None:
+            self._conn = self._connect()
+        local = os.path.join(self._staging_dir, name)
+        with open(local, "wb") as fh:
+            fh.write(staged.data)
+        try:
+            self.execute(f"PUT {sql_string(local)} INTO {sql_string(folder + '/' + name)} "
+                         "OVERWRITE", what=f"uploading {name} to {folder}")
+            self.execute(copy_into_sql(self.target(table), folder, name),
+                         what=f"loading {name} into {table}")
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(local)
+        try:
+            self.execute(f"REMOVE {sql_string(folder + '/' + name)}", what=f"removing {name}")
+        except SinkError as exc:
+            log.warning("sink: loaded %s but could not remove it: %s", name, exc)
+
+    def has_committed(self, table, seq, batch_id):
+        try:
+            rows = self.retrying("checking a batch", lambda: self.execute(
+                f"SELECT count(*) FROM {self.target(table)} WHERE `_source_id` = :source_id "
+                "AND `_batch_id` = :batch_id", {"source_id": self.identity.source_id,
+                                               "batch_id": batch_id},
+                fetch=True, what=f"checking batch {batch_id}"))
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
+                return False
+            raise
+        return bool(rows and rows[0][0])
+
+
+@dataclasses.dataclass
+class InlineStatement:
+    """A rendered INSERT ... REPLACE WHERE statement and its size in bytes."""
+
+    sql: str
+    size: int
+
+
+@dataclasses.dataclass
+class StagedFile:
+    """A batch as Parquet bytes, to be staged in a volume."""
+
+    batch_id: str
+    data: bytes
+
+
+SQL_TYPES = {BIGINT: "BIGINT", DOUBLE: "DOUBLE", STRING: "STRING", BINARY: "BINARY",
+             BOOLEAN: "BOOLEAN", TIMESTAMP: "TIMESTAMP"}
+SQL_TO_KIND = {"bigint": BIGINT, "int": BIGINT, "integer": BIGINT, "smallint": BIGINT,
+               "tinyint": BIGINT, "double": DOUBLE, "float": DOUBLE, "decimal": DOUBLE,
+               "string": STRING, "varchar": STRING, "char": STRING, "binary": BINARY,
+               "boolean": BOOLEAN, "timestamp": TIMESTAMP, "timestamp_ntz": TIMESTAMP,
+               "date": TIMESTAMP}
+LINEAGE_KINDS = (STRING, STRING, TIMESTAMP, STRING)
+TABLE_PROPERTIES = (("delta.enableChangeDataFeed", "true"),
+                    ("delta.autoOptimize.optimizeWrite", "true"))
+SQL_ESCAPES = re.compile(r"[\\'$\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def quote_name(name):
+    """Backtick-quote one identifier; a backtick inside is doubled."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def qualified_name(database, table):
+    """`catalog`.`schema`.`table`, each part quoted on its own."""
+    parts = (database.split(".") if database else []) + [table]
+    return ".".join(quote_name(p) for p in parts)
+
+
+def sql_string(text):
+    """A Databricks SQL string literal.
+
+    Backslash escapes (Spark reads '' as two adjacent literals, not a quote); `$` is
+    escaped too, because Spark substitutes ${...} variables in the statement text.
+    """
+    return "'" + SQL_ESCAPES.sub(_escape_char, text) + "'"
+
+
+def _escape_char(match):
+    char = match.group(0)
+    if char in "\\'":
+        return "\\" + char
+    return f"\\u{ord(char):04x}"
+
+
+def sql_literal(value, kind):
+    """A typed value as a Databricks SQL literal."""
+    if value is None:
+        return "NULL"
+    if kind == STRING:
+        return sql_string(value)
+    if kind == BIGINT:
+        return str(value)
+    if kind == DOUBLE:
+        if math.isfinite(value):
+            return repr(float(value)) + "D"
+        name = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+        return f"CAST('{name}' AS DOUBLE)"
+    if kind == BOOLEAN:
+        return "TRUE" if value else "FALSE"
+    if kind == BINARY:
+        return "X'" + value.hex() + "'"
+    return "TIMESTAMP'" + micros_to_sql(value) + "'"
+
+
+def micros_to_sql(micros):
+    """Microseconds since the epoch as '2025-01-01T00:00:00.5Z'."""
+    moment = EPOCH + dt.timedelta(microseconds=micros)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def render_columns(batch):
+    """Literals column by column (typed, misfits rescued); and the rescued count."""
+    rescued = {}
+    columns = []
+    for name, kind, values in zip(batch.columns, batch.kinds, batch.values):
+        typed = coerce_column(values, kind, name, rescued)
+        cache = {}
+        out = []
+        for value in typed:
+            text = cache.get(value) if kind in (STRING, TIMESTAMP) else None
+            if text is None:
+                text = sql_literal(value, kind)
+                if kind in (STRING, TIMESTAMP) and len(cache) < 10_000:
+                    cache[value] = text
+            out.append(text)
+        columns.append(out)
+    return columns, rescued
+
+
+def render_insert(target, batch, identity):
+    """INSERT INTO t BY NAME REPLACE WHERE <this batch> SELECT ... FROM VALUES ..."""
+    columns, rescued = render_columns(batch)
+    names = list(batch.columns)
+    if rescued:
+        columns.append([sql_string(v) if v else "NULL"
+                        for v in rescued_json(rescued, batch.count)])
+        names.append("_rescued_data")
+    batch.rescued = len(rescued)
+    rows = ",".join("(" + ",".join(row) + ")" for row in zip(*columns))
+    now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
+    lineage = (f"{sql_string(identity.source_id)} AS `_source_id`, "
+               f"{sql_string(batch.batch_id)} AS `_batch_id`, "
+               f"{sql_literal(now, TIMESTAMP)} AS `_uploaded_at`")
+    return (f"INSERT INTO {target} BY NAME REPLACE WHERE `_source_id` = "
+            f"{sql_string(identity.source_id)} AND `_batch_id` = {sql_string(batch.batch_id)} "
+            f"SELECT *, {lineage} FROM VALUES {rows} AS v({', '.join(map(quote_name, names))})")
+
+
+def create_table_sql(target, names, kinds):
+    """CREATE TABLE IF NOT EXISTS with the batch's columns and the lineage columns."""
+    columns = [f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in zip(names, kinds)]
+    columns += [f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in zip(LINEAGE_COLUMNS,
+                                                                LINEAGE_KINDS)]
+    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in TABLE_PROPERTIES)
+    return (f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(columns)}) USING DELTA "
+            f"TBLPROPERTIES ({props})")
+
+
+def add_columns_sql(target, new):
+    """ALTER TABLE ... ADD COLUMNS for columns the source gained."""
+    cols = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in new)
+    return f"ALTER TABLE {target} ADD COLUMNS ({cols})"
+
+
+def copy_into_sql(target, folder, name):
+    """COPY INTO one staged file; COPY INTO skips files it has already loaded."""
+    return (f"COPY INTO {target} FROM {sql_string(folder)} FILEFORMAT = PARQUET "
+            f"FILES = ({sql_string(name)}) FORMAT_OPTIONS ('mergeSchema' = 'true') "
+            "COPY_OPTIONS ('mergeSchema' = 'true')")
+
+
+def parquet_bytes(batch, identity):
+    """The batch (with lineage columns) as one Parquet file, written by deltalake."""
+    import glob
+    import shutil
+    import tempfile
+    from deltalake import write_deltalake
+    data = to_record_batch(batch, identity)
+    folder = tempfile.mkdtemp(prefix="uploader-parquet-")
+    try:
+        write_deltalake(folder, data, mode="overwrite")
+        files = glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)
+        with open(files[0], "rb") as fh:
+            return fh.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+PERMANENT_MARKERS = ("401", "403", "PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS",
+                     "TABLE_OR_VIEW_NOT_FOUND", "SCHEMA_NOT_FOUND", "CATALOG_NOT_FOUND",
+                     "PARSE_SYNTAX_ERROR", "UNRESOLVED_COLUMN", "Invalid access token",
+                     "Unauthorized", "Forbidden", "DATATYPE_MISMATCH", "CAST_INVALID_INPUT",
+                     "DELTA_FAILED_TO_MERGE_FIELDS", "invalid_client")
+TRANSIENT_MARKERS = ("429", "502", "503", "504", "TEMPORARILY_UNAVAILABLE", "Concurrent",
+                     "CONCURRENT", "starting", "timed out", "timeout", "Timeout",
+                     "Connection", "connection", "MaxRetryError", "RemoteDisconnected",
+                     "Too Many Requests", "Service Unavailable")
+
+
+def databricks_error(what, exc, config):
+    """A SinkError from a connector failure: transient ones are retried, others say why."""
+    text = first_line(exc)
+    for secret in (config.databricks_token, config.databricks_client_secret):
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    context = getattr(exc, "context", None) or {}
+    code = str(context.get("http-code", "")) if isinstance(context, dict) else ""
+    full = f"{type(exc).__name__} {code} {text}"
+    permanent = any(m in full for m in PERMANENT_MARKERS)
+    transient = not permanent and (isinstance(exc, OSError) or
+                                   any(m in full for m in TRANSIENT_MARKERS))
+    hint = databricks_hint(full, config) if permanent else ""
+    return SinkError(f"sink: {what} failed: {text}{hint}", transient=transient)
+
+
+def databricks_hint(text, config):
+    """The obvious fix for a permanent warehouse error, if there is one."""
+    if re.search(r"\b401\b|Invalid access token|Unauthorized|invalid_client", text):
+        return "; check DATABRICKS_TOKEN (or the service principal's id and secret)"
+    if re.search(r"\b403\b|PERMISSION|INSUFFICIENT|Forbidden", text):
+        return "; the token lacks a privilege on the catalog, schema or table"
+    if "SCHEMA_NOT_FOUND" in text or "CATALOG_NOT_FOUND" in text:
+        return (f"; create it first: CREATE SCHEMA IF NOT EXISTS "
+                f"{qualified_name(None, config.databricks_database or '')}")
+    return ""
+
+
+def oauth_m2m_provider(host, client_id, client_secret, opener=None):
+    """A connector credentials provider for OAuth machine-to-machine (client credentials)."""
+    import urllib.request
+    opener = opener or urllib.request.urlopen
+    token = {"value": None, "expires": 0.0}
+
+    def refresh():
+        body = urllib.parse.urlencode({"grant_type": "client_credentials",
+                                       "scope": "all-apis"}).encode()
+        request = urllib.request.Request(f"https://{host}/oidc/v1/token", data=body)
+        basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        with opener(request, timeout=30) as response:
+            reply = json.loads(response.read())
+        token["value"] = reply["access_token"]
+        token["expires"] = time.time() + float(reply.get("expires_in", 3600))
+
+    def headers():
+        if token["value"] is None or time.time() > token["expires"] - 60:
+            refresh()
+        return {"Authorization": f"Bearer {token['value']}"}
+
+    return lambda: headers
 
 
 # === Checkpoint ======================================================================
@@ -2051,20 +2566,36 @@ def settle_inflight(job):
 
 
 def prepare_batches(job, batches, position):
-    """Process, number, type and encode each batch (in the read-ahead thread)."""
+    """Process, number, type and encode each batch (in the read-ahead thread).
+
+    A batch too big for one write of the sink is split (by source rows, so each part
+    has its own cursor) and each part becomes a batch of its own.
+    """
     state_id = job.checkpoint.data["state_id"]
     seq, carry = position["seq"], position.get("carry")
     for batch in batches:
-        batch, carry = process_batch(job.plan, batch, carry)
-        batch.carry = carry
-        if batch.count:
-            seq += 1
-            batch.seq, batch.batch_id = seq, f"{state_id}-{seq}"
-            batch.kinds = resolve_kinds(batch, job.kinds)
-            batch.payload = job.sink.prepare(batch)
-            if batch.payload is not None:
-                batch.values = None  # encoded: let the Python objects go
-        yield batch
+        parts = [batch]
+        while parts:
+            part = parts.pop(0)
+            limit = job.sink.rows_per_write()  # learnt from the batches encoded so far
+            if limit and part.count > limit:
+                parts[:0] = [slice_batch(part, limit, part.count)]
+                part = slice_batch(part, 0, limit)
+            out, after = process_batch(job.plan, part, carry)
+            if out.count:
+                out.seq, out.batch_id = seq + 1, f"{state_id}-{seq + 1}"
+                out.kinds = resolve_kinds(out, job.kinds)
+                out.payload = job.sink.prepare(job.table, out)
+                if not job.sink.fits(out.payload) and part.count > 1:
+                    half = part.count // 2
+                    parts[:0] = [slice_batch(part, 0, half),
+                                 slice_batch(part, half, part.count)]
+                    continue
+                seq += 1
+                if out.payload is not None:  # encoded: let the Python objects go
+                    out.values, out.keys, out.stamps = None, [], None
+            carry = out.carry = after
+            yield out
 
 
 def write_batch(job, batch):
@@ -2372,7 +2903,7 @@ def main(argv=None, environ=None):
             apply_demo_defaults(args, environ)
         config = load_config(args, environ)
         setup_logging(config.log_level, config.log_format == "json",
-                      [config.databricks_token])
+                      [config.databricks_token, config.databricks_client_secret])
         if args.print_config:
             print(format_config(config))
             return EXIT_OK
