@@ -437,7 +437,6 @@ def validate_config(config):
                 f"config: both databricks_host (from {config.origin('databricks_host')}) "
                 f"and delta_uri (from {config.origin('delta_uri')}) are set; "
                 "the uploader writes to one destination: unset one of them")
-        updates["databricks_database"] = validate_workspace(config)
     elif not config.delta_uri:
         updates["delta_uri"] = DEFAULT_DELTA_URI
     if not config.source_id:
@@ -451,6 +450,13 @@ def missing(name, why=""):
     setting = SETTINGS[name]
     return ConfigError(f"config: {name} is required{why}: set {setting.flag}, "
                        f"{' or '.join(setting.env)} or '{name}' in the YAML file")
+
+
+def check_target(config):
+    """Before a run: the chosen target must be completely configured."""
+    if config.target != "databricks":
+        return config
+    return dataclasses.replace(config, databricks_database=validate_workspace(config))
 
 
 def validate_workspace(config):
@@ -1913,6 +1919,9 @@ class DatabricksSink(Sink):
             cursor = self._conn.cursor()
             try:
                 cursor.execute(sql, params) if params else cursor.execute(sql)
+                if fetch == "names":
+                    rows = cursor.fetchall()
+                    return [d[0] for d in cursor.description or []], rows
                 return cursor.fetchall() if fetch else None
             finally:
                 cursor.close()
@@ -2711,6 +2720,137 @@ def close_job(job):
     job.conn.close()
 
 
+# === Actions: DDL, queries, self-test ================================================
+
+def sample_output(config, source, conn, environ):
+    """Output column names and kinds of the routed table, from the first rows."""
+    plan = compile_plan(config, source, environ)
+    batch = next(read_batches(conn, source, None, 1000), None)
+    if batch is None:  # an empty table: declared types only
+        batch = Batch(source.column_names, [[] for _ in source.columns], 0, [], None,
+                      source_kinds(source))
+    out, _ = process_batch(plan, batch, None)
+    return out.columns, resolve_kinds(out, {})
+
+
+def print_ddl(config, environ):
+    """The CREATE TABLE the uploader would run for the routed table; no connection."""
+    conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+    try:
+        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
+                                config.sqlite)
+        names, kinds = sample_output(config, source, conn, environ)
+    finally:
+        conn.close()
+    table = target_table(config, source)
+    database = config.databricks_database or (
+        f"{config.databricks_catalog}.{config.databricks_schema}"
+        if config.databricks_catalog and config.databricks_schema else None)
+    return create_table_sql(qualified_name(database, table), names, kinds) + ";"
+
+
+def run_databricks_query(config, sql, source_table=None):
+    """Run SQL on the warehouse (or INFO: tables, the target's columns, its row count)."""
+    config = check_target(config)
+    sink = DatabricksSink(config, Identity(config.source_id, "", ""))
+    try:
+        if sql.strip().upper() != "INFO":
+            return [sink.execute(sql, fetch="names", what="running the query")]
+        results = [sink.execute(f"SHOW TABLES IN {qualified_name(None, config.databricks_database)}",
+                                fetch="names", what="listing tables")]
+        if source_table:
+            target = sink.target(source_table)
+            results.append(sink.execute(f"DESCRIBE TABLE {target}", fetch="names",
+                                        what=f"describing {source_table}"))
+            results.append(sink.execute(f"SELECT count(*) AS row_count FROM {target}",
+                                        fetch="names", what=f"counting {source_table}"))
+        return results
+    finally:
+        sink.close()
+
+
+def self_test(config):
+    """Create a scratch table, insert a row, read it back, drop it; report each step."""
+    config = check_target(config)
+    name = f"_uploader_selftest_{uuid.uuid4().hex[:8]}"
+    if config.target == "databricks":
+        steps = databricks_self_test(config, name)
+    else:
+        steps = delta_self_test(config, name)
+    ok = True
+    for step, error in steps:
+        ok = ok and error is None
+        print(f"test-upload: {step:<40} {'ok' if error is None else 'FAILED: ' + error}")
+        if error is not None:
+            break
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def databricks_self_test(config, name):
+    """The self-test steps on the warehouse, as (step, error or None)."""
+    sink = DatabricksSink(config, Identity(config.source_id, "", ""))
+    target = sink.target(name)
+    steps = [("connect", lambda: sink.execute("SELECT 1", fetch=True, what="connecting")),
+             (f"create {name}", lambda: sink.execute(
+                 f"CREATE TABLE {target} (id BIGINT, note STRING, at TIMESTAMP) USING DELTA",
+                 what="creating a scratch table")),
+             ("insert a row", lambda: sink.execute(
+                 f"INSERT INTO {target} VALUES (1, {sql_string('it works')}, "
+                 f"{sql_literal(0, TIMESTAMP)})", what="inserting")),
+             ("read it back", lambda: check_read_back(sink.execute(
+                 f"SELECT id, note FROM {target}", fetch=True, what="reading back"))),
+             (f"drop {name}", lambda: sink.execute(f"DROP TABLE {target}",
+                                                   what="dropping the scratch table"))]
+    try:
+        yield from run_steps(steps)
+    finally:
+        sink.close()
+
+
+def delta_self_test(config, name):
+    """The self-test steps on the Delta location."""
+    import shutil
+    from arro3.core import Array, DataType, RecordBatch
+    sink = DeltaSink(config, Identity(config.source_id, "", ""))
+    uri = sink.table_uri(name)
+    data = RecordBatch.from_pydict({"id": Array([1], DataType.int64()),
+                                    "note": Array(["it works"], DataType.string())})
+
+    def write():
+        from deltalake import write_deltalake
+        write_deltalake(uri, data, mode="error")
+
+    def read():
+        from deltalake import DeltaTable, QueryBuilder
+        reader = QueryBuilder().register("t", DeltaTable(uri)).execute("SELECT id, note FROM t")
+        check_read_back([tuple(c.to_pylist()[0] for c in b.columns) for b in reader])
+
+    def drop():
+        if "://" in uri:
+            raise SinkError(f"left {uri} in place: remove it with your storage tools")
+        shutil.rmtree(uri)
+
+    yield from run_steps([(f"write {uri}", write), ("read it back", read),
+                          (f"remove {name}", drop)])
+
+
+def check_read_back(rows):
+    """The self-test row must come back as written."""
+    if [tuple(r) for r in rows] != [(1, "it works")]:
+        raise SinkError(f"read back {rows!r}, expected [(1, 'it works')]")
+
+
+def run_steps(steps):
+    """Run steps until one fails; yield (step, error or None)."""
+    for step, action in steps:
+        try:
+            action()
+        except Exception as exc:  # reported, not raised: the self-test says what failed
+            yield step, first_line(exc)
+            return
+        yield step, None
+
+
 # === Demo and queries ================================================================
 
 DEMO_DIR = "demo"
@@ -2876,7 +3016,12 @@ def build_parser():
     actions.add_argument("--demo", action="store_true",
                          help="make sample sensor data in ./demo and upload it once")
     actions.add_argument("--run-query", metavar="SQL",
-                         help="run SQL over the tables under the Delta URI; print; exit")
+                         help="run SQL on the warehouse, or over the tables under the "
+                              "Delta URI; INFO describes the target; print; exit")
+    actions.add_argument("--print-ddl", action="store_true",
+                         help="print the CREATE TABLE for the target table; no connection")
+    actions.add_argument("--test-upload", action="store_true",
+                         help="create a scratch table, insert a row, read it back, drop it")
     actions.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = {}
     for name, setting, default in config_fields():
@@ -2907,15 +3052,42 @@ def main(argv=None, environ=None):
         if args.print_config:
             print(format_config(config))
             return EXIT_OK
-        if args.run_query:
-            names, rows = run_query(os.path.abspath(config.delta_uri), args.run_query)
-            print(format_rows(names, rows))
+        if args.print_ddl:
+            if not config.sqlite:
+                raise ConfigError("config: --print-ddl reads the source table's columns: "
+                                  "set --sqlite or SQLITE_PATH")
+            print(print_ddl(config, environ))
             return EXIT_OK
+        if args.run_query:
+            return print_query(config, args.run_query)
+        if args.test_upload:
+            return self_test(config)
         return run_job(config, args, environ)
     except UploaderError as exc:
         log.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def print_query(config, sql):
+    """--run-query: on the warehouse when one is configured, else on the Delta tables."""
+    if config.target == "databricks":
+        source_table = None
+        if config.sqlite and sql.strip().upper() == "INFO":
+            conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+            try:
+                source_table = target_table(config, describe_table(
+                    conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
+            finally:
+                conn.close()
+        elif config.databricks_table and sql.strip().upper() == "INFO":
+            source_table = target_table(config, SourceTable(config.databricks_table, (),
+                                                            None, None, False, False))
+        results = run_databricks_query(config, sql, source_table)
+    else:
+        results = [run_query(os.path.abspath(config.delta_uri), sql)]
+    print("\n\n".join(format_rows(names, rows) for names, rows in results))
+    return EXIT_OK
 
 
 def apply_demo_defaults(args, environ):
@@ -2937,6 +3109,7 @@ def run_job(config, args, environ):
     if not config.sqlite:
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
+    config = check_target(config)
     stop = threading.Event()
     install_signal_handlers(stop)
     job = open_job(config, args.reset_state, stop, environ)
