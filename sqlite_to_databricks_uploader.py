@@ -500,6 +500,17 @@ def normalize_host(host):
     return host.rstrip("/")
 
 
+def config_as_dict(config):
+    """{setting: {value, source}}, secrets redacted, for --print-config --json."""
+    out = {}
+    for name, setting, _ in config_fields():
+        value = getattr(config, name)
+        if setting.secret and value:
+            value = "(set, redacted)"
+        out[name] = {"value": value, "source": config.origin(name)}
+    return out
+
+
 def format_config(config):
     """Render every setting as `name = value  (source)`, secrets redacted."""
     lines = []
@@ -2647,6 +2658,9 @@ def run_cycle(job):
                  batch.source_count / took, ", already there" if receipt.skipped else "",
                  f", {batch.rescued} rows with rescued values" if batch.rescued else "",
                  max(pending - read, 0))
+        if pending > 2 * job.config.batch_size:
+            PROGRESS.show(read, pending, read / max(time.monotonic() - started, 1e-9))
+    PROGRESS.clear()
     elapsed = time.monotonic() - started
     log.info("cycle: %d rows read, %d rows uploaded to %s in %.2f s%s%s", read, done,
              job.table, elapsed, "".join(f", {v} {k.replace('_', ' ')}"
@@ -2851,6 +2865,67 @@ def run_steps(steps):
         yield step, None
 
 
+def find_state_file(config):
+    """Where the state file is (or would be), without creating anything."""
+    wanted = os.path.join(config.state_dir, STATE_FILE)
+    fallback = os.path.join(FALLBACK_STATE_DIR, STATE_FILE)
+    if (not os.path.exists(wanted) and config.origin("state_dir") == "default"
+            and os.path.exists(fallback)):
+        return fallback
+    return wanted
+
+
+def status_report(config, environ):
+    """Where the upload stands, read-only: the state file and the source, no upload."""
+    config = check_target(config)
+    conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+    try:
+        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
+                                config.sqlite)
+        path = find_state_file(config)
+        checkpoint = Checkpoint(os.path.dirname(path))
+        if os.path.exists(path):
+            checkpoint.load(source_description(config.sqlite, source))
+        else:
+            checkpoint.data = new_state(source_description(config.sqlite, source))
+        identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
+        destination = SINKS[config.target](config, identity).destination
+        pos = checkpoint.data["destinations"].get(destination) or {}
+        cursor = decode_cursor(pos.get("cursor"))
+        pending = count_pending(conn, source, cursor)
+    finally:
+        conn.close()
+    return {"source": os.path.abspath(config.sqlite), "source_table": source.name,
+            "cursor_kind": source.cursor.kind, "cursor_columns": list(source.cursor.columns),
+            "cursor": pos.get("cursor"), "pending_rows": pending,
+            "uploaded_rows": pos.get("rows", 0), "batches": pos.get("seq", 0),
+            "last_upload_at": pos.get("updated_at"), "last_timestamp": pos.get("last_upload"),
+            "in_flight": pos.get("inflight"), "destination": destination,
+            "target_table": target_table(config, source), "source_id": config.source_id,
+            "state_file": os.path.abspath(path), "state_exists": os.path.exists(path)}
+
+
+def format_status(report):
+    """The status report as aligned text."""
+    flight = report["in_flight"]
+    lines = [("source", f"{report['source']} (table {report['source_table']})"),
+             ("cursor", f"{report['cursor_kind']} ({', '.join(report['cursor_columns'])}) "
+                        f"at {report['cursor'] if report['cursor'] is not None else 'start'}"),
+             ("pending", f"{report['pending_rows']:,} rows"),
+             ("uploaded", f"{report['uploaded_rows']:,} rows in {report['batches']} batches"),
+             ("last upload", f"{report['last_upload_at'] or 'never'}"
+                             + (f" (source timestamp {report['last_timestamp']})"
+                                if report["last_timestamp"] is not None else "")),
+             ("in flight", f"batch {flight['batch_id']} ({flight['rows']} rows)"
+                           if flight else "none"),
+             ("destination", report["destination"]),
+             ("target table", report["target_table"]),
+             ("node", report["source_id"]),
+             ("state file", report["state_file"] + ("" if report["state_exists"]
+                                                    else " (not yet written)"))]
+    return "\n".join(f"{k:<13}{v}" for k, v in lines)
+
+
 # === Demo and queries ================================================================
 
 DEMO_DIR = "demo"
@@ -2987,9 +3062,51 @@ class Formatter(logging.Formatter):
         return f"{stamp} {record.levelname:<7} {message}"
 
 
+class Progress:
+    """One self-erasing progress line on a terminal; silent when stderr is not one."""
+
+    def __init__(self, stream):
+        self.stream, self.shown = stream, False
+        self.active = hasattr(stream, "isatty") and stream.isatty()
+
+    def show(self, done, total, rate):
+        """Rows done of total, the rate and the time left."""
+        if not self.active or total <= 0:
+            return
+        left = (total - done) / rate if rate > 0 else 0
+        self.stream.write(f"\r\x1b[K{done:,}/{total:,} rows ({done / total:.0%})  "
+                          f"{rate:,.0f} rows/s  {int(left) // 60}m{int(left) % 60:02d}s left")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        """Erase the progress line (before a log line, or at the end)."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+class ProgressHandler(logging.StreamHandler):
+    """A stderr handler that erases the progress line before each log line."""
+
+    def __init__(self, stream, progress):
+        super().__init__(stream)
+        self.progress = progress
+
+    def emit(self, record):
+        self.progress.clear()
+        super().emit(record)
+
+
+PROGRESS = Progress(sys.stderr)
+
+
 def setup_logging(level="INFO", json_lines=False, secrets=()):
     """Log to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    global PROGRESS
+    PROGRESS = Progress(sys.stderr)
+    handler = ProgressHandler(sys.stderr, PROGRESS)
     handler.setFormatter(Formatter(json_lines, secrets))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -3018,6 +3135,11 @@ def build_parser():
     actions.add_argument("--run-query", metavar="SQL",
                          help="run SQL on the warehouse, or over the tables under the "
                               "Delta URI; INFO describes the target; print; exit")
+    actions.add_argument("--status", action="store_true",
+                         help="print where the upload stands (cursor, pending rows, last "
+                              "upload, target); no upload")
+    actions.add_argument("--json", action="store_true",
+                         help="with --status or --print-config: print JSON")
     actions.add_argument("--print-ddl", action="store_true",
                          help="print the CREATE TABLE for the target table; no connection")
     actions.add_argument("--test-upload", action="store_true",
@@ -3050,7 +3172,16 @@ def main(argv=None, environ=None):
         setup_logging(config.log_level, config.log_format == "json",
                       [config.databricks_token, config.databricks_client_secret])
         if args.print_config:
-            print(format_config(config))
+            print(json.dumps(config_as_dict(config), indent=1) if args.json
+                  else format_config(config))
+            return EXIT_OK
+        if args.status:
+            if not config.sqlite:
+                raise ConfigError("config: --status reads the source: set --sqlite or "
+                                  "SQLITE_PATH")
+            report = status_report(config, environ)
+            print(json.dumps(report, indent=1, default=str) if args.json
+                  else format_status(report))
             return EXIT_OK
         if args.print_ddl:
             if not config.sqlite:
