@@ -3034,6 +3034,9 @@ def demo_summary(config, job):
               f"  uv run {script} --delta-uri {config.delta_uri} --run-query "
               f"\"SELECT sensor_id, count(*) AS readings, avg(temperature) AS avg_temp "
               f"FROM {job.table} GROUP BY sensor_id ORDER BY sensor_id LIMIT 5\"",
+              "demo: where the upload stands:",
+              f"  uv run {script} --sqlite {config.sqlite} --state-dir {config.state_dir} "
+              "--status",
               "demo: run --demo again to add 10 more minutes of readings and upload "
               "only those"]
     return "\n".join(lines)
