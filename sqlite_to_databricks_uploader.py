@@ -1607,7 +1607,11 @@ class Identity:
 
     @property
     def app_id(self):
-        return f"{TOOL}/{self.source_id}/{self.source_table}/{self.state_id}"
+        return self.app_id_of(self.source_id)
+
+    def app_id_of(self, source_id):
+        """The Delta transaction app id of batches written under `source_id`."""
+        return f"{TOOL}/{source_id}/{self.source_table}/{self.state_id}"
 
 
 @dataclasses.dataclass
@@ -1655,8 +1659,8 @@ class Sink:
         """Append the batch, tagged with its batch id; skip it if already committed."""
         raise NotImplementedError
 
-    def has_committed(self, table, seq, batch_id):
-        """True when the batch is already in the target table."""
+    def has_committed(self, table, seq, batch_id, source_id=None):
+        """True when the batch (written as `source_id`, default ours) is in the table."""
         raise NotImplementedError
 
     def close(self):
@@ -1734,9 +1738,10 @@ class DeltaSink(Sink):
         found = self._open(table)
         return delta_kinds(found.schema()) if found else {}
 
-    def has_committed(self, table, seq, batch_id):
+    def has_committed(self, table, seq, batch_id, source_id=None):
         found = self._open(table)
-        version = found.transaction_version(self.identity.app_id) if found else None
+        app_id = self.identity.app_id_of(source_id or self.identity.source_id)
+        version = found.transaction_version(app_id) if found else None
         return version is not None and version >= seq
 
     def prepare(self, table, batch):
@@ -1886,6 +1891,7 @@ class DatabricksSink(Sink):
         self._columns = {}
         self._rows_per_write = 2000
         self._staging_dir = None
+        self._credentials = None
 
     @property
     def destination(self):
@@ -1915,8 +1921,11 @@ class DatabricksSink(Sink):
         if cfg.databricks_token:
             kwargs["access_token"] = cfg.databricks_token
         else:
-            kwargs["credentials_provider"] = oauth_m2m_provider(
-                cfg.databricks_host, cfg.databricks_client_id, cfg.databricks_client_secret)
+            if self._credentials is None:  # one provider: its token outlives a reconnect
+                self._credentials = oauth_m2m_provider(
+                    cfg.databricks_host, cfg.databricks_client_id,
+                    cfg.databricks_client_secret)
+            kwargs["credentials_provider"] = self._credentials
         try:
             return module.connect(**kwargs)
         except Exception as exc:  # the connector raises many types; classify them
@@ -1936,9 +1945,11 @@ class DatabricksSink(Sink):
                 return cursor.fetchall() if fetch else None
             finally:
                 cursor.close()
-        except Exception as exc:  # classified below; the connection is not trusted after
-            self._reset()
-            raise databricks_error(what, exc, self.config) from None
+        except Exception as exc:  # classified below
+            error = databricks_error(what, exc, self.config)
+            if error.transient:  # the connection may be broken; a refusal leaves it sound
+                self._reset()
+            raise error from None
 
     def _reset(self):
         conn, self._conn = self._conn, None
@@ -2002,7 +2013,15 @@ class DatabricksSink(Sink):
         lower = {n.lower() for n in known}
         new = [(n, k) for n, k in zip(names, kinds) if n.lower() not in lower]
         if new:
-            self._ddl(add_columns_sql(self.target(table), new), table)
+            try:
+                if needs_column_mapping([n for n, _ in new]):
+                    self._ddl(column_mapping_sql(self.target(table)), table)
+                self._ddl(add_columns_sql(self.target(table), new), table)
+            except SinkError:
+                # another node (or a re-sent request) may have added them already
+                now = {n.lower() for n in self._describe(table)}
+                if not all(n.lower() in now for n, _ in new):
+                    raise
             known.update(new)
             self._columns[table] = known
 
@@ -2073,12 +2092,12 @@ class DatabricksSink(Sink):
         except SinkError as exc:
             log.warning("sink: loaded %s but could not remove it: %s", name, exc)
 
-    def has_committed(self, table, seq, batch_id):
+    def has_committed(self, table, seq, batch_id, source_id=None):
         try:
             rows = self.retrying("checking a batch", lambda: self.execute(
                 f"SELECT count(*) FROM {self.target(table)} WHERE `_source_id` = :source_id "
-                "AND `_batch_id` = :batch_id", {"source_id": self.identity.source_id,
-                                               "batch_id": batch_id},
+                "AND `_batch_id` = :batch_id",
+                {"source_id": source_id or self.identity.source_id, "batch_id": batch_id},
                 fetch=True, what=f"checking batch {batch_id}"))
         except SinkError as exc:
             if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
@@ -2113,6 +2132,8 @@ SQL_TO_KIND = {"bigint": BIGINT, "int": BIGINT, "integer": BIGINT, "smallint": B
 LINEAGE_KINDS = (STRING, STRING, TIMESTAMP, STRING)
 TABLE_PROPERTIES = (("delta.enableChangeDataFeed", "true"),
                     ("delta.autoOptimize.optimizeWrite", "true"))
+COLUMN_MAPPING = (("delta.columnMapping.mode", "name"), ("delta.minReaderVersion", "2"),
+                  ("delta.minWriterVersion", "5"))
 SQL_ESCAPES = re.compile(r"[\\'$\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -2121,9 +2142,9 @@ def quote_name(name):
     return "`" + name.replace("`", "``") + "`"
 
 
-def qualified_name(database, table):
-    """`catalog`.`schema`.`table`, each part quoted on its own."""
-    parts = (database.split(".") if database else []) + [table]
+def qualified_name(database, table=None):
+    """`catalog`.`schema`[.`table`], each part quoted on its own."""
+    parts = (database.split(".") if database else []) + ([table] if table else [])
     return ".".join(quote_name(p) for p in parts)
 
 
@@ -2166,7 +2187,7 @@ def sql_literal(value, kind):
 def micros_to_sql(micros):
     """Microseconds since the epoch as '2025-01-01T00:00:00.5Z'."""
     moment = EPOCH + dt.timedelta(microseconds=micros)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    text = f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S")
     if moment.microsecond:
         text += f".{moment.microsecond:06d}".rstrip("0")
     return text + "Z"
@@ -2210,12 +2231,18 @@ def render_insert(target, batch, identity):
             f"SELECT *, {lineage} FROM VALUES {rows} AS v({', '.join(map(quote_name, names))})")
 
 
+def needs_column_mapping(names):
+    """Delta refuses ` ,;{}()\\n\\t=` in column names unless columns are mapped by name."""
+    return any(re.search(r"[ ,;{}()\n\t=]", n) for n in names)
+
+
 def create_table_sql(target, names, kinds):
     """CREATE TABLE IF NOT EXISTS with the batch's columns and the lineage columns."""
     columns = [f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in zip(names, kinds)]
     columns += [f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in zip(LINEAGE_COLUMNS,
                                                                 LINEAGE_KINDS)]
-    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in TABLE_PROPERTIES)
+    properties = TABLE_PROPERTIES + (COLUMN_MAPPING if needs_column_mapping(names) else ())
+    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in properties)
     return (f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(columns)}) USING DELTA "
             f"TBLPROPERTIES ({props})")
 
@@ -2224,6 +2251,12 @@ def add_columns_sql(target, new):
     """ALTER TABLE ... ADD COLUMNS for columns the source gained."""
     cols = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in new)
     return f"ALTER TABLE {target} ADD COLUMNS ({cols})"
+
+
+def column_mapping_sql(target):
+    """Turn on column mapping so that a new column may have a name Delta refuses."""
+    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in COLUMN_MAPPING)
+    return f"ALTER TABLE {target} SET TBLPROPERTIES ({props})"
 
 
 def copy_into_sql(target, folder, name):
@@ -2285,7 +2318,7 @@ def databricks_hint(text, config):
         return "; the token lacks a privilege on the catalog, schema or table"
     if "SCHEMA_NOT_FOUND" in text or "CATALOG_NOT_FOUND" in text:
         return (f"; create it first: CREATE SCHEMA IF NOT EXISTS "
-                f"{qualified_name(None, config.databricks_database or '')}")
+                f"{qualified_name(config.databricks_database or '')}")
     return ""
 
 
@@ -2417,12 +2450,13 @@ class Checkpoint:
             "cursor": None, "last_upload": None, "rows": 0, "seq": 0,
             "inflight": None, "carry": None, "updated_at": None})
 
-    def begin(self, destination, batch, table):
+    def begin(self, destination, batch, table, source_id):
         """Record the batch as in flight before it is sent."""
         self.position(destination)["inflight"] = {
             "batch_id": batch.batch_id, "seq": batch.seq, "table": table,
             "rows": batch.count, "cursor_end": encode_cursor(batch.cursor_end),
-            "last_upload": batch.last_timestamp, "carry": batch.carry}
+            "last_upload": batch.last_timestamp, "carry": batch.carry,
+            "source_id": source_id}
         self.save()
 
     def commit(self, destination):
@@ -2575,7 +2609,8 @@ def settle_inflight(job):
     flight = job.checkpoint.position(dest)["inflight"]
     if not flight:
         return
-    if job.sink.has_committed(flight["table"], flight["seq"], flight["batch_id"]):
+    if job.sink.has_committed(flight["table"], flight["seq"], flight["batch_id"],
+                              flight.get("source_id")):
         job.checkpoint.commit(dest)
         log.info("checkpoint: in-flight batch %s is in %s; cursor advanced",
                  flight["batch_id"], flight["table"])
@@ -2626,7 +2661,7 @@ def write_batch(job, batch):
         return Receipt(0)
     if batch.seq != job.checkpoint.position(dest)["seq"] + 1:
         raise AssertionError(f"batch {batch.seq} out of order")
-    job.checkpoint.begin(dest, batch, job.table)
+    job.checkpoint.begin(dest, batch, job.table, job.config.source_id)
     receipt = job.sink.write(job.table, batch)
     job.checkpoint.commit(dest)
     return receipt
@@ -2738,7 +2773,7 @@ def close_job(job):
 
 def sample_output(config, source, conn, environ):
     """Output column names and kinds of the routed table, from the first rows."""
-    plan = compile_plan(config, source, environ)
+    plan = compile_plan(config, source, {"SANITIZE_HASH_KEY": "ddl-only", **environ})
     batch = next(read_batches(conn, source, None, 1000), None)
     if batch is None:  # an empty table: declared types only
         batch = Batch(source.column_names, [[] for _ in source.columns], 0, [], None,
@@ -2770,7 +2805,7 @@ def run_databricks_query(config, sql, source_table=None):
     try:
         if sql.strip().upper() != "INFO":
             return [sink.execute(sql, fetch="names", what="running the query")]
-        results = [sink.execute(f"SHOW TABLES IN {qualified_name(None, config.databricks_database)}",
+        results = [sink.execute(f"SHOW TABLES IN {qualified_name(config.databricks_database)}",
                                 fetch="names", what="listing tables")]
         if source_table:
             target = sink.target(source_table)
@@ -3257,10 +3292,12 @@ def run_job(config, args, environ):
 
 
 def install_signal_handlers(stop):
-    """SIGTERM/SIGINT finish the current batch and exit 0; a second one exits now."""
+    """SIGTERM/SIGINT finish the current batch and exit 0; a second Ctrl-C exits now."""
     def handle(signum, frame):
         if stop.is_set():
-            raise SystemExit(EXIT_OK)
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now (the state stays safe)
+                raise SystemExit(EXIT_OK)
+            return  # supervisors may send SIGTERM twice (uv forwards it to Python too)
         log.info("signal %s: finishing the current batch, then exiting",
                  signal.Signals(signum).name)
         stop.set()

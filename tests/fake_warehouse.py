@@ -13,10 +13,21 @@ uploader uses are given Databricks semantics:
   local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
   which, like Databricks, skips files it has already loaded.
 
+Checks a real warehouse makes and DuckDB would not: Spark's `${var}` substitution in
+the statement text (an unknown variable becomes ''), TIMESTAMP literals in Spark's
+format (a year has 4 to 6 digits), Unity Catalog object names (no '.', ' ', '/' or
+control characters), Delta column names (none of ' ,;{}()\n\t=' unless the table has
+delta.columnMapping.mode), REPLACE WHERE rows that must match their predicate, missing
+schemas (when `Warehouse.schemas` is set) and the token (when `valid_tokens` is set). The
+credentials provider is called the way the connector calls it: once at connect for a
+header factory, then the factory before every request (headers kept in `auth_headers`).
+
 Faults are planned with `Warehouse.plan(action, match)`: 'resend' runs the statement
 twice (the connector's HTTP retry after a dropped reply), 'drop_reply' runs it and then
 raises a transient error (so the caller retries it), 'unavailable' raises 503 before
-running it, 'forbidden' raises a permission error.
+running it, 'forbidden' raises a permission error, 'unauthorized' a 401; 'crash_before'
+and 'crash_after' raise `Crash` (a BaseException: the process dies) before or after
+running it.
 """
 
 import json
@@ -46,6 +57,10 @@ class ServerOperationError(DatabaseError):
     """The warehouse refused the statement; the message carries [ERROR_CLASS]."""
 
 
+class Crash(BaseException):
+    """The uploader's process dies here (planned with 'crash_before' / 'crash_after')."""
+
+
 class RequestError(Error):
     """A failed HTTP request; `context['http-code']` as the real connector sets it."""
 
@@ -53,6 +68,18 @@ class RequestError(Error):
         super().__init__(message)
         self.context = context or {}
 
+
+# Delta refuses these in column names unless the table maps columns by name or id.
+DELTA_BAD_COLUMN_CHARS = set(" ,;{}()\n\t=")
+# Unity Catalog refuses these in catalog, schema and table names.
+UC_BAD_NAME = re.compile(r"[./ \x00-\x1f\x7f]")
+# A string Spark reads as a TIMESTAMP (DateTimeUtils.stringToTimestamp, simplified):
+# the year has 4 to 6 digits.
+SPARK_TIMESTAMP = re.compile(
+    r"\s*[+-]?\d{4,6}(-\d{1,2}(-\d{1,2}([ T]\d{1,2}(:\d{1,2}(:\d{1,2}(\.\d{0,9})?)?)?)?)?)?"
+    r"\s*(Z|UTC|GMT|[+-]\d{1,2}(:?\d{2})?|[A-Za-z]+/[A-Za-z_]+)?\s*")
+# Spark's ConfigReader pattern for ${var} and ${prefix:var}.
+SPARK_VARIABLE = re.compile(r"\$\{(?:(\w+?):)?(\S+?)\}")
 
 TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
               "BLOB": "binary", "BOOLEAN": "boolean", "TIMESTAMP WITH TIME ZONE": "timestamp",
@@ -62,15 +89,20 @@ TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
 class Warehouse:
     """The shared state behind every connection: DuckDB file, volume root, log, faults."""
 
-    def __init__(self, root, max_statement_bytes=None):
+    def __init__(self, root, max_statement_bytes=None, schemas=None, valid_tokens=None):
         os.makedirs(root, exist_ok=True)
         self.root = root
         self.db_path = os.path.join(root, "warehouse.duckdb")
         self.volumes = os.path.join(root, "volumes")
         self.log_path = os.path.join(root, "statements.jsonl")
         self.max_statement_bytes = max_statement_bytes
+        self.current_catalog = "main"
         self.faults = []
         self.connections = []
+        self.auth_headers = []
+        # None: every catalog.schema exists and every token is good
+        self.schemas = None if schemas is None else {x.lower() for x in schemas}
+        self.valid_tokens = None if valid_tokens is None else set(valid_tokens)
         self.lock = threading.Lock()
 
     # --- test-facing helpers -------------------------------------------------------
@@ -94,10 +126,16 @@ class Warehouse:
     def rows(self, table, order_by=None):
         """All rows of a table as dicts."""
         with duckdb.connect(self.db_path) as db:
-            cursor = db.execute(f'SELECT * FROM "{table}"'
+            quoted = '"' + table.replace('"', '""') + '"'
+            cursor = db.execute(f"SELECT * FROM {quoted}"
                                 + (f" ORDER BY {order_by}" if order_by else ""))
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def properties(self, table):
+        """{key: value} of a table's TBLPROPERTIES."""
+        with duckdb.connect(self.db_path) as db:
+            return table_properties(db, table)
 
     def columns(self, table):
         """{column: Databricks type name} of a table."""
@@ -128,13 +166,30 @@ class Warehouse:
                 raise ServerOperationError(
                     "[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not "
                     "have MODIFY on Table. SQLSTATE: 42501")
+            if action == "unauthorized":
+                self.record(sql, params, "refused: 401")
+                raise unauthorized()
+            if action == "crash_before":
+                self.record(sql, params, "crashed before")
+                raise Crash(sql)
             result = self.run(sql, params, staging_paths)
             if action == "resend":
                 result = self.run(sql, params, staging_paths)
             if action == "drop_reply":
                 raise RequestError("HTTPSConnectionPool: Read timed out.",
                                    {"http-code": None})
+            if action == "crash_after":
+                raise Crash(sql)
             return result
+
+    def authenticate(self, headers):
+        """Check the Authorization header of one request (the connector sends one each)."""
+        self.auth_headers.append(headers)
+        value = headers.get("Authorization", "")
+        if not value.startswith("Bearer ") or not value[len("Bearer "):]:
+            raise unauthorized()
+        if self.valid_tokens is not None and value[len("Bearer "):] not in self.valid_tokens:
+            raise unauthorized()
 
     def record(self, sql, params, outcome="ok"):
         with open(self.log_path, "a") as fh:
@@ -145,6 +200,8 @@ class Warehouse:
         self.record(sql, params)
         if self.max_statement_bytes and len(sql.encode()) > self.max_statement_bytes:
             raise ServerOperationError("[STATEMENT_TOO_LARGE] statement exceeds the limit")
+        # Spark substitutes ${var} in the statement text before parsing it
+        sql = SPARK_VARIABLE.sub("", sql)
         stripped = sql.strip()
         put = re.fullmatch(r"PUT '((?:[^'\\]|\\.)*)' INTO '((?:[^'\\]|\\.)*)' OVERWRITE",
                            stripped, re.S)
@@ -153,25 +210,59 @@ class Warehouse:
         remove = re.fullmatch(r"REMOVE '((?:[^'\\]|\\.)*)'", stripped, re.S)
         if remove:
             return self.remove(unescape(remove.group(1)))
-        show = re.fullmatch(r"SHOW TABLES IN (`(?:[^`]|``)+`)\.(`(?:[^`]|``)+`)", stripped)
+        show = re.fullmatch(r"SHOW TABLES IN (?:(`(?:[^`]|``)+`)\.)?(`(?:[^`]|``)+`)",
+                            stripped)
         if show:
-            prefix = f"{unquote(show.group(1))}.{unquote(show.group(2))}."
-            return self.show_tables(prefix)
+            catalog = unquote(show.group(1)) if show.group(1) else self.current_catalog
+            schema = unquote(show.group(2))
+            if "." in schema:  # one quoted part: no Unity Catalog schema has a '.'
+                raise ServerOperationError(
+                    f"[SCHEMA_NOT_FOUND] The schema `{catalog}`.`{schema}` cannot be found. "
+                    "SQLSTATE: 42704")
+            self.check_schema(catalog, schema)
+            return self.show_tables(f"{catalog}.{schema}.")
         try:
             tree = sqlglot.parse_one(sql, read="databricks")
         except sqlglot.errors.ParseError as exc:
             raise ServerOperationError(f"[PARSE_SYNTAX_ERROR] Syntax error: {exc}") from None
+        check_timestamp_literals(tree)
         bind(tree, params or {})
+        if isinstance(tree, exp.Create):
+            self.check_create(tree)
         flatten_tables(tree)
         with duckdb.connect(self.db_path) as db:
             try:
                 return self.dispatch(db, tree)
             except duckdb.CatalogException as exc:
+                if "already exists" in str(exc):
+                    kind = "FIELDS" if "Column" in str(exc) else "TABLE_OR_VIEW"
+                    raise ServerOperationError(f"[{kind}_ALREADY_EXISTS] {exc}") from None
                 raise ServerOperationError(f"[TABLE_OR_VIEW_NOT_FOUND] {exc}") from None
             except duckdb.BinderException as exc:
                 raise ServerOperationError(f"[UNRESOLVED_COLUMN] {exc}") from None
             except duckdb.ConversionException as exc:
                 raise ServerOperationError(f"[CAST_INVALID_INPUT] {exc}") from None
+
+    def check_schema(self, catalog, schema):
+        if self.schemas is not None and f"{catalog}.{schema}".lower() not in self.schemas:
+            raise ServerOperationError(
+                f"[SCHEMA_NOT_FOUND] The schema `{catalog}`.`{schema}` cannot be found. "
+                "Verify the spelling and correctness of the schema and catalog. "
+                "SQLSTATE: 42704")
+
+    def check_create(self, tree):
+        """Unity Catalog names and an existing schema, as CREATE TABLE needs them."""
+        table = tree.find(exp.Table)
+        parts = [p.name for p in (table.args.get("catalog"), table.args.get("db"),
+                                  table.this) if p is not None]
+        for part in parts:
+            if UC_BAD_NAME.search(part) or len(part) > 255:
+                raise ServerOperationError(
+                    f"[INVALID_SCHEMA_OR_RELATION_NAME] `{part}` is not a valid name for "
+                    "tables/schemas (Unity Catalog names cannot contain '.', ' ', '/' or "
+                    "control characters). SQLSTATE: 42602")
+        if len(parts) == 3:
+            self.check_schema(parts[0], parts[1])
 
     def dispatch(self, db, tree):
         if isinstance(tree, exp.Insert):
@@ -184,6 +275,8 @@ class Warehouse:
             return self.create(db, tree)
         if isinstance(tree, exp.Alter):
             return self.alter(db, tree)
+        if isinstance(tree, exp.Drop):
+            return self.drop(db, tree)
         cursor = db.execute(tree.sql("duckdb"))
         return cursor_result(cursor)
 
@@ -192,17 +285,41 @@ class Warehouse:
         text = properties.sql("databricks") if properties else ""
         if "USING DELTA" not in text.upper():
             raise ServerOperationError("fake warehouse: tables must be created USING DELTA")
+        props = property_dict(properties)
+        name = tree.this.this.name
+        exists = db.execute("SELECT count(*) FROM information_schema.tables WHERE "
+                            "table_name = ?", [name]).fetchone()[0]
+        if exists and tree.args.get("exists"):
+            return [], None
+        check_column_names([c.name for c in tree.this.expressions
+                            if isinstance(c, exp.ColumnDef)], props)
         tree.set("properties", None)
         db.execute(tree.sql("duckdb"))
-        name = tree.this.this.name
-        db.execute("CREATE TABLE IF NOT EXISTS __properties (tbl VARCHAR, props VARCHAR)")
-        db.execute("INSERT INTO __properties VALUES (?, ?)", [name, text])
+        save_properties(db, name, props)
         return [], None
 
     def alter(self, db, tree):
         table = tree.this.sql("duckdb")
+        name = tree.this.name
         for action in tree.args.get("actions") or []:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {action.sql('duckdb')}")
+            if isinstance(action, exp.AlterSet):
+                props = table_properties(db, name)
+                for group in action.expressions:
+                    props.update(property_dict(group))
+                save_properties(db, name, props)
+                continue
+            defs = action.expressions if isinstance(action, exp.Schema) else [action]
+            check_column_names([d.name for d in defs], table_properties(db, name))
+            for column in defs:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column.sql('duckdb')}")
+        return [], None
+
+    def drop(self, db, tree):
+        db.execute(tree.sql("duckdb"))
+        for table in tree.args.get("tables") or [tree.this]:
+            for helper in ("__properties", "__copy_history"):
+                db.execute(f"CREATE TABLE IF NOT EXISTS {helper} (tbl VARCHAR, x VARCHAR)")
+                db.execute(f"DELETE FROM {helper} WHERE tbl = ?", [table.name])
         return [], None
 
     def describe(self, db, tree):
@@ -222,9 +339,21 @@ class Warehouse:
         db.execute("BEGIN")
         try:
             if where is not None:
-                db.execute(f"DELETE FROM {table} WHERE {where.sql('duckdb')}")
+                predicate = where.this.sql("duckdb") if isinstance(where, exp.Where) \
+                    else where.sql("duckdb")
+                db.execute(f"DELETE FROM {table} WHERE {predicate}")
                 tree.set("where", None)
+                before = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             db.execute(tree.sql("duckdb"))
+            if where is not None:
+                after = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                matching = db.execute(f"SELECT count(*) FROM {table} WHERE "
+                                      f"{predicate}").fetchone()[0]
+                if matching != after - before:
+                    raise ServerOperationError(
+                        "[DELTA_REPLACE_WHERE_MISMATCH] Written data does not conform to "
+                        f"partial table overwrite condition or constraint '{predicate}'. "
+                        "SQLSTATE: 44000")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -235,20 +364,25 @@ class Warehouse:
         table = tree.this.sql("duckdb")
         folder = tree.args["files"][0].name
         params = {p.this.name.upper(): p for p in tree.args.get("params") or []}
-        names = [e.name for e in params["FILES"].expressions] if "FILES" in params else []
-        db.execute("CREATE TABLE IF NOT EXISTS __copy_history (tbl VARCHAR, path VARCHAR)")
+        names = []
+        if "FILES" in params:
+            files = params["FILES"]
+            listed = files.expression if files.expression is not None else files
+            # FILES = ('a') parses as a Paren, ('a', 'b') as a Tuple
+            names = [e.name for e in (listed.expressions or [listed.this])]
+        db.execute("CREATE TABLE IF NOT EXISTS __copy_history (tbl VARCHAR, x VARCHAR)")
         inserted = 0
         for name in names:
             path = self.volume_path(folder.rstrip("/") + "/" + name)
-            done = db.execute("SELECT count(*) FROM __copy_history WHERE tbl = ? AND path = ?",
-                              [table, path]).fetchone()[0]
+            done = db.execute("SELECT count(*) FROM __copy_history WHERE tbl = ? AND x = ?",
+                              [tree.this.name, path]).fetchone()[0]
             if done:
                 continue
             db.execute("BEGIN")
             before = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             db.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [path])
             inserted += db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - before
-            db.execute("INSERT INTO __copy_history VALUES (?, ?)", [table, path])
+            db.execute("INSERT INTO __copy_history VALUES (?, ?)", [tree.this.name, path])
             db.execute("COMMIT")
         return [(inserted, inserted)], [("num_affected_rows",), ("num_inserted_rows",)]
 
@@ -281,6 +415,57 @@ class Warehouse:
         database = prefix.rstrip(".").split(".")[-1]
         return ([(database, n[len(prefix):], False) for n in sorted(names)],
                 [("database",), ("tableName",), ("isTemporary",)])
+
+
+def unauthorized():
+    return RequestError("Error during request to server: 401 Unauthorized: Invalid access "
+                        "token.", {"http-code": 401})
+
+
+def property_dict(properties):
+    """{key: value} of the TBLPROPERTIES in a Properties node."""
+    out = {}
+    for prop in (properties.expressions if properties is not None else []):
+        if type(prop) is exp.Property:
+            out[prop.this.name] = prop.args["value"].name
+    return out
+
+
+def table_properties(db, name):
+    db.execute("CREATE TABLE IF NOT EXISTS __properties (tbl VARCHAR, x VARCHAR)")
+    row = db.execute("SELECT x FROM __properties WHERE tbl = ?", [name]).fetchone()
+    return json.loads(row[0]) if row else {}
+
+
+def save_properties(db, name, props):
+    db.execute("CREATE TABLE IF NOT EXISTS __properties (tbl VARCHAR, x VARCHAR)")
+    db.execute("DELETE FROM __properties WHERE tbl = ?", [name])
+    db.execute("INSERT INTO __properties VALUES (?, ?)", [name, json.dumps(props)])
+
+
+def check_column_names(names, props):
+    """Delta refuses some characters in column names unless columns are mapped."""
+    if props.get("delta.columnMapping.mode", "none").lower() in ("name", "id"):
+        return
+    bad = [n for n in names if DELTA_BAD_COLUMN_CHARS & set(n)]
+    if bad:
+        raise ServerOperationError(
+            "[DELTA_INVALID_CHARACTERS_IN_COLUMN_NAMES] Found invalid character(s) among "
+            "' ,;{}()\\n\\t=' in the column names of your schema. Invalid column names: "
+            f"{', '.join(bad)}. Please use other characters and try again. Alternatively, "
+            "enable Column Mapping to keep using these characters. SQLSTATE: 42K05")
+
+
+def check_timestamp_literals(tree):
+    """TIMESTAMP '...' (and CAST of a string to TIMESTAMP) must be in Spark's format."""
+    for cast in tree.find_all(exp.Cast):
+        if (cast.to.is_type(exp.DataType.Type.TIMESTAMP, exp.DataType.Type.TIMESTAMPTZ,
+                            exp.DataType.Type.TIMESTAMPLTZ)
+                and isinstance(cast.this, exp.Literal) and cast.this.is_string
+                and not SPARK_TIMESTAMP.fullmatch(cast.this.name)):
+            raise ServerOperationError(
+                f"[INVALID_TYPED_LITERAL] The value of the typed literal \"TIMESTAMP\" is "
+                f"invalid: '{cast.this.name}'. SQLSTATE: 42604")
 
 
 def unescape(text):
@@ -339,16 +524,23 @@ def connect(**kwargs):
     for key in ("server_hostname", "http_path"):
         if not kwargs.get(key):
             raise Error(f"connect() needs {key}")
-    if not (kwargs.get("access_token") or kwargs.get("credentials_provider")):
+    if kwargs.get("access_token"):
+        def header_factory():
+            return {"Authorization": f"Bearer {kwargs['access_token']}"}
+    elif kwargs.get("credentials_provider"):
+        # as databricks.sql.auth.authenticators.ExternalAuthProvider does
+        header_factory = kwargs["credentials_provider"]()
+    else:
         raise Error("connect() needs credentials")
-    conn = Connection(WAREHOUSE, kwargs)
     WAREHOUSE.connections.append(kwargs)
-    return conn
+    WAREHOUSE.authenticate(header_factory())  # OpenSession is a request too
+    return Connection(WAREHOUSE, kwargs, header_factory)
 
 
 class Connection:
-    def __init__(self, warehouse, kwargs):
+    def __init__(self, warehouse, kwargs, header_factory):
         self.warehouse, self.kwargs, self.closed = warehouse, kwargs, False
+        self.header_factory = header_factory
 
     def cursor(self):
         if self.closed:
@@ -372,6 +564,9 @@ class Cursor:
     def execute(self, operation, parameters=None):
         if not isinstance(operation, str):
             raise Error("operation must be a string")
+        if self.conn.closed:
+            raise Error("connection is closed")
+        self.conn.warehouse.authenticate(self.conn.header_factory())
         self.rows, self.description = self.conn.warehouse.execute(
             operation, parameters, self.conn.kwargs.get("staging_allowed_local_path"))
         return self

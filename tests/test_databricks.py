@@ -1,0 +1,1047 @@
+"""Databricks SQL warehouse sink (DESIGN 9, 5): against tests/fake_warehouse.py.
+
+The fake parses every statement as Databricks SQL (sqlglot) and runs it on DuckDB, so
+these tests read back what landed and compare it with the SQLite source. Faults
+('resend', 'drop_reply', 'unavailable', 'forbidden', 'unauthorized', 'crash_*') are
+planned on the fake; time.sleep and random.uniform are patched, so retries cost nothing.
+"""
+
+import base64
+import contextlib
+import datetime as dt
+import io
+import json
+import math
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.parse
+from unittest import mock
+
+import sqlglot
+from sqlglot import exp
+
+from . import fake_warehouse
+from .helpers import ROOT, TempDirTestCase, insert_rows, make_db, run_main, up
+
+HOST = "adb-1234567890123456.7.azuredatabricks.net"
+HTTP_PATH = "/sql/1.0/warehouses/0123456789abcdef"
+TOKEN = "dapi0123456789abcdefTOPSECRET"
+CLIENT_SECRET = "dose0123456789SECRETOFTHEPRINCIPAL"
+TABLE = "main.sensors.raw_readings"
+UTC = dt.timezone.utc
+
+READINGS_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                   "timestamp TEXT, sensor TEXT, value REAL)")
+
+
+def readings(start, count):
+    """Rows (timestamp, sensor, value) with ids start+1 .. start+count once inserted."""
+    return [(f"2025-01-01T00:{(start + i) // 60 % 60:02d}:{(start + i) % 60:02d}Z",
+             f"s-{(start + i) % 7}", (start + i) * 0.25) for i in range(count)]
+
+
+def parse(sql):
+    """The statement parsed as Databricks SQL (raises on a syntax error)."""
+    return sqlglot.parse_one(sql, read="databricks")
+
+
+def utc(*args):
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+class WarehouseTestCase(TempDirTestCase):
+    """A fresh fake warehouse plugged into the sink; sleep and jitter patched."""
+
+    def setUp(self):
+        super().setUp()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
+        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
+        up.DatabricksSink.connector = fake_warehouse
+        self.sleeps = []
+        for patcher in (mock.patch.object(up.time, "sleep", self.sleeps.append),
+                        mock.patch.object(up.random, "uniform", lambda low, high: high)):
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.open_warehouse()
+
+    def open_warehouse(self):
+        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
+            self.path("warehouse"))
+        self.sleeps.clear()
+
+    def fresh(self):
+        """A new temp dir (state, source) and an empty warehouse: for each subTest."""
+        TempDirTestCase.setUp(self)
+        self.open_warehouse()
+
+    def env(self, **extra):
+        """A complete workspace configuration in environment variables."""
+        env = {"DATABRICKS_HOST": f"https://{HOST}/", "DATABRICKS_HTTP_PATH": HTTP_PATH,
+               "DATABRICKS_TOKEN": TOKEN, "DATABRICKS_DATABASE": "main.sensors",
+               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1"}
+        for key, value in extra.items():  # None removes a setting
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        return env
+
+    def readings_db(self, count=100, name="sensors.db"):
+        return make_db(self.path(name), READINGS_SCHEMA, readings(0, count),
+                       columns=["timestamp", "sensor", "value"])
+
+    def add_readings(self, db, start, count):
+        conn = sqlite3.connect(db)
+        insert_rows(conn, readings(start, count), ["timestamp", "sensor", "value"])
+        conn.commit()
+        conn.close()
+
+    def upload(self, db, *flags, env=None):
+        """One --once upload; (exit code, stdout, stderr)."""
+        return run_main(["--sqlite", db, "--once", *flags], env or self.env())
+
+    def assertUploaded(self, result):
+        code, out, err = result
+        self.assertEqual(code, 0, f"stdout:\n{out}\nstderr:\n{err}")
+
+    def rows(self, table=TABLE, order_by="id"):
+        return self.warehouse.rows(table, order_by)
+
+    def statements(self, prefix=""):
+        """SQL of the statements received (a resend counts twice) that start with prefix."""
+        return [s["sql"] for s in self.warehouse.statements() if s["sql"].startswith(prefix)]
+
+    def position(self):
+        """The one destination record of the state file."""
+        with open(self.path("state", up.STATE_FILE), encoding="utf-8") as fh:
+            destinations = json.load(fh)["destinations"]
+        self.assertEqual(len(destinations), 1, destinations)
+        return next(iter(destinations.values()))
+
+    def assertRowsOnce(self, ids, table=TABLE):
+        """The table holds each id once and nothing else."""
+        self.assertEqual([r["id"] for r in self.rows(table)], list(ids))
+
+    def error_line(self, err):
+        """The `error: ...` line main printed (log lines may precede it)."""
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        self.assertEqual(len(lines), 1, err)
+        return lines[0]
+
+
+# === 1. Selection and connection =====================================================
+
+class ConnectionTests(WarehouseTestCase):
+    """DATABRICKS_* settings select the warehouse; one connection is reused."""
+
+    def test_host_with_or_without_scheme(self):
+        for host in (f"https://{HOST}/", HOST, f"HTTPS://{HOST}", f"{HOST}/"):
+            with self.subTest(host=host):
+                self.warehouse.connections.clear()
+                db = self.readings_db(5, name=f"db{len(host)}.db")
+                env = self.env(DATABRICKS_HOST=host, STATE_DIR=self.path(f"s{len(host)}"))
+                self.assertUploaded(self.upload(db, env=env))
+                kwargs = self.warehouse.connections[-1]
+                self.assertEqual(kwargs["server_hostname"], HOST)
+                self.assertEqual(kwargs["http_path"], HTTP_PATH)
+                self.assertEqual(kwargs["session_configuration"], {"TIMEZONE": "UTC"})
+                self.assertIn(up.TOOL, kwargs["user_agent_entry"])
+
+    def test_catalog_and_schema_instead_of_database(self):
+        env = self.env(DATABRICKS_DATABASE=None, DATABRICKS_CATALOG="main",
+                       DATABRICKS_SCHEMA="sensors", DATABRICKS_TABLE="raw_custom")
+        self.assertUploaded(self.upload(self.readings_db(10), env=env))
+        self.assertRowsOnce(range(1, 11), "main.sensors.raw_custom")
+
+    def test_flags_and_yaml_keys(self):
+        db = self.readings_db(10)
+        yaml_path = self.path("uploader.yaml")
+        with open(yaml_path, "w", encoding="utf-8") as fh:
+            fh.write(textwrap.dedent(f"""\
+                databricks_host: https://{HOST}
+                databricks_http_path: {HTTP_PATH}
+                databricks_database: main.sensors
+                databricks_table: from_yaml
+                """))
+        only_state = {"STATE_DIR": self.path("state-yaml"), "SOURCE_ID": "node-1",
+                      "DATABRICKS_TOKEN": TOKEN}
+        self.assertUploaded(self.upload(db, "--config", yaml_path, env=only_state))
+        self.assertEqual(len(self.rows("main.sensors.raw_from_yaml")), 10)
+
+        flags = ["--databricks-host", HOST, "--databricks-http-path", HTTP_PATH,
+                 "--databricks-token", TOKEN, "--databricks-database", "main.sensors",
+                 "--databricks-table", "from_flags"]
+        code, out, err = self.upload(db, *flags, env={"STATE_DIR": self.path("state-flags"),
+                                                      "SOURCE_ID": "node-1"})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.rows("main.sensors.raw_from_flags")), 10)
+        self.assertIn("visible to other users", err)
+        self.assertNotIn(TOKEN, out + err)
+
+    def test_missing_setting_is_named_exit_2_nothing_written(self):
+        db = self.readings_db(3)
+        cases = [
+            ({"DATABRICKS_HTTP_PATH": None},
+             ["--databricks-http-path", "DATABRICKS_HTTP_PATH", "'databricks_http_path'"]),
+            ({"DATABRICKS_TOKEN": None},
+             ["--databricks-token", "DATABRICKS_TOKEN", "'databricks_token'"]),
+            ({"DATABRICKS_DATABASE": None},
+             ["--databricks-database", "DATABRICKS_DATABASE", "'databricks_database'"]),
+            ({"DATABRICKS_DATABASE": None, "DATABRICKS_CATALOG": "main"},
+             ["--databricks-database", "DATABRICKS_DATABASE", "databricks_schema"]),
+            ({"DATABRICKS_TOKEN": None, "DATABRICKS_CLIENT_ID": "sp-id"},
+             ["--databricks-client-secret", "DATABRICKS_CLIENT_SECRET"]),
+            ({"DATABRICKS_DATABASE": "sensors"}, ["catalog.schema", "DATABRICKS_DATABASE"]),
+        ]
+        for change, words in cases:
+            with self.subTest(change=change):
+                code, out, err = self.upload(db, env=self.env(**change))
+                self.assertEqual((code, out), (2, ""), err)
+                lines = err.splitlines()
+                self.assertEqual(len(lines), 1, err)
+                self.assertTrue(lines[0].startswith("error: config: "), lines[0])
+                for word in words:
+                    self.assertIn(word, lines[0])
+                self.assertFalse(os.path.exists(self.path("state")), "state was written")
+                self.assertEqual(self.warehouse.connections, [])
+
+    def test_one_connection_across_batches_and_cycles(self):
+        db = self.readings_db(20)
+        self.assertUploaded(self.upload(db))  # the table exists from here on
+        self.add_readings(db, 20, 150)
+        before_conn, before_insert = len(self.warehouse.connections), len(
+            self.statements("INSERT"))
+        args = up.build_parser().parse_args(["--sqlite", db, "--batch-size", "50"])
+        config = up.check_target(up.load_config(args, self.env()))
+        job = up.open_job(config, False, threading.Event(), self.env())
+        try:
+            self.assertEqual(up.run_cycle(job), 150)
+            self.add_readings(db, 170, 80)
+            self.assertEqual(up.run_cycle(job), 80)
+        finally:
+            up.close_job(job)
+        self.assertGreaterEqual(len(self.statements("INSERT")) - before_insert, 5)
+        self.assertEqual(len(self.warehouse.connections) - before_conn, 1)
+        self.assertRowsOnce(range(1, 251))
+
+    def test_connection_reopened_after_a_failure(self):
+        db = self.readings_db(20)
+        self.assertUploaded(self.upload(db))
+        self.add_readings(db, 20, 10)
+        self.warehouse.plan("drop_reply", "INSERT INTO")
+        before = len(self.warehouse.connections)
+        self.assertUploaded(self.upload(db))
+        # one for the run, one after the failed write
+        self.assertEqual(len(self.warehouse.connections) - before, 2)
+        self.assertRowsOnce(range(1, 31))
+
+
+class OAuthTests(WarehouseTestCase):
+    """OAuth machine-to-machine: client credentials at /oidc/v1/token, cached."""
+
+    class TokenEndpoint:
+        """A urlopen stand-in that hands out tokens tok-1, tok-2, ... (kept in `issued`)."""
+
+        def __init__(self, expires_in=3600, issued=None):
+            self.requests, self.expires_in = [], expires_in
+            self.issued = set() if issued is None else issued
+
+        def __call__(self, request, timeout=None):
+            self.requests.append((request, timeout))
+            token = f"tok-{len(self.requests)}"
+            self.issued.add(token)
+            return io.BytesIO(json.dumps({
+                "access_token": token, "token_type": "Bearer",
+                "expires_in": self.expires_in}).encode())
+
+    def test_request_shape_and_basic_auth(self):
+        endpoint = self.TokenEndpoint()
+        provider = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)
+        self.assertEqual(endpoint.requests, [], "no request before a header is needed")
+        headers = provider()()
+        self.assertEqual(headers, {"Authorization": "Bearer tok-1"})
+        (request, timeout), = endpoint.requests
+        self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
+        self.assertEqual(request.get_method(), "POST")
+        self.assertIsNotNone(timeout)
+        self.assertEqual(urllib.parse.parse_qs(request.data.decode()),
+                         {"grant_type": ["client_credentials"], "scope": ["all-apis"]})
+        kind, _, encoded = request.get_header("Authorization").partition(" ")
+        self.assertEqual(kind, "Basic")
+        self.assertEqual(base64.b64decode(encoded).decode(), f"sp-id:{CLIENT_SECRET}")
+        self.assertEqual(request.get_header("Content-type"),
+                         "application/x-www-form-urlencoded")
+
+    def test_token_cached_until_expiry_then_refreshed(self):
+        endpoint = self.TokenEndpoint(expires_in=3600)
+        clock = [1_000_000.0]
+        with mock.patch.object(up.time, "time", lambda: clock[0]):
+            headers = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)()
+            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
+            clock[0] += 3000
+            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
+            self.assertEqual(len(endpoint.requests), 1)
+            clock[0] += 599  # within a minute of expiry: refresh ahead of it
+            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
+            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
+            self.assertEqual(len(endpoint.requests), 2)
+
+    def test_upload_with_client_credentials_instead_of_a_token(self):
+        # the workspace accepts what its token endpoint issued, and nothing else
+        self.warehouse.valid_tokens = set()
+        endpoint = self.TokenEndpoint(issued=self.warehouse.valid_tokens)
+        env = self.env(DATABRICKS_TOKEN=None, DATABRICKS_CLIENT_ID="sp-id",
+                       DATABRICKS_CLIENT_SECRET=CLIENT_SECRET)
+        with mock.patch("urllib.request.urlopen", endpoint):
+            code, out, err = self.upload(self.readings_db(30), env=env)
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 31))
+        kwargs = self.warehouse.connections[0]
+        self.assertNotIn("access_token", kwargs)
+        # cached across the statements of a connection (a new connection asks again)
+        self.assertLessEqual(len(endpoint.requests), len(self.warehouse.connections))
+        self.assertGreater(len(self.warehouse.auth_headers),
+                           len(self.warehouse.connections) + 3)
+        for request, _ in endpoint.requests:
+            self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
+        self.assertNotIn(CLIENT_SECRET, out + err)
+
+
+# === 2. Throughput ===================================================================
+
+class ThroughputTests(WarehouseTestCase):
+    """Multi-row statements, cut to the statement budget."""
+
+    def test_multi_row_statements_within_the_byte_budget(self):
+        self.warehouse.max_statement_bytes = 10_000  # the server refuses bigger ones too
+        self.assertUploaded(self.upload(self.readings_db(400), "--max-statement-bytes",
+                                        "10000"))
+        inserts = self.statements("INSERT")
+        self.assertGreaterEqual(len(inserts), 3)
+        self.assertLessEqual(len(inserts), 10, "statements should be near the budget")
+        per_statement = []
+        for sql in inserts:
+            self.assertLessEqual(len(sql.encode()), 10_000)
+            per_statement.append(len(parse(sql).find(exp.Values).expressions))
+        self.assertEqual(sum(per_statement), 400)
+        self.assertGreater(max(per_statement), 100, per_statement)
+        self.assertRowsOnce(range(1, 401))
+
+
+# === 3. Idempotent writes ============================================================
+
+class IdempotenceTests(WarehouseTestCase):
+    """Every write can run twice; lineage on every row; in-flight batches settled."""
+
+    def test_lineage_columns_on_every_row(self):
+        self.assertUploaded(self.upload(self.readings_db(120), "--batch-size", "50"))
+        with open(self.path("state", up.STATE_FILE), encoding="utf-8") as fh:
+            state_id = json.load(fh)["state_id"]
+        rows = self.rows()
+        self.assertEqual(len(rows), 120)
+        self.assertEqual({r["_source_id"] for r in rows}, {"node-1"})
+        self.assertEqual(sorted({r["_batch_id"] for r in rows}),
+                         [f"{state_id}-{n}" for n in (1, 2, 3)])
+        for row in rows:
+            self.assertIsInstance(row["_uploaded_at"], dt.datetime)
+            self.assertIsNone(row["_rescued_data"])
+
+    def test_statement_that_arrives_twice_lands_once(self):
+        for action in ("resend", "drop_reply"):
+            with self.subTest(action=action):
+                self.fresh()
+                db = self.readings_db(120)
+                self.warehouse.plan(action, "INSERT INTO")
+                self.assertUploaded(self.upload(db, "--batch-size", "50"))
+                inserts = self.statements("INSERT")
+                self.assertEqual(inserts[0], inserts[1], "the same statement ran twice")
+                self.assertEqual(len(inserts), 4)
+                self.assertRowsOnce(range(1, 121))
+                self.assertEqual(self.position()["cursor"], [120])
+
+    def test_replaying_every_write_statement_changes_nothing(self):
+        """CREATE and INSERT replayed (COPY INTO and ALTER: tests of their own)."""
+        db = self.readings_db(150)
+        self.assertUploaded(self.upload(db, "--batch-size", "60"))
+        self.add_readings(db, 150, 20)
+        self.assertUploaded(self.upload(db, "--max-statement-bytes", "10000"))
+        before = self.rows()
+        writes = [s for s in self.statements() if s.split()[0] in ("CREATE", "INSERT")]
+        self.assertGreater(len(writes), 4)
+        conn = fake_warehouse.connect(server_hostname=HOST, http_path=HTTP_PATH,
+                                      access_token=TOKEN)
+        for sql in writes:
+            conn.cursor().execute(sql)
+        self.assertEqual(self.rows(), before)
+
+    def test_add_columns_that_arrives_twice(self):
+        """A re-sent ALTER TABLE ... ADD COLUMNS must not fail the cycle (DESIGN 9)."""
+        db = self.readings_db(10)
+        self.assertUploaded(self.upload(db))
+        conn = sqlite3.connect(db)
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.execute("INSERT INTO readings (timestamp, sensor, value, unit) "
+                     "VALUES ('2025-01-02T00:00:00Z', 's-1', 1.0, 'C')")
+        conn.commit()
+        conn.close()
+        self.warehouse.plan("resend", "ALTER TABLE")
+        self.assertUploaded(self.upload(db))
+        self.assertEqual(self.rows()[-1]["unit"], "C")
+
+    def crash(self, db, action, batch):
+        """Run an upload that dies at the INSERT of batch `batch` (before or after it)."""
+        self.warehouse.plan(action, f"-{batch}' AS `_batch_id`")
+        try:
+            self.upload(db, "--batch-size", "50")
+        except fake_warehouse.Crash:
+            pass
+        else:
+            self.fail("the upload did not reach the planted crash")
+        flight = self.position()["inflight"]
+        self.assertEqual(flight["seq"], batch)
+        return flight
+
+    def test_inflight_batch_already_in_table_advances_without_resending(self):
+        db = self.readings_db(150)
+        flight = self.crash(db, "crash_after", 2)
+        self.assertEqual(len(self.rows()), 100)
+        sent = len(self.warehouse.statements())
+        self.assertUploaded(self.upload(db, "--batch-size", "50"))
+        rerun = self.warehouse.statements()[sent:]
+        self.assertFalse([s for s in rerun if f"'{flight['batch_id']}'" in s["sql"]],
+                         "the landed batch was sent again")
+        self.assertTrue([s for s in rerun if (s["params"] or {}).get("batch_id")
+                         == flight["batch_id"]], "the warehouse was not asked")
+        self.assertRowsOnce(range(1, 151))
+        self.assertEqual(self.position()["cursor"], [150])
+        self.assertIsNone(self.position()["inflight"])
+
+    def test_inflight_batch_missing_from_table_is_sent_again(self):
+        db = self.readings_db(150)
+        flight = self.crash(db, "crash_before", 2)
+        self.assertEqual(len(self.rows()), 50)
+        sent = len(self.warehouse.statements())
+        self.assertUploaded(self.upload(db, "--batch-size", "50"))
+        rerun = [s["sql"] for s in self.warehouse.statements()[sent:]]
+        self.assertTrue([s for s in rerun if f"'{flight['batch_id']}'" in s])
+        self.assertRowsOnce(range(1, 151))
+        self.assertEqual(self.position()["cursor"], [150])
+
+    def test_sigkill_during_a_write_in_a_subprocess(self):
+        """As a user runs it: the process is killed right after a write lands."""
+        driver = self.path("driver.py")
+        with open(driver, "w", encoding="utf-8") as fh:
+            fh.write(textwrap.dedent(f"""\
+                import json, os, signal, sys
+                sys.path.insert(0, {ROOT!r})
+                import sqlite_to_databricks_uploader as up
+                from tests import fake_warehouse
+
+                class Kill(BaseException):
+                    def __init__(self, *args):
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                fake_warehouse.Crash = Kill  # a planned crash is a real SIGKILL here
+                warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
+                    os.environ["FAKE_WAREHOUSE_ROOT"])
+                for action, match in json.loads(os.environ.get("FAKE_PLAN", "[]")):
+                    warehouse.plan(action, match)
+                up.DatabricksSink.connector = fake_warehouse
+                sys.exit(up.main(sys.argv[1:]))
+                """))
+        db = self.readings_db(150)
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "FAKE_WAREHOUSE_ROOT": self.warehouse.root, **self.env()}
+        argv = [sys.executable, driver, "--sqlite", db, "--once", "--batch-size", "50"]
+        plan = json.dumps([["crash_after", "-2' AS `_batch_id`"]])
+        killed = subprocess.run(argv, env={**env, "FAKE_PLAN": plan}, capture_output=True,
+                                text=True, timeout=60, check=False)
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        self.assertEqual(len(self.rows()), 100)
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRowsOnce(range(1, 151))
+        self.assertNotIn(TOKEN, killed.stderr + done.stderr + done.stdout)
+
+
+# === 4. Volume staging ===============================================================
+
+class VolumeTests(WarehouseTestCase):
+    """PUT ... OVERWRITE, COPY INTO ... FILES, REMOVE after a confirmed load."""
+
+    VOLUME = "/Volumes/main/sensors/landing"
+    ROWS = 5000  # batches of more than 2000 rows are staged before any is rendered
+
+    def staged_upload(self, db, **env):
+        return self.upload(db, "--batch-size", "2500",
+                           env=self.env(DATABRICKS_VOLUME=self.VOLUME, **env))
+
+    def volume_files(self):
+        found = []
+        for folder, _, files in os.walk(self.warehouse.volumes):
+            found += [os.path.relpath(os.path.join(folder, f), self.warehouse.volumes)
+                      for f in files]
+        return sorted(found)
+
+    def test_staged_batches_load_once_and_files_are_removed(self):
+        self.assertUploaded(self.staged_upload(self.readings_db(self.ROWS)))
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.assertFalse(self.statements("INSERT"))
+        folder = f"{self.VOLUME}/node-1/raw_readings"
+        log = self.statements()
+        puts = [s for s in log if s.startswith("PUT")]
+        self.assertEqual(len(puts), 2)
+        batch_ids = {r["_batch_id"] for r in self.rows()}
+        for put in puts:
+            local, remote = re.fullmatch(r"PUT '(.*)' INTO '(.*)' OVERWRITE", put).groups()
+            name = os.path.basename(local)
+            self.assertEqual(remote, f"{folder}/{name}")
+            self.assertIn(name.removesuffix(".parquet"), batch_ids, "name is not the batch id")
+            copy = log.index(next(s for s in log if s.startswith("COPY INTO")
+                                  and f"FILES = ('{name}')" in s))
+            remove = log.index(f"REMOVE '{folder}/{name}'")
+            self.assertLess(log.index(put), copy)
+            self.assertLess(copy, remove)
+            self.assertIn(f"FROM '{folder}'", log[copy])
+        self.assertEqual(self.volume_files(), [])
+
+    def test_copy_into_that_runs_twice_loads_once(self):
+        for action in ("resend", "drop_reply"):
+            with self.subTest(action=action):
+                self.fresh()
+                self.warehouse.plan(action, "COPY INTO")
+                self.assertUploaded(self.staged_upload(self.readings_db(self.ROWS)))
+                copies = self.statements("COPY INTO")
+                self.assertEqual(copies[0], copies[1])
+                self.assertEqual(len(copies), 3)
+                self.assertRowsOnce(range(1, self.ROWS + 1))
+                self.assertEqual(self.volume_files(), [])
+
+    def test_file_kept_until_a_load_is_confirmed(self):
+        db = self.readings_db(self.ROWS)
+        for _ in range(up.DatabricksSink.RETRIES):
+            self.warehouse.plan("unavailable", "COPY INTO")
+        code, _, err = self.staged_upload(db)
+        self.assertEqual(code, 1, err)
+        left, = self.volume_files()  # not removed: the load was never confirmed
+        self.assertFalse(self.statements("REMOVE"))
+        self.assertIsNone(self.position()["cursor"])
+        first_run = len(self.statements())
+        self.assertUploaded(self.staged_upload(db))
+        # the batch goes again under the same name, so the file is overwritten
+        again = f" INTO '/Volumes/{left}' OVERWRITE"
+        self.assertTrue([s for s in self.statements()[first_run:] if s.endswith(again)])
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.assertEqual(self.volume_files(), [])
+
+
+# === 5. Tables =======================================================================
+
+class TableTests(WarehouseTestCase):
+    """CREATE when missing, ADD COLUMNS for new source columns, quoted names."""
+
+    def test_created_with_inferred_schema_delta_and_properties(self):
+        self.assertUploaded(self.upload(self.readings_db(5)))
+        create, = self.statements("CREATE")
+        self.assertIn(" USING DELTA ", create)
+        self.assertEqual(self.warehouse.properties(TABLE), {
+            "delta.enableChangeDataFeed": "true", "delta.autoOptimize.optimizeWrite": "true"})
+        self.assertEqual(self.warehouse.columns(TABLE), {
+            "id": "bigint", "timestamp": "timestamp", "sensor": "string", "value": "double",
+            "_source_id": "string", "_batch_id": "string", "_uploaded_at": "timestamp",
+            "_rescued_data": "string"})
+        self.assertEqual(self.rows()[0]["timestamp"], utc(2025, 1, 1))
+
+    def test_new_source_column_is_added(self):
+        db = self.readings_db(10)
+        self.assertUploaded(self.upload(db))
+        conn = sqlite3.connect(db)
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.execute("ALTER TABLE readings ADD COLUMN quality INTEGER")
+        conn.execute("INSERT INTO readings (timestamp, sensor, value, unit, quality) "
+                     "VALUES ('2025-01-02T00:00:00Z', 's-1', 1.0, 'C', 3)")
+        conn.commit()
+        conn.close()
+        self.assertUploaded(self.upload(db))
+        alter, = self.statements("ALTER")
+        self.assertEqual(alter, "ALTER TABLE `main`.`sensors`.`raw_readings` ADD COLUMNS "
+                                "(`unit` STRING, `quality` BIGINT)")
+        columns = self.warehouse.columns(TABLE)
+        self.assertEqual((columns["unit"], columns["quality"]), ("string", "bigint"))
+        rows = self.rows()
+        self.assertEqual([(r["unit"], r["quality"]) for r in rows],
+                         [(None, None)] * 10 + [("C", 3)])
+
+    def test_without_privileges_the_error_prints_the_ddl(self):
+        self.warehouse.plan("forbidden", "CREATE TABLE")
+        code, _, err = self.upload(self.readings_db(5))
+        self.assertEqual(code, 1, err)
+        line = self.error_line(err)
+        self.assertIn("INSUFFICIENT_PERMISSIONS", line)
+        ddl = line.split("ask an admin to run: ", 1)[1]
+        tree = parse(ddl)
+        self.assertIsInstance(tree, exp.Create)
+        self.assertTrue(ddl.startswith("CREATE TABLE IF NOT EXISTS "
+                                       "`main`.`sensors`.`raw_readings` ("), ddl)
+        self.assertIn("'delta.enableChangeDataFeed' = 'true'", ddl)
+        self.assertEqual(self.sleeps, [], "a permission error was retried")
+        self.assertIsNone(self.position()["cursor"])
+
+    def test_print_ddl_without_connecting(self):
+        db = self.readings_db(5)
+        code, out, err = run_main(["--sqlite", db, "--print-ddl"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.warehouse.connections, [])
+        self.assertFalse(os.path.exists(self.path("state")))
+        ddl = out.strip()
+        self.assertTrue(ddl.endswith(";"))
+        self.assertIsInstance(parse(ddl.rstrip(";")), exp.Create)
+        # what --print-ddl shows is what the uploader runs
+        self.assertUploaded(self.upload(db))
+        self.assertEqual(self.statements("CREATE"), [ddl.rstrip(";")])
+
+    HOSTILE_COLUMNS = ("a`b", "it's", 'say"hi"', "ünï-cödé", "x--y", "$dollar", "back\\slash",
+                       "``", "A`|`B")
+
+    def hostile_db(self, table, columns):
+        conn = sqlite3.connect(self.path("hostile.db"))
+        cols = ", ".join(f"{up.quote_ident(c)} TEXT" for c in columns)
+        conn.execute(f"CREATE TABLE {up.quote_ident(table)} (id INTEGER PRIMARY KEY "
+                     f"AUTOINCREMENT, {cols})")
+        for n in range(3):
+            insert_rows(conn, [tuple(f"{c}|{n}" for c in columns)], columns, table)
+        conn.commit()
+        conn.close()
+        return self.path("hostile.db")
+
+    def assertHostileLanded(self, target, columns):
+        for sql in self.statements():
+            if not sql.startswith(("SHOW", "PUT", "REMOVE")):
+                parse(sql)
+        self.assertEqual({s["outcome"] for s in self.warehouse.statements()}, {"ok"})
+        rows = self.rows(target)
+        self.assertEqual(len(rows), 3)
+        for n, row in enumerate(rows):
+            for column in columns:
+                self.assertEqual(row[column], f"{column}|{n}")
+        self.assertEqual(self.warehouse.query("SELECT count(*) FROM \"main.sensors.x\"")[0][0],
+                         1, "the bystander table was touched")
+
+    def bystander(self):
+        """A table named x, for statements that try to DROP TABLE x."""
+        self.warehouse.query('CREATE TABLE "main.sensors.x" (keep INTEGER)')
+        self.warehouse.query('INSERT INTO "main.sensors.x" VALUES (1)')
+
+    def test_hostile_column_names_land_in_their_columns(self):
+        self.bystander()
+        db = self.hostile_db("readings", self.HOSTILE_COLUMNS)
+        self.assertUploaded(self.upload(db))
+        self.assertHostileLanded(TABLE, self.HOSTILE_COLUMNS)
+        self.assertIn("`a``b` STRING, `it's` STRING", self.statements("CREATE")[0])
+
+    def test_hostile_table_names_route_to_plain_names(self):
+        for table, target in [("r`';--é\"ü", "raw_r_____é_ü"),
+                              ("my readings", "raw_my_readings"),
+                              ("x; DROP TABLE x; --", "raw_x__drop_table_x____")]:
+            with self.subTest(table=table):
+                self.fresh()
+                self.bystander()
+                self.assertUploaded(self.upload(self.hostile_db(table, ["v"])))
+                self.assertHostileLanded(f"main.sensors.{target}", ["v"])
+
+    def test_column_names_with_spaces_and_semicolons(self):
+        """Delta refuses ' ,;{}()=' in column names unless the table maps columns."""
+        self.bystander()
+        columns = ["; DROP TABLE x; --", "with space", "f(x)=1, {y}"]
+        db = self.hostile_db("readings", columns)
+        self.assertUploaded(self.upload(db))
+        self.assertHostileLanded(TABLE, columns)
+
+
+
+# === 6. Errors =======================================================================
+
+class ErrorTests(WarehouseTestCase):
+    """Transient failures retried with backoff; permanent ones fail the cycle at once."""
+
+    def test_transient_failures_are_retried_with_backoff(self):
+        db = self.readings_db(20)
+        for _ in range(3):
+            self.warehouse.plan("unavailable", "INSERT INTO")
+        code, _, err = self.upload(db)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.sleeps, [2, 4, 8])
+        self.assertEqual(err.count("retry"), 3)
+        self.assertRowsOnce(range(1, 21))
+
+    def test_backoff_is_capped(self):
+        sink = up.DatabricksSink(up.Config(databricks_host=HOST), up.Identity("n", "t", "s"))
+        sink.RETRIES = 10
+        failures = iter([up.SinkError("503", transient=True)] * 9)
+
+        def action():
+            error = next(failures, None)
+            if error:
+                raise error
+            return "done"
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(sink.retrying("writing", action), "done")
+        self.assertEqual(self.sleeps, [2, 4, 8, 16, 32, 60, 60, 60, 60])
+
+    def test_cursor_never_advances_until_the_write_succeeds(self):
+        db = self.readings_db(120)
+        for _ in range(up.DatabricksSink.RETRIES):
+            self.warehouse.plan("unavailable", "-2' AS `_batch_id`")
+        code, _, err = self.upload(db, "--batch-size", "50")
+        self.assertEqual(code, 1, err)
+        self.assertIn("Service Unavailable", self.error_line(err))
+        self.assertEqual(len(self.sleeps), up.DatabricksSink.RETRIES - 1)
+        self.assertEqual(self.position()["cursor"], [50])
+        self.assertEqual(len(self.rows()), 50)
+        self.assertUploaded(self.upload(db, "--batch-size", "50"))
+        self.assertRowsOnce(range(1, 121))
+
+    def test_permanent_errors_fail_at_once_with_message_and_hint(self):
+        cases = [
+            ("forbidden", "INSUFFICIENT_PERMISSIONS", "lacks a privilege"),
+            ("unauthorized", "401", "check DATABRICKS_TOKEN"),
+            ("bad token", "Invalid access token", "check DATABRICKS_TOKEN"),
+            ("missing schema", "SCHEMA_NOT_FOUND",
+             "CREATE SCHEMA IF NOT EXISTS `main`.`sensors`"),
+        ]
+        for case, message, hint in cases:
+            with self.subTest(case=case):
+                self.fresh()
+                db = self.readings_db(20)
+                if case in ("forbidden", "unauthorized"):
+                    self.warehouse.plan(case, "INSERT INTO")
+                elif case == "bad token":
+                    self.warehouse.valid_tokens = {"another-token"}
+                else:
+                    self.warehouse.schemas = {"main.default"}
+                code, out, err = self.upload(db)
+                self.assertEqual(code, 1, err)
+                line = self.error_line(err)
+                self.assertIn(message, line)
+                self.assertIn(hint, line)
+                self.assertEqual(self.sleeps, [], "a permanent error was retried")
+                if case in ("forbidden", "unauthorized"):
+                    self.assertEqual(self.rows(), [])
+                self.assertNotIn(TOKEN, out + err)
+                if os.path.exists(self.path("state", up.STATE_FILE)):
+                    self.assertIsNone(self.position()["cursor"])
+
+    def test_token_never_printed(self):
+        db = self.readings_db(5)
+        outputs = []
+        for argv in (["--print-config"], ["--print-config", "--json"],
+                     ["--sqlite", db, "--once", "--log-level", "DEBUG"],
+                     ["--sqlite", db, "--once", "--log-format", "json", "--reset-state"],
+                     ["--run-query", "SELECT 1 AS one"], ["--test-upload"]):
+            code, out, err = run_main(argv, self.env())
+            self.assertEqual(code, 0, err)
+            outputs.append(out + err)
+        # a failure whose message carries the token, with the debug traceback
+        self.warehouse.plan("forbidden", "INSERT")
+        code, out, err = run_main(["--sqlite", db, "--once", "--log-level", "DEBUG",
+                                   "--reset-state"], self.env())
+        outputs.append(out + err)
+        for text in outputs:
+            self.assertNotIn(TOKEN, text)
+        self.assertIn("(set, redacted)", outputs[0])
+
+    def test_error_classification(self):
+        config = up.Config(databricks_host=HOST, databricks_token=TOKEN,
+                           databricks_database="main.sensors")
+        Request, Server = fake_warehouse.RequestError, fake_warehouse.ServerOperationError
+        cases = [
+            (Request("Service Unavailable", {"http-code": 503}), True, ""),
+            (Request("Too Many Requests", {"http-code": 429}), True, ""),
+            (Request("HTTPSConnectionPool: Read timed out.", {"http-code": None}), True, ""),
+            (ConnectionResetError(104, "Connection reset by peer"), True, ""),
+            (Server("[DELTA_CONCURRENT_APPEND] ConcurrentAppendException"), True, ""),
+            (Request(f"Invalid access token {TOKEN}", {"http-code": 401}), False,
+             "check DATABRICKS_TOKEN"),
+            (Request("Forbidden", {"http-code": 403}), False, "lacks a privilege"),
+            (Server("[INSUFFICIENT_PERMISSIONS] User does not have MODIFY"), False,
+             "lacks a privilege"),
+            (Server("[TABLE_OR_VIEW_NOT_FOUND] `main`.`sensors`.`t`"), False, ""),
+            (Server("[SCHEMA_NOT_FOUND] `main`.`sensors`"), False,
+             "CREATE SCHEMA IF NOT EXISTS `main`.`sensors`"),
+            (Server("[PARSE_SYNTAX_ERROR] Syntax error at or near 'x'"), False, ""),
+        ]
+        for exc, transient, hint in cases:
+            with self.subTest(exc=str(exc)):
+                error = up.databricks_error("writing batch b-1", exc, config)
+                self.assertIsInstance(error, up.SinkError)
+                self.assertEqual(error.transient, transient)
+                self.assertTrue(str(error).startswith("sink: writing batch b-1 failed: "))
+                self.assertIn(hint, str(error))
+                self.assertNotIn(TOKEN, str(error))
+
+
+# === 7. Operator actions =============================================================
+
+class ActionTests(WarehouseTestCase):
+    """--run-query INFO / SQL and --test-upload against the warehouse."""
+
+    def test_run_query_info(self):
+        db = self.readings_db(42)
+        self.assertUploaded(self.upload(db))
+        code, out, err = run_main(["--sqlite", db, "--run-query", "INFO"], self.env())
+        self.assertEqual(code, 0, err)
+        for word in ("raw_readings", "sensor", "double", "_batch_id", "row_count", "42"):
+            self.assertIn(word, out)
+        show, describe, count = self.statements()[-3:]
+        self.assertEqual(show, "SHOW TABLES IN `main`.`sensors`")
+        self.assertEqual(describe, "DESCRIBE TABLE `main`.`sensors`.`raw_readings`")
+        self.assertTrue(count.startswith("SELECT count(*)"), count)
+
+    def test_run_query_sql(self):
+        self.assertUploaded(self.upload(self.readings_db(14)))
+        code, out, err = run_main(
+            ["--run-query", ("SELECT sensor, count(*) AS n FROM main.sensors.raw_readings "
+                             "WHERE sensor IN ('s-0', 's-1') GROUP BY sensor ORDER BY sensor")],
+            self.env())
+        self.assertEqual(code, 0, err)
+        self.assertEqual([line.split() for line in out.splitlines()],
+                         [["sensor", "n"], ["------", "-"], ["s-0", "2"], ["s-1", "2"]])
+
+    def test_run_query_error(self):
+        code, _, err = run_main(["--run-query", "SELEC 1"], self.env())
+        self.assertEqual(code, 1)
+        self.assertIn("PARSE_SYNTAX_ERROR", self.error_line(err))
+
+    def test_test_upload_reports_each_step(self):
+        code, out, err = run_main(["--test-upload"], self.env())
+        self.assertEqual(code, 0, err)
+        steps = [line for line in out.splitlines() if line.startswith("test-upload:")]
+        self.assertEqual(len(steps), 5, out)
+        self.assertTrue(all(line.endswith(" ok") for line in steps), out)
+        for word, line in zip(("connect", "create", "insert", "read it back", "drop"), steps):
+            self.assertIn(word, line)
+        self.assertEqual(self.warehouse.query(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE "
+            "'main.sensors.%'")[0][0], 0, "the scratch table is left behind")
+
+    def test_test_upload_failure_stops_at_the_failed_step(self):
+        self.warehouse.plan("forbidden", "CREATE TABLE")
+        code, out, err = run_main(["--test-upload"], self.env())
+        self.assertEqual(code, 1, err)
+        steps = [line for line in out.splitlines() if line.startswith("test-upload:")]
+        self.assertEqual(len(steps), 2, out)
+        self.assertIn("FAILED", steps[1])
+        self.assertIn("INSUFFICIENT_PERMISSIONS", steps[1])
+
+
+# === 8. SQL that parses and values that land =========================================
+
+TS = utc(2025, 1, 2, 3, 4, 5)
+STRINGS = ["plain", "", "it's", "''", "back\\slash", "\\'", "ends with \\", "${x}",
+           "${env:HOME}", "$${y}", "price $5", "${spark.app.name}", "é ü 中文 😀",
+           "tab\there", "line\nbreak\r\n", "nul\x00byte", "ctl\x01\x1f\x7f", "\\u0041",
+           "'; DROP TABLE x; --", "`backtick`", '"double"', "-- comment", "/* c */"]
+REALS = [0.0, -0.0, 1.5, -2.25, 1e300, 5e-324, 0.1, 123456789.123456789, float("nan"),
+         float("inf"), float("-inf")]
+INTS = [0, 1, -1, 2**63 - 1, -2**63, 2**31, 1234567890123]
+BLOBS = [b"", b"\x00", b"\x00\xff'\"\\", bytes(range(256)), "é".encode()]
+TIMESTAMPS = [  # (SQLite value, UTC instant)
+    ("2025-01-02T03:04:05Z", TS), ("2025-01-02 03:04:05", TS),
+    ("2025-01-02T05:04:05+02:00", TS), ("2025-01-01T22:04:05-05:00", TS),
+    ("2025-01-02T03:04:05.123456Z", TS.replace(microsecond=123456)),
+    ("2025-01-02 03:04:05.5", TS.replace(microsecond=500000)),
+    (1735787045, TS), (1735787045123, TS.replace(microsecond=123000)),
+    (1735787045.25, TS.replace(microsecond=250000)), ("1735787045", TS),
+    ("1970-01-01T00:00:00Z", utc(1970, 1, 1)), ("1969-12-31T23:59:59Z", utc(1969, 12, 31, 23,
+                                                                             59, 59)),
+    ("9999-12-31T23:59:59Z", utc(9999, 12, 31, 23, 59, 59)),
+]
+
+
+def typed_rows():
+    """Rows for the `typed` table, cycling through the values of every column."""
+    count = max(len(STRINGS), len(REALS), len(INTS), len(BLOBS), len(TIMESTAMPS)) + 2
+    def pick(values, i):
+        """The i-th value, cycling, with a NULL after the last one."""
+        i %= len(values) + 1
+        return values[i] if i < len(values) else None
+
+    rows = []
+    for i in range(count):
+        stamp = pick(TIMESTAMPS, i)
+        rows.append((pick(STRINGS, i), pick(REALS, i), pick(INTS, i), pick(BLOBS, i),
+                     None if i % 5 == 4 else i % 2, stamp and stamp[0], pick(STRINGS, i + 3)))
+    return rows, count
+
+
+TYPED_SCHEMA = ("CREATE TABLE typed (id INTEGER PRIMARY KEY AUTOINCREMENT, s TEXT, r REAL, "
+                "i INTEGER, b BLOB, flag BOOLEAN, at DATETIME, u)")
+TYPED_COLUMNS = ["s", "r", "i", "b", "flag", "at", "u"]
+
+
+class ValueTests(WarehouseTestCase):
+    """Values read back from the warehouse equal the SQLite source, typed."""
+
+    def assertSameValue(self, got, want, where):
+        if isinstance(want, float):
+            self.assertIsInstance(got, float, where)
+            if math.isnan(want):
+                self.assertTrue(math.isnan(got), where)
+            else:
+                self.assertEqual(got, want, where)
+                self.assertEqual(math.copysign(1, got), math.copysign(1, want), where)
+        else:
+            self.assertEqual(got, want, where)
+            self.assertEqual(type(got), type(want), where)
+
+    def check_typed_round_trip(self, env, repeat=1, *flags):
+        rows, count = typed_rows()
+        rows, count = rows * repeat, count * repeat
+        db = make_db(self.path("typed.db"), TYPED_SCHEMA, rows, columns=TYPED_COLUMNS)
+        self.assertUploaded(self.upload(db, *flags, env=env))
+        self.assertEqual({s["outcome"] for s in self.warehouse.statements()}, {"ok"})
+        target = "main.sensors.raw_typed"
+        self.assertEqual(self.warehouse.columns(target), {
+            "id": "bigint", "s": "string", "r": "double", "i": "bigint", "b": "binary",
+            "flag": "boolean", "at": "timestamp", "u": "string", "_source_id": "string",
+            "_batch_id": "string", "_uploaded_at": "timestamp", "_rescued_data": "string"})
+        got = self.rows(target)
+        self.assertEqual(len(got), count)
+        # the source as SQLite returns it (type affinity has had its say: NaN is NULL,
+        # '1735787045' in a DATETIME column is an integer)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            source_rows = conn.execute(f"SELECT {', '.join(TYPED_COLUMNS)} FROM typed "
+                                       "ORDER BY id").fetchall()
+        stamps = dict(TIMESTAMPS)
+        for n, (row, source) in enumerate(zip(got, source_rows), start=1):
+            self.assertEqual(row["id"], n)
+            s, r, i, b, flag, at, u = source
+            want = {"s": s, "r": r, "i": i, "b": b, "u": u,
+                    "flag": None if flag is None else bool(flag),
+                    "at": None if at is None else stamps[at]}
+            for column, value in want.items():
+                self.assertSameValue(row[column], value, f"row {n} column {column}")
+
+    def test_inline_statements_land_the_source_values(self):
+        self.check_typed_round_trip(self.env(), 3, "--max-statement-bytes", "10000",
+                                    "--batch-size", "40")
+        self.assertGreater(len(self.statements("INSERT")), 1)
+
+    def test_staged_parquet_lands_the_source_values(self):
+        self.check_typed_round_trip(self.env(DATABRICKS_VOLUME="/Volumes/main/sensors/v"), 100)
+        self.assertTrue(self.statements("COPY INTO"))
+        self.assertFalse(self.statements("INSERT"))
+
+    def test_misfits_are_rescued_not_dropped(self):
+        db = make_db(self.path("misfit.db"), "CREATE TABLE m (id INTEGER PRIMARY KEY "
+                     "AUTOINCREMENT, n INTEGER, at TIMESTAMP, flag BOOLEAN)",
+                     [("12abc", "not a time", 2), (7, "2025-01-02T03:04:05Z", 1)],
+                     columns=["n", "at", "flag"])
+        self.assertUploaded(self.upload(db))
+        first, second = self.rows("main.sensors.raw_m")
+        self.assertEqual((first["n"], first["at"], first["flag"]), (None, None, None))
+        self.assertEqual(json.loads(first["_rescued_data"]),
+                         {"n": "12abc", "at": "not a time", "flag": 2})
+        self.assertEqual((second["n"], second["at"], second["flag"]), (7, TS, True))
+        self.assertIsNone(second["_rescued_data"])
+
+    def test_timestamps_before_year_1000(self):
+        """Spark reads a TIMESTAMP literal's year only with 4 to 6 digits: '0999', not '999'."""
+        db = make_db(self.path("old.db"), "CREATE TABLE old (id INTEGER PRIMARY KEY "
+                     "AUTOINCREMENT, at DATETIME)", [("0999-06-01T00:00:00Z",),
+                                                      ("0001-01-01T00:00:00Z",)],
+                     columns=["at"])
+        self.assertUploaded(self.upload(db))
+        self.assertEqual([r["at"] for r in self.rows("main.sensors.raw_old")],
+                         [utc(999, 6, 1), utc(1, 1, 1)])
+
+
+class RendererTests(WarehouseTestCase):
+    """sql_string, sql_literal, quote_name and the statement builders, through sqlglot."""
+
+    def select(self, literal):
+        """The value of `SELECT <literal>` parsed as Databricks SQL and run on DuckDB."""
+        tree = parse(f"SELECT {literal}")
+        with contextlib.closing(fake_warehouse.duckdb.connect()) as db:
+            return db.execute(tree.sql("duckdb")).fetchone()[0]
+
+    def test_sql_string_round_trips(self):
+        for text in STRINGS + ["'" * 5, "\\" * 5, "${" * 3, "}${a}{"]:
+            with self.subTest(text=text):
+                literal = up.sql_string(text)
+                self.assertNotIn("${", literal, "Spark would substitute it")
+                self.assertIsNone(re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", literal))
+                self.assertEqual(parse(f"SELECT {literal}").expressions[0].name, text)
+                self.assertEqual(self.select(literal), text)
+
+    def test_sql_literal_round_trips(self):
+        cases = [(up.STRING, s) for s in STRINGS] + [(up.DOUBLE, r) for r in REALS]
+        cases += [(up.BIGINT, i) for i in INTS] + [(up.BINARY, b) for b in BLOBS]
+        cases += [(up.BOOLEAN, True), (up.BOOLEAN, False)]
+        for kind, value in cases:
+            with self.subTest(kind=kind, value=value):
+                got = self.select(up.sql_literal(value, kind))
+                if kind == up.DOUBLE and math.isnan(value):
+                    self.assertTrue(math.isnan(got))
+                elif kind == up.DOUBLE:
+                    self.assertEqual((got, math.copysign(1, got)),
+                                     (value, math.copysign(1, value)))
+                else:
+                    self.assertEqual(got, value)
+        for micros, want in [(0, utc(1970, 1, 1)), (-1, utc(1969, 12, 31, 23, 59, 59, 999999)),
+                             (1735787045123456, TS.replace(microsecond=123456))]:
+            literal = up.sql_literal(micros, up.TIMESTAMP)
+            self.assertTrue(literal.startswith("TIMESTAMP'"), literal)
+            self.assertEqual(self.select(literal), want)
+        for kind in (up.STRING, up.DOUBLE, up.BIGINT, up.BINARY, up.BOOLEAN, up.TIMESTAMP):
+            self.assertIsNone(self.select(up.sql_literal(None, kind)))
+
+    def test_names_are_quoted_part_by_part(self):
+        for name in ["plain", "a`b", "``", "it's", 'say "hi"', "; DROP TABLE x; --", "é ü",
+                     "a.b", "`; DROP TABLE x; --`"]:
+            with self.subTest(name=name):
+                tree = parse(f"SELECT {up.quote_name(name)} FROM "
+                             f"{up.qualified_name('main.sensors', name)}")
+                self.assertIsInstance(tree, exp.Select)
+                self.assertEqual(tree.expressions[0].name, name)
+                table = tree.find(exp.Table)
+                self.assertEqual((table.catalog, table.db, table.name),
+                                 ("main", "sensors", name))
+
+    def test_statement_builders_parse(self):
+        target = up.qualified_name("main.sensors", "r`';--")
+        names = ["a`b", "it's", "é"]
+        kinds = [up.STRING, up.DOUBLE, up.TIMESTAMP]
+        create = parse(up.create_table_sql(target, names, kinds))
+        self.assertIsInstance(create, exp.Create)
+        self.assertEqual([c.name for c in create.this.expressions],
+                         names + list(up.LINEAGE_COLUMNS))
+        alter = parse(up.add_columns_sql(target, [("n`ew", up.BIGINT)]))
+        self.assertIsInstance(alter, exp.Alter)
+        copy = parse(up.copy_into_sql(target, "/Volumes/m/s/v/node-1/r`';--", "it's.parquet"))
+        self.assertIsInstance(copy, exp.Copy)
+        self.assertEqual(copy.args["files"][0].name, "/Volumes/m/s/v/node-1/r`';--")
+
+    def test_render_insert_replaces_its_own_batch(self):
+        batch = up.Batch(["a`b", "v"], [["x'1", None], [1.5, float("nan")]], 2, [2],
+                         kinds=[up.STRING, up.DOUBLE], batch_id="state-7")
+        sql = up.render_insert(up.qualified_name("main.sensors", "t"), batch,
+                               up.Identity("node'1", "t", "state"))
+        tree = parse(sql)
+        self.assertIsInstance(tree, exp.Insert)
+        where = tree.args["where"]
+        self.assertEqual({c.name for c in where.find_all(exp.Column)},
+                         {"_source_id", "_batch_id"})
+        self.assertEqual({lit.name for lit in where.find_all(exp.Literal)},
+                         {"node'1", "state-7"})
+        self.assertEqual(len(tree.find(exp.Values).expressions), 2)
