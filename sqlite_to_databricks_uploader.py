@@ -1663,6 +1663,10 @@ class Sink:
         """True when the batch (written as `source_id`, default ours) is in the table."""
         raise NotImplementedError
 
+    def recover_position(self, table, source):
+        """{cursor, carry} after this node's last batch in `table`, or None if none."""
+        raise SinkError(f"sink: {self.name} cannot rebuild a lost state")
+
     def close(self):
         """Release connections."""
 
@@ -1747,6 +1751,20 @@ class DeltaSink(Sink):
     def prepare(self, table, batch):
         return to_record_batch(batch, self.identity)
 
+    def recover_position(self, table, source):
+        """The cursor after this node's last commit to `table`, from the Delta log."""
+        found = self._open(table)
+        if found is None:
+            return None
+        for commit in found.history():  # newest first
+            if (commit.get("uploader.source_id") == self.identity.source_id and
+                    commit.get("uploader.source_table") == source.name):
+                carry = commit.get("uploader.carry")
+                return {"cursor": json.loads(commit["uploader.cursor_end"]),
+                        "carry": json.loads(carry) if carry else None,
+                        "batch_id": commit.get("uploader.batch_id")}
+        return None
+
     def write(self, table, batch):
         for attempt in range(1, self.RETRIES + 1):
             try:
@@ -1769,8 +1787,11 @@ class DeltaSink(Sink):
         from deltalake import CommitProperties, Transaction, write_deltalake
         marker = Transaction(self.identity.app_id, batch.seq)
         meta = {"uploader.source_id": self.identity.source_id,
+                "uploader.source_table": self.identity.source_table,
                 "uploader.batch_id": batch.batch_id,
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end))}
+        if batch.carry is not None:  # open aggregate windows, for --recover-state
+            meta["uploader.carry"] = json.dumps(batch.carry)
         target = self._tables.get(table) or self.table_uri(table)
         write_deltalake(target, batch.payload, mode="append", schema_mode="merge",
                         commit_properties=CommitProperties(app_transactions=[marker],
@@ -2091,6 +2112,23 @@ class DatabricksSink(Sink):
             self.execute(f"REMOVE {sql_string(folder + '/' + name)}", what=f"removing {name}")
         except SinkError as exc:
             log.warning("sink: loaded %s but could not remove it: %s", name, exc)
+
+    def recover_position(self, table, source):
+        """The cursor after this node's rows in `table`: max of an integer cursor column."""
+        cursor = source.cursor
+        if cursor.hidden or len(cursor.columns) != 1 or table.startswith("aggregated_"):
+            raise SinkError(
+                f"sink: cannot recover a {cursor.kind} cursor {cursor.describe()} from "
+                f"{table}: the table does not hold it; --reset-state re-sends everything "
+                "instead (rows already there would be duplicated)")
+        rows = self.retrying("recovering the cursor", lambda: self.execute(
+            f"SELECT max({quote_name(cursor.columns[0])}), count(*) FROM "
+            f"{self.target(table)} WHERE `_source_id` = :source_id",
+            {"source_id": self.identity.source_id}, fetch=True,
+            what=f"reading {table} for --recover-state"))
+        if not rows or rows[0][0] is None:
+            return None
+        return {"cursor": [rows[0][0]], "carry": None, "rows": rows[0][1]}
 
     def has_committed(self, table, seq, batch_id, source_id=None):
         try:
@@ -2740,7 +2778,27 @@ def run_forever(job, sleep_backoff=None):
     return EXIT_OK
 
 
-def open_job(config, reset_state, stop, environ=None):
+def recover_state(job):
+    """--recover-state: rebuild this destination's cursor from what the target holds."""
+    dest = job.sink.destination
+    known = job.checkpoint.data["destinations"].get(dest)
+    if known and (known.get("cursor") is not None or known.get("inflight")):
+        raise StateError(f"state: {job.checkpoint.path} already has a cursor for {dest}; "
+                         "--recover-state is for a lost state file")
+    found = job.sink.recover_position(job.table, job.source)
+    pos = job.checkpoint.position(dest)
+    if found is None:
+        log.warning("state: %s holds nothing from node %s; starting from the beginning",
+                    job.table, job.config.source_id)
+        return
+    pos.update(cursor=found["cursor"], carry=found.get("carry"), rows=found.get("rows", 0),
+               updated_at=utc_now_text())
+    job.checkpoint.save()
+    log.info("state: recovered the cursor %s = %s from %s (node %s)",
+             job.source.cursor.describe(), found["cursor"], job.table, job.config.source_id)
+
+
+def open_job(config, reset_state, stop, environ=None, recover=False):
     """Open source, checkpoint and sink; settle any in-flight batch."""
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
     source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
@@ -2759,6 +2817,8 @@ def open_job(config, reset_state, stop, environ=None):
     if config.target == "delta" and config.origin("delta_uri") == "default":
         log.info("target: no Databricks workspace configured; writing to the local "
                  "Delta lakehouse %s", os.path.abspath(config.delta_uri))
+    if recover:
+        recover_state(job)
     return job
 
 
@@ -3168,6 +3228,9 @@ def build_parser():
                          help="print each setting, its value and its source; exit")
     actions.add_argument("--reset-state", action="store_true",
                          help="forget the saved cursor and upload from the start")
+    actions.add_argument("--recover-state", action="store_true",
+                         help="with the state file lost: rebuild the cursor from what the "
+                              "target holds for this SOURCE_ID, then run")
     actions.add_argument("--demo", action="store_true",
                          help="make sample sensor data in ./demo and upload it once")
     actions.add_argument("--run-query", metavar="SQL",
@@ -3281,7 +3344,7 @@ def run_job(config, args, environ):
     config = check_target(config)
     stop = threading.Event()
     install_signal_handlers(stop)
-    job = open_job(config, args.reset_state, stop, environ)
+    job = open_job(config, args.reset_state, stop, environ, recover=args.recover_state)
     try:
         code = run_forever(job)
         if args.demo:
