@@ -1647,6 +1647,9 @@ class Sink:
         """Largest batch one write takes (None: any); the cycle splits batches to fit."""
         return None
 
+    def learn(self, batch):
+        """See a source batch before it is split (the warehouse sizes statements by it)."""
+
     def prepare(self, table, batch):
         """Encode the batch for this sink; runs in the read-ahead thread, no I/O."""
         return None
@@ -1913,6 +1916,7 @@ class DatabricksSink(Sink):
         self._rows_per_write = 2000
         self._staging_dir = None
         self._credentials = None
+        self._learnt = False
 
     @property
     def destination(self):
@@ -2064,13 +2068,26 @@ class DatabricksSink(Sink):
             return None
         return self._rows_per_write
 
+    def learn(self, batch):
+        if self._learnt or not batch.count:
+            return
+        sample = slice_batch(batch, 0, min(batch.count, 200))
+        sample.kinds = [k or infer_kind(v) for k, v in zip(sample.kinds, sample.values)]
+        columns, _ = render_columns(sample)
+        size = sum(len(",".join(row)) + 3 for row in zip(*columns))
+        self._set_rows_per_write(size / sample.count)
+
+    def _set_rows_per_write(self, bytes_per_row):
+        self._learnt = True
+        budget = self.config.max_statement_bytes * 0.985 - 1000  # the statement's frame
+        self._rows_per_write = max(1, int(budget / max(bytes_per_row, 1.0)))
+
     def prepare(self, table, batch):
         if self.config.databricks_volume and batch.count > self._rows_per_write:
             return StagedFile(batch.batch_id, parquet_bytes(batch, self.identity))
         statement = render_insert(self.target(table), batch, self.identity)
         size = len(statement.encode("utf-8"))
-        per_row = max(size / max(batch.source_count, 1), 1.0)
-        self._rows_per_write = max(1, int(self.config.max_statement_bytes * 0.97 / per_row))
+        self._set_rows_per_write(size / max(batch.source_count, 1))
         return InlineStatement(statement, size)
 
     def fits(self, payload):
@@ -2667,6 +2684,7 @@ def prepare_batches(job, batches, position):
     state_id = job.checkpoint.data["state_id"]
     seq, carry = position["seq"], position.get("carry")
     for batch in batches:
+        job.sink.learn(batch)
         parts = [batch]
         while parts:
             part = parts.pop(0)

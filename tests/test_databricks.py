@@ -479,10 +479,10 @@ class VolumeTests(WarehouseTestCase):
     """PUT ... OVERWRITE, COPY INTO ... FILES, REMOVE after a confirmed load."""
 
     VOLUME = "/Volumes/main/sensors/landing"
-    ROWS = 5000  # batches of more than 2000 rows are staged before any is rendered
+    ROWS = 5000  # batches bigger than one statement (10,000 bytes here) are staged
 
     def staged_upload(self, db, **env):
-        return self.upload(db, "--batch-size", "2500",
+        return self.upload(db, "--batch-size", "2500", "--max-statement-bytes", "10000",
                            env=self.env(DATABRICKS_VOLUME=self.VOLUME, **env))
 
     def volume_files(self):
@@ -938,7 +938,8 @@ class ValueTests(WarehouseTestCase):
         self.assertGreater(len(self.statements("INSERT")), 1)
 
     def test_staged_parquet_lands_the_source_values(self):
-        self.check_typed_round_trip(self.env(DATABRICKS_VOLUME="/Volumes/main/sensors/v"), 100)
+        self.check_typed_round_trip(self.env(DATABRICKS_VOLUME="/Volumes/main/sensors/v"), 100,
+                                    "--max-statement-bytes", "10000")
         self.assertTrue(self.statements("COPY INTO"))
         self.assertFalse(self.statements("INSERT"))
 
