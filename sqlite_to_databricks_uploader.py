@@ -146,7 +146,7 @@ class Config:
         None, "--timestamp-col", "TIMESTAMP_COL", "str",
         "timestamp column (default: detected by name or declared type)", "source")
     batch_size: int = option(
-        100_000, "--batch-size", "BATCH_SIZE", "int",
+        50_000, "--batch-size", "BATCH_SIZE", "int",
         "rows per batch; each batch is one commit and one checkpoint", "source")
     busy_timeout: float = option(
         30.0, "--busy-timeout", "BUSY_TIMEOUT", "float",
@@ -761,36 +761,66 @@ class Batch:
     notes: dict = dataclasses.field(default_factory=dict)
     keys: list = dataclasses.field(default_factory=list)  # cursor columns, per source row
     stamps: object = None  # timestamp column, per source row
+    first: bool = True  # the first chunk of its read statement
+    final: bool = True  # the last chunk of its read statement
 
     def __post_init__(self):
         self.source_count = self.count  # rows read from the source, before processing
 
 
-def read_batches(conn, source, cursor, batch_size):
-    """Yield batches after `cursor` until a short batch says the table is drained."""
-    positions = key_positions(source)
-    ts_pos = source.column_names.index(source.timestamp_col) if source.timestamp_col else None
-    offset = 1 if source.cursor.hidden else 0
-    kinds = source_kinds(source)
+CHUNK_ROWS = 10_000
+
+
+def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
+    """Yield the rows after `cursor` in chunks, until a short batch says it is drained.
+
+    A batch is one statement, so one read transaction. It is fetched chunk by chunk,
+    so that the Python values of only one chunk live at a time; the statement is
+    finished before the batch's last chunk (final=True) is yielded.
+    """
     while True:
         sql = select_sql(source, cursor is not None)
         params = (list(cursor) if cursor is not None else []) + [batch_size]
-        try:
-            rows = conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
+        statement = fetch_rows(source, lambda: conn.execute(sql, params))
+        rows, count, first = fetch_rows(source, lambda: statement.fetchmany(chunk_rows)), 0, True
         if not rows:
+            statement.close()
             return
-        last, count = rows[-1], len(rows)
-        cursor = [last[p] for p in positions]
-        columns = list(zip(*rows))
-        rows = None  # the columns hold the values now; free the row tuples
-        stamps = columns[ts_pos + offset] if ts_pos is not None else None
-        yield Batch(source.column_names, columns[offset:], count, cursor,
-                    stamps[-1] if stamps is not None else None, list(kinds),
-                    keys=[columns[p] for p in positions], stamps=stamps)
+        while rows:
+            count += len(rows)
+            ahead = []
+            if count < batch_size and len(rows) == chunk_rows:
+                ahead = fetch_rows(source, lambda: statement.fetchmany(chunk_rows))
+            if not ahead:
+                statement.close()  # ends the read transaction before the batch moves on
+            chunk = rows_to_batch(source, rows, first, final=not ahead)
+            cursor, rows, first = chunk.cursor_end, ahead, False
+            yield chunk
+            chunk = None  # while the next chunk is read, hold no values of this one
         if count < batch_size:
             return
+
+
+def fetch_rows(source, action):
+    """Run one SQLite call of the batch query; errors are source errors."""
+    try:
+        return action()
+    except sqlite3.Error as exc:
+        raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
+
+
+def rows_to_batch(source, rows, first, final):
+    """Row tuples as a column-major Batch, with the cursor after the last row."""
+    offset = 1 if source.cursor.hidden else 0
+    positions = key_positions(source)
+    ts_pos = source.column_names.index(source.timestamp_col) if source.timestamp_col else None
+    last, count = rows[-1], len(rows)
+    columns = list(zip(*rows))
+    stamps = columns[ts_pos + offset] if ts_pos is not None else None
+    return Batch(source.column_names, columns[offset:], count, [last[p] for p in positions],
+                 stamps[-1] if stamps is not None else None, source_kinds(source),
+                 keys=[columns[p] for p in positions], stamps=stamps, first=first,
+                 final=final)
 
 
 def slice_batch(batch, start, end):
@@ -1795,8 +1825,10 @@ class DeltaSink(Sink):
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end))}
         if batch.carry is not None:  # open aggregate windows, for --recover-state
             meta["uploader.carry"] = json.dumps(batch.carry)
+        from arro3.core import RecordBatchReader
         target = self._tables.get(table) or self.table_uri(table)
-        write_deltalake(target, batch.payload, mode="append", schema_mode="merge",
+        data = RecordBatchReader.from_batches(batch.payload[0].schema, batch.payload)
+        write_deltalake(target, data, mode="append", schema_mode="merge",
                         commit_properties=CommitProperties(app_transactions=[marker],
                                                            custom_metadata=meta))
 
@@ -1917,6 +1949,7 @@ class DatabricksSink(Sink):
         self._staging_dir = None
         self._credentials = None
         self._learnt = False
+        self._part = 0
 
     @property
     def destination(self):
@@ -2083,8 +2116,12 @@ class DatabricksSink(Sink):
         self._rows_per_write = max(1, int(budget / max(bytes_per_row, 1.0)))
 
     def prepare(self, table, batch):
-        if self.config.databricks_volume and batch.count > self._rows_per_write:
-            return StagedFile(batch.batch_id, parquet_bytes(batch, self.identity))
+        if self.config.databricks_volume:
+            # a batch that fits one statement goes inline; bigger ones as Parquet files
+            self._part = 0 if batch.first else self._part + 1
+            if not (batch.first and batch.final and batch.count <= self._rows_per_write):
+                return StagedFile(f"{batch.batch_id}-{self._part}",
+                                  parquet_bytes(batch, self.identity))
         statement = render_insert(self.target(table), batch, self.identity)
         size = len(statement.encode("utf-8"))
         self._set_rows_per_write(size / max(batch.source_count, 1))
@@ -2097,38 +2134,44 @@ class DatabricksSink(Sink):
     def write(self, table, batch):
         self.ensure_table(table, batch.columns, batch.kinds)
         payload = batch.payload
-        if isinstance(payload, StagedFile):
+        staged = [p for p in payload if isinstance(p, StagedFile)] if isinstance(
+            payload, list) else []
+        if staged:
             self.retrying(f"staging batch {batch.batch_id}",
-                          lambda: self._load_staged(table, payload))
+                          lambda: self._load_staged(table, staged))
         else:
+            sql = (payload[0] if isinstance(payload, list) else payload).sql
             self.retrying(f"writing batch {batch.batch_id}", lambda: self.execute(
-                payload.sql, what=f"writing batch {batch.batch_id}"))
+                sql, what=f"writing batch {batch.batch_id}"))
         self.statements += 1
         return Receipt(batch.count)
 
     statements = 0
 
-    def _load_staged(self, table, staged):
-        """PUT the Parquet file into the volume, COPY INTO, then remove the file."""
+    def _load_staged(self, table, files):
+        """PUT the batch's Parquet files into the volume, COPY INTO once, remove them."""
         folder = f"{self.config.databricks_volume.rstrip('/')}/{self.identity.source_id}/{table}"
-        name = f"{staged.batch_id}.parquet"
+        names = [f"{f.name}.parquet" for f in files]
         if self._conn is None:
             self._conn = self._connect()
-        local = os.path.join(self._staging_dir, name)
-        with open(local, "wb") as fh:
-            fh.write(staged.data)
-        try:
-            self.execute(f"PUT {sql_string(local)} INTO {sql_string(folder + '/' + name)} "
-                         "OVERWRITE", what=f"uploading {name} to {folder}")
-            self.execute(copy_into_sql(self.target(table), folder, name),
-                         what=f"loading {name} into {table}")
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(local)
-        try:
-            self.execute(f"REMOVE {sql_string(folder + '/' + name)}", what=f"removing {name}")
-        except SinkError as exc:
-            log.warning("sink: loaded %s but could not remove it: %s", name, exc)
+        for staged, name in zip(files, names):
+            local = os.path.join(self._staging_dir, name)
+            with open(local, "wb") as fh:
+                fh.write(staged.data)
+            try:
+                self.execute(f"PUT {sql_string(local)} INTO {sql_string(folder + '/' + name)} "
+                             "OVERWRITE", what=f"uploading {name} to {folder}")
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(local)
+        self.execute(copy_into_sql(self.target(table), folder, names),
+                     what=f"loading {', '.join(names)} into {table}")
+        for name in names:  # only after the load is confirmed
+            try:
+                self.execute(f"REMOVE {sql_string(folder + '/' + name)}",
+                             what=f"removing {name}")
+            except SinkError as exc:
+                log.warning("sink: loaded %s but could not remove it: %s", name, exc)
 
     def recover_position(self, table, source):
         """The cursor after this node's rows in `table`: max of an integer cursor column."""
@@ -2171,9 +2214,9 @@ class InlineStatement:
 
 @dataclasses.dataclass
 class StagedFile:
-    """A batch as Parquet bytes, to be staged in a volume."""
+    """Part of a batch as Parquet bytes, to be staged in a volume as <name>.parquet."""
 
-    batch_id: str
+    name: str
     data: bytes
 
 
@@ -2229,7 +2272,12 @@ def sql_literal(value, kind):
         return str(value)
     if kind == DOUBLE:
         if math.isfinite(value):
-            return repr(float(value)) + "D"
+            # a decimal literal: the shortest text that reads back as this double (repr
+            # switches to exponent form, a DOUBLE literal, before DECIMAL(38) would
+            # overflow); the insert into the DOUBLE column casts it exactly. Only -0.0
+            # needs the D suffix: a decimal has no negative zero.
+            text = repr(float(value))
+            return text + "D" if text == "-0.0" else text
         name = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
         return f"CAST('{name}' AS DOUBLE)"
     if kind == BOOLEAN:
@@ -2314,10 +2362,11 @@ def column_mapping_sql(target):
     return f"ALTER TABLE {target} SET TBLPROPERTIES ({props})"
 
 
-def copy_into_sql(target, folder, name):
-    """COPY INTO one staged file; COPY INTO skips files it has already loaded."""
+def copy_into_sql(target, folder, names):
+    """COPY INTO the staged files (one commit); it skips files it has already loaded."""
+    files = ", ".join(sql_string(n) for n in ([names] if isinstance(names, str) else names))
     return (f"COPY INTO {target} FROM {sql_string(folder)} FILEFORMAT = PARQUET "
-            f"FILES = ({sql_string(name)}) FORMAT_OPTIONS ('mergeSchema' = 'true') "
+            f"FILES = ({files}) FORMAT_OPTIONS ('mergeSchema' = 'true') "
             "COPY_OPTIONS ('mergeSchema' = 'true')")
 
 
@@ -2621,17 +2670,19 @@ class Job:
 
 
 def prefetch(iterable, stop):
-    """Yield items of `iterable` while a thread produces the next one."""
+    """Yield items of `iterable` while a thread produces the next one.
+
+    The producer hands each item over and waits until it is taken before making the
+    next, so at most two items exist at a time: memory does not grow with the backlog.
+    """
     slot, done = queue.Queue(maxsize=1), object()
-    halt = threading.Event()
+    halt, taken = threading.Event(), threading.Semaphore(0)
 
     def put(item):
+        slot.put(item)
         while not halt.is_set():
-            try:
-                slot.put(item, timeout=0.1)
+            if taken.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def produce():
@@ -2648,6 +2699,7 @@ def prefetch(iterable, stop):
     try:
         while not stop.is_set():
             item = slot.get()
+            taken.release()
             if item is done:
                 return
             if isinstance(item, BaseException):
@@ -2675,38 +2727,91 @@ def settle_inflight(job):
                  flight["batch_id"], flight["table"])
 
 
-def prepare_batches(job, batches, position):
-    """Process, number, type and encode each batch (in the read-ahead thread).
+def prepare_batches(job, chunks, position):
+    """Process, number, type and encode the rows read (in the read-ahead thread).
 
-    A batch too big for one write of the sink is split (by source rows, so each part
-    has its own cursor) and each part becomes a batch of its own.
+    For a sink that takes any number of rows in one write, the chunks of a batch are
+    encoded one by one and written together: one batch, one commit. For the warehouse,
+    rows are cut into batches of one statement each (by source rows, so each batch
+    has its own cursor). Nothing is handed on until the read statement has finished,
+    so no read transaction is held while a write waits.
     """
     state_id = job.checkpoint.data["state_id"]
     seq, carry = position["seq"], position.get("carry")
+    ready, merged = [], []
+    for chunk in chunks:
+        job.sink.learn(chunk)
+        if job.sink.rows_per_write() is None:
+            out, carry = encode_part(job, chunk, carry, seq + 1, state_id)
+            merged.append(out)
+            if chunk.final:
+                unit, merged = merge_parts(merged), []
+                seq += 1 if unit.count else 0
+                ready.append(unit)
+        else:
+            units, seq, carry = fit_statements(job, chunk, seq, carry, state_id)
+            ready += units
+        if chunk.final:
+            yield from ready
+            ready = []
+
+
+def encode_part(job, part, carry, seq, state_id):
+    """Process and encode one part as batch `seq`; return (part, carry after it)."""
+    out, after = process_batch(job.plan, part, carry)
+    if out.count:
+        out.seq, out.batch_id = seq, f"{state_id}-{seq}"
+        out.kinds = resolve_kinds(out, job.kinds)
+        out.payload = job.sink.prepare(job.table, out)
+    out.carry = after
+    return out, after
+
+
+def forget_values(*batches):
+    """Encoded: let the Python objects go."""
     for batch in batches:
-        job.sink.learn(batch)
-        parts = [batch]
-        while parts:
-            part = parts.pop(0)
-            limit = job.sink.rows_per_write()  # learnt from the batches encoded so far
-            if limit and part.count > limit:
-                parts[:0] = [slice_batch(part, limit, part.count)]
-                part = slice_batch(part, 0, limit)
-            out, after = process_batch(job.plan, part, carry)
-            if out.count:
-                out.seq, out.batch_id = seq + 1, f"{state_id}-{seq + 1}"
-                out.kinds = resolve_kinds(out, job.kinds)
-                out.payload = job.sink.prepare(job.table, out)
-                if not job.sink.fits(out.payload) and part.count > 1:
-                    half = part.count // 2
-                    parts[:0] = [slice_batch(part, 0, half),
-                                 slice_batch(part, half, part.count)]
-                    continue
-                seq += 1
-                if out.payload is not None:  # encoded: let the Python objects go
-                    out.values, out.keys, out.stamps = None, [], None
-            carry = out.carry = after
-            yield out
+        batch.values, batch.keys, batch.stamps = None, [], None
+
+
+def merge_parts(parts):
+    """The encoded chunks of one batch as one batch (one write, one checkpoint)."""
+    done = [p for p in parts if p.count]
+    last = parts[-1]
+    shape = done[-1] if done else last
+    unit = dataclasses.replace(
+        last, columns=shape.columns, kinds=shape.kinds, count=sum(p.count for p in done),
+        payload=[p.payload for p in done] if done else None,
+        seq=done[0].seq if done else 0, batch_id=done[0].batch_id if done else "",
+        values=None, keys=[], stamps=None)
+    unit.source_count = sum(p.source_count for p in parts)
+    unit.rescued = sum(p.rescued for p in parts)
+    unit.notes = {}
+    for part in parts:
+        for key, value in part.notes.items():
+            unit.notes[key] = unit.notes.get(key, 0) + value
+    forget_values(*parts)
+    return unit
+
+
+def fit_statements(job, batch, seq, carry, state_id):
+    """Cut a chunk into batches of one warehouse statement each; halve what overflows."""
+    units, parts = [], [batch]
+    while parts:
+        part = parts.pop(0)
+        limit = job.sink.rows_per_write()  # learnt from the rows encoded so far
+        if limit and part.count > limit:
+            parts[:0] = [slice_batch(part, limit, part.count)]
+            part = slice_batch(part, 0, limit)
+        out, after = encode_part(job, part, carry, seq + 1, state_id)
+        if out.count and not job.sink.fits(out.payload) and part.count > 1:
+            half = part.count // 2
+            parts[:0] = [slice_batch(part, 0, half), slice_batch(part, half, part.count)]
+            continue
+        seq += 1 if out.count else 0
+        carry = after
+        forget_values(out, part)
+        units.append(out)
+    return units, seq, carry
 
 
 def write_batch(job, batch):

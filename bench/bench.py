@@ -12,6 +12,7 @@ hits all of them, and reported as a ratio to the baseline plus the absolute medi
     python bench/bench.py processing   [--rows 1000000]
     python bench/bench.py warehouse    [--rows 1000000]
     python bench/bench.py all [--dlt]  (each of the above, results to bench/RESULTS.md)
+    python bench/bench.py report       (RESULTS.md again from the last `all`)
 
 Data is made once per size in bench/data/ (the Bacalhau sensor schema: 21 columns,
 20 sensors, one reading per sensor per second, ISO-8601 text timestamps). The bench
@@ -645,6 +646,10 @@ def report(out, argv):
                   f"{staging['statements']}. Rows as SQL literals: "
                   f"{wh['literal_bytes']:,} bytes; Parquet staged: "
                   f"{staging['baseline_bytes']:,} bytes.", ""]
+    if os.path.exists(os.path.join(HERE, "ANALYSIS.md")):
+        parts += ["## Analysis of the misses", "",
+                  "Written by hand from the profiles below and a few experiments: see "
+                  "[ANALYSIS.md](ANALYSIS.md) (it names the run it was written for).", ""]
     if out.get("profiles"):
         parts += ["## Profiles of missed targets", ""]
         for name, text in out["profiles"].items():
@@ -683,6 +688,11 @@ def profile_missed(out, rows):
     if any(t.startswith("warehouse inline") for t in missed):
         wanted.append(("inline", None))
     profiles = {}
+    if any("peak RSS" in t for t in missed):
+        profiles["peak RSS by backlog: Python heap (tracemalloc) vs RSS"] = "\n".join(
+            run_json([*IN_SCRIPT_ENV, os.path.abspath(__file__), "profile-inprocess",
+                      "--what", "memory", "--rows", str(size)])["text"]
+            for size in sorted(int(k) for k in out["memory"]["sizes"])[:2])
     for kind, name in wanted:
         args = ["profile-inprocess", "--what", kind, "--rows", str(rows)]
         if name:
@@ -704,6 +714,15 @@ def profile_inprocess(what, rows, stage):
     argv = ["--sqlite", db, "--state-dir", state, "--delta-uri", lake, "--once",
             "--log-level", "WARNING"]
     environ = dict(os.environ)
+    if what == "memory":
+        import resource
+        import tracemalloc
+        tracemalloc.start()
+        code = up.main(argv)
+        _, heap = tracemalloc.get_traced_memory()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"title": "memory", "text": f"{rows:>10,} rows: exit {code}, Python heap peak "
+                f"{heap / 2**20:.0f} MB, peak RSS {peak:.0f} MB (RSS inflated by tracemalloc's own bookkeeping)"}
     if what == "incremental":
         inc = os.path.join(WORK, "prof_inc.db")
         shutil.copyfile(sensor_db(rows), inc)
@@ -754,7 +773,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("first-upload", "incremental", "idle-cycle",
                                          "memory", "processing", "warehouse", "all",
-                                         "idle-inprocess", "profile-inprocess"))
+                                         "report", "idle-inprocess", "profile-inprocess"))
     parser.add_argument("--rows", type=int)
     parser.add_argument("--new", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=5)
@@ -773,6 +792,11 @@ def main(argv=None):
         return
     if args.what == "profile-inprocess":
         print(json.dumps(profile_inprocess(args.profile_what, args.rows, args.stage)))
+        return
+    if args.what == "report":  # RESULTS.md again from the last `all` (e.g. new ANALYSIS.md)
+        with open(os.path.join(DATA, "results_all.json")) as fh:
+            out = json.load(fh)
+        report(out, out.get("argv", ["all", "--dlt"]))
         return
     began, digest = time.time(), script_digest()
     every = args.what == "all"
@@ -799,6 +823,7 @@ def main(argv=None):
     out["targets"] = [{"target": t, "measured": m, "pass": ok} for t, m, ok in targets(out)]
     out["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out["elapsed_min"] = round((time.time() - began) / 60, 1)
+    out["argv"] = argv
     with open(os.path.join(DATA, f"results_{args.what}.json"), "w") as fh:
         json.dump(out, fh, indent=1)
     if every:
