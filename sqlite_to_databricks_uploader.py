@@ -1247,6 +1247,9 @@ def compile_aggregate(config, names, kinds, timestamp_col):
     group_by = spec.get("group_by") or []
     if isinstance(group_by, str):
         group_by = [group_by]
+    if not isinstance(group_by, list) or not all(isinstance(c, str) for c in group_by):
+        raise ConfigError(f"config: {where}: group_by must be a column name or a list of "
+                          f"them (got {json.dumps(group_by)})")
     for column in group_by:
         if column not in names and column not in TIME_PARTS:
             check_column(column, names + sorted(TIME_PARTS), where + ": group_by")
@@ -1587,7 +1590,8 @@ def micros_to_iso(micros):
 def encode_carry(open_, watermark):
     """Open windows as JSON-safe data for the checkpoint."""
     return {"watermark": watermark,
-            "open": [[encode_cursor(list(group)), start, acc[0], acc[1]]
+            "open": [[encode_cursor(list(group)), start, acc[0],
+                      {m: list(v) for m, v in acc[1].items()}]
                      for (group, start), acc in open_.items()]}
 
 
@@ -1595,7 +1599,8 @@ def decode_carry(carry):
     """Inverse of encode_carry; a missing carry is an empty one."""
     if not carry:
         return {"open": {}, "watermark": None}
-    open_ = {(tuple(decode_cursor(group)), start): [records, measures]
+    open_ = {(tuple(decode_cursor(group)), start):
+             [records, {m: list(v) for m, v in measures.items()}]
              for group, start, records, measures in carry["open"]}
     return {"open": open_, "watermark": carry["watermark"]}
 
@@ -2125,6 +2130,9 @@ class DatabricksSink(Sink):
         statement = render_insert(self.target(table), batch, self.identity)
         size = len(statement.encode("utf-8"))
         self._set_rows_per_write(size / max(batch.source_count, 1))
+        if self.config.databricks_volume and size > self.config.max_statement_bytes:
+            return StagedFile(f"{batch.batch_id}-{self._part}",
+                              parquet_bytes(batch, self.identity))
         return InlineStatement(statement, size)
 
     def fits(self, payload):
@@ -2509,7 +2517,10 @@ class Checkpoint:
     def lock(self):
         """Take the state lock, or fail naming the process that holds it."""
         lock_path = self.path + ".lock"
-        fh = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fh = open(lock_path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise StateError(f"state: cannot open {lock_path}: {exc.strerror}") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2519,10 +2530,15 @@ class Checkpoint:
             raise LockedError(f"state: another uploader (pid {holder}) is using "
                               f"{os.path.abspath(self.dir)}; one uploader per state "
                               "directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # close() flushes the pid again
+                fh.close()
+            raise StateError(f"state: cannot write {lock_path}: {exc.strerror}") from None
         self._lock = fh
 
     def load(self, source_desc, reset=False):
@@ -2834,9 +2850,13 @@ def run_cycle(job):
     settle_inflight(job)  # a failed write of the previous cycle may have landed
     pos = job.checkpoint.position(dest)
     cursor = decode_cursor(pos["cursor"])
-    check_not_behind(conn, source, cursor)
-    report_null_timestamps(conn, source)
-    pending = count_pending(conn, source, cursor)
+    try:
+        check_not_behind(conn, source, cursor)
+        report_null_timestamps(conn, source)
+        report_late_rows(conn, source, pos, cursor)
+        pending = count_pending(conn, source, cursor)
+    except sqlite3.Error as exc:
+        raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
     started, done, read = time.monotonic(), 0, 0
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
@@ -2857,6 +2877,11 @@ def run_cycle(job):
         if pending > 2 * job.config.batch_size:
             PROGRESS.show(read, pending, read / max(time.monotonic() - started, 1e-9))
     PROGRESS.clear()
+    if not job.stop.is_set():
+        try:
+            remember_end(job)
+        except sqlite3.Error as exc:
+            raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
     elapsed = time.monotonic() - started
     log.info("cycle: %d rows read, %d rows uploaded to %s in %.2f s%s%s", read, done,
              job.table, elapsed, "".join(f", {v} {k.replace('_', ' ')}"
@@ -2868,6 +2893,35 @@ def run_cycle(job):
                     "longer for late rows)", notes.get("late", 0), notes.get("untimed", 0),
                     job.table)
     return done
+
+
+def report_late_rows(conn, source, pos, cursor):
+    """Warn about rows added since the last cycle ended that sort before the cursor: the
+    pair cursor has passed them (late rows, or mixed timestamp formats)."""
+    seen = pos.get("seen")
+    if source.cursor.kind != "pair" or source.without_rowid or not seen or cursor is None:
+        return
+    tie, table = key_sql(source.cursor)[-1], quote_ident(source.name)
+    late = conn.execute(f"SELECT count(*) FROM {table} WHERE {tie} > ? AND "
+                        f"{cursor_condition(source.cursor, True, op='<')}",
+                        [seen, *cursor]).fetchone()[0]
+    if late:
+        log.warning("source: %d rows arrived with a %r that sorts before the cursor and "
+                    "are not uploaded (late rows, or mixed timestamp formats); fix: INTEGER "
+                    "PRIMARY KEY AUTOINCREMENT on the table", late, source.timestamp_col)
+
+
+def remember_end(job):
+    """After a drained cycle: the highest rowid, so the next one can spot late rows."""
+    source = job.source
+    if source.cursor.kind != "pair" or source.without_rowid:
+        return
+    tie = key_sql(source.cursor)[-1]
+    high = job.conn.execute(f"SELECT max({tie}) FROM {quote_ident(source.name)}").fetchone()
+    pos = job.checkpoint.position(job.sink.destination)
+    if pos.get("seen") != high[0]:
+        pos["seen"] = high[0]
+        job.checkpoint.save()
 
 
 def report_null_timestamps(conn, source):
@@ -2929,7 +2983,12 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
     plan = compile_plan(config, source, os.environ if environ is None else environ)
     checkpoint = Checkpoint(resolve_state_dir(config))
     checkpoint.lock()
-    checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
+    try:
+        checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
+    except BaseException:
+        checkpoint.close()
+        conn.close()
+        raise
     identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
     sink = make_sink(config, identity)
     job = Job(config, conn, source, checkpoint, sink, target_table(config, source), stop,

@@ -41,6 +41,7 @@ OTHER_ENV = {
     "PATH", "HOME", "SHELL", "MAILTO",  # the shell and cron (crontab.txt)
     "BASH_SOURCE",                      # bash (start-uploader.sh)
     "CONFIG_FILE",                      # start-uploader.sh's usage placeholder, not a variable
+    "RELIABILITY_SEED",                 # read by tests/test_reliability.py, not the tool
 }
 OTHER_ENV_PREFIXES = (
     "AWS_", "AZURE_", "GOOGLE_",  # object-store credentials, read by deltalake itself
