@@ -35,6 +35,8 @@ OTHER_FLAGS = {
     "--with", "--with-requirements", "--script", "--quiet",  # uv run
     "--system", "--no-create-home", "--shell",              # useradd (systemd example)
     "--now",                                                # systemctl enable
+    "--container",                        # start-uploader.sh's own: run in the uv image
+    "--rm", "--init", "--name",                             # docker run
 }
 # Environment variables of other programs, named on purpose by the docs.
 OTHER_ENV = {
@@ -42,6 +44,7 @@ OTHER_ENV = {
     "BASH_SOURCE",                      # bash (start-uploader.sh)
     "CONFIG_FILE",                      # start-uploader.sh's usage placeholder, not a variable
     "RELIABILITY_SEED",                 # read by tests/test_reliability.py, not the tool
+    "DATA_DIR", "STATE_HOST_DIR",       # start-uploader.sh --container: host directories
 }
 OTHER_ENV_PREFIXES = (
     "AWS_", "AZURE_", "GOOGLE_",  # object-store credentials, read by deltalake itself
