@@ -1955,7 +1955,6 @@ class DatabricksSink(Sink):
         self._staging_dir = None
         self._credentials = None
         self._learnt = False
-        self._part = 0
 
     @property
     def destination(self):
@@ -2123,17 +2122,15 @@ class DatabricksSink(Sink):
 
     def prepare(self, table, batch):
         if self.config.databricks_volume:
-            # a batch that fits one statement goes inline; bigger ones as Parquet files
-            self._part = 0 if batch.first else self._part + 1
+            # a batch that fits one statement goes inline; bigger ones as one Parquet
+            # file, written from the chunks' Arrow data when the batch is sent
             if not (batch.first and batch.final and batch.count <= self._rows_per_write):
-                return StagedFile(f"{batch.batch_id}-{self._part}",
-                                  parquet_bytes(batch, self.identity))
+                return to_record_batch(batch, self.identity)
         statement = render_insert(self.target(table), batch, self.identity)
         size = len(statement.encode("utf-8"))
         self._set_rows_per_write(size / max(batch.source_count, 1))
         if self.config.databricks_volume and size > self.config.max_statement_bytes:
-            return StagedFile(f"{batch.batch_id}-{self._part}",
-                              parquet_bytes(batch, self.identity))
+            return to_record_batch(batch, self.identity)
         return InlineStatement(statement, size)
 
     def fits(self, payload):
@@ -2143,9 +2140,10 @@ class DatabricksSink(Sink):
     def write(self, table, batch):
         self.ensure_table(table, batch.columns, batch.kinds)
         payload = batch.payload
-        staged = [p for p in payload if isinstance(p, StagedFile)] if isinstance(
+        arrow = [p for p in payload if not isinstance(p, InlineStatement)] if isinstance(
             payload, list) else []
-        if staged:
+        if arrow:
+            staged = [StagedFile(batch.batch_id, parquet_bytes(arrow))]
             self.retrying(f"staging batch {batch.batch_id}",
                           lambda: self._load_staged(table, staged))
         else:
@@ -2379,17 +2377,20 @@ def copy_into_sql(target, folder, names):
             "COPY_OPTIONS ('mergeSchema' = 'true')")
 
 
-def parquet_bytes(batch, identity):
-    """The batch (with lineage columns) as one Parquet file, written by deltalake."""
+def parquet_bytes(parts):
+    """Arrow record batches as one Parquet file (written by deltalake: no pyarrow)."""
     import glob
     import shutil
     import tempfile
+    from arro3.core import RecordBatchReader
     from deltalake import write_deltalake
-    data = to_record_batch(batch, identity)
+    data = RecordBatchReader.from_batches(parts[0].schema, parts)
     folder = tempfile.mkdtemp(prefix="uploader-parquet-")
     try:
-        write_deltalake(folder, data, mode="overwrite")
+        write_deltalake(folder, data, mode="overwrite", target_file_size=2**40)
         files = glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)
+        if len(files) != 1:
+            raise SinkError(f"sink: expected one Parquet file, deltalake wrote {len(files)}")
         with open(files[0], "rb") as fh:
             return fh.read()
     finally:
