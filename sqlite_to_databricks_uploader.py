@@ -782,8 +782,8 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
     while True:
         sql = select_sql(source, cursor is not None)
         params = (list(cursor) if cursor is not None else []) + [batch_size]
-        statement = fetch_rows(source, lambda: conn.execute(sql, params))
-        rows, count, first = fetch_rows(source, lambda: statement.fetchmany(chunk_rows)), 0, True
+        statement = reading_source(source, lambda: conn.execute(sql, params))
+        rows, count, first = reading_source(source, lambda: statement.fetchmany(chunk_rows)), 0, True
         if not rows:
             statement.close()
             return
@@ -791,7 +791,7 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
             count += len(rows)
             ahead = []
             if count < batch_size and len(rows) == chunk_rows:
-                ahead = fetch_rows(source, lambda: statement.fetchmany(chunk_rows))
+                ahead = reading_source(source, lambda: statement.fetchmany(chunk_rows))
             if not ahead:
                 statement.close()  # ends the read transaction before the batch moves on
             chunk = rows_to_batch(source, rows, first, final=not ahead)
@@ -802,8 +802,8 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
             return
 
 
-def fetch_rows(source, action):
-    """Run one SQLite call of the batch query; errors are source errors."""
+def reading_source(source, action):
+    """Run one SQLite call on the source; its errors are source errors."""
     try:
         return action()
     except sqlite3.Error as exc:
@@ -2150,10 +2150,7 @@ class DatabricksSink(Sink):
             sql = (payload[0] if isinstance(payload, list) else payload).sql
             self.retrying(f"writing batch {batch.batch_id}", lambda: self.execute(
                 sql, what=f"writing batch {batch.batch_id}"))
-        self.statements += 1
         return Receipt(batch.count)
-
-    statements = 0
 
     def _load_staged(self, table, files):
         """PUT the batch's Parquet files into the volume, COPY INTO once, remove them."""
@@ -2585,20 +2582,20 @@ class Checkpoint:
         """The in-flight batch is in the target: advance the cursor past it."""
         pos = self.position(destination)
         flight = pos["inflight"]
-        pos.update(cursor=flight["cursor_end"], seq=flight["seq"], inflight=None,
-                   rows=pos["rows"] + flight["rows"], table=flight["table"],
-                   carry=flight.get("carry"), updated_at=utc_now_text())
-        if flight.get("last_upload") is not None:
-            pos["last_upload"] = flight["last_upload"]
-        self.save()
+        pos.update(seq=flight["seq"], inflight=None, rows=pos["rows"] + flight["rows"],
+                   table=flight["table"])
+        self._move(pos, flight["cursor_end"], flight.get("carry"), flight.get("last_upload"))
 
     def advance(self, destination, batch):
         """A batch that left nothing to write (all filtered, windows still open)."""
-        pos = self.position(destination)
-        pos.update(cursor=encode_cursor(batch.cursor_end), carry=batch.carry,
-                   updated_at=utc_now_text())
-        if batch.last_timestamp is not None:
-            pos["last_upload"] = batch.last_timestamp
+        self._move(self.position(destination), encode_cursor(batch.cursor_end),
+                   batch.carry, batch.last_timestamp)
+
+    def _move(self, pos, cursor, carry, last_upload):
+        """Put the cursor (already encoded) and the open windows after a batch; save."""
+        pos.update(cursor=cursor, carry=carry, updated_at=utc_now_text())
+        if last_upload is not None:
+            pos["last_upload"] = last_upload
         self.save()
 
     def abandon(self, destination):
@@ -2870,7 +2867,7 @@ def upload_pending(job):
     settle_inflight(job)  # a failed write of the previous cycle may have landed
     pos = job.checkpoint.position(job.sink.destination)
     cursor = decode_cursor(pos["cursor"])
-    pending = reading_source(job, lambda: check_source(job, pos, cursor))
+    pending = reading_source(job.source, lambda: check_source(job, pos, cursor))
     started, done, read, notes = time.monotonic(), 0, 0, {}
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
@@ -2887,17 +2884,9 @@ def upload_pending(job):
             PROGRESS.show(read, pending, read / max(time.monotonic() - started, 1e-9))
     PROGRESS.clear()
     if not job.stop.is_set():
-        reading_source(job, lambda: remember_end(job))
+        reading_source(job.source, lambda: remember_end(job))
     log_cycle(job, read, done, time.monotonic() - started, notes)
     return done
-
-
-def reading_source(job, action):
-    """Run source queries outside the batch reader; SQLite errors are source errors."""
-    try:
-        return action()
-    except sqlite3.Error as exc:
-        raise SourceError(f"source: reading {job.source.name!r} failed: {exc}") from None
 
 
 def check_source(job, pos, cursor):
