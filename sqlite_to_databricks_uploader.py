@@ -65,6 +65,12 @@ LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
 
 log = logging.getLogger("uploader")
 
+# deltalake allocates with its own jemalloc, which by default keeps freed pages for
+# 10 s: with a commit every second or two, the process grew with the backlog. Give
+# them back at once (no measurable cost), unless the user tuned it. jemalloc reads
+# this when deltalake is first imported, which is after this line.
+os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
+
 
 # === Errors ==========================================================================
 
@@ -789,15 +795,18 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
             return
         while rows:
             count += len(rows)
-            ahead = []
+            ahead = None
             if count < batch_size and len(rows) == chunk_rows:
-                ahead = reading_source(source, lambda: statement.fetchmany(chunk_rows))
-            if not ahead:
+                ahead = reading_source(source, statement.fetchone)  # is there more?
+            if ahead is None:
                 statement.close()  # ends the read transaction before the batch moves on
-            chunk = rows_to_batch(source, rows, first, final=not ahead)
-            cursor, rows, first = chunk.cursor_end, ahead, False
+            chunk = rows_to_batch(source, rows, first, final=ahead is None)
+            cursor, rows, first = chunk.cursor_end, None, False
             yield chunk
             chunk = None  # while the next chunk is read, hold no values of this one
+            if ahead is not None:
+                rows = [ahead]
+                rows += reading_source(source, lambda: statement.fetchmany(chunk_rows - 1))
         if count < batch_size:
             return
 
@@ -2758,6 +2767,7 @@ def prepare_batches(job, chunks, position):
         job.sink.learn(chunk)
         if job.sink.rows_per_write() is None:
             out, carry = encode_part(job, chunk, carry, seq + 1, state_id)
+            forget_values(out, chunk)  # encoded: only one chunk's values live at a time
             merged.append(out)
             if chunk.final:
                 unit, merged = merge_parts(merged), []
@@ -2852,7 +2862,10 @@ def run_cycle(job):
 @contextlib.contextmanager
 def gc_paused():
     """Pause the cyclic garbage collector: a cycle makes millions of row tuples, which
-    form no cycles but would trigger collections over and over (about 10% of a run)."""
+    form no cycles but would trigger collections over and over (about 10% of a run).
+    The few cycles a batch does make (the JSON encoder's closures when the state is
+    saved, deltalake's schema conversion) are collected after each batch, so a long
+    backlog does not pile them up."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -2875,6 +2888,7 @@ def upload_pending(job):
     mark = started
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         receipt = write_batch(job, batch)
+        gc.collect(0)  # the batch's few reference cycles (see gc_paused)
         done, read = done + batch.count, read + batch.source_count
         for key, value in batch.notes.items():
             notes[key] = notes.get(key, 0) + value

@@ -258,5 +258,35 @@ class BatchTest(CycleTestCase):
         self.assert_exactly_once(self.db)
 
 
+class MemoryTest(CycleTestCase):
+    """A batch is read in chunks; the Python values of one chunk live at a time."""
+
+    ROWS_SECONDS = 1200  # 24,000 rows
+
+    def python_peak(self, batch_size, name):
+        """Peak of the Python heap (tracemalloc) over one --once upload, 1,000-row chunks."""
+        import tracemalloc
+        lake, state = self.path(name), self.path(name + "-state")
+        env = self.base_env(DELTA_URI=lake, STATE_DIR=state)
+        argv = ["--sqlite", self.db, "--once", "--batch-size", str(batch_size)]
+        with mock.patch.object(up.read_batches, "__defaults__", (1000,)):
+            tracemalloc.start()
+            try:
+                code, _, err = run_main(argv, env)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        self.assertEqual(code, 0, err)
+        self.assert_exactly_once(self.db, lake, state)
+        return peak
+
+    def test_a_big_batch_holds_no_more_python_values_than_a_small_one(self):
+        self.python_peak(2_000, "warm-up")  # imports and caches are not the batch's
+        small = self.python_peak(2_000, "small")  # 12 batches of 2 chunks
+        big = self.python_peak(24_000, "big")  # 1 batch of 24 chunks
+        # Holding every chunk of the big batch until its write would be about 12x.
+        self.assertLess(big, 2 * small, f"peak {big:,} B vs {small:,} B")
+
+
 if __name__ == "__main__":
     unittest.main()
