@@ -1889,7 +1889,7 @@ def arrow_type(kind):
 
 def to_arrow_array(values, kind, name, rescued):
     """One Arrow column: fast path through Arrow, per-value fallback for misfits."""
-    from arro3.core import Array, DataType
+    from arro3.core import Array
     if kind == TIMESTAMP:
         return timestamp_array(values, name, rescued)
     if kind != BOOLEAN:

@@ -1,15 +1,18 @@
 """Shared builders for the tests: temp SQLite files, runs of main(), Delta readers."""
 
+import collections
 import contextlib
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,12 +95,62 @@ def run_main(argv, env):
     return code, out.getvalue(), err.getvalue()
 
 
+def child_env(env):
+    """A minimal environment for a child process, plus `env`."""
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    full.update({k: str(v) for k, v in env.items()})
+    return full
+
+
 def run_script(argv, env, cwd=None, timeout=120):
     """Run the script as a user would, in a subprocess of this Python."""
-    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    full_env.update(env)
-    return subprocess.run([sys.executable, SCRIPT, *argv], env=full_env, cwd=cwd,
+    return subprocess.run([sys.executable, SCRIPT, *argv], env=child_env(env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+KILL_DRIVER = os.path.join(ROOT, "tests", "kill_driver.py")
+
+
+def run_driver(hook, k, argv, env, timeout=120):
+    """Run main(argv) under tests/kill_driver.py, a fault planted at the k-th `hook`."""
+    return subprocess.run([sys.executable, KILL_DRIVER, hook, str(k), *argv],
+                          env=child_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_driver(hook, k, argv, env, log_path):
+    """run_driver in the background; its output goes to log_path."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, KILL_DRIVER, hook, str(k), *argv],
+                                env=child_env(env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout=60, what="a condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds (never a timing test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def read_state(state_dir):
+    """The parsed state file, or None when there is none (it must always parse)."""
+    path = os.path.join(state_dir, up.STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def destination_of(state, uri):
+    """The progress record of the Delta destination at `uri` (None if none yet)."""
+    if not state:
+        return None
+    base = os.path.abspath(uri)
+    found = [pos for key, pos in state["destinations"].items() if key.endswith(base)]
+    return found[0] if found else None
 
 
 def read_delta(uri, sql=None, table=None):
@@ -124,3 +177,64 @@ def file_digest(path):
     """SHA-256 of a file's bytes."""
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
+
+
+class PipelineTestCase(TempDirTestCase):
+    """Runs of main() against SQLite files in the temp dir, and what they left behind."""
+
+    def env(self, where="", **extra):
+        """base_env(), optionally with state and lake in a subdirectory `where`."""
+        env = self.base_env(**extra)
+        if where:
+            env.update(STATE_DIR=self.path(where, "state"), DELTA_URI=self.path(where, "lake"))
+        return env
+
+    def make(self, schema, rows=(), columns=None, where="", name="source.db", **kw):
+        """A SQLite file `name` (in subdirectory `where`) with `schema` and rows."""
+        os.makedirs(self.path(where), exist_ok=True)
+        return make_db(self.path(where, name), schema, rows, columns, **kw)
+
+    def insert(self, db, rows, columns=None, table=None):
+        """Insert and commit rows, as the sensor would."""
+        conn = sqlite3.connect(db)
+        try:
+            with conn:
+                insert_rows(conn, rows, columns, table)
+        finally:
+            conn.close()
+
+    def upload(self, db, *flags, where="", expect=0, **extra):
+        """One --once run; assert its exit code; return stderr (the log)."""
+        code, _out, err = run_main(["--sqlite", db, "--once", *flags],
+                                           self.env(where, **extra))
+        self.assertEqual(code, expect, f"exit code {code}; stderr:\n{err}")
+        return err
+
+    def lake(self, table, where=""):
+        return os.path.join(self.env(where)["DELTA_URI"], table)
+
+    def landed(self, table, where="", key=None):
+        """Rows of the target table (none if it was never created), sorted by `key`."""
+        uri = self.lake(table, where)
+        if not os.path.isdir(os.path.join(uri, "_delta_log")):
+            return []
+        rows = read_delta(uri)
+        return sorted(rows, key=lambda r: r[key]) if key else rows
+
+    def state(self, where=""):
+        with open(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE),
+                  encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def position(self, where=""):
+        """The progress record of the only destination in the state file."""
+        destinations = self.state(where)["destinations"]
+        self.assertEqual(len(destinations), 1, destinations)
+        return next(iter(destinations.values()))
+
+    def assert_once(self, rows, column, expected):
+        """Each expected value of `column` landed exactly once, and nothing else."""
+        counts = collections.Counter(r[column] for r in rows)
+        dupes = {v: n for v, n in counts.items() if n > 1}
+        self.assertEqual(dupes, {}, "rows landed more than once")
+        self.assertEqual(sorted(counts, key=repr), sorted(expected, key=repr))

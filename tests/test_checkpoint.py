@@ -12,10 +12,9 @@ import time
 import unittest
 from unittest import mock
 
-from tests.helpers import (SCRIPT, TempDirTestCase, file_digest, make_db, run_main,
-                           run_script, sensor_db, up)
-from tests.test_crash import (UploadChecks, add_rows, child_env, destination_of,
-                              read_state, target_ids, wait_for)
+from tests.helpers import (SCRIPT, TempDirTestCase, child_env, destination_of, file_digest,
+                           make_db, read_state, run_main, run_script, sensor_db, up, wait_for)
+from tests.test_crash import UploadChecks, add_rows, target_ids
 
 TOKEN = "dapi-0123456789abcdef-NEVER-IN-STATE"
 

@@ -1,8 +1,7 @@
 """Crash safety (DESIGN 5): SIGKILL the uploader anywhere; every row still lands once.
 
-A driver script, written into the test's temp dir, imports the uploader, plants an
-os.kill(SIGKILL) at the k-th call of one function (before or after it runs) and calls
-main(). Each scenario kills a --once upload again and again, each run at a later
+The kill driver (tests/kill_driver.py) imports the uploader, plants an os.kill(SIGKILL)
+at the k-th call of one function (before or after it runs) and calls main(). Each scenario kills a --once upload again and again, each run at a later
 call, restarting until a run completes; after every kill the state file must parse
 and agree with the Delta table, and at the end every source row must be in the table
 exactly once and the cursor must equal the last id. A last scenario kills at random
@@ -21,159 +20,10 @@ import sys
 import time
 import unittest
 
-from tests.helpers import (FIXED_START, ROOT, SCRIPT, TempDirTestCase, read_delta,
-                           sensor_db, up)
+from tests.helpers import (FIXED_START, SCRIPT, TempDirTestCase, child_env, destination_of,
+                           read_delta, read_state, run_driver, sensor_db, up)
 
 SEED = int(os.environ.get("CRASH_SEED", "20250101"))
-
-# The driver's HOOKS name the kill points. deltalake.write_deltalake is the Delta commit
-# itself (the sink imports it at call time, so wrapping the module attribute reaches
-# it); the state-file hooks wrap json.dump and os.replace as Checkpoint.save uses them.
-DRIVER = r'''
-"""Run the uploader's main() with a SIGKILL planted at the k-th call of one function.
-
-usage: driver.py HOOK K [uploader arguments...]
-"""
-import json, os, signal, sqlite3, sys
-sys.path.insert(0, %(root)r)
-import deltalake
-import sqlite_to_databricks_uploader as up
-
-HOOK, K, ARGV = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-
-
-def die():
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def plant(owner, name, when, pick=lambda *a, **kw: True, action=die):
-    """Wrap owner.name; at its K-th picked call, run `action` before or after it."""
-    original, calls = getattr(owner, name), [0]
-
-    def wrapper(*args, **kwargs):
-        hit = False
-        if pick(*args, **kwargs):
-            calls[0] += 1
-            hit = calls[0] == K
-        if hit and when == "before":
-            action()
-        result = original(*args, **kwargs)
-        if hit and when == "after":
-            action()
-        return result
-
-    setattr(owner, name, wrapper)
-
-
-def is_state_file(src, dst, *args, **kwargs):
-    return os.path.basename(os.fspath(dst)) == up.STATE_FILE
-
-
-def torn_state_write():
-    """json.dump of the state: write half of it to the temp file, then die."""
-    original, calls = json.dump, [0]
-
-    def dump(obj, fp, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == K:
-            text = json.dumps(obj, *args, **kwargs)
-            fp.write(text[: len(text) // 2])
-            fp.flush()
-            os.fsync(fp.fileno())
-            die()
-        return original(obj, fp, *args, **kwargs)
-
-    json.dump = dump
-
-
-def commit_add_rows_then_fail():
-    """The K-th Delta commit lands, the sensor adds rows, then the write fails."""
-    def fail():
-        db = os.environ["DRIVER_ADD_DB"]
-        rows = int(os.environ["DRIVER_ADD_ROWS"])
-        conn = sqlite3.connect(db)
-        with conn:
-            conn.executemany("INSERT INTO sensor_readings (timestamp, sensor_id) "
-                             "VALUES (?, ?)", [("2030-01-01T00:00:00", "LATE")] * rows)
-        conn.close()
-        raise PermissionError("injected: permission denied after the commit landed")
-    plant(deltalake, "write_deltalake", "after", action=fail)
-
-def signal_self(signum):
-    """Send this process `signum` (its handler runs, then the wrapped call goes on)."""
-    return lambda: os.kill(os.getpid(), signum)
-
-
-HOOKS = {
-    "after-inflight-saved": lambda: plant(up.Checkpoint, "begin", "after"),
-    "before-delta-write": lambda: plant(deltalake, "write_deltalake", "before"),
-    "after-delta-commit": lambda: plant(deltalake, "write_deltalake", "after"),
-    "between-batches": lambda: plant(up.Checkpoint, "commit", "after"),
-    "torn-state-write": torn_state_write,
-    "before-state-rename": lambda: plant(os, "replace", "before", is_state_file),
-    "after-state-rename": lambda: plant(os, "replace", "after", is_state_file),
-    "commit-add-rows-then-fail": commit_add_rows_then_fail,
-    "sigterm-before-delta-write": lambda: plant(
-        deltalake, "write_deltalake", "before", action=signal_self(signal.SIGTERM)),
-    "sigint-before-delta-write": lambda: plant(
-        deltalake, "write_deltalake", "before", action=signal_self(signal.SIGINT)),
-    "none": lambda: None,
-}
-HOOKS[HOOK]()
-sys.exit(up.main(ARGV))
-'''
-
-
-def wait_for(predicate, timeout=60, what="a condition"):
-    """Poll `predicate` until true; fail after `timeout` seconds (never a timing test)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def write_driver(directory):
-    """Write the kill driver into `directory`; return its path."""
-    path = os.path.join(directory, "kill_driver.py")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(DRIVER % {"root": ROOT})
-    return path
-
-
-def child_env(env):
-    """A minimal environment for a child process, plus `env`."""
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    full.update({k: str(v) for k, v in env.items()})
-    return full
-
-
-def run_driver(driver, hook, k, argv, env, timeout=120):
-    """Run the driver with a kill planted at the k-th call of `hook`."""
-    return subprocess.run([sys.executable, driver, hook, str(k), *argv],
-                          env=child_env(env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_state(state_dir):
-    """The parsed state file, or None when there is none (it must always parse)."""
-    path = os.path.join(state_dir, up.STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def destination_of(state, uri):
-    """The progress record of the Delta destination at `uri` (None if none yet)."""
-    if not state:
-        return None
-    base = os.path.abspath(uri)
-    found = [pos for key, pos in state["destinations"].items() if key.endswith(base)]
-    return found[0] if found else None
-
 
 def cursor_id(pos):
     """The rowid cursor of a progress record as an int (0 before the first batch)."""
@@ -276,7 +126,6 @@ class CrashTestCase(UploadChecks, TempDirTestCase):
     def setUp(self):
         super().setUp()
         self.db = sensor_db(self.path("sensors.db"), self.ROWS_SECONDS, self.SENSORS)
-        self.driver = write_driver(self.tmp)
         self.env = self.base_env()
         self.argv = ["--sqlite", self.db, "--once", "--batch-size", str(self.BATCH)]
 
@@ -306,7 +155,7 @@ class CrashTestCase(UploadChecks, TempDirTestCase):
         """Run the driver with each (hook, k) of `plan` until a run completes."""
         kills = []
         for hook, k in itertools.islice(plan, limit):
-            done = run_driver(self.driver, hook, k, self.argv, self.env)
+            done = run_driver(hook, k, self.argv, self.env)
             if done.returncode == 0:
                 break
             self.assertEqual(done.returncode, -signal.SIGKILL,
@@ -338,12 +187,12 @@ class PlantedKillTest(CrashTestCase):
     """SIGKILL at the points that matter, each a different number of calls in."""
 
     def after_kill(self, hook, k):
-        if hook == "after-delta-commit":
+        if hook == "delta-after":
             pos = destination_of(read_state(self.path("state")), self.path("lake"))
             self.assertIsNotNone(pos["inflight"], "killed after the commit: in flight")
             self.assertEqual(max(target_ids(self.table_uri())),
                              pos["inflight"]["cursor_end"][0])
-        if hook == "torn-state-write":
+        if hook == "torn-state":
             tmp = os.path.join(self.path("state"), up.STATE_FILE + ".tmp")
             with open(tmp, encoding="utf-8") as fh:
                 torn = fh.read()
@@ -353,22 +202,22 @@ class PlantedKillTest(CrashTestCase):
     def test_kill_after_inflight_saved_before_delta_write(self):
         # The batch is recorded in flight but never reached the table: on restart it
         # is abandoned and read again (same rows, same sequence number).
-        self.crash_loop(rising(["after-inflight-saved", "before-delta-write"]))
+        self.crash_loop(rising(["begin-after", "delta-before"]))
 
     def test_kill_after_delta_commit_before_checkpoint_commit(self):
         # The rows are in the table, the state still says in flight: on restart the
         # transaction marker settles it and the batch is not sent again.
-        kills = self.crash_loop(rising(["after-delta-commit"]))
+        kills = self.crash_loop(rising(["delta-after"]))
         self.assertGreaterEqual(len(kills), 3)
 
     def test_kill_in_the_middle_of_the_state_file_write(self):
         # Torn temp file, temp file complete but not renamed, renamed but the
         # directory not yet synced: the state file itself always parses.
-        self.crash_loop(rising(["torn-state-write", "before-state-rename",
-                                "after-state-rename"]))
+        self.crash_loop(rising(["torn-state", "rename-before",
+                                "rename-after"]))
 
     def test_kill_between_batches(self):
-        self.crash_loop(rising(["between-batches"]))
+        self.crash_loop(rising(["commit-after"]))
 
 
 class RandomKillTest(CrashTestCase):

@@ -8,10 +8,10 @@ import sys
 import unittest
 from unittest import mock
 
-from tests.helpers import SCRIPT, TempDirTestCase, run_main, run_script, sensor_db, up
-from tests.test_crash import (UploadChecks, add_rows, child_env, cursor_id,
-                              destination_of, read_state, run_driver, target_ids,
-                              wait_for, write_driver)
+from tests.helpers import (KILL_DRIVER, SCRIPT, TempDirTestCase, child_env, destination_of,
+                           read_state, run_driver, run_main, run_script, sensor_db, up,
+                           wait_for)
+from tests.test_crash import UploadChecks, add_rows, cursor_id, target_ids
 
 
 class CycleTestCase(UploadChecks, TempDirTestCase):
@@ -86,12 +86,11 @@ class LoopTest(CycleTestCase):
     def test_signal_during_a_batch_finishes_it_and_exits_0(self):
         # The signal arrives while the 3rd batch is in flight (planted just before its
         # Delta write): that batch completes and is checkpointed, no 4th one starts.
-        driver = write_driver(self.tmp)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(signal=sig.name):
                 lake = self.path(f"lake-{sig.name}")
-                hook = f"{sig.name.lower()}-before-delta-write"
-                done = run_driver(driver, hook, 3, ["--sqlite", self.db, "--interval",
+                hook = f"{sig.name.lower()}-delta-before"
+                done = run_driver(hook, 3, ["--sqlite", self.db, "--interval",
                                                     "0.2", "--batch-size", "100"],
                                   self.base_env(DELTA_URI=lake), timeout=60)
                 self.assertEqual(done.returncode, 0, done.stderr)
@@ -141,10 +140,9 @@ class LoopTest(CycleTestCase):
         # batch's sequence number for a bigger batch: the marker says "committed" and
         # the new rows would be skipped.
         db = sensor_db(self.path("small.db"), 13, sensors=10)  # 130 rows: 100 + 30
-        driver = write_driver(self.tmp)
         env = {**self.base_env(), "DRIVER_ADD_DB": db, "DRIVER_ADD_ROWS": "50"}
         proc = self.start("commit-add-rows-then-fail", "2", "--sqlite", db, "--interval",
-                          "0.2", "--batch-size", "100", env=env, command=(driver,))
+                          "0.2", "--batch-size", "100", env=env, command=(KILL_DRIVER,))
         self.wait_cursor(proc, lambda c: c >= 130, "the cycle after the failure")
         wait_for(lambda: not self.position().get("inflight"), what="a settled state")
         self.assertEqual(self.stop(proc), 0, self.log())
@@ -240,11 +238,10 @@ class BatchTest(CycleTestCase):
     def test_checkpoint_advances_after_each_batch(self):
         # Kill right after the k-th checkpoint commit: the state stands at exactly k
         # batches, and the table holds exactly those rows.
-        driver = write_driver(self.tmp)
         argv = ["--sqlite", self.db, "--once", "--batch-size", "150"]
         expected = 0
         for k in (3, 1, 2):
-            done = run_driver(driver, "between-batches", k, argv, self.base_env())
+            done = run_driver("commit-after", k, argv, self.base_env())
             self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
             expected += 150 * k
             pos = self.position()

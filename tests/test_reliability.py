@@ -10,7 +10,7 @@
 4. A fleet of 16 uploaders appending to one Delta table, with nodes killed and restarted.
 5. --recover-state: a lost state file rebuilt from the target, Delta and warehouse.
 
-The kill driver follows tests/test_crash.py: a script in the test's temp dir imports the
+The kill driver (tests/kill_driver.py, shared with tests/test_crash.py) imports the
 uploader, plants os.kill(SIGKILL) at the K-th call of one function and runs main(). Kill
 points and K are drawn from a seeded generator (RELIABILITY_SEED), so a failure replays.
 
@@ -71,222 +71,15 @@ import unittest
 from unittest import mock
 
 from tests import fake_warehouse
-from tests.helpers import ROOT, TempDirTestCase, read_delta, run_main, run_script, up
-from tests.test_crash import child_env, destination_of, read_state, wait_for
+from tests.helpers import (TempDirTestCase, child_env, destination_of, read_delta,
+                           read_state, run_driver, run_main, run_script, start_driver, up,
+                           wait_for)
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20250106"))
 START = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 UTC = dt.timezone.utc
 
-# === The kill driver =================================================================
-
-DRIVER = r'''
-"""Run the uploader's main() with a SIGKILL planted at the K-th call of one hook.
-
-usage: driver.py HOOK K [uploader arguments...]
-DRIVER_SIDE: folder for what the hooks record; DRIVER_WAREHOUSE=1: the fake connector.
-"""
-import json, os, signal, sqlite3, sys, time
-sys.path.insert(0, %(root)r)
-import deltalake
-import sqlite_to_databricks_uploader as up
-
-HOOK, K, ARGV = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-SIDE = os.environ.get("DRIVER_SIDE", ".")
-if os.environ.get("DRIVER_WAREHOUSE"):
-    from tests import fake_warehouse  # reads FAKE_WAREHOUSE_ROOT
-    up.DatabricksSink.connector = fake_warehouse
-
-
-def die():
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def plant(owner, name, when, pick=None):
-    """Wrap owner.name; at its K-th picked call, die before or after it runs."""
-    original, calls = getattr(owner, name), [0]
-
-    def wrapper(*args, **kwargs):
-        hit = False
-        if pick is None or pick(*args, **kwargs):
-            calls[0] += 1
-            hit = calls[0] == K
-        if hit and when == "before":
-            die()
-        result = original(*args, **kwargs)
-        if hit and when == "after":
-            die()
-        return result
-
-    setattr(owner, name, wrapper)
-
-
-def is_state_file(src, dst, *args, **kwargs):
-    return os.path.basename(os.fspath(dst)) == up.STATE_FILE
-
-
-def torn_dump():
-    """The K-th json.dump of the state writes half of its text, then the process dies."""
-    original, calls = json.dump, [0]
-
-    def dump(obj, fp, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == K:
-            text = json.dumps(obj, *args, **kwargs)
-            fp.write(text[: len(text) // 2])
-            fp.flush()
-            os.fsync(fp.fileno())
-            die()
-        return original(obj, fp, *args, **kwargs)
-
-    json.dump = dump
-
-
-def old_or_new(point):
-    """Die at `point` inside the K-th Checkpoint.save, after recording the state file as
-    it was (old) and the text the save writes (new) in SIDE/old-new.json."""
-    save, dump, fsync, replace = up.Checkpoint.save, json.dump, os.fsync, os.replace
-    saves, active, fsyncs = [0], [None], [0]
-
-    def checked_save(self):
-        saves[0] += 1
-        if saves[0] == K:
-            old = None
-            if os.path.exists(self.path):
-                with open(self.path, encoding="utf-8") as fh:
-                    old = fh.read()
-            active[0] = {"old": old}
-        return save(self)
-
-    def checked_dump(obj, fp, *args, **kwargs):
-        if active[0] is not None:
-            active[0]["new"] = json.dumps(obj, *args, **kwargs)
-            with open(os.path.join(SIDE, "old-new.json"), "w", encoding="utf-8") as fh:
-                dump(active[0], fh)
-            if point == "open":  # the temp file is created and empty
-                die()
-            if point == "dump":  # half of it written and synced
-                fp.write(active[0]["new"][: len(active[0]["new"]) // 2])
-                fp.flush()
-                fsync(fp.fileno())
-                die()
-        return dump(obj, fp, *args, **kwargs)
-
-    def checked_fsync(fd):
-        if active[0] is not None:
-            fsyncs[0] += 1
-            if (point, fsyncs[0]) in (("fsync-file", 1), ("fsync-dir", 2)):
-                die()
-        fsync(fd)
-        if active[0] is not None and (point, fsyncs[0]) == ("synced", 2):
-            die()
-
-    def checked_replace(src, dst, *args, **kwargs):
-        if active[0] is not None and point == "rename" and is_state_file(src, dst):
-            die()
-        return replace(src, dst, *args, **kwargs)
-
-    up.Checkpoint.save, json.dump = checked_save, checked_dump
-    os.fsync, os.replace = checked_fsync, checked_replace
-
-
-def wal_probe(hold):
-    """After every DRIVER_PROBE_EVERY-th checkpoint commit (the main thread between two
-    batches), pause so the read-ahead thread finishes its read, then try
-    PRAGMA wal_checkpoint(TRUNCATE) from a second connection: it completes only when no
-    connection holds a read transaction. `hold` is the control: a reader that keeps one
-    read transaction across the batches of a cycle, which the probe must catch."""
-    db = os.environ["DRIVER_DB"]
-    every = int(os.environ.get("DRIVER_PROBE_EVERY", "1"))
-    timeout = float(os.environ.get("DRIVER_PROBE_TIMEOUT", "2"))
-    commits = [0]
-    if hold:  # one read transaction for the whole cycle, all its batches included
-        cycle = up.run_cycle
-
-        def held_cycle(job):
-            job.conn.execute("BEGIN")
-            try:
-                return cycle(job)
-            finally:
-                job.conn.execute("COMMIT")
-
-        up.run_cycle = held_cycle
-    commit = up.Checkpoint.commit
-
-    def probed_commit(self, destination):
-        commit(self, destination)
-        commits[0] += 1
-        if commits[0] %% every or commits[0] > every * K:
-            return
-        time.sleep(0.05)
-        before = os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0
-        probe = sqlite3.connect(db, timeout=timeout, isolation_level=None)
-        try:
-            started = time.monotonic()
-            for _ in range(100):  # (1, -1, -1): the sensor is checkpointing; wait
-                busy, frames, done = probe.execute(
-                    "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if (busy, frames, done) != (1, -1, -1):
-                    break
-                time.sleep(0.01)
-            took = time.monotonic() - started
-        finally:
-            probe.close()
-        wal = os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0
-        with open(os.path.join(SIDE, "probes.jsonl"), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"busy": busy, "frames": frames, "done": done,
-                                 "wal_before": before, "wal": wal, "took": took}) + "\n")
-
-    up.Checkpoint.commit = probed_commit
-
-
-def fail_delta_write():
-    """The K-th Delta write fails before it lands (a refused write, not retried)."""
-    original, calls = deltalake.write_deltalake, [0]
-
-    def write(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == K:
-            raise PermissionError("injected: permission denied, nothing written")
-        return original(*args, **kwargs)
-
-    deltalake.write_deltalake = write
-
-
-def plant_statement(prefix, when):
-    """Die before or after the K-th statement that the fake warehouse runs (with prefix)."""
-    from tests import fake_warehouse
-    plant(fake_warehouse.Warehouse, "execute", when,
-          lambda self, sql, *a, **kw: sql.lstrip().startswith(prefix))
-
-
-HOOKS = {
-    "save-before": lambda: plant(up.Checkpoint, "save", "before"),
-    "save-after": lambda: plant(up.Checkpoint, "save", "after"),
-    "delta-before": lambda: plant(deltalake, "write_deltalake", "before"),
-    "delta-after": lambda: plant(deltalake, "write_deltalake", "after"),
-    "process-before": lambda: plant(up, "process_batch", "before"),
-    "process-after": lambda: plant(up, "process_batch", "after"),
-    "torn-state": torn_dump,
-    "rename-before": lambda: plant(os, "replace", "before", is_state_file),
-    "rename-after": lambda: plant(os, "replace", "after", is_state_file),
-    "fsync-before": lambda: plant(os, "fsync", "before"),
-    "insert-before": lambda: plant_statement("INSERT", "before"),
-    "insert-after": lambda: plant_statement("INSERT", "after"),
-    "statement-before": lambda: plant_statement("", "before"),
-    "statement-after": lambda: plant_statement("", "after"),
-    "fail-delta-write": fail_delta_write,
-    "wal-probe": lambda: wal_probe(hold=False),
-    "wal-probe-held-read": lambda: wal_probe(hold=True),
-    "none": lambda: None,
-}
-if HOOK.startswith("state:"):
-    old_or_new(HOOK.split(":", 1)[1])
-else:
-    HOOKS[HOOK]()
-sys.exit(up.main(ARGV))
-'''
+# === The kill driver (tests/kill_driver.py) =========================================
 
 # Calls of each hook per batch, to draw K from a range where the kill fires.
 CALLS_PER_BATCH = {"save-before": 2, "save-after": 2, "delta-before": 1, "delta-after": 1,
@@ -299,26 +92,6 @@ DELTA_HOOKS = ["save-before", "save-after", "delta-before", "delta-after",
                "rename-after", "fsync-before"]
 WAREHOUSE_HOOKS = ["insert-before", "insert-after", "statement-before", "statement-after",
                    "save-before", "save-after", "torn-state", "rename-after"]
-
-
-def write_driver(directory):
-    path = os.path.join(directory, "reliability_driver.py")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(DRIVER % {"root": ROOT})
-    return path
-
-
-def start_driver(driver, hook, k, argv, env, log_path):
-    """Start the driver in the background; its output goes to log_path."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, driver, hook, str(k), *argv],
-                                env=child_env(env), stdout=log, stderr=subprocess.STDOUT)
-
-
-def run_driver(driver, hook, k, argv, env, timeout=120):
-    return subprocess.run([sys.executable, driver, hook, str(k), *argv],
-                          env=child_env(env), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 # === Sources: the sensor side ========================================================
@@ -448,7 +221,6 @@ class ReliabilityTestCase(TempDirTestCase):
         super().setUp()
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.addCleanup(signal.signal, signum, signal.getsignal(signum))
-        self.driver = write_driver(self.tmp)
         self.side = self.path("side")
         os.makedirs(self.side)
 
@@ -528,7 +300,7 @@ class KillLoop(ReliabilityTestCase):
         while kills < self.KILLS:
             self.assertLess(runs, self.KILLS * 3, "the planted kills stopped firing")
             hook, k = self.draw()
-            done = run_driver(self.driver, hook, k, self.argv(), self.env)
+            done = run_driver(hook, k, self.argv(), self.env)
             runs += 1
             if done.returncode == 0:
                 self.grow()
@@ -540,7 +312,7 @@ class KillLoop(ReliabilityTestCase):
             self.check_after_kill(f"{hook} #{k} (seed {SEED}, run {runs})")
             if self.rng.random() < 0.3:
                 self.grow()
-        done = run_driver(self.driver, "none", 0, self.argv(), self.env)
+        done = run_driver("none", 0, self.argv(), self.env)
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         self.assertNotIn(up.STATE_FILE + ".tmp", os.listdir(self.path("state")))
         return kills, runs + 1, points
@@ -666,7 +438,7 @@ class AggregateKillTest(KillLoop):
         # the open windows of the checkpoint. Those must not already hold batch 3's
         # values (the read-ahead thread processed batch 3 before its write failed).
         log_path = self.path("loop.log")
-        proc = start_driver(self.driver, "fail-delta-write", 3,
+        proc = start_driver("fail-delta-write", 3,
                             ["--sqlite", self.sensor.path, "--interval", "0.2",
                              "--batch-size", str(self.BATCH)], self.env, log_path)
         self.addCleanup(proc.wait)
@@ -745,7 +517,7 @@ class StateWriteKillTest(KillLoop):
                 k = 1 if fired == 0 else self.rng.randint(1, 6)
                 if os.path.exists(side):
                     os.remove(side)
-                done = run_driver(self.driver, f"state:{point}", k, self.argv(), env)
+                done = run_driver(f"state:{point}", k, self.argv(), env)
                 runs += 1
                 if done.returncode == 0:
                     self.grow()
@@ -767,7 +539,7 @@ class StateWriteKillTest(KillLoop):
                 if self.rng.random() < 0.3:
                     self.grow()
             kills += fired
-        done = run_driver(self.driver, "none", 0, self.argv(), env)
+        done = run_driver("none", 0, self.argv(), env)
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         ids = [r["id"] for r in delta_rows(table, ["id"])]
         dupes, lost = duplicates(ids), set(self.sensor.read()) - set(ids)
@@ -910,7 +682,7 @@ class LiveWriterTest(ReliabilityTestCase):
 
     def start_uploader(self, hook, k, **env):
         log_path = self.path(f"uploader-{hook}.log")
-        proc = start_driver(self.driver, hook, k,
+        proc = start_driver(hook, k,
                             ["--sqlite", self.db, "--interval", "0.2", "--batch-size", "13"],
                             {**self.env, **env}, log_path)
         self.addCleanup(proc.wait)
@@ -1206,7 +978,7 @@ class LockedSourceTest(ReliabilityTestCase):
 
     def test_loop_retries_while_locked_and_loses_nothing(self):
         log_path = self.path("loop.log")
-        proc = start_driver(self.driver, "none", 0,
+        proc = start_driver("none", 0,
                             ["--sqlite", self.sensor.path, "--interval", "0.2",
                              "--busy-timeout", "0.5", "--batch-size", "9"],
                             self.base_env(), log_path)
@@ -1689,7 +1461,7 @@ class FleetTest(ReliabilityTestCase):
             hook, k = plan.get(n, ("none", 0))
             env = self.base_env(STATE_DIR=self.path(f"state-{n:02d}"),
                                 SOURCE_ID=f"node-{n:02d}")
-            procs.append(start_driver(self.driver, hook, k,
+            procs.append(start_driver(hook, k,
                                       ["--sqlite", self.db(n), "--once", "--batch-size",
                                        str(self.BATCH)], env, self.path(f"node-{n:02d}.log")))
         codes = [p.wait(timeout=300) for p in procs]
@@ -1794,7 +1566,7 @@ class RecoverStateTest(InProcessWarehouse, ReliabilityTestCase):
                 env = self.base_env(DELTA_URI=lake, STATE_DIR=state)
                 if self.sensor.max_id() == 0:
                     self.sensor.add(100)
-                done = run_driver(self.driver, hook, 4, ["--sqlite", self.sensor.path,
+                done = run_driver(hook, 4, ["--sqlite", self.sensor.path,
                                                          "--once", "--batch-size", "11"], env)
                 self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr[-2000:])
                 TOTALS.update(kills=1, runs=1)
@@ -1850,13 +1622,13 @@ class RecoverStateTest(InProcessWarehouse, ReliabilityTestCase):
                  lambda: [r["id"] for r in warehouse_rows(root, "main.sensors.raw_readings")])):
             with self.subTest(name):
                 argv = ["--sqlite", self.sensor.path, "--once"]
-                done = run_driver(self.driver, "none", 0, argv, env)
+                done = run_driver("none", 0, argv, env)
                 self.assertEqual(done.returncode, 0, done.stderr[-2000:])
                 state_file = os.path.join(env["STATE_DIR"], up.STATE_FILE)
                 with open(state_file, "rb") as fh:
                     before = fh.read()
                 self.sensor.add(10)
-                done = run_driver(self.driver, "none", 0, [*argv, "--recover-state"], env)
+                done = run_driver("none", 0, [*argv, "--recover-state"], env)
                 self.assertEqual(done.returncode, 2, done.stderr[-2000:])
                 self.assertIn("--recover-state", self.one_error_line(done.stderr))
                 with open(state_file, "rb") as fh:

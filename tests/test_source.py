@@ -20,64 +20,7 @@ up = helpers.up
 
 # === Local helpers ===================================================================
 
-class PipelineTestCase(helpers.TempDirTestCase):
-    """Runs of main() against SQLite files in the temp dir, and what they left behind."""
-
-    def env(self, where="", **extra):
-        """base_env(), optionally with state and lake in a subdirectory `where`."""
-        env = self.base_env(**extra)
-        if where:
-            env.update(STATE_DIR=self.path(where, "state"), DELTA_URI=self.path(where, "lake"))
-        return env
-
-    def make(self, schema, rows=(), columns=None, where="", name="source.db", **kw):
-        """A SQLite file `name` (in subdirectory `where`) with `schema` and rows."""
-        os.makedirs(self.path(where), exist_ok=True)
-        return helpers.make_db(self.path(where, name), schema, rows, columns, **kw)
-
-    def insert(self, db, rows, columns=None, table=None):
-        """Insert and commit rows, as the sensor would."""
-        conn = sqlite3.connect(db)
-        try:
-            with conn:
-                helpers.insert_rows(conn, rows, columns, table)
-        finally:
-            conn.close()
-
-    def upload(self, db, *flags, where="", expect=0, **extra):
-        """One --once run; assert its exit code; return stderr (the log)."""
-        code, _out, err = helpers.run_main(["--sqlite", db, "--once", *flags],
-                                           self.env(where, **extra))
-        self.assertEqual(code, expect, f"exit code {code}; stderr:\n{err}")
-        return err
-
-    def lake(self, table, where=""):
-        return os.path.join(self.env(where)["DELTA_URI"], table)
-
-    def landed(self, table, where=""):
-        """Rows of the target table (none if it was never created)."""
-        uri = self.lake(table, where)
-        if not os.path.isdir(os.path.join(uri, "_delta_log")):
-            return []
-        return helpers.read_delta(uri)
-
-    def state(self, where=""):
-        with open(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE),
-                  encoding="utf-8") as fh:
-            return json.load(fh)
-
-    def position(self, where=""):
-        """The progress record of the only destination in the state file."""
-        destinations = self.state(where)["destinations"]
-        self.assertEqual(len(destinations), 1, destinations)
-        return next(iter(destinations.values()))
-
-    def assert_once(self, rows, column, expected):
-        """Each expected value of `column` landed exactly once, and nothing else."""
-        counts = collections.Counter(r[column] for r in rows)
-        dupes = {v: n for v, n in counts.items() if n > 1}
-        self.assertEqual(dupes, {}, "rows landed more than once")
-        self.assertEqual(sorted(counts, key=repr), sorted(expected, key=repr))
+PipelineTestCase = helpers.PipelineTestCase
 
 
 def error_lines(stderr):

@@ -28,45 +28,7 @@ def micros(*args):
 
 # === Local helpers ===================================================================
 
-class PipelineTestCase(helpers.TempDirTestCase):
-    """Runs of main() against SQLite files in the temp dir, and the Delta rows they left."""
-
-    def env(self, where="", **extra):
-        env = self.base_env(**extra)
-        if where:
-            env.update(STATE_DIR=self.path(where, "state"), DELTA_URI=self.path(where, "lake"))
-        return env
-
-    def make(self, schema, rows=(), columns=None, where="", name="source.db"):
-        os.makedirs(self.path(where), exist_ok=True)
-        return helpers.make_db(self.path(where, name), schema, rows, columns)
-
-    def insert(self, db, rows, columns=None):
-        conn = sqlite3.connect(db)
-        try:
-            with conn:
-                helpers.insert_rows(conn, rows, columns)
-        finally:
-            conn.close()
-
-    def upload(self, db, *flags, where="", expect=0, **extra):
-        """One --once run; assert its exit code; return stderr (the log)."""
-        code, _out, err = helpers.run_main(["--sqlite", db, "--once", *flags],
-                                           self.env(where, **extra))
-        self.assertEqual(code, expect, f"exit code {code}; stderr:\n{err}")
-        return err
-
-    def lake(self, table, where=""):
-        return os.path.join(self.env(where)["DELTA_URI"], table)
-
-    def landed(self, table, key, where=""):
-        """Rows of the target table, sorted by `key`."""
-        return sorted(helpers.read_delta(self.lake(table, where)), key=lambda r: r[key])
-
-    def state(self, where=""):
-        with open(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE),
-                  encoding="utf-8") as fh:
-            return json.load(fh)
+PipelineTestCase = helpers.PipelineTestCase
 
 
 def source_rows(db, table, key):
@@ -243,7 +205,7 @@ class DeltaTypesTest(PipelineTestCase):
                     "u_blob": "binary", "_source_id": "string", "_batch_id": "string",
                     "_uploaded_at": "timestamp", "_rescued_data": "string"}
         self.assertEqual(helpers.delta_schema(uri), expected)
-        first, second, nulls = self.landed("raw_typed", "id")
+        first, second, nulls = self.landed("raw_typed", key="id")
         new_year = dt.datetime(2025, 1, 1, tzinfo=UTC)
         self.assertEqual(first, {**first, "id": 1, "n": 1, "r": 1.5, "s": "a",
                                  "b": b"\x00\x01", "flag": True, "dtm": new_year,
@@ -271,7 +233,7 @@ class DeltaTypesTest(PipelineTestCase):
         self.insert(db, [("text",), (3,)], ["u"])
         self.upload(db)
         self.assertEqual(helpers.delta_schema(self.lake("raw_t"))["u"], "long")
-        rows = self.landed("raw_t", "id")
+        rows = self.landed("raw_t", key="id")
         self.assertEqual([r["u"] for r in rows], [1, 2, None, 3])
         self.assertEqual([rescued(r) for r in rows], [{}, {}, {"u": "text"}, {}])
 
@@ -335,7 +297,7 @@ class RescuedDataTest(PipelineTestCase):
     def test_misfits_are_rescued_and_the_row_still_lands(self):
         db = self.make(self.SCHEMA, self.make_rows(), self.COLUMNS)
         err = self.upload(db)
-        self.assert_rescued_rows(self.landed("raw_t", "id"))
+        self.assert_rescued_rows(self.landed("raw_t", key="id"))
         self.assertIn(f", {len(self.MISFITS) - 1} rows with rescued values", err)
 
     def test_misfits_in_small_batches(self):
@@ -344,14 +306,14 @@ class RescuedDataTest(PipelineTestCase):
             with self.subTest(batch_size=size):
                 db = self.make(self.SCHEMA, self.make_rows(), self.COLUMNS, where=size)
                 self.upload(db, "--batch-size", size, where=size)
-                self.assert_rescued_rows(self.landed("raw_t", "id", where=size))
+                self.assert_rescued_rows(self.landed("raw_t", key="id", where=size))
 
     def test_rescued_original_values_keep_their_json_type(self):
         db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER, "
                        "r REAL)", [("quote \" and \\ and ü", "inf-ish"), (2.25, "1e999x")],
                        ["n", "r"])
         self.upload(db)
-        rows = self.landed("raw_t", "id")
+        rows = self.landed("raw_t", key="id")
         self.assertEqual([rescued(r) for r in rows],
                          [{"n": "quote \" and \\ and ü", "r": "inf-ish"},
                           {"n": 2.25, "r": "1e999x"}])
@@ -368,7 +330,7 @@ class RescuedDataTest(PipelineTestCase):
                         ("2025-01-01 10:00:02 UTC", 2), ("garbage", 3)],
                        ["timestamp", "v"])
         self.upload(db, "--batch-size", "2")
-        rows = self.landed("raw_t", "v")
+        rows = self.landed("raw_t", key="v")
         self.assertEqual(rescued(rows[3]), {"timestamp": "garbage"})
         outcomes = [(r["timestamp"] is None, rescued(r) != {}) for r in rows[:3]]
         self.assertEqual(len(set(outcomes)), 1, f"same format, different outcome: {rows[:3]}")
@@ -390,7 +352,7 @@ class ValuesTest(PipelineTestCase):
         db = self.make("CREATE TABLE v (id INTEGER PRIMARY KEY AUTOINCREMENT, s TEXT, "
                        "r REAL, b BLOB, n INTEGER)", rows, ["s", "r", "b", "n"])
         self.upload(db)
-        landed = self.landed("raw_v", "id")
+        landed = self.landed("raw_v", key="id")
         expected = source_rows(db, "v", "id")
         self.assertIsNone(expected[3]["r"])  # SQLite itself stores NaN as NULL
         self.assertEqual([{k: r[k] for k in expected[0]} for r in landed], expected)
@@ -408,7 +370,7 @@ class LineageTest(PipelineTestCase):
         before = dt.datetime.now(UTC)
         self.upload(db, "--batch-size", "2", SOURCE_ID="node-7")
         after = dt.datetime.now(UTC)
-        rows = self.landed("raw_t", "id")
+        rows = self.landed("raw_t", key="id")
         self.assertEqual(len(rows), 5)
         state_id = self.state()["state_id"]
         self.assertEqual([r["_batch_id"] for r in rows],
