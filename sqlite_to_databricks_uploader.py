@@ -27,6 +27,7 @@ file given by --config, then defaults. Exit codes: 0 done, 1 a cycle failed,
 
 import argparse
 import base64
+import bisect
 import contextlib
 import dataclasses
 import datetime as dt
@@ -158,6 +159,10 @@ class Config:
     busy_timeout: float = option(
         30.0, "--busy-timeout", "BUSY_TIMEOUT", "float",
         "seconds to wait for a SQLite lock held by the writer", "source")
+    cursor_lag: float = option(
+        0.0, "--cursor-lag", "CURSOR_LAG", "float",
+        "seconds: with a (timestamp, rowid) cursor, leave rows newer than now minus this "
+        "for a later cycle, so rows committed late within it are not passed", "source")
     state_dir: str = option(
         "/state", "--state-dir", "STATE_DIR", "path",
         "directory of last_upload.json (falls back to ./state if not writable)",
@@ -434,6 +439,8 @@ def validate_config(config):
         bad("batch_size", "must be > 0")
     if config.busy_timeout < 0:
         bad("busy_timeout", "must be >= 0")
+    if not 0 <= config.cursor_lag < 10 * 365 * 86400:
+        bad("cursor_lag", "must be >= 0 seconds (and under ten years)")
     updates = {}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
@@ -778,28 +785,35 @@ class Batch:
 CHUNK_ROWS = 10_000
 
 
-def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
+def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, newer=None):
     """Yield the rows after `cursor` in chunks, until a short batch says it is drained.
 
     A batch is one statement, so one read transaction. It is fetched chunk by chunk,
     so that the Python values of only one chunk live at a time; the statement is
-    finished before the batch's last chunk (final=True) is yielded.
+    finished before the batch's last chunk (final=True) is yielded. `newer(row)`
+    (cursor_lag) is true for a row too recent to pass: reading stops before the first
+    one, as if drained (rows come in timestamp order).
     """
     while True:
         sql = select_sql(source, cursor is not None)
         params = (list(cursor) if cursor is not None else []) + [batch_size]
         statement = reading_source(source, lambda: conn.execute(sql, params))
         rows, count, first = reading_source(source, lambda: statement.fetchmany(chunk_rows)), 0, True
-        if not rows:
-            statement.close()
-            return
+        held = False
         while rows:
+            full = len(rows) == chunk_rows
+            if newer is not None and newer(rows[-1]):
+                rows, held = rows[:bisect.bisect_left(rows, True, key=newer)], True
             count += len(rows)
             ahead = None
-            if count < batch_size and len(rows) == chunk_rows:
+            if not held and count < batch_size and full:
                 ahead = reading_source(source, statement.fetchone)  # is there more?
+                if ahead is not None and newer is not None and newer(ahead):
+                    ahead, held = None, True
             if ahead is None:
                 statement.close()  # ends the read transaction before the batch moves on
+            if not rows:  # the first row is already too recent
+                return
             chunk = rows_to_batch(source, rows, first, final=ahead is None)
             cursor, rows, first = chunk.cursor_end, None, False
             yield chunk
@@ -807,8 +821,30 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS):
             if ahead is not None:
                 rows = [ahead]
                 rows += reading_source(source, lambda: statement.fetchmany(chunk_rows - 1))
-        if count < batch_size:
+        statement.close()
+        if held or count < batch_size:
             return
+
+
+def lag_applies(source):
+    """cursor_lag works on a cursor led by the timestamp (pair, or a key led by it)."""
+    cur = source.cursor
+    return (cur.kind != "rowid" and source.timestamp_col is not None
+            and cur.columns[0] == source.timestamp_col)
+
+
+def lag_filter(source, lag):
+    """cursor_lag as a predicate on selected rows (None when it does not apply): true
+    for a row whose timestamp is after now minus the lag."""
+    if not lag or not lag_applies(source):
+        return None
+    cutoff = int((time.time() - lag) * 1_000_000)
+    pos = source.column_names.index(source.timestamp_col) + (1 if source.cursor.hidden else 0)
+
+    def newer(row):
+        micros = parse_timestamp(row[pos])
+        return micros is not None and micros > cutoff
+    return newer
 
 
 def reading_source(source, action):
@@ -2884,7 +2920,8 @@ def upload_pending(job):
     started, done, read, notes = time.monotonic(), 0, 0, {}
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
-    batches = read_batches(job.conn, job.source, cursor, job.config.batch_size)
+    newer = lag_filter(job.source, job.config.cursor_lag)
+    batches = read_batches(job.conn, job.source, cursor, job.config.batch_size, newer=newer)
     mark = started
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         receipt = write_batch(job, batch)
@@ -2897,6 +2934,8 @@ def upload_pending(job):
         if pending > 2 * job.config.batch_size:
             PROGRESS.show(read, pending, read / max(time.monotonic() - started, 1e-9))
     PROGRESS.clear()
+    if newer is not None and not job.stop.is_set() and pending > read:
+        notes["rows_held_back_by_cursor_lag"] = pending - read
     if not job.stop.is_set():
         reading_source(job.source, lambda: remember_end(job))
     log_cycle(job, read, done, time.monotonic() - started, notes)
@@ -3034,6 +3073,10 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
               plan)
     for line in preflight(conn, source):
         log.info(line)
+    if config.cursor_lag and not lag_applies(source):
+        log.warning("source: cursor_lag has no effect: the cursor %s is not led by a "
+                    "timestamp (a rowid cursor never passes a row committed late)",
+                    source.cursor.describe())
     log.info("target: %s table %s (node %s)", sink.describe(), job.table, config.source_id)
     if config.target == "delta" and config.origin("delta_uri") == "default":
         log.info("target: no Databricks workspace configured; writing to the local "

@@ -337,6 +337,8 @@ class ValueErrorsTest(ConfigTestCase):
         ("interval zero", [], {"UPLOAD_INTERVAL": "0"}, None, ["interval", "0", "UPLOAD_INTERVAL"]),
         ("interval negative", [], {}, {"interval": -5}, ["interval", "-5", "interval"]),
         ("batch_size zero", ["--batch-size", "0"], {}, None, ["batch_size", "0", "--batch-size"]),
+        ("cursor_lag negative", [], {"CURSOR_LAG": "-1"}, None,
+         ["cursor_lag", "-1", "CURSOR_LAG"]),
         ("batch_size fraction", [], {"BATCH_SIZE": "2.5"}, None,
          ["batch_size", "2.5", "BATCH_SIZE"]),
         ("batch_size word", [], {}, {"batch_size": "lots"}, ["batch_size", "lots"]),

@@ -33,7 +33,8 @@ class CycleTestCase(UploadChecks, TempDirTestCase):
         self.log_path = self.path(f"uploader-{len(os.listdir(self.tmp))}.log")
         with open(self.log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, *command, *argv],
-                                    env=child_env(env or self.base_env()),
+                                    env=child_env({**(env or self.base_env()),
+                                                   "PYTHONFAULTHANDLER": "1"}),
                                     stdout=log, stderr=subprocess.STDOUT)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
@@ -46,7 +47,12 @@ class CycleTestCase(UploadChecks, TempDirTestCase):
     def stop(self, proc, sig=signal.SIGTERM):
         """Send `sig` and return the exit code."""
         proc.send_signal(sig)
-        return proc.wait(timeout=60)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
+            proc.wait(timeout=10)
+            self.fail(f"no exit 60 s after {sig.name}:\n{self.log()[-6000:]}")
 
     def broken_lakes(self):
         """(name, DELTA_URI) pairs whose cycles fail."""
@@ -143,7 +149,8 @@ class LoopTest(CycleTestCase):
         env = {**self.base_env(), "DRIVER_ADD_DB": db, "DRIVER_ADD_ROWS": "50"}
         proc = self.start("commit-add-rows-then-fail", "2", "--sqlite", db, "--interval",
                           "0.2", "--batch-size", "100", env=env, command=(KILL_DRIVER,))
-        self.wait_cursor(proc, lambda c: c >= 130, "the cycle after the failure")
+        # 130 + the 50 rows added while the failing write ran: all of them, then stop
+        self.wait_cursor(proc, lambda c: c >= 180, "the cycle after the failure")
         wait_for(lambda: not self.position().get("inflight"), what="a settled state")
         self.assertEqual(self.stop(proc), 0, self.log())
         self.assertIn("injected", self.log())
