@@ -41,6 +41,7 @@ import os
 import queue
 import random
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -3621,16 +3622,55 @@ def run_job(config, args, environ):
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
     config = check_target(config)
-    stop = threading.Event()
+    stop = StopFlag()
     install_signal_handlers(stop)
-    job = open_job(config, args.reset_state, stop, environ, recover=args.recover_state)
     try:
-        code = run_forever(job)
-        if args.demo:
-            print(demo_summary(config, job))
-        return code
+        job = open_job(config, args.reset_state, stop, environ, recover=args.recover_state)
+        try:
+            code = run_forever(job)
+            if args.demo:
+                print(demo_summary(config, job))
+            return code
+        finally:
+            close_job(job)
     finally:
-        close_job(job)
+        stop.close()
+
+
+class StopFlag:
+    """A stop request that a signal handler can make without taking a lock.
+
+    threading.Event.set() takes the lock that Event.wait() holds for a few bytecodes;
+    a SIGTERM landing there, in the main thread, deadlocked the process (2 in 300
+    tries of a bare loop). Here set() stores a flag and writes a byte to a pipe, and
+    wait() sleeps in select() on the pipe's other end.
+    """
+
+    def __init__(self):
+        self._set = self._closed = False
+        self._wake, self._waker = os.pipe()
+        os.set_blocking(self._waker, False)
+
+    def is_set(self):
+        return self._set
+
+    def set(self):
+        self._set = True
+        if not self._closed:  # (a closed descriptor's number may belong to a file now)
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
+                os.write(self._waker, b"!")
+
+    def wait(self, timeout=None):
+        """Sleep until set() or `timeout` seconds; return whether it is set."""
+        if not self._set:
+            select.select([self._wake], [], [], timeout)
+        return self._set
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake)
+            os.close(self._waker)
 
 
 def install_signal_handlers(stop):

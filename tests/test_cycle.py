@@ -262,6 +262,39 @@ class BatchTest(CycleTestCase):
         self.assert_exactly_once(self.db)
 
 
+class StopFlagTest(unittest.TestCase):
+    """A SIGTERM must never deadlock the loop's wait (threading.Event could: its set()
+    takes the lock that wait() holds for a few bytecodes on the same thread)."""
+
+    CHILD = """
+import os, random, signal, sys, threading
+sys.path.insert(0, {root!r})
+import sqlite_to_databricks_uploader as up
+for _ in range({tries}):
+    stop = {flag}
+    up.install_signal_handlers(stop)
+    timer = threading.Timer(random.uniform(0, 0.002), os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    while not stop.is_set():
+        stop.wait(0)  # the loop's wait, entered and left many times over
+    timer.join()
+    if hasattr(stop, "close"):
+        stop.close()
+print("all stopped")
+"""
+
+    def test_thousands_of_signals_each_stop_the_wait(self):
+        code = self.CHILD.format(root=os.path.dirname(SCRIPT), tries=3000,
+                                 flag="up.StopFlag()")
+        try:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("a SIGTERM left the wait deadlocked")
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, "all stopped"),
+                         done.stderr[-2000:])
+
+
 class MemoryTest(CycleTestCase):
     """A batch is read in chunks; the Python values of one chunk live at a time."""
 
