@@ -947,7 +947,8 @@ def preflight(conn, source):
     ts = source.timestamp_col
     if cur.kind == "pair":
         lines.append(f"preflight: rows inserted later with an older {ts!r} than the "
-                     "cursor are missed; fix: INTEGER PRIMARY KEY AUTOINCREMENT on the table")
+                     "cursor are missed; fix: INTEGER PRIMARY KEY AUTOINCREMENT on the table"
+                     ", or give late rows time with CURSOR_LAG (seconds)")
         column = next(c for c in source.columns if c.name == ts)
         if not column.notnull:
             lines.append(f"preflight: {ts!r} is nullable: rows with a NULL timestamp are "
@@ -2987,7 +2988,8 @@ def report_late_rows(conn, source, pos, cursor):
     if late:
         log.warning("source: %d rows arrived with a %r that sorts before the cursor and "
                     "are not uploaded (late rows, or mixed timestamp formats); fix: INTEGER "
-                    "PRIMARY KEY AUTOINCREMENT on the table", late, source.timestamp_col)
+                    "PRIMARY KEY AUTOINCREMENT on the table, or CURSOR_LAG (seconds) for "
+                    "late rows", late, source.timestamp_col)
 
 
 def remember_end(job):
