@@ -3237,6 +3237,23 @@ def find_state_file(config):
     return wanted
 
 
+def with_recorded_source(config):
+    """--status without --sqlite: the source the state file was written for."""
+    path = find_state_file(config)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            source = json.load(fh)["source"]
+        sqlite, table = source["path"], source["table"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("config: --status reads the source: set --sqlite or SQLITE_PATH "
+                          f"(no readable state file at {os.path.abspath(path)} names "
+                          "one)") from None
+    origin = f"state file {os.path.abspath(path)}"
+    return dataclasses.replace(
+        config, sqlite=sqlite, sqlite_table_name=config.sqlite_table_name or table,
+        sources={**config.sources, "sqlite": origin, "sqlite_table_name": origin})
+
+
 def status_report(config, environ):
     """Where the upload stands, read-only: the state file and the source, no upload."""
     config = check_target(config)
@@ -3397,8 +3414,7 @@ def demo_summary(config, job):
               f"\"SELECT sensor_id, count(*) AS readings, avg(temperature) AS avg_temp "
               f"FROM {job.table} GROUP BY sensor_id ORDER BY sensor_id LIMIT 5\"",
               "demo: where the upload stands:",
-              f"  uv run {script} --sqlite {config.sqlite} --state-dir {config.state_dir} "
-              "--status",
+              f"  uv run {script} --state-dir {config.state_dir} --status",
               "demo: run --demo again to add 10 more minutes of readings and upload "
               "only those"]
     return "\n".join(lines)
@@ -3560,8 +3576,7 @@ def main(argv=None, environ=None):
             return EXIT_OK
         if args.status:
             if not config.sqlite:
-                raise ConfigError("config: --status reads the source: set --sqlite or "
-                                  "SQLITE_PATH")
+                config = with_recorded_source(config)
             report = status_report(config, environ)
             print(json.dumps(report, indent=1, default=str) if args.json
                   else format_status(report))

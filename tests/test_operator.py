@@ -75,6 +75,24 @@ class StatusTest(TempDirTestCase):
         code, _, err = run_main(["--status"], self.base_env())
         self.assertEqual(code, 2)
         self.assertIn("--sqlite", err)
+        self.assertIn(self.path("state", "last_upload.json"), err)
+
+    def test_status_finds_the_source_in_the_state_file(self):
+        db = sensor_db(self.path("s.db"), 10)
+        env = self.base_env()
+        code, _, err = run_main(["--sqlite", db, "--once"], env)
+        self.assertEqual(code, 0, err)
+        code, out, err = run_main(["--status", "--json"], env)  # no --sqlite
+        self.assertEqual(code, 0, err)
+        report = json.loads(out)
+        self.assertEqual(report["source"], os.path.realpath(db))
+        self.assertEqual((report["uploaded_rows"], report["pending_rows"]), (200, 0))
+        with open(self.path("state", "last_upload.json"), "w") as fh:
+            fh.write("{not json")
+        code, _, err = run_main(["--status"], env)
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("no readable state file", err)
 
 
 class QueryAndSelfTest(TempDirTestCase):
