@@ -167,6 +167,15 @@ def read_delta(uri, sql=None, table=None):
     return rows
 
 
+def delta_rows(table_uri, columns="*"):
+    """Rows of a Delta table ([] when it does not exist yet)."""
+    if not os.path.isdir(os.path.join(table_uri, "_delta_log")):
+        return []
+    name = os.path.basename(table_uri.rstrip("/"))
+    cols = columns if columns == "*" else ", ".join(f'"{c}"' for c in columns)
+    return read_delta(table_uri, sql=f'SELECT {cols} FROM "{name}"')
+
+
 def delta_schema(uri):
     """{column: Delta primitive type name} of a Delta table."""
     from deltalake import DeltaTable
@@ -215,10 +224,7 @@ class PipelineTestCase(TempDirTestCase):
 
     def landed(self, table, where="", key=None):
         """Rows of the target table (none if it was never created), sorted by `key`."""
-        uri = self.lake(table, where)
-        if not os.path.isdir(os.path.join(uri, "_delta_log")):
-            return []
-        rows = read_delta(uri)
+        rows = delta_rows(self.lake(table, where))
         return sorted(rows, key=lambda r: r[key]) if key else rows
 
     def state(self, where=""):

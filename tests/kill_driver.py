@@ -28,8 +28,6 @@ import deltalake  # noqa: E402
 
 import sqlite_to_databricks_uploader as up  # noqa: E402
 
-PATH = os.path.abspath(__file__)
-
 
 def die():
     sys.stderr.flush()

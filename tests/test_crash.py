@@ -20,8 +20,8 @@ import sys
 import time
 import unittest
 
-from tests.helpers import (FIXED_START, SCRIPT, TempDirTestCase, child_env, destination_of,
-                           read_delta, read_state, run_driver, sensor_db, up)
+from tests.helpers import (FIXED_START, SCRIPT, TempDirTestCase, child_env, delta_rows,
+                           destination_of, read_delta, read_state, run_driver, sensor_db, up)
 
 SEED = int(os.environ.get("CRASH_SEED", "20250101"))
 
@@ -32,10 +32,7 @@ def cursor_id(pos):
 
 def target_ids(table_uri):
     """The ids in a Delta table, in no particular order ([] if it does not exist)."""
-    if not os.path.isdir(os.path.join(table_uri, "_delta_log")):
-        return []
-    return [r["id"] for r in read_delta(table_uri, sql=f'SELECT id FROM '
-                                        f'"{os.path.basename(table_uri)}"')]
+    return [r["id"] for r in delta_rows(table_uri, ["id"])]
 
 
 def source_rows(db):

@@ -71,7 +71,7 @@ import unittest
 from unittest import mock
 
 from tests import fake_warehouse
-from tests.helpers import (TempDirTestCase, child_env, destination_of, read_delta,
+from tests.helpers import (TempDirTestCase, child_env, delta_rows, destination_of,
                            read_state, run_driver, run_main, run_script, start_driver, up,
                            wait_for)
 
@@ -152,15 +152,6 @@ class Sensor:
             return conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
         finally:
             conn.close()
-
-
-def delta_rows(table_uri, columns="*"):
-    """Rows of a Delta table ([] when it does not exist yet)."""
-    if not os.path.isdir(os.path.join(table_uri, "_delta_log")):
-        return []
-    name = os.path.basename(table_uri)
-    cols = columns if columns == "*" else ", ".join(f'"{c}"' for c in columns)
-    return read_delta(table_uri, sql=f'SELECT {cols} FROM "{name}"')
 
 
 def warehouse_rows(root, table):
@@ -294,6 +285,14 @@ class KillLoop(ReliabilityTestCase):
     def grow(self):
         self.added += self.sensor.add(self.rng.randint(5, 40))
 
+    def uninterrupted_run(self):
+        """The same config, one clean --once run into ref-lake; return that lake."""
+        ref_env = {**self.env, "DELTA_URI": self.path("ref-lake"),
+                   "STATE_DIR": self.path("ref-state")}
+        code, _, err = self.run_in_process(["--sqlite", self.sensor.path, "--once"], ref_env)
+        self.assertEqual(code, 0, err)
+        return self.path("ref-lake")
+
     def kill_loop(self):
         """Kill until KILLS kills fired; then one clean run; returns (kills, runs)."""
         kills, runs, points = 0, 0, collections.Counter()
@@ -364,13 +363,10 @@ class FilterSanitizeKillTest(KillLoop):
         self.assertEqual(lost, set(), "rows lost")
         self.assertEqual(set(ids) - want, set(), "rows that should have been filtered out")
         # the values are those of an uninterrupted run of the same config
-        ref_env = {**self.env, "DELTA_URI": self.path("ref-lake"),
-                   "STATE_DIR": self.path("ref-state")}
-        code, _, err = self.run_in_process(["--sqlite", self.sensor.path, "--once"], ref_env)
-        self.assertEqual(code, 0, err)
+        ref_lake = self.uninterrupted_run()
         names = [c for c in got[0] if not c.startswith("_")]
         reference = {r["id"]: tuple(r[c] for c in names)
-                     for r in delta_rows(self.path("ref-lake", self.table))}
+                     for r in delta_rows(os.path.join(ref_lake, self.table))}
         self.assertEqual({r["id"]: tuple(r[c] for c in names) for r in got}, reference)
         if self.sanitize:
             self.assertFalse([r for r in got if "555-" in r["note"]], "note not sanitized")
@@ -390,6 +386,11 @@ AGG_COLUMNS = ("sensor", "window_start", "window_end", "temperature_avg", "tempe
                "temperature_max", "temperature_sum", "temperature_count", "records")
 
 
+def agg_rows(table_uri):
+    """The AGG_COLUMNS of each row of an aggregated_ table, as tuples."""
+    return [tuple(r[c] for c in AGG_COLUMNS) for r in delta_rows(table_uri, AGG_COLUMNS)]
+
+
 class AggregateKillTest(KillLoop):
     """aggregated_: each (group, window) once, identical to an uninterrupted run."""
 
@@ -402,6 +403,11 @@ class AggregateKillTest(KillLoop):
         self.env.update(ENABLE_AGGREGATE="true", AGGREGATE_CONFIG=json.dumps(WINDOWED))
         self.table = self.path("lake", "aggregated_readings")
 
+    def landed_and_reference(self):
+        """Aggregate rows (AGG_COLUMNS tuples) landed, and those of an uninterrupted run."""
+        ref_lake = self.uninterrupted_run()
+        return agg_rows(self.table), agg_rows(os.path.join(ref_lake, "aggregated_readings"))
+
     def check_after_kill(self, where):
         read_state(self.path("state"))
         keys = [(r["sensor"], r["window_start"])
@@ -410,13 +416,7 @@ class AggregateKillTest(KillLoop):
 
     def test_windowed_aggregate_kill_anywhere(self):
         kills, runs, points = self.kill_loop()
-        got = [tuple(r[c] for c in AGG_COLUMNS) for r in delta_rows(self.table, AGG_COLUMNS)]
-        ref_env = {**self.env, "DELTA_URI": self.path("ref-lake"),
-                   "STATE_DIR": self.path("ref-state")}
-        code, _, err = self.run_in_process(["--sqlite", self.sensor.path, "--once"], ref_env)
-        self.assertEqual(code, 0, err)
-        reference = [tuple(r[c] for c in AGG_COLUMNS) for r in
-                     delta_rows(self.path("ref-lake", "aggregated_readings"), AGG_COLUMNS)]
+        got, reference = self.landed_and_reference()
         dupes = duplicates((r[0], r[1]) for r in got)
         differ = set(got) ^ set(reference)
         report(self, kills=kills, runs=runs, rows_checked=len(got),
@@ -456,13 +456,7 @@ class AggregateKillTest(KillLoop):
             log = fh.read()
         self.assertEqual(proc.wait(timeout=60), 0, log[-3000:])
         self.assertIn("injected", log)
-        got = [tuple(r[c] for c in AGG_COLUMNS) for r in delta_rows(self.table, AGG_COLUMNS)]
-        ref_env = {**self.env, "DELTA_URI": self.path("ref-lake"),
-                   "STATE_DIR": self.path("ref-state")}
-        code, _, err = self.run_in_process(["--sqlite", self.sensor.path, "--once"], ref_env)
-        self.assertEqual(code, 0, err)
-        reference = [tuple(r[c] for c in AGG_COLUMNS) for r in
-                     delta_rows(self.path("ref-lake", "aggregated_readings"), AGG_COLUMNS)]
+        got, reference = self.landed_and_reference()
         wrong = sorted(set(got) ^ set(reference), key=repr)
         report(self, runs=1, rows_checked=len(got),
                wrong_aggregates=len({(r[0], r[1]) for r in wrong}))
@@ -1586,10 +1580,8 @@ class RecoverStateTest(InProcessWarehouse, ReliabilityTestCase):
         ref_env = self.base_env(DELTA_URI=self.path("ref-lake"),
                                 STATE_DIR=self.path("ref-state"))
         self.upload(*flags, env=ref_env)
-        got = [tuple(r[c] for c in AGG_COLUMNS) for r in
-               delta_rows(self.path("lake", "aggregated_readings"), AGG_COLUMNS)]
-        reference = [tuple(r[c] for c in AGG_COLUMNS) for r in
-                     delta_rows(self.path("ref-lake", "aggregated_readings"), AGG_COLUMNS)]
+        got = agg_rows(self.path("lake", "aggregated_readings"))
+        reference = agg_rows(self.path("ref-lake", "aggregated_readings"))
         differ = set(got) ^ set(reference)
         report(self, rows_checked=len(got),
                wrong_aggregates=len({(r[0], r[1]) for r in differ}))
