@@ -749,6 +749,13 @@ def select_sql(source, has_cursor):
             f"ORDER BY {', '.join(keys)} LIMIT ?")
 
 
+def stamp_position(source):
+    """Index of the timestamp column within a selected row (None without one)."""
+    if source.timestamp_col is None:
+        return None
+    return source.column_names.index(source.timestamp_col) + (1 if source.cursor.hidden else 0)
+
+
 def key_positions(source):
     """Index of each cursor column within a selected row."""
     cur = source.cursor
@@ -840,7 +847,7 @@ def lag_filter(source, lag):
     if not lag or not lag_applies(source):
         return None
     cutoff = int((time.time() - lag) * 1_000_000)
-    pos = source.column_names.index(source.timestamp_col) + (1 if source.cursor.hidden else 0)
+    pos = stamp_position(source)
 
     def newer(row):
         micros = parse_timestamp(row[pos])
@@ -860,10 +867,10 @@ def rows_to_batch(source, rows, first, final):
     """Row tuples as a column-major Batch, with the cursor after the last row."""
     offset = 1 if source.cursor.hidden else 0
     positions = key_positions(source)
-    ts_pos = source.column_names.index(source.timestamp_col) if source.timestamp_col else None
+    ts_pos = stamp_position(source)
     last, count = rows[-1], len(rows)
     columns = list(zip(*rows))
-    stamps = columns[ts_pos + offset] if ts_pos is not None else None
+    stamps = columns[ts_pos] if ts_pos is not None else None
     return Batch(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
                  keys=[columns[p] for p in positions], stamps=stamps, first=first,
