@@ -59,7 +59,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 STATE_FILE = "last_upload.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a position per target table (1: per destination)
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
@@ -164,6 +164,11 @@ class Config:
         0.0, "--cursor-lag", "CURSOR_LAG", "float",
         "seconds: with a (timestamp, rowid) cursor, leave rows newer than now minus this "
         "for a later cycle, so rows committed late within it are not passed", "source")
+    start_at: str = option(
+        "beginning", "--start-at", "START_AT", "choice",
+        "where a target table used for the first time starts: the beginning of the "
+        "source (its history is uploaded) or now (only rows added from now on)", "source",
+        choices=("beginning", "now"))
     state_dir: str = option(
         "/state", "--state-dir", "STATE_DIR", "path",
         "directory of last_upload.json (falls back to ./state if not writable)",
@@ -739,13 +744,15 @@ def cursor_condition(cursor, has_cursor, op=">"):
     return f"({', '.join(keys)}) {op} ({', '.join('?' * len(keys))})"
 
 
-def select_sql(source, has_cursor):
-    """The batch query: rows after the cursor, in cursor order, LIMIT ?."""
+def select_sql(source, has_cursor, bounded=False):
+    """The batch query: rows after the cursor (and, bounded, up to a second cursor), in
+    cursor order, LIMIT ?."""
     keys = key_sql(source.cursor)
     select = ([keys[-1]] if source.cursor.hidden else []) + [
         quote_ident(c) for c in source.column_names]
+    bound = f" AND {cursor_condition(source.cursor, True, op='<=')}" if bounded else ""
     return (f"SELECT {', '.join(select)} FROM {quote_ident(source.name)} "
-            f"WHERE {cursor_condition(source.cursor, has_cursor)} "
+            f"WHERE {cursor_condition(source.cursor, has_cursor)}{bound} "
             f"ORDER BY {', '.join(keys)} LIMIT ?")
 
 
@@ -785,6 +792,7 @@ class Batch:
     stamps: object = None  # timestamp column, per source row
     first: bool = True  # the first chunk of its read statement
     final: bool = True  # the last chunk of its read statement
+    resend: bool = False  # rows of a batch in flight that did not land: send as they are
 
     def __post_init__(self):
         self.source_count = self.count  # rows read from the source, before processing
@@ -793,36 +801,45 @@ class Batch:
 CHUNK_ROWS = 10_000
 
 
-def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, newer=None):
+def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, newer=None,
+                 until=None, refresh=None):
     """Yield the rows after `cursor` in chunks, until a short batch says it is drained.
 
     A batch is one statement, so one read transaction. It is fetched chunk by chunk,
     so that the Python values of only one chunk live at a time; the statement is
     finished before the batch's last chunk (final=True) is yielded. `newer(row)`
     (cursor_lag) is true for a row too recent to pass: reading stops before the first
-    one, as if drained (rows come in timestamp order).
+    one, as if drained (rows come in timestamp order). With `until` (the cursor_end of
+    a batch in flight that did not land) the first batch is exactly the rows up to it
+    (resend=True), whatever batch_size now is. `refresh(source)` gives the table as it is
+    before each batch, so a column added meanwhile is read from then on.
     """
     while True:
-        sql = select_sql(source, cursor is not None)
-        params = (list(cursor) if cursor is not None else []) + [batch_size]
+        if refresh is not None:
+            source = refresh(source)
+        resend, limit = until is not None, batch_size if until is None else -1
+        sql = select_sql(source, cursor is not None, bounded=resend)
+        params = (list(cursor) if cursor is not None else []) + (
+            list(until) if resend else []) + [limit]
         statement = reading_source(source, lambda: conn.execute(sql, params))
         rows, count, first = reading_source(source, lambda: statement.fetchmany(chunk_rows)), 0, True
-        held = False
+        held, lagged = False, None if resend else newer  # a re-sent batch passed the lag
         while rows:
             full = len(rows) == chunk_rows
-            if newer is not None and newer(rows[-1]):
-                rows, held = rows[:bisect.bisect_left(rows, True, key=newer)], True
+            if lagged is not None and lagged(rows[-1]):
+                rows, held = rows[:bisect.bisect_left(rows, True, key=lagged)], True
             count += len(rows)
             ahead = None
-            if not held and count < batch_size and full:
+            if not held and (limit < 0 or count < limit) and full:
                 ahead = reading_source(source, statement.fetchone)  # is there more?
-                if ahead is not None and newer is not None and newer(ahead):
+                if ahead is not None and lagged is not None and lagged(ahead):
                     ahead, held = None, True
             if ahead is None:
                 statement.close()  # ends the read transaction before the batch moves on
             if not rows:  # the first row is already too recent
                 return
             chunk = rows_to_batch(source, rows, first, final=ahead is None)
+            chunk.resend = resend
             cursor, rows, first = chunk.cursor_end, None, False
             yield chunk
             chunk = None  # while the next chunk is read, hold no values of this one
@@ -830,8 +847,66 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
                 rows = [ahead]
                 rows += reading_source(source, lambda: statement.fetchmany(chunk_rows - 1))
         statement.close()
+        if resend:
+            if not count:
+                raise SourceError(
+                    f"source: the rows of the batch in flight (up to {source.cursor.describe()}"
+                    f" = {list(until)}) are no longer in {source.name!r}; rows were deleted "
+                    "or the file was replaced: check the target, then use --reset-state")
+            until = None
+            continue
         if held or count < batch_size:
             return
+
+
+def read_missing(conn, source, until, names, batch_size, missing, chunk_rows=CHUNK_ROWS):
+    """Yield, in chunks, the rows at or before `until` for whose key (the values of
+    `names`) `missing(key)` is true; a batch ends after `batch_size` such rows. Each
+    chunk is read by its own short statement, so no read transaction lasts while a
+    batch is written."""
+    positions = [source.column_names.index(n) + (1 if source.cursor.hidden else 0)
+                 for n in names]
+    keys = key_positions(source)
+    sql, scan, rows = select_sql(source, True, bounded=True), None, []
+    while True:
+        params = (list(scan) if scan else []) + list(until) + [chunk_rows]
+        found = reading_source(source, lambda: conn.execute(
+            sql if scan else select_sql(source, False, bounded=True), params).fetchall())
+        if found:
+            scan = [found[-1][p] for p in keys]
+            rows += [r for r in found if missing(tuple(r[p] for p in positions))]
+        done = len(found) < chunk_rows
+        while rows and (len(rows) >= batch_size or done):
+            part, rows = rows[:batch_size], rows[batch_size:]
+            yield rows_to_batch(source, part, True, final=True)
+        if done:
+            return
+
+
+def refresh_columns(conn, source):
+    """The source table with the columns it has now: a column added while the uploader
+    runs is read from the next batch on. The cursor's columns must still be there."""
+    columns = reading_source(source, lambda: read_columns(conn, source.name))
+    if columns == source.columns:
+        return source
+    names, before = {c.name for c in columns}, {c.name for c in source.columns}
+    needed = [c for c in key_columns(source) + [source.timestamp_col] if c]
+    if any(c not in names for c in needed):
+        raise SourceError(f"source: table {source.name!r} lost its cursor or timestamp "
+                          f"column ({', '.join(c for c in needed if c not in names)}); "
+                          "restart the uploader once the table is complete again")
+    log.info("source: table %r changed while running: columns added: %s; dropped: %s; "
+             "the next batch carries them", source.name,
+             ", ".join(sorted(names - before)) or "none",
+             ", ".join(sorted(before - names)) or "none")
+    return dataclasses.replace(source, columns=columns)
+
+
+def key_columns(source):
+    """The cursor's columns that are table columns (not a hidden rowid)."""
+    cur = source.cursor
+    return [c for i, c in enumerate(cur.columns)
+            if not (cur.hidden and i == len(cur.columns) - 1)]
 
 
 def lag_applies(source):
@@ -886,6 +961,20 @@ def slice_batch(batch, start, end):
         keys=[k[start:end] for k in batch.keys],
         stamps=batch.stamps[start:end] if batch.stamps is not None else None)
     return part
+
+
+def count_source_rows(conn, source):
+    """Rows in the source table."""
+    return conn.execute(f"SELECT count(*) FROM {quote_ident(source.name)}").fetchone()[0]
+
+
+def read_end_cursor(conn, source):
+    """The cursor after the last row now in the table (None when it has none)."""
+    keys = key_sql(source.cursor)
+    row = conn.execute(f"SELECT {', '.join(keys)} FROM {quote_ident(source.name)} "
+                       f"WHERE {cursor_condition(source.cursor, False)} ORDER BY "
+                       f"{', '.join(k + ' DESC' for k in keys)} LIMIT 1").fetchone()
+    return list(row) if row else None
 
 
 def count_pending(conn, source, cursor):
@@ -1760,6 +1849,14 @@ class Sink:
         """{cursor, carry} after this node's last batch in `table`, or None if none."""
         raise SinkError(f"sink: {self.name} cannot rebuild a lost state")
 
+    def count_rows(self, table, source_id):
+        """Rows of node `source_id` in `table` (0 when the table does not exist)."""
+        raise NotImplementedError
+
+    def read_keys(self, table, source_id, names):
+        """The set of (values of `names`) of node `source_id`'s rows in `table`."""
+        raise NotImplementedError
+
     def close(self):
         """Release connections."""
 
@@ -1843,6 +1940,31 @@ class DeltaSink(Sink):
 
     def prepare(self, table, batch):
         return to_record_batch(batch, self.identity)
+
+    def count_rows(self, table, source_id):
+        rows = self._select(table, source_id, "count(*)", "counting rows")
+        return rows[0][0] if rows else 0
+
+    def read_keys(self, table, source_id, names):
+        columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
+        return set(self._select(table, source_id, columns, "reading keys"))
+
+    def _select(self, table, source_id, what, doing):
+        """Rows (tuples) of `SELECT what` over node `source_id`'s rows in `table`."""
+        from deltalake import QueryBuilder
+        found = self._open(table)
+        if found is None:
+            return []
+        literal = "'" + source_id.replace("'", "''") + "'"
+        try:
+            reader = QueryBuilder().register("t", found).execute(
+                f'SELECT {what} FROM t WHERE "_source_id" = {literal}')
+            return [row for b in reader
+                    for row in zip(*(c.to_pylist() for c in b.columns))]
+        except Exception as exc:  # DataFusion's own error types
+            raise SinkError(f"sink: {doing} of node {source_id} in "
+                            f"{self.table_uri(table)} failed: {first_line(exc)}",
+                            transient=is_transient_delta_error(exc)) from None
 
     def recover_position(self, table, source):
         """The cursor after this node's last commit to `table`, from the Delta log."""
@@ -2248,6 +2370,26 @@ class DatabricksSink(Sink):
             return None
         return {"cursor": [rows[0][0]], "carry": None, "rows": rows[0][1]}
 
+    def count_rows(self, table, source_id):
+        rows = self._select(table, source_id, "count(*)", "counting rows")
+        return rows[0][0] if rows else 0
+
+    def read_keys(self, table, source_id, names):
+        rows = self._select(table, source_id, ", ".join(map(quote_name, names)),
+                            "reading keys")
+        return {tuple(row) for row in rows}
+
+    def _select(self, table, source_id, what, doing):
+        """Rows of `SELECT what` over node `source_id`'s rows ([] if no table)."""
+        try:
+            return self.retrying(doing, lambda: self.execute(
+                f"SELECT {what} FROM {self.target(table)} WHERE `_source_id` = :source_id",
+                {"source_id": source_id}, fetch=True, what=f"{doing} in {table}"))
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
+                return []
+            raise
+
     def has_committed(self, table, seq, batch_id, source_id=None):
         try:
             rows = self.retrying("checking a batch", lambda: self.execute(
@@ -2558,14 +2700,28 @@ def is_usable_dir(path):
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def position_key(destination, table):
+    """Progress is kept per target table: the destination system, then the table."""
+    return f"{destination}/{table}"
+
+
+EMPTY_POSITION = {"cursor": None, "last_upload": None, "rows": 0, "seq": 0,
+                  "inflight": None, "carry": None, "updated_at": None}
+
+
 class Checkpoint:
-    """Owns last_upload.json: the cursor per destination and the in-flight batch."""
+    """Owns last_upload.json: a position (cursor, in-flight batch, ...) per target table.
+
+    Nothing outside this class changes the state; callers name a position by its key
+    (`position_key(destination, table)`) and get copies back.
+    """
 
     def __init__(self, state_dir):
         self.dir = state_dir
         self.path = os.path.join(state_dir, STATE_FILE)
         self.data = None
         self._lock = None
+        self._backup = False  # --reset-state: move the old file aside at the first save
 
     def lock(self):
         """Take the state lock, or fail naming the process that holds it."""
@@ -2595,14 +2751,13 @@ class Checkpoint:
         self._lock = fh
 
     def load(self, source_desc, reset=False):
-        """Read the state (missing means first run); foreign state is an error."""
-        if reset and os.path.exists(self.path):
-            backup = f"{self.path}.reset-{int(time.time())}"
-            n = 1
-            while os.path.exists(backup):
-                backup, n = f"{self.path}.reset-{int(time.time())}-{n}", n + 1
-            os.replace(self.path, backup)
-            log.warning("state: --reset-state: previous state kept as %s", backup)
+        """Read the state (missing means first run); foreign state is an error.
+
+        With `reset` the old file is left alone until the first save, which moves it
+        aside: a reset that is refused before then changes nothing."""
+        if reset:
+            self.data, self._backup = new_state(source_desc), os.path.exists(self.path)
+            return self
         if not os.path.exists(self.path):
             self.data = new_state(source_desc)
             return self
@@ -2614,51 +2769,79 @@ class Checkpoint:
             raise StateError(f"state: cannot read {self.path}: {exc}; fix or move it, or "
                              "use --reset-state to upload from the start") from None
         check_state_source(data, source_desc, self.path)
-        self.data = data
+        self.data = migrate_state(data, self.path)
         return self
 
-    def position(self, destination):
-        """The progress record of one destination (created empty on first use)."""
-        return self.data["destinations"].setdefault(destination, {
-            "cursor": None, "last_upload": None, "rows": 0, "seq": 0,
-            "inflight": None, "carry": None, "updated_at": None})
+    def read_old(self):
+        """The state file on disk (before a reset), or None when there is none or it is
+        unreadable."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            check_state_shape(data)
+        except (OSError, ValueError):
+            return None
+        return migrate_state(data, self.path, quiet=True)
 
-    def begin(self, destination, batch, table, source_id):
-        """Record the batch as in flight before it is sent."""
-        self.position(destination)["inflight"] = {
-            "batch_id": batch.batch_id, "seq": batch.seq, "table": table,
-            "rows": batch.count, "cursor_end": encode_cursor(batch.cursor_end),
-            "last_upload": batch.last_timestamp, "carry": batch.carry,
-            "source_id": source_id}
+    def rename(self, old, new):
+        """Give the position `old` the key `new` (a version 1 position, on first use)."""
+        self.data["destinations"][new] = self.data["destinations"].pop(old)
         self.save()
 
-    def commit(self, destination):
+    def has_position(self, key):
+        """True when the target table `key` has a position in this state."""
+        return key in self.data["destinations"]
+
+    def position(self, key):
+        """A copy of the position of one target table (an empty one if it has none)."""
+        found = self.data["destinations"].get(key)
+        return json.loads(json.dumps(found if found else EMPTY_POSITION))
+
+    def _record(self, key):
+        return self.data["destinations"].setdefault(key, dict(EMPTY_POSITION))
+
+    def update(self, key, **fields):
+        """Set fields of a position (creating it) and save."""
+        self._record(key).update(fields)
+        self.save()
+
+    def begin(self, key, batch, table, source_id):
+        """Record the batch as in flight before it is sent."""
+        self.update(key, inflight={
+            "batch_id": batch.batch_id, "seq": batch.seq, "table": table,
+            "rows": batch.count, "source_rows": batch.source_count,
+            "cursor_end": encode_cursor(batch.cursor_end),
+            "last_upload": batch.last_timestamp, "carry": batch.carry,
+            "source_id": source_id})
+
+    def commit(self, key):
         """The in-flight batch is in the target: advance the cursor past it."""
-        pos = self.position(destination)
+        pos = self._record(key)
         flight = pos["inflight"]
         pos.update(seq=flight["seq"], inflight=None, rows=pos["rows"] + flight["rows"],
                    table=flight["table"])
-        self._move(pos, flight["cursor_end"], flight.get("carry"), flight.get("last_upload"))
+        self._move(pos, flight["cursor_end"], flight.get("carry"), flight.get("last_upload"),
+                   flight.get("source_rows", flight["rows"]))
 
-    def advance(self, destination, batch):
+    def advance(self, key, batch):
         """A batch that left nothing to write (all filtered, windows still open)."""
-        self._move(self.position(destination), encode_cursor(batch.cursor_end),
-                   batch.carry, batch.last_timestamp)
+        self._move(self._record(key), encode_cursor(batch.cursor_end), batch.carry,
+                   batch.last_timestamp, batch.source_count)
 
-    def _move(self, pos, cursor, carry, last_upload):
-        """Put the cursor (already encoded) and the open windows after a batch; save."""
+    def _move(self, pos, cursor, carry, last_upload, passed):
+        """Put the cursor (already encoded) and the open windows after a batch of
+        `passed` source rows; save."""
         pos.update(cursor=cursor, carry=carry, updated_at=utc_now_text())
+        if pos.get("behind_base") is not None:  # rows at or before the cursor
+            pos["behind_base"] += passed
         if last_upload is not None:
             pos["last_upload"] = last_upload
         self.save()
 
-    def abandon(self, destination):
-        """The in-flight batch never reached the target: it will be read again."""
-        self.position(destination)["inflight"] = None
-        self.save()
-
     def save(self):
         """Write atomically: temp file, fsync, rename, fsync the directory."""
+        if self._backup:
+            self._move_aside()
         tmp = self.path + ".tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -2673,6 +2856,22 @@ class Checkpoint:
                 os.close(dir_fd)
         except OSError as exc:
             raise StateError(f"state: cannot write {self.path}: {exc.strerror}") from None
+
+    def _move_aside(self):
+        """--reset-state: keep the previous state file as last_upload.json.reset-<time>."""
+        backup = f"{self.path}.reset-{int(time.time())}"
+        n = 1
+        while os.path.exists(backup):
+            backup, n = f"{self.path}.reset-{int(time.time())}-{n}", n + 1
+        try:
+            os.replace(self.path, backup)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"state: cannot move {self.path} aside: {exc.strerror}") from None
+        else:
+            log.warning("state: --reset-state: previous state kept as %s", backup)
+        self._backup = False
 
     def close(self):
         """Release the lock."""
@@ -2691,7 +2890,7 @@ def check_state_shape(data):
     """Raise ValueError unless `data` looks like our state file."""
     if not isinstance(data, dict) or data.get("tool") != TOOL:
         raise ValueError("not a state file of this tool")
-    if data.get("version") != STATE_VERSION:
+    if data.get("version") not in (1, STATE_VERSION):
         raise ValueError(f"unsupported state version {data.get('version')!r}")
     if not isinstance(data.get("destinations"), dict) or not data.get("state_id"):
         raise ValueError("state file is incomplete")
@@ -2702,6 +2901,20 @@ def check_state_shape(data):
                 and isinstance(pos.get("inflight"), (dict, type(None)))
                 and isinstance(pos.get("seq", 0), int)):
             raise ValueError(f"destination {dest!r} is malformed")
+
+
+def migrate_state(data, path, quiet=False):
+    """Version 1 kept one position per destination: key each by the table it wrote."""
+    if data["version"] == STATE_VERSION:
+        return data
+    moved = {}
+    for dest, pos in data["destinations"].items():
+        table = pos.get("table") or (pos.get("inflight") or {}).get("table")
+        moved[position_key(dest, table) if table else dest] = pos
+    if not quiet:
+        log.info("state: %s is of version 1; its positions now belong to their target "
+                 "tables (%s)", path, ", ".join(sorted(moved)) or "none")
+    return {**data, "version": STATE_VERSION, "destinations": moved}
 
 
 def check_state_source(data, source_desc, path):
@@ -2736,6 +2949,20 @@ class Job:
     stop: threading.Event
     plan: Plan = Plan()
     kinds: dict = dataclasses.field(default_factory=dict)
+    behind_due: float = 0.0  # monotonic time of the next count of rows behind the cursor
+    stream: str = ""  # "" for the cursor's batches; "backfill" for --backfill's
+
+    @property
+    def key(self):
+        """The checkpoint position of this job's target table (and stream)."""
+        key = position_key(self.sink.destination, self.table)
+        return f"{key}#{self.stream}" if self.stream else key
+
+    @property
+    def batch_prefix(self):
+        """Batch ids are <prefix>-<seq>: the state id, and the stream if not the cursor's."""
+        state_id = self.checkpoint.data["state_id"]
+        return f"{state_id}-{self.stream}" if self.stream else state_id
 
 
 def prefetch(iterable, stop):
@@ -2780,20 +3007,22 @@ def prefetch(iterable, stop):
 
 
 def settle_inflight(job):
-    """After a crash, ask the target whether the in-flight batch landed."""
-    dest = job.sink.destination
-    flight = job.checkpoint.position(dest)["inflight"]
+    """After a crash, ask the target whether the in-flight batch landed.
+
+    A batch that did not land keeps its in-flight record: the cycle sends it again
+    with exactly the rows recorded (up to its cursor_end) under the same batch id, so
+    a copy of the old statement that a warehouse runs late leaves the same rows."""
+    flight = job.checkpoint.position(job.key)["inflight"]
     if not flight:
         return
     if job.sink.has_committed(flight["table"], flight["seq"], flight["batch_id"],
                               flight.get("source_id")):
-        job.checkpoint.commit(dest)
+        job.checkpoint.commit(job.key)
         log.info("checkpoint: in-flight batch %s is in %s; cursor advanced",
                  flight["batch_id"], flight["table"])
     else:
-        job.checkpoint.abandon(dest)
-        log.info("checkpoint: in-flight batch %s did not reach %s; it will be sent again",
-                 flight["batch_id"], flight["table"])
+        log.info("checkpoint: in-flight batch %s did not reach %s; it is sent again "
+                 "with the same rows", flight["batch_id"], flight["table"])
 
 
 def prepare_batches(job, chunks, position):
@@ -2805,7 +3034,7 @@ def prepare_batches(job, chunks, position):
     has its own cursor). Nothing is handed on until the read statement has finished,
     so no read transaction is held while a write waits.
     """
-    state_id = job.checkpoint.data["state_id"]
+    state_id = job.batch_prefix
     seq, carry = position["seq"], position.get("carry")
     ready, merged = [], []
     for chunk in chunks:
@@ -2869,11 +3098,12 @@ def fit_statements(job, batch, seq, carry, state_id):
     while parts:
         part = parts.pop(0)
         limit = job.sink.rows_per_write()  # learnt from the rows encoded so far
-        if limit and part.count > limit:
+        if limit and part.count > limit and not part.resend:
             parts[:0] = [slice_batch(part, limit, part.count)]
             part = slice_batch(part, 0, limit)
         out, after = encode_part(job, part, carry, seq + 1, state_id)
-        if out.count and not job.sink.fits(out.payload) and part.count > 1:
+        if out.count and not part.resend and not job.sink.fits(out.payload) and \
+                part.count > 1:
             half = part.count // 2
             parts[:0] = [slice_batch(part, 0, half), slice_batch(part, half, part.count)]
             continue
@@ -2886,16 +3116,33 @@ def fit_statements(job, batch, seq, carry, state_id):
 
 def write_batch(job, batch):
     """In-flight record -> write to the sink -> advance the checkpoint."""
-    dest = job.sink.destination
     if not batch.count:
-        job.checkpoint.advance(dest, batch)
+        job.checkpoint.advance(job.key, batch)
         return Receipt(0)
-    if batch.seq != job.checkpoint.position(dest)["seq"] + 1:
+    pos = job.checkpoint.position(job.key)
+    if batch.seq != pos["seq"] + 1:
         raise AssertionError(f"batch {batch.seq} out of order")
-    job.checkpoint.begin(dest, batch, job.table, job.config.source_id)
+    if batch.resend:
+        check_resend(pos["inflight"], batch)
+    job.checkpoint.begin(job.key, batch, job.table, job.config.source_id)
     receipt = job.sink.write(job.table, batch)
-    job.checkpoint.commit(dest)
+    job.checkpoint.commit(job.key)
     return receipt
+
+
+def check_resend(flight, batch):
+    """A batch sent again must be the rows it was: fewer means rows were deleted."""
+    recorded = flight.get("source_rows")
+    if recorded is None or batch.source_count == recorded:
+        return
+    if batch.source_count < recorded:
+        raise SourceError(f"source: batch {flight['batch_id']} in flight had {recorded} "
+                          f"rows, only {batch.source_count} are still in the source: rows "
+                          "were deleted or the file was replaced; check the target, then "
+                          "use --reset-state")
+    log.warning("source: batch %s in flight had %d rows; %d rows were inserted into its "
+                "range since and go with it", flight["batch_id"], recorded,
+                batch.source_count - recorded)
 
 
 def run_cycle(job):
@@ -2923,14 +3170,17 @@ def gc_paused():
 def upload_pending(job):
     """The cycle's work: settle, check the source, read, process, write, checkpoint."""
     settle_inflight(job)  # a failed write of the previous cycle may have landed
-    pos = job.checkpoint.position(job.sink.destination)
+    pos = job.checkpoint.position(job.key)
     cursor = decode_cursor(pos["cursor"])
     pending = reading_source(job.source, lambda: check_source(job, pos, cursor))
     started, done, read, notes = time.monotonic(), 0, 0, {}
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
     newer = lag_filter(job.source, job.config.cursor_lag)
-    batches = read_batches(job.conn, job.source, cursor, job.config.batch_size, newer=newer)
+    flight = pos["inflight"]  # settled as not landed: its rows go again, exactly
+    batches = read_batches(job.conn, job.source, cursor, job.config.batch_size, newer=newer,
+                           until=decode_cursor(flight["cursor_end"]) if flight else None,
+                           refresh=lambda source: refresh_job_source(job, source))
     mark = started
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         receipt = write_batch(job, batch)
@@ -2945,19 +3195,49 @@ def upload_pending(job):
     PROGRESS.clear()
     if newer is not None and not job.stop.is_set() and pending > read:
         notes["rows_held_back_by_cursor_lag"] = pending - read
-    if not job.stop.is_set():
-        reading_source(job.source, lambda: remember_end(job))
     log_cycle(job, read, done, time.monotonic() - started, notes)
     return done
+
+
+def refresh_job_source(job, source):
+    """The source table as it is now, kept in the job for the cycles that follow."""
+    job.source = refresh_columns(job.conn, source)
+    return job.source
 
 
 def check_source(job, pos, cursor):
     """Start-of-cycle checks and reports; return the rows pending after the cursor."""
     conn, source = job.conn, job.source
     check_not_behind(conn, source, cursor)
-    report_null_timestamps(conn, source)
-    report_late_rows(conn, source, pos, cursor)
-    return count_pending(conn, source, cursor)
+    nulls = report_null_timestamps(conn, source)
+    pending = count_pending(conn, source, cursor)
+    if cursor is not None and time.monotonic() >= job.behind_due:
+        started = time.monotonic()
+        report_behind(job, pos, count_source_rows(conn, source) - pending - nulls)
+        # SQLite counts a table by walking a b-tree: on a big table keep it to about
+        # 1% of the time, so an idle cycle stays cheap
+        job.behind_due = started + 100 * (time.monotonic() - started)
+    return pending
+
+
+def report_behind(job, pos, behind):
+    """Rows that appeared behind the cursor (an import of older records, a late commit,
+    mixed timestamp formats): counted from the table's size, kept in the checkpoint until
+    --backfill uploads them, and reported every cycle. `behind` is the number of rows at
+    or before the cursor now; behind_base, the number there were (deleted rows lower it:
+    then only the base moves)."""
+    base = pos.get("behind_base")
+    found = behind - base if base is not None else 0
+    tally = pos.get("behind", 0) + max(found, 0)
+    if base != behind or tally != pos.get("behind", 0):
+        job.checkpoint.update(job.key, behind_base=behind, behind=tally)
+    if tally:
+        log.warning("source: %d rows are behind the cursor %s and not uploaded to %s "
+                    "(%d new since the last cycle): rows inserted with an older key than "
+                    "the cursor (an import of older records, a late commit, mixed "
+                    "timestamp formats); --backfill uploads those %s does not hold",
+                    tally, job.source.cursor.describe(), job.table, max(found, 0),
+                    job.table)
 
 
 def log_batch(job, batch, receipt, took, pending):
@@ -2982,42 +3262,13 @@ def log_cycle(job, read, done, elapsed, notes):
                     job.table)
 
 
-def report_late_rows(conn, source, pos, cursor):
-    """Warn about rows added since the last cycle ended that sort before the cursor: the
-    pair cursor has passed them (late rows, or mixed timestamp formats)."""
-    seen = pos.get("seen")
-    if source.cursor.kind != "pair" or source.without_rowid or not seen or cursor is None:
-        return
-    tie, table = key_sql(source.cursor)[-1], quote_ident(source.name)
-    late = conn.execute(f"SELECT count(*) FROM {table} WHERE {tie} > ? AND "
-                        f"{cursor_condition(source.cursor, True, op='<')}",
-                        [seen, *cursor]).fetchone()[0]
-    if late:
-        log.warning("source: %d rows arrived with a %r that sorts before the cursor and "
-                    "are not uploaded (late rows, or mixed timestamp formats); fix: INTEGER "
-                    "PRIMARY KEY AUTOINCREMENT on the table, or CURSOR_LAG (seconds) for "
-                    "late rows", late, source.timestamp_col)
-
-
-def remember_end(job):
-    """After a drained cycle: the highest rowid, so the next one can spot late rows."""
-    source = job.source
-    if source.cursor.kind != "pair" or source.without_rowid:
-        return
-    tie = key_sql(source.cursor)[-1]
-    high = job.conn.execute(f"SELECT max({tie}) FROM {quote_ident(source.name)}").fetchone()
-    pos = job.checkpoint.position(job.sink.destination)
-    if pos.get("seen") != high[0]:
-        pos["seen"] = high[0]
-        job.checkpoint.save()
-
-
 def report_null_timestamps(conn, source):
     """Warn about rows the pair cursor cannot order because their timestamp is NULL."""
     count, low, high = count_null_timestamps(conn, source)
     if count:
         log.warning("source: %d rows have a NULL %r (rowid %s..%s) and are not uploaded",
                     count, source.timestamp_col, low, high)
+    return count
 
 
 def run_forever(job, sleep_backoff=None):
@@ -3044,56 +3295,176 @@ def run_forever(job, sleep_backoff=None):
 
 
 def recover_state(job):
-    """--recover-state: rebuild this destination's cursor from what the target holds."""
-    dest = job.sink.destination
-    known = job.checkpoint.data["destinations"].get(dest)
-    if known and (known.get("cursor") is not None or known.get("inflight")):
-        raise StateError(f"state: {job.checkpoint.path} already has a cursor for {dest}; "
-                         "--recover-state is for a lost state file")
+    """--recover-state: rebuild this target table's cursor from what the target holds."""
+    if job.checkpoint.position(job.key)["cursor"] is not None or \
+            job.checkpoint.position(job.key)["inflight"]:
+        raise StateError(f"state: {job.checkpoint.path} already has a cursor for "
+                         f"{job.table}; --recover-state is for a lost state file")
     found = job.sink.recover_position(job.table, job.source)
-    pos = job.checkpoint.position(dest)
     if found is None:
         log.warning("state: %s holds nothing from node %s; starting from the beginning",
                     job.table, job.config.source_id)
+        job.checkpoint.update(job.key)
         return
-    pos.update(cursor=found["cursor"], carry=found.get("carry"), rows=found.get("rows", 0),
-               updated_at=utc_now_text())
-    job.checkpoint.save()
+    rows = found["rows"] if "rows" in found else job.sink.count_rows(
+        job.table, job.config.source_id)
+    job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),
+                          rows=rows, updated_at=utc_now_text())
     log.info("state: recovered the cursor %s = %s from %s (node %s)",
              job.source.cursor.describe(), found["cursor"], job.table, job.config.source_id)
 
 
+def backfill(job):
+    """--backfill: upload the rows at or before the cursor that the target table does not
+    hold (rows imported or committed behind the cursor), exactly once, as batches of
+    their own stream; the cursor stays where it is."""
+    names = backfill_key(job)
+    stamps = [n == job.source.timestamp_col for n in names]  # TIMESTAMP in the target
+    run = backfill_job(job)
+    settle_inflight(run)
+    if run.checkpoint.position(run.key)["inflight"]:  # it did not land: rows go again
+        run.checkpoint.update(run.key, inflight=None)
+    held = {key_value(key, stamps, typed=True)
+            for key in job.sink.read_keys(job.table, job.config.source_id, names)}
+    pos = job.checkpoint.position(job.key)
+    cursor = decode_cursor(pos["cursor"])
+    sent = read = 0
+    if cursor is not None:
+        chunks = read_missing(job.conn, job.source, cursor, names, job.config.batch_size,
+                              lambda key: key_value(key, stamps) not in held)
+        bpos = run.checkpoint.position(run.key)
+        mark = time.monotonic()
+        for batch in prefetch(prepare_batches(run, chunks, bpos), job.stop):
+            receipt = write_batch(run, batch)
+            sent, read = sent + batch.count, read + batch.source_count
+            took, mark = max(time.monotonic() - mark, 1e-9), time.monotonic()
+            log_batch(run, batch, receipt, took, 0)
+    if job.stop.is_set():
+        return EXIT_OK
+    behind = reading_source(job.source, lambda: rows_behind(job.conn, job.source, {
+        "cursor": pos["cursor"], "behind": 0, "behind_base": 0}, count_pending(
+            job.conn, job.source, cursor)))
+    job.checkpoint.update(job.key, behind=0, behind_base=behind)
+    log.info("backfill: %d rows behind the cursor were missing from %s and are uploaded "
+             "(%d rows sent); %d of this node's rows were already there", read, job.table,
+             sent, len(held))
+    return EXIT_OK
+
+
+def backfill_key(job):
+    """The columns that tell the target's rows apart: the table's key, as uploaded."""
+    source, plan = job.source, job.plan
+    if plan.aggregate:
+        raise ConfigError(f"config: --backfill cannot add rows to {job.table}: aggregated "
+                          "windows are closed once emitted")
+    names = key_columns(source)
+    if source.cursor.kind == "pair":
+        names = names[1:]  # the key after the timestamp identifies a row
+    altered = {r.column for r in plan.sanitize if r.op != "round"}
+    if not names or set(names) & altered:
+        raise ConfigError(
+            f"config: --backfill needs a key that {job.table} holds as uploaded; table "
+            f"{source.name!r} has none ({source.cursor.kind} cursor "
+            f"{source.cursor.describe()}): give it an INTEGER PRIMARY KEY, or upload the "
+            "rows behind the cursor with --reset-state into a new table")
+    return names
+
+
+def key_value(key, stamps, typed=False):
+    """A row key comparable between the source and the target: a timestamp column as
+    microseconds (the target holds it as a TIMESTAMP, the source as it was written)."""
+    out = []
+    for value, stamp in zip(key, stamps):
+        if stamp and typed and isinstance(value, dt.datetime):
+            moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+            value = (moment - EPOCH) // ONE_MICROSECOND
+        elif stamp and not typed:
+            value = parse_timestamp(value)
+        out.append(value)
+    return tuple(out)
+
+
+def backfill_job(job):
+    """The job of the backfill stream: its own position, batch ids and Delta app id."""
+    identity = job.sink.identity
+    sink = make_sink(job.config, dataclasses.replace(
+        identity, state_id=f"{identity.state_id}-backfill"))
+    return dataclasses.replace(job, sink=sink, stream="backfill", kinds=job.kinds)
+
+
+def start_route(job):
+    """A target table this state has no position for: make sure the table holds none
+    of this node's rows (else they would be sent twice), then start at the beginning
+    of the source, or at its current end with START_AT=now."""
+    checkpoint, key = job.checkpoint, job.key
+    if checkpoint.has_position(key):
+        return
+    if checkpoint.has_position(job.sink.destination):  # version 1, table never recorded
+        checkpoint.rename(job.sink.destination, key)
+        return
+    held = job.sink.count_rows(job.table, job.config.source_id)
+    now = job.config.start_at == "now"
+    if held and not now:
+        raise StateError(
+            f"state: {job.table} already holds {held:,} rows from node "
+            f"{job.config.source_id} that {checkpoint.path} has no record of (a lost or "
+            "reset state file?), so uploading from the beginning would send them twice; "
+            "--recover-state continues after them, --start-at now uploads only rows added "
+            "from now on, or remove them from the table first")
+    cursor = reading_source(job.source, lambda: read_end_cursor(job.conn, job.source)) \
+        if now else None
+    checkpoint.update(job.key, cursor=encode_cursor(cursor), updated_at=utc_now_text(),
+                      behind_base=None if now else 0)
+    if now:
+        log.info("checkpoint: %s is new to this state: starting at the current end of "
+                 "the source, %s = %s (START_AT=now); rows before it are not uploaded "
+                 "to it", job.table, job.source.cursor.describe(), cursor)
+    else:
+        log.info("checkpoint: %s is new to this state: uploading the source from the "
+                 "beginning", job.table)
+
+
 def open_job(config, reset_state, stop, environ=None, recover=False):
-    """Open source, checkpoint and sink; settle any in-flight batch."""
+    """Open source, checkpoint and sink; find or start the target table's position."""
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
-    source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
-                            config.sqlite)
-    plan = compile_plan(config, source, os.environ if environ is None else environ)
     checkpoint = Checkpoint(resolve_state_dir(config))
-    checkpoint.lock()
+    job = None
     try:
+        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
+                                config.sqlite)
+        plan = compile_plan(config, source, os.environ if environ is None else environ)
+        checkpoint.lock()
         checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
+        identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
+        job = Job(config, conn, source, checkpoint, make_sink(config, identity),
+                  target_table(config, source), stop, plan)
+        announce_job(job)
+        if recover:
+            recover_state(job)
+        start_route(job)
     except BaseException:
+        if job is not None:
+            job.sink.close()
         checkpoint.close()
         conn.close()
         raise
-    identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
-    sink = make_sink(config, identity)
-    job = Job(config, conn, source, checkpoint, sink, target_table(config, source), stop,
-              plan)
-    for line in preflight(conn, source):
+    return job
+
+
+def announce_job(job):
+    """The preflight findings and where rows go, one line each."""
+    config, source = job.config, job.source
+    for line in preflight(job.conn, source):
         log.info(line)
     if config.cursor_lag and not lag_applies(source):
         log.warning("source: cursor_lag has no effect: the cursor %s is not led by a "
                     "timestamp (a rowid cursor never passes a row committed late)",
                     source.cursor.describe())
-    log.info("target: %s table %s (node %s)", sink.describe(), job.table, config.source_id)
+    log.info("target: %s table %s (node %s)", job.sink.describe(), job.table,
+             config.source_id)
     if config.target == "delta" and config.origin("delta_uri") == "default":
         log.info("target: no Databricks workspace configured; writing to the local "
                  "Delta lakehouse %s", os.path.abspath(config.delta_uri))
-    if recover:
-        recover_state(job)
-    return job
 
 
 def close_job(job):
@@ -3276,19 +3647,30 @@ def status_report(config, environ):
             checkpoint.data = new_state(source_description(config.sqlite, source))
         identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
         destination = SINKS[config.target](config, identity).destination
-        pos = checkpoint.data["destinations"].get(destination) or {}
+        pos = checkpoint.position(position_key(destination, target_table(config, source)))
         cursor = decode_cursor(pos.get("cursor"))
         pending = count_pending(conn, source, cursor)
+        behind = rows_behind(conn, source, pos, pending)
     finally:
         conn.close()
     return {"source": os.path.abspath(config.sqlite), "source_table": source.name,
             "cursor_kind": source.cursor.kind, "cursor_columns": list(source.cursor.columns),
-            "cursor": pos.get("cursor"), "pending_rows": pending,
+            "cursor": pos.get("cursor"), "pending_rows": pending, "behind_rows": behind,
             "uploaded_rows": pos.get("rows", 0), "batches": pos.get("seq", 0),
             "last_upload_at": pos.get("updated_at"), "last_timestamp": pos.get("last_upload"),
             "in_flight": pos.get("inflight"), "destination": destination,
             "target_table": target_table(config, source), "source_id": config.source_id,
             "state_file": os.path.abspath(path), "state_exists": os.path.exists(path)}
+
+
+def rows_behind(conn, source, pos, pending):
+    """Rows behind the cursor and not uploaded: those counted by the cycles so far, and
+    those that appeared since the last one."""
+    if pos.get("cursor") is None:
+        return 0
+    base = pos.get("behind_base")
+    now = count_source_rows(conn, source) - pending - count_null_timestamps(conn, source)[0]
+    return pos.get("behind", 0) + (max(now - base, 0) if base is not None else 0)
 
 
 def format_status(report):
@@ -3298,6 +3680,8 @@ def format_status(report):
              ("cursor", f"{report['cursor_kind']} ({', '.join(report['cursor_columns'])}) "
                         f"at {report['cursor'] if report['cursor'] is not None else 'start'}"),
              ("pending", f"{report['pending_rows']:,} rows"),
+             ("behind", f"{report['behind_rows']:,} rows behind the cursor, not uploaded"
+                        + (" (--backfill uploads them)" if report["behind_rows"] else "")),
              ("uploaded", f"{report['uploaded_rows']:,} rows in {report['batches']} batches"),
              ("last upload", f"{report['last_upload_at'] or 'never'}"
                              + (f" (source timestamp {report['last_timestamp']})"
@@ -3532,10 +3916,15 @@ def build_parser():
     actions.add_argument("--print-config", action="store_true",
                          help="print each setting, its value and its source; exit")
     actions.add_argument("--reset-state", action="store_true",
-                         help="forget the saved cursor and upload from the start")
+                         help="forget the saved cursors (the old state file is kept) and "
+                              "exit; refused while the target table holds rows of this "
+                              "SOURCE_ID, unless --start-at now; with --once, then run")
     actions.add_argument("--recover-state", action="store_true",
                          help="with the state file lost: rebuild the cursor from what the "
                               "target holds for this SOURCE_ID, then run")
+    actions.add_argument("--backfill", action="store_true",
+                         help="upload the rows behind the cursor that the target table "
+                              "does not hold (imported or committed late); exit")
     actions.add_argument("--demo", action="store_true",
                          help="make sample sensor data in ./demo and upload it once")
     actions.add_argument("--run-query", metavar="SQL",
@@ -3646,11 +4035,20 @@ def run_job(config, args, environ):
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
     config = check_target(config)
+    if args.reset_state and args.recover_state:
+        raise ConfigError("config: --reset-state and --recover-state contradict each "
+                          "other: the first forgets the cursor, the second rebuilds it")
     stop = StopFlag()
     install_signal_handlers(stop)
     try:
         job = open_job(config, args.reset_state, stop, environ, recover=args.recover_state)
         try:
+            if args.backfill:
+                return backfill(job)
+            if args.reset_state and not config.once:
+                log.info("state: --reset-state done; the next run uploads to %s from the "
+                         "position above (add --once to run a cycle right away)", job.table)
+                return EXIT_OK
             code = run_forever(job)
             if args.demo:
                 print(demo_summary(config, job))

@@ -27,7 +27,9 @@ twice (the connector's HTTP retry after a dropped reply), 'drop_reply' runs it a
 raises a transient error (so the caller retries it), 'unavailable' raises 503 before
 running it, 'forbidden' raises a permission error, 'unauthorized' a 401; 'crash_before'
 and 'crash_after' raise `Crash` (a BaseException: the process dies) before or after
-running it.
+running it; 'queue_crash' holds the statement in the warehouse's queue and raises
+`Crash` (the client died while it waited), and `run_held()` runs the held statements
+later, as a warehouse runs a dead client's queued statement.
 """
 
 import json
@@ -98,6 +100,7 @@ class Warehouse:
         self.max_statement_bytes = max_statement_bytes
         self.current_catalog = "main"
         self.faults = []
+        self.held = []  # statements queued by 'queue_crash', run by run_held()
         self.connections = []
         self.auth_headers = []
         # None: every catalog.schema exists and every token is good
@@ -169,6 +172,10 @@ class Warehouse:
             if action == "unauthorized":
                 self.record(sql, params, "refused: 401")
                 raise unauthorized()
+            if action == "queue_crash":
+                self.record(sql, params, "queued")
+                self.held.append((sql, params, staging_paths))
+                raise Crash(sql)
             if action == "crash_before":
                 self.record(sql, params, "crashed before")
                 raise Crash(sql)
@@ -181,6 +188,13 @@ class Warehouse:
             if action == "crash_after":
                 raise Crash(sql)
             return result
+
+    def run_held(self):
+        """Run the statements held in the queue, oldest first (their client is gone)."""
+        with self.lock:
+            held, self.held = self.held, []
+            for sql, params, staging_paths in held:
+                self.run(sql, params, staging_paths)
 
     def authenticate(self, headers):
         """Check the Authorization header of one request (the connector sends one each)."""

@@ -144,12 +144,15 @@ def read_state(state_dir):
         return json.load(fh)
 
 
-def destination_of(state, uri):
-    """The progress record of the Delta destination at `uri` (None if none yet)."""
+def destination_of(state, uri, table=None):
+    """The progress record of a target table (default: the only one) of the Delta
+    destination at `uri` (None if none yet)."""
     if not state:
         return None
     base = os.path.abspath(uri)
-    found = [pos for key, pos in state["destinations"].items() if key.endswith(base)]
+    found = [pos for key, pos in state["destinations"].items()
+             if key.rsplit("/", 1)[0].endswith(base)
+             and table in (None, key.rsplit("/", 1)[1])]
     return found[0] if found else None
 
 

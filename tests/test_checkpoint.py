@@ -100,7 +100,7 @@ class StateFileTest(CheckpointTestCase):
         for how in ("env", "flag"):
             with self.subTest(token_from=how):
                 state_dir = self.path(f"state-{how}")
-                env = self.base_env(STATE_DIR=state_dir)
+                env = self.base_env(STATE_DIR=state_dir, DELTA_URI=self.path(f"lake-{how}"))
                 extra = ("--databricks-token", TOKEN) if how == "flag" else ()
                 if how == "env":
                     env["DATABRICKS_TOKEN"] = TOKEN
@@ -110,6 +110,71 @@ class StateFileTest(CheckpointTestCase):
                 for name in os.listdir(state_dir):
                     with open(os.path.join(state_dir, name), "rb") as fh:
                         self.assertNotIn(TOKEN.encode(), fh.read(), name)
+
+
+class RouteProgressTest(CheckpointTestCase):
+    """DESIGN 3: progress is kept per target table, so switching a stage on and off
+    never leaves a gap in any table (one cursor per destination left one in raw_)."""
+
+    FILTER = ("--enable-filter", "--filter-config", '{"status_code": {"in": [0, 1]}}')
+
+    def test_a_stage_switched_on_then_off_leaves_no_gap_in_either_table(self):
+        self.assert_ok(self.upload())  # raw_: 1-600
+        add_rows(self.db, 100)
+        done = self.upload(*self.FILTER)  # filtered_ is new: its history is uploaded
+        self.assert_ok(done)
+        self.assertIn("filtered_sensor_readings is new to this state", done.stderr)
+        self.assertEqual(sorted(target_ids(os.path.join(self.path("lake"), "filtered_sensor_readings"))),
+                         list(range(1, 701)))
+        add_rows(self.db, 100)
+        self.assert_ok(self.upload())  # back to raw_: 601-800, nothing skipped
+        self.assert_exactly_once(self.db)
+        state = read_state(self.state_dir)
+        self.assertEqual({k.rsplit("/", 1)[1]: p["cursor"] for k, p in
+                          state["destinations"].items()},
+                         {"raw_sensor_readings": [800], "filtered_sensor_readings": [700]})
+
+    def test_start_at_now_leaves_a_new_table_the_history(self):
+        self.assert_ok(self.upload())
+        done = self.upload(*self.FILTER, "--start-at", "now")
+        self.assert_ok(done)
+        self.assertIn("starting at the current end of the source", done.stderr)
+        add_rows(self.db, 50)
+        self.assert_ok(self.upload(*self.FILTER))
+        self.assertEqual(sorted(target_ids(os.path.join(self.path("lake"), "filtered_sensor_readings"))),
+                         list(range(601, 651)))
+
+    def test_a_version_1_state_file_keeps_its_cursor(self):
+        lake = os.path.abspath(self.path("lake"))
+        self.assert_ok(self.upload())
+        state = read_state(self.state_dir)
+        (key, pos), = state["destinations"].items()
+        # The state as version 1 wrote it: one position per destination.
+        state.update(version=1, destinations={key.rsplit("/", 1)[0]: pos})
+        with open(self.state_file, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        add_rows(self.db, 40)
+        done = self.upload()
+        self.assert_ok(done)
+        self.assertIn("is of version 1", done.stderr)
+        self.assert_exactly_once(self.db)
+        state = read_state(self.state_dir)
+        self.assertEqual(state["version"], up.STATE_VERSION)
+        self.assertEqual(list(state["destinations"]),
+                         [f"delta:{lake}/raw_sensor_readings"])
+
+    def test_a_lost_state_file_is_refused_not_uploaded_twice(self):
+        self.assert_ok(self.upload())
+        os.remove(self.state_file)
+        done = self.upload()
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("already holds 600 rows from node test-node",
+                      self.error_line(done.stderr))
+        self.assertEqual(sorted(target_ids(self.table_uri())), list(range(1, 601)))
+        self.assert_ok(self.upload("--recover-state"))
+        add_rows(self.db, 10)
+        self.assert_ok(self.upload())
+        self.assert_exactly_once(self.db)
 
 
 class LockTest(CheckpointTestCase):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -234,13 +235,42 @@ class RunTest(CliTestCase):
         self.assertNotIn(TOKEN, out + err)
         self.assertNotIn("error: ", err)
 
-    def test_second_run_uploads_nothing_new_and_reset_state_starts_over(self):
+    def test_second_run_uploads_nothing_new_and_reset_state_never_sends_rows_twice(self):
         self.assertEqual(self.upload()[0], 0)
         self.assertEqual(self.upload()[0], 0)
         self.assertEqual(len(self.lake_rows()), 6)
+        state = self.path("state", "last_upload.json")
+        with open(state, "rb") as fh:
+            before = fh.read()
+        # The table holds this node's 6 rows: starting over would send them twice.
         code, _, err = self.upload("--reset-state")
+        self.assertEqual(code, 2, err)
+        self.assertIn("already holds 6 rows from node test-node", err.splitlines()[-1])
+        with open(state, "rb") as fh:
+            self.assertEqual(fh.read(), before, "a refused reset changed the state")
+        self.assertEqual(len(self.lake_rows()), 6)
+        # --start-at now: a reset that uploads only rows added from now on.
+        code, _, err = self.upload("--reset-state", "--start-at", "now")
         self.assertEqual(code, 0, err)
-        self.assertEqual(len(self.lake_rows()), 12)
+        self.assertEqual(len(self.lake_rows()), 6)
+        conn = sqlite3.connect(self.db)
+        conn.execute("INSERT INTO r (timestamp, v) VALUES ('2025-01-02T00:00:00Z', 7.5)")
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.upload()[0], 0)
+        self.assertEqual(sorted(r["v"] for r in self.lake_rows())[-1], 7.5)
+        self.assertEqual(len(self.lake_rows()), 7)
+
+    def test_reset_state_is_an_action_that_exits_unless_a_run_is_asked_for(self):
+        fresh = self.path("fresh-lake")
+        argv = ["--sqlite", self.db, "--reset-state"]
+        code, _, err = self.run_guarded(argv, self.base_env(DELTA_URI=fresh))
+        self.assertEqual(code, 0, err)
+        self.assertIn("--reset-state done", err)
+        self.assertFalse(os.path.exists(os.path.join(fresh, "raw_r")), "the reset ran a cycle")
+        code, _, err = self.run_guarded(argv + ["--once"], self.base_env(DELTA_URI=fresh))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(read_delta(os.path.join(fresh, "raw_r"))), 6)
 
     def test_source_replaced_behind_the_cursor_fails_the_cycle(self):
         self.assertEqual(self.upload()[0], 0)

@@ -107,7 +107,7 @@ class UploadChecks:
                    f"{extra} extra, {wrong} with wrong values")
         self.assertEqual((duplicates, missing, extra, wrong), (0, 0, 0, 0), figures)
         state = read_state(state_dir or self.path("state"))
-        pos = destination_of(state, lake or self.path("lake"))
+        pos = destination_of(state, lake or self.path("lake"), self.table)
         self.assertIsNotNone(pos, "no progress record for the destination")
         self.assertEqual(pos["cursor"], [max(source_rows(db))])
         self.assertIsNone(pos["inflight"])

@@ -435,6 +435,30 @@ class IdempotenceTests(WarehouseTestCase):
         self.assertRowsOnce(range(1, 151))
         self.assertEqual(self.position()["cursor"], [150])
 
+    def test_statement_queued_when_the_node_died_runs_after_the_resend(self):
+        """DESIGN 9: a warehouse runs a dead client's queued statement, maybe after the
+        restarted node re-sent the batch. The re-sent batch is exactly the rows recorded
+        in flight, so the late copy leaves the same rows (it replaced the re-sent rows
+        with fewer of them, and rows were lost, when the re-send re-read the grown
+        source under the same batch id)."""
+        db = self.readings_db(120)  # batches of 50: 1-50, 51-100, 101-120 (short)
+        self.warehouse.plan("queue_crash", "-3' AS `_batch_id`")
+        with self.assertRaises(fake_warehouse.Crash):
+            self.upload(db, "--batch-size", "50")
+        flight = self.position()["inflight"]
+        self.assertEqual((flight["seq"], flight["cursor_end"]), (3, [120]))
+        self.add_readings(db, 120, 60)  # the source grows while the node is down
+        self.assertUploaded(self.upload(db, "--batch-size", "50"))
+        resent = [s for s in self.statements("INSERT") if "-3' AS `_batch_id`" in s]
+        self.assertEqual(len(resent), 2, "batch 3 was not re-sent (or sent more than once)")
+        self.assertEqual(resent[0], resent[1].replace(
+            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[1]).group(0),
+            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[0]).group(0)),
+            "the re-sent batch does not carry the rows of the batch in flight")
+        self.warehouse.run_held()  # the dead client's statement runs late
+        self.assertRowsOnce(range(1, 181))
+        self.assertEqual(self.position()["cursor"], [180])
+
     def test_sigkill_during_a_write_in_a_subprocess(self):
         """As a user runs it: the process is killed right after a write lands."""
         driver = self.path("driver.py")

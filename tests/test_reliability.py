@@ -175,7 +175,8 @@ def pos_cursor(state, key_suffix):
     """(cursor id, in-flight cursor_end id or None) of the destination ending with key."""
     if not state:
         return 0, None
-    found = [p for k, p in state["destinations"].items() if k.endswith(key_suffix)]
+    found = [p for k, p in state["destinations"].items()
+             if k.rsplit("/", 1)[0].endswith(key_suffix)]
     if not found:
         return 0, None
     pos = found[0]
