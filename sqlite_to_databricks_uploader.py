@@ -97,6 +97,12 @@ class SourceError(UploaderError):
     exit_code = EXIT_BAD_INPUT
 
 
+class SourceBusyError(SourceError):
+    """The source stayed locked, or kept a hot journal, for BUSY_TIMEOUT: transient."""
+
+    exit_code = EXIT_FAILED
+
+
 class SinkError(UploaderError):
     """The target refused or failed a write; `transient` ones may be retried."""
 
@@ -597,20 +603,62 @@ def quote_ident(name):
     return '"' + name.replace('"', '""') + '"'
 
 
-def open_source(path, busy_timeout, origin="sqlite"):
-    """Open the SQLite file read-only; a missing or non-SQLite file is an error."""
+def open_source(path, busy_timeout, origin="sqlite", clock=time.monotonic, sleep=time.sleep):
+    """Open the SQLite file read-only; a missing or non-SQLite file is an error.
+
+    A writer's lock, or a hot journal a crashed writer left (which a read-only
+    connection cannot roll back), is waited out for `busy_timeout` seconds, said in
+    one line; then SourceBusyError (exit 1: the next run may find the file free).
+    """
     if not os.path.exists(path):
         raise SourceError(f"source: SQLite file not found: {path} (from {origin})")
     if os.path.isdir(path):
         raise SourceError(f"source: {path} is a directory, not a SQLite file (from {origin})")
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    deadline, delay, said = clock() + busy_timeout, 0.05, False
+    while True:
+        try:
+            return connect_source(uri, busy_timeout)
+        except sqlite3.Error as exc:
+            cause = busy_cause(exc, path)
+            if cause is None:
+                raise SourceError(f"source: cannot open {path} as SQLite: {exc}") from None
+        left = deadline - clock()
+        if left <= 0:
+            raise SourceBusyError(f"source: {cause}; gave up after {busy_timeout:g} s "
+                                  "(BUSY_TIMEOUT); the next run tries again") from None
+        if not said:
+            log.warning("source: %s; waiting up to %g s (BUSY_TIMEOUT)", cause, busy_timeout)
+            said = True
+        sleep(min(delay, left))
+        delay = min(delay * 2, 1.0)
+
+
+def connect_source(uri, busy_timeout):
+    """A read-only connection whose first read went through (no waiting on locks);
+    later statements wait up to `busy_timeout` for the writer."""
+    conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None,
+                           check_same_thread=False)
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout,
-                               isolation_level=None, check_same_thread=False)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as exc:
-        raise SourceError(f"source: cannot open {path} as SQLite: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     return conn
+
+
+def busy_cause(exc, path):
+    """What keeps a read-only reader out, in words; None when it is not transient."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_READONLY_ROLLBACK":
+        return (f"{path} has a hot journal ({path}-journal) left by a writer that "
+                "stopped mid-transaction; a read-only reader cannot roll it back: the "
+                "writer does when it opens the file again, as does any read-write open")
+    if name.startswith("SQLITE_BUSY"):
+        return (f"{path} is locked by another connection (the writer holds a lock, "
+                "e.g. in a long write transaction)")
+    return None
 
 
 def list_tables(conn):

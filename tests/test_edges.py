@@ -1,0 +1,194 @@
+"""Edges of start-up (issue 11, points 7-10): config mistakes that would leak or lose
+rows, a source next to a crashed or busy writer, where the state lives by default, and
+--run-query INFO on the local lakehouse."""
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import unittest
+
+from tests.helpers import PipelineTestCase, delta_rows, file_digest, run_main, up
+
+# A writer in rollback-journal mode that commits 200 rows, then begins a transaction
+# big enough to spill into the database file (a 5-page cache), says "ready" and
+# waits: killed there, it leaves a hot journal behind.
+CRASHING_WRITER = textwrap.dedent("""\
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA cache_size=5")
+    conn.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO readings (v) VALUES (?)", [("x" * 500,)] * 200)
+    conn.execute("COMMIT")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO readings (v) VALUES (?)", [("y" * 500,)] * 2000)
+    print("ready", flush=True)
+    sys.stdin.read()
+    """)
+
+# A writer that holds an EXCLUSIVE lock (rollback journal: readers are kept out) until
+# its stdin closes.
+LOCKING_WRITER = textwrap.dedent("""\
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.read()
+    conn.execute("COMMIT")
+    """)
+
+
+def start_writer(script, db):
+    """Run a writer process on `db`; return it once it says it is ready."""
+    proc = subprocess.Popen([sys.executable, "-c", script, db], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.strip():
+        proc.kill()
+        raise AssertionError(f"the writer did not start: exit {proc.wait()}")
+    return proc
+
+
+def crash_writer(db):
+    """Leave a real hot journal next to `db`: a writer killed mid-transaction."""
+    proc = start_writer(CRASHING_WRITER, db)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
+    assert os.path.getsize(db + "-journal") > 0, "no hot journal was left"
+
+
+def roll_back(db):
+    """What the writer does when it opens the file again: a read-write open rolls back."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    finally:
+        conn.close()
+
+
+class FakeTime:
+    """A clock that only moves when slept on; `on_sleep(n)` runs at the n-th sleep."""
+
+    def __init__(self, on_sleep=None):
+        self.now, self.slept, self.on_sleep = 1000.0, [], on_sleep
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+        if self.on_sleep:
+            self.on_sleep(len(self.slept))
+
+
+class EdgeTestCase(PipelineTestCase):
+
+    def error_line(self, err):
+        """The one `error:` line of a run's stderr."""
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(lines), 1, err)
+        return lines[0]
+
+    def refused(self, argv, env=None, expect=2):
+        """A run that must stop before reading a row: its error line."""
+        code, _, err = run_main(argv, env or self.env())
+        self.assertEqual(code, expect, err)
+        return self.error_line(err)
+
+
+# === 8. Start-up next to a crashed or busy writer ==================================
+
+class HotJournalTest(EdgeTestCase):
+    """A writer killed mid-transaction left a hot journal: the read-only uploader waits
+    for BUSY_TIMEOUT, then exits 1 naming the cause; it never touches the files."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("station.db")
+        crash_writer(self.db)
+        self.digests = (file_digest(self.db), file_digest(self.db + "-journal"))
+
+    def test_once_exits_1_naming_the_hot_journal_and_touches_nothing(self):
+        line = self.refused(["--sqlite", self.db, "--once", "--busy-timeout", "0"],
+                            expect=1)
+        self.assertIn("hot journal", line)
+        self.assertIn(self.db + "-journal", line)
+        self.assertNotIn("readonly", line)
+        self.assertEqual((file_digest(self.db), file_digest(self.db + "-journal")),
+                         self.digests, "the uploader changed the source or its journal")
+        self.assertEqual(delta_rows(self.lake("raw_readings")), [])
+        # once the writer (or any read-write open) rolls it back, the committed rows go
+        roll_back(self.db)
+        self.upload(self.db)
+        self.assertEqual(len(delta_rows(self.lake("raw_readings"))), 200)
+
+    def test_waits_busy_timeout_with_one_line_then_gives_up(self):
+        fake = FakeTime()
+        with self.assertLogs("uploader", "WARNING") as logs, \
+                self.assertRaises(up.SourceBusyError) as caught:
+            up.open_source(self.db, 5, clock=fake.clock, sleep=fake.sleep)
+        self.assertEqual(caught.exception.exit_code, 1)
+        self.assertAlmostEqual(sum(fake.slept), 5)
+        self.assertGreater(len(fake.slept), 3, "it did not retry")
+        self.assertEqual(len(logs.output), 1, logs.output)
+        self.assertIn("hot journal", logs.output[0])
+        self.assertIn("5 s (BUSY_TIMEOUT)", logs.output[0])
+
+    def test_opens_once_the_writer_has_rolled_back(self):
+        fake = FakeTime(on_sleep=lambda n: n == 3 and roll_back(self.db))
+        with self.assertLogs("uploader", "WARNING"):
+            conn = up.open_source(self.db, 30, clock=fake.clock, sleep=fake.sleep)
+        with contextlib.closing(conn):
+            self.assertEqual(conn.execute("SELECT count(*) FROM readings").fetchone(),
+                             (200,))
+        self.assertEqual(len(fake.slept), 3)
+
+
+class LockedAtStartTest(EdgeTestCase):
+    """Another process holds an EXCLUSIVE lock on the source when the uploader starts."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                            "v TEXT)", [(i, f"v{i}") for i in range(1, 11)])
+        self.writer = start_writer(LOCKING_WRITER, self.db)
+        self.addCleanup(self.release)
+
+    def release(self):
+        if self.writer.poll() is None:
+            self.writer.stdin.close()
+            self.writer.wait()
+            self.writer.stdout.close()
+
+    def test_once_waits_then_exits_1_naming_the_lock(self):
+        code, _, err = run_main(["--sqlite", self.db, "--once", "--busy-timeout", "0.2"],
+                                self.env())
+        self.assertEqual(code, 1, err)
+        self.assertIn("locked", self.error_line(err))
+        self.assertNotIn("readonly", err)
+        self.assertIn("waiting up to 0.2 s (BUSY_TIMEOUT)", err)
+        self.assertEqual(delta_rows(self.lake("raw_readings")), [])
+        self.release()
+        self.upload(self.db)
+        self.assertEqual(len(delta_rows(self.lake("raw_readings"))), 10)
+
+    def test_opens_when_the_lock_is_released_within_busy_timeout(self):
+        fake = FakeTime(on_sleep=lambda n: n == 2 and self.release())
+        with self.assertLogs("uploader", "WARNING") as logs:
+            conn = up.open_source(self.db, 30, clock=fake.clock, sleep=fake.sleep)
+        with contextlib.closing(conn):
+            self.assertEqual(conn.execute("SELECT count(*) FROM readings").fetchone(),
+                             (10,))
+        self.assertIn("locked", logs.output[0])
+
+
+if __name__ == "__main__":
+    unittest.main()
