@@ -60,6 +60,7 @@ EXIT_BAD_INPUT = 2
 
 STATE_FILE = "last_upload.json"
 STATE_VERSION = 1
+DEFAULT_STATE_DIR = "/state"  # a mounted volume; never created by the tool
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
@@ -171,8 +172,9 @@ class Config:
         "seconds: with a (timestamp, rowid) cursor, leave rows newer than now minus this "
         "for a later cycle, so rows committed late within it are not passed", "source")
     state_dir: str = option(
-        "/state", "--state-dir", "STATE_DIR", "path",
-        "directory of last_upload.json (falls back to ./state if not writable)",
+        DEFAULT_STATE_DIR, "--state-dir", "STATE_DIR", "path",
+        "directory of last_upload.json (default: /state when mounted and writable, "
+        "else ./state)",
         "state")
     interval: float = option(
         300.0, "--interval", "UPLOAD_INTERVAL", "float",
@@ -2583,27 +2585,38 @@ def utc_now_text():
 
 
 def resolve_state_dir(config):
-    """The configured state dir, or the local fallback when the default is not usable."""
+    """The configured state dir (created if needed: it was asked for); by default the
+    volume at /state when it is a writable directory, else ./state, said in one line.
+    /state is never created: made by the tool at the filesystem root, it would pass
+    for a volume that is not there."""
     wanted = config.state_dir
-    if is_usable_dir(wanted):
-        return wanted
     if config.origin("state_dir") != "default":
+        if is_usable_dir(wanted, create=True):
+            return wanted
         raise StateError(f"state: cannot write to {wanted} (from "
                          f"{config.origin('state_dir')}): missing or not writable")
-    log.warning("state: %s is not writable; keeping state in %s (set STATE_DIR to choose)",
-                wanted, os.path.abspath(FALLBACK_STATE_DIR))
-    if not is_usable_dir(FALLBACK_STATE_DIR):
-        raise StateError(f"state: cannot create {os.path.abspath(FALLBACK_STATE_DIR)}")
+    if is_usable_dir(wanted):
+        return wanted
+    fallback = os.path.abspath(FALLBACK_STATE_DIR)
+    if os.path.exists(wanted):
+        log.warning("state: %s is not a writable directory; keeping state in %s "
+                    "(set STATE_DIR to choose)", wanted, fallback)
+    else:
+        log.info("state: no volume at %s; keeping state in %s (set STATE_DIR to choose)",
+                 wanted, fallback)
+    if not is_usable_dir(FALLBACK_STATE_DIR, create=True):
+        raise StateError(f"state: cannot create {fallback}")
     return FALLBACK_STATE_DIR
 
 
-def is_usable_dir(path):
-    """Create `path` if needed; True when a file can be written in it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
+def is_usable_dir(path, create=False):
+    """True when a file can be written in directory `path` (made first if `create`)."""
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            return False
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 class Checkpoint:
@@ -3284,12 +3297,13 @@ def run_steps(steps):
 
 def find_state_file(config):
     """Where the state file is (or would be), without creating anything."""
-    wanted = os.path.join(config.state_dir, STATE_FILE)
-    fallback = os.path.join(FALLBACK_STATE_DIR, STATE_FILE)
-    if (not os.path.exists(wanted) and config.origin("state_dir") == "default"
-            and os.path.exists(fallback)):
-        return fallback
-    return wanted
+    wanted = config.state_dir
+    if config.origin("state_dir") != "default":
+        return os.path.join(wanted, STATE_FILE)
+    for folder in (wanted, FALLBACK_STATE_DIR):
+        if os.path.exists(os.path.join(folder, STATE_FILE)):
+            return os.path.join(folder, STATE_FILE)
+    return os.path.join(wanted if is_usable_dir(wanted) else FALLBACK_STATE_DIR, STATE_FILE)
 
 
 def with_recorded_source(config):

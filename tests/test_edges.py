@@ -3,6 +3,7 @@ rows, a source next to a crashed or busy writer, where the state lives by defaul
 --run-query INFO on the local lakehouse."""
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -188,6 +189,73 @@ class LockedAtStartTest(EdgeTestCase):
             self.assertEqual(conn.execute("SELECT count(*) FROM readings").fetchone(),
                              (10,))
         self.assertIn("locked", logs.output[0])
+
+
+# === 9. Where the state lives by default ===========================================
+
+class StateDirDefaultTest(EdgeTestCase):
+    """/state is used when it is a mounted, writable directory; otherwise ./state, said
+    in one line; the tool never creates /state. The default path is injected the way a
+    default reaches the code: a Config whose state_dir has the origin "default"."""
+
+    def setUp(self):
+        super().setUp()
+        os.makedirs(self.path("cwd"))
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.path("cwd"))
+        self.fallback = os.path.join(self.path("cwd"), "state")
+
+    def default_config(self, volume):
+        config = dataclasses.replace(up.Config(), state_dir=volume, sources={})
+        self.assertEqual(config.origin("state_dir"), "default")
+        return config
+
+    def test_a_mounted_volume_is_used_without_a_word(self):
+        os.makedirs(self.path("volume"))
+        with self.assertNoLogs("uploader", "INFO"):
+            chosen = up.resolve_state_dir(self.default_config(self.path("volume")))
+        self.assertEqual(chosen, self.path("volume"))
+        self.assertFalse(os.path.exists(self.fallback))
+
+    def test_no_volume_is_never_created_and_the_fallback_is_said_in_one_line(self):
+        volume = self.path("volume")
+        with self.assertLogs("uploader", "INFO") as logs:
+            chosen = up.resolve_state_dir(self.default_config(volume))
+        self.assertEqual(os.path.realpath(chosen), os.path.realpath(self.fallback))
+        self.assertFalse(os.path.exists(volume), "the tool created the default state dir")
+        self.assertEqual(len(logs.output), 1, logs.output)
+        self.assertIn(f"no volume at {volume}; keeping state in {self.fallback}",
+                      logs.output[0])
+
+    def test_a_volume_that_is_not_a_writable_directory_is_a_warning(self):
+        volume = self.path("volume")
+        with open(volume, "w") as fh:
+            fh.write("not a directory")
+        with self.assertLogs("uploader", "WARNING") as logs:
+            chosen = up.resolve_state_dir(self.default_config(volume))
+        self.assertEqual(os.path.realpath(chosen), os.path.realpath(self.fallback))
+        self.assertIn(f"{volume} is not a writable directory", logs.output[0])
+
+    def test_an_explicit_state_dir_is_created(self):
+        wanted = self.path("deep", "er", "state")
+        self.upload(self.make("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+                              [(1, "a")]), STATE_DIR=wanted)
+        self.assertTrue(os.path.exists(os.path.join(wanted, up.STATE_FILE)))
+
+    def test_run_and_status_without_state_dir_use_the_local_fallback(self):
+        if os.path.exists("/state"):
+            self.skipTest("this machine has a /state")
+        db = self.make("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", [(1, "a")])
+        env = {k: v for k, v in self.env().items() if k != "STATE_DIR"}
+        code, _, err = run_main(["--sqlite", db, "--once"], env)
+        self.assertEqual(code, 0, err)
+        self.assertFalse(os.path.exists("/state"), "the tool created /state")
+        self.assertIn(f"no volume at /state; keeping state in {self.fallback}", err)
+        self.assertTrue(os.path.exists(os.path.join(self.fallback, up.STATE_FILE)))
+        code, out, err = run_main(["--status"], env)
+        self.assertEqual(code, 0, err)
+        self.assertIn(os.path.join(self.fallback, up.STATE_FILE), out)
+        self.assertIn("uploaded     1 rows", out)
 
 
 if __name__ == "__main__":
