@@ -3444,6 +3444,34 @@ def list_delta_tables(base):
                   if os.path.isdir(os.path.join(base, name, "_delta_log")))
 
 
+def delta_info(base, table):
+    """--run-query INFO on the lakehouse: its tables, then the target's columns and
+    row count (every table's, when no source names the target)."""
+    tables = list_delta_tables(base)
+    if table and table not in tables:
+        raise ConfigError(f"query: no table {table} under {base} yet (tables: "
+                          f"{', '.join(tables) or 'none'}): nothing was uploaded to it")
+    results = [(["table"], [(name,) for name in tables])]
+    for name in [table] if table else tables:
+        results.append(describe_delta_table(base, name))
+        _, count = run_query(base, f'SELECT count(*) FROM "{name}"')
+        results.append((["table", "row_count"], [(name, count[0][0])]))
+    return results
+
+
+SQL_TYPE_NAMES = {"long": "bigint", "integer": "int", "short": "smallint", "byte": "tinyint"}
+
+
+def describe_delta_table(base, name):
+    """(names, rows) of a Delta table's columns and their SQL types, as DESCRIBE shows."""
+    from deltalake import DeltaTable
+    rows = []
+    for field in DeltaTable(os.path.join(base, name)).schema().fields:
+        delta_type = str(getattr(field.type, "type", field.type))
+        rows.append((name, field.name, SQL_TYPE_NAMES.get(delta_type, delta_type)))
+    return ["table", "col_name", "data_type"], rows
+
+
 def run_query(base, sql):
     """Run SQL over the Delta tables under `base`; return (column names, rows)."""
     from deltalake import DeltaTable, QueryBuilder
@@ -3669,23 +3697,31 @@ def main(argv=None, environ=None):
 
 def print_query(config, sql):
     """--run-query: on the warehouse when one is configured, else on the Delta tables."""
+    info = sql.strip().upper() == "INFO"
     if config.target == "databricks":
-        source_table = None
-        if config.sqlite and sql.strip().upper() == "INFO":
-            conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
-            try:
-                source_table = target_table(config, describe_table(
-                    conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
-            finally:
-                conn.close()
-        elif config.databricks_table and sql.strip().upper() == "INFO":
-            source_table = target_table(config, SourceTable(config.databricks_table, (),
-                                                            None, None, False, False))
-        results = run_databricks_query(config, sql, source_table)
+        results = run_databricks_query(config, sql, info_table(config) if info else None)
+    elif info:
+        results = delta_info(os.path.abspath(config.delta_uri), info_table(config))
     else:
         results = [run_query(os.path.abspath(config.delta_uri), sql)]
     print("\n\n".join(format_rows(names, rows) for names, rows in results))
     return EXIT_OK
+
+
+def info_table(config):
+    """The target table INFO describes: routed from the source table, or from
+    DATABRICKS_TABLE; None when neither is configured."""
+    if config.sqlite:
+        conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+        try:
+            return target_table(config, describe_table(
+                conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
+        finally:
+            conn.close()
+    if config.databricks_table:
+        return target_table(config, SourceTable(config.databricks_table, (), None, None,
+                                                False, False))
+    return None
 
 
 def apply_demo_defaults(args, environ):

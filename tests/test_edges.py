@@ -258,5 +258,53 @@ class StateDirDefaultTest(EdgeTestCase):
         self.assertIn("uploaded     1 rows", out)
 
 
+# === 10. --run-query INFO on the local lakehouse ===================================
+
+class LakehouseInfoTest(EdgeTestCase):
+    """INFO lists the tables, then the target's columns and types and its row count."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.make("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                            "ts TEXT, sensor TEXT, temp REAL)",
+                            [(i, f"2025-01-01T00:00:0{i}", f"s-{i % 2}", i * 1.5)
+                             for i in range(1, 8)])
+
+    def info(self, *argv):
+        """Run INFO; return its result tables as lists of split lines, headers first."""
+        code, out, err = run_main([*argv, "--run-query", "INFO"], self.env())
+        self.assertEqual(code, 0, err)
+        return [[line.split() for line in part.splitlines() if not line.startswith("-")]
+                for part in out.split("\n\n")]
+
+    def test_info_describes_the_target_of_the_source(self):
+        self.upload(self.db)
+        self.upload(self.db, "--enable-filter", "--filter-config", '{"temp": {">": 5}}',
+                    STATE_DIR=self.path("state-filtered"))
+        tables, columns, count = self.info("--sqlite", self.db)
+        self.assertEqual(tables, [["table"], ["filtered_readings"], ["raw_readings"]])
+        self.assertEqual(columns[0], ["table", "col_name", "data_type"])
+        self.assertEqual([row[1:] for row in columns[1:]],
+                         [["id", "bigint"], ["ts", "timestamp"], ["sensor", "string"],
+                          ["temp", "double"], ["_source_id", "string"],
+                          ["_batch_id", "string"], ["_uploaded_at", "timestamp"],
+                          ["_rescued_data", "string"]])
+        self.assertEqual({row[0] for row in columns[1:]}, {"raw_readings"})
+        self.assertEqual(count, [["table", "row_count"], ["raw_readings", "7"]])
+
+    def test_info_without_a_source_describes_every_table(self):
+        self.upload(self.db)
+        self.upload(self.db, "--enable-filter", "--filter-config", '{"temp": {">": 5}}',
+                    STATE_DIR=self.path("state-filtered"))
+        parts = self.info()
+        self.assertEqual(len(parts), 5, parts)
+        self.assertEqual(parts[2], [["table", "row_count"], ["filtered_readings", "4"]])
+        self.assertEqual(parts[4], [["table", "row_count"], ["raw_readings", "7"]])
+
+    def test_info_before_the_first_upload_names_the_missing_table(self):
+        line = self.refused(["--sqlite", self.db, "--run-query", "INFO"])
+        self.assertIn("no table raw_readings under", line)
+
+
 if __name__ == "__main__":
     unittest.main()
