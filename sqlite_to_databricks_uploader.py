@@ -680,6 +680,7 @@ def choose_table(conn, wanted, path):
         for name in tables:
             if name.lower() == wanted.lower():
                 return name
+        check_not_view(conn, wanted, path, tables)
         raise SourceError(f"source: no table {wanted!r} in {path}; "
                           f"tables: {', '.join(tables) or '(none)'}")
     if len(tables) == 1:
@@ -688,6 +689,18 @@ def choose_table(conn, wanted, path):
         raise SourceError(f"source: {path} has no tables yet; nothing to upload")
     raise SourceError(f"source: {path} has {len(tables)} tables ({', '.join(tables)}); "
                       "choose one with --table or SQLITE_TABLE_NAME")
+
+
+def check_not_view(conn, wanted, path, tables):
+    """A view named as the source table is refused with the reason: it has no rowid,
+    and what it shows can change under any cursor, so every row once is not possible."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'view' AND "
+                       "lower(name) = lower(?)", (wanted,)).fetchone()
+    if row:
+        raise SourceError(f"source: {row[0]!r} in {path} is a view, not a table: a view "
+                          "has no rowid and no stable order, so no cursor can upload its "
+                          "rows exactly once; name the table it reads from with --table "
+                          f"(tables: {', '.join(tables) or '(none)'})")
 
 
 def read_columns(conn, table):
@@ -1225,6 +1238,7 @@ class Plan:
 
 def compile_plan(config, source, environ):
     """Validate the enabled stages against the source columns; one error names the fault."""
+    check_stages_enabled(config)
     names = list(source.column_names)
     kinds = dict(zip(names, source_kinds(source)))
     plan = {}
@@ -1248,6 +1262,21 @@ def compile_plan(config, source, environ):
     return Plan(**plan)
 
 
+STAGE_HARM = {"sanitize": "with the columns it drops, hashes or masks in the clear",
+              "filter": "unfiltered", "aggregate": "row by row, not aggregated"}
+
+
+def check_stages_enabled(config):
+    """A stage's config without its enable flag is a mistake that would leak rows."""
+    for stage, harm in STAGE_HARM.items():
+        if getattr(config, f"{stage}_config") and not getattr(config, f"enable_{stage}"):
+            raise ConfigError(
+                f"config: {stage}_config is set (from {config.origin(stage + '_config')}) "
+                f"but enable_{stage} is off (from {config.origin('enable_' + stage)}): "
+                f"rows would go out {harm}; set {SETTINGS['enable_' + stage].env[0]}=true "
+                f"(or {SETTINGS['enable_' + stage].flag}), or remove {stage}_config")
+
+
 def stage_spec(config, stage):
     """The JSON spec of a stage, required once the stage is enabled."""
     spec = getattr(config, f"{stage}_config")
@@ -1258,20 +1287,54 @@ def stage_spec(config, stage):
     return spec, f"{stage}_config (from {config.origin(stage + '_config')})"
 
 
+def find_column(column, names):
+    """The real name of `column`: exact, else matched case-insensitively as SQLite
+    matches column names (`Temperature` is `temperature`); None when absent."""
+    if column in names:
+        return column
+    folded = [name for name in names if name.lower() == column.lower()]
+    return folded[0] if folded else None
+
+
 def check_column(column, names, where):
-    """An unknown column is a config error that lists the known ones."""
-    if column not in names:
-        raise ConfigError(f"config: {where}: unknown column {column!r}; "
-                          f"columns: {', '.join(names)}")
+    """The real name of `column`; an unknown one is a config error with a "did you
+    mean" and the known columns."""
+    found = find_column(column, names)
+    if found is not None:
+        return found
+    folded = {name.lower(): name for name in names}
+    near = difflib.get_close_matches(column.lower(), list(folded), n=1)
+    hint = f" (did you mean {folded[near[0]]!r}?)" if near else ""
+    shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)"
+                                     if len(names) > 30 else "")
+    raise ConfigError(f"config: {where}: unknown column {column!r}{hint}; columns: {shown}")
+
+
+def check_unique(columns, where):
+    """Two entries that name one column (they differ in case) are a config error."""
+    seen = {}
+    for given, real in columns:
+        if real in seen:
+            raise ConfigError(f"config: {where}: {seen[real]!r} and {given!r} name the same "
+                              f"column {real!r}; keep one")
+        seen[real] = given
 
 
 def compile_sanitize(config, names, kinds):
     """Rules from {column: regex | {replace_value, with_value} | {hash|round|drop|null}}."""
     spec, where = stage_spec(config, "sanitize")
-    rules = []
+    rules, given = [], []
     for column, action in spec.items():
-        check_column(column, names, where)
-        rules.append(compile_rule(column, action, where))
+        real = check_column(column, names, where)
+        given.append((column, real))
+        rule = compile_rule(real, action, where)
+        if rule.op == "round" and kinds.get(real) in (STRING, BINARY):
+            raise ConfigError(f"config: {where}: round for {column!r} needs a numeric "
+                              f"column, but its declared type makes it {kinds[real]}, so "
+                              "its values would go out unrounded; use a regex, replace, "
+                              "hash, null or drop rule")
+        rules.append(rule)
+    check_unique(given, where)
     return tuple(rules)
 
 
@@ -1304,7 +1367,7 @@ def compile_filter(config, names, kinds):
     spec, where = stage_spec(config, "filter")
     conditions = []
     for column, test in spec.items():
-        check_column(column, names, where)
+        column = check_column(column, names, where)
         pairs = test.items() if isinstance(test, dict) else [
             ("is_null", True) if test is None else ("==", test)]
         for op, operand in pairs:
@@ -1355,11 +1418,7 @@ def compile_aggregate(config, names, kinds, timestamp_col):
     if not isinstance(group_by, list) or not all(isinstance(c, str) for c in group_by):
         raise ConfigError(f"config: {where}: group_by must be a column name or a list of "
                           f"them (got {json.dumps(group_by)})")
-    for column in group_by:
-        if column not in names and column not in TIME_PARTS:
-            check_column(column, names + sorted(TIME_PARTS), where + ": group_by")
-        if column in TIME_PARTS and column not in names and not timestamp_col:
-            raise ConfigError(f"config: {where}: {column!r} needs a timestamp column")
+    group_by = compile_group_by(group_by, names, timestamp_col, where + ": group_by")
     measures = compile_measures(spec.get("aggregations"), names, kinds, where)
     window = parse_duration(spec.get("window"), "window", where)
     grace = parse_duration(spec.get("grace"), "grace", where)
@@ -1371,12 +1430,25 @@ def compile_aggregate(config, names, kinds, timestamp_col):
     return Aggregation(tuple(group_by), measures, window, grace, timestamp_col)
 
 
+def compile_group_by(group_by, names, timestamp_col, where):
+    """Real column names, or time parts of the timestamp (a column of that name wins)."""
+    given = []
+    for column in group_by:
+        real = find_column(column, names) or check_column(column, names + list(TIME_PARTS),
+                                                          where)
+        if real not in names and not timestamp_col:
+            raise ConfigError(f"config: {where}: {column!r} needs a timestamp column")
+        given.append((column, real))
+    check_unique(given, where)
+    return [real for _, real in given]
+
+
 def compile_measures(aggregations, names, kinds, where):
     """((column, (functions...)), ...) from {column: fn | [fn, ...]}."""
     if not isinstance(aggregations, dict) or not aggregations:
         raise ConfigError(f"config: {where}: aggregations must map columns to "
                           f"{'|'.join(AGG_FUNCTIONS)}")
-    measures = []
+    measures, given = [], []
     for column, fns in aggregations.items():
         fns = [fns] if isinstance(fns, str) else fns
         if not isinstance(fns, list) or not fns:
@@ -1386,16 +1458,19 @@ def compile_measures(aggregations, names, kinds, where):
             if fn not in AGG_FUNCTIONS:
                 raise ConfigError(f"config: {where}: unknown aggregation {fn!r} for "
                                   f"{column!r}; functions: {', '.join(AGG_FUNCTIONS)}")
-        if column == "records" and column not in names:
+        if column == "records" and find_column(column, names) is None:
             if fns != ["count"]:
                 raise ConfigError(f"config: {where}: 'records' counts rows; use "
                                   "\"records\": \"count\"")
+            real = column
         else:
-            check_column(column, names, where + ": aggregations")
-            if kinds.get(column) in (STRING, BINARY) and set(fns) & {"avg", "sum"}:
+            real = check_column(column, names, where + ": aggregations")
+            if kinds.get(real) in (STRING, BINARY) and set(fns) & {"avg", "sum"}:
                 raise ConfigError(f"config: {where}: cannot avg or sum {column!r}: it "
-                                  f"holds {kinds[column]} values")
-        measures.append((column, tuple(fns)))
+                                  f"holds {kinds[real]} values")
+        given.append((column, real))
+        measures.append((real, tuple(fns)))
+    check_unique(given, where + ": aggregations")
     return tuple(measures)
 
 

@@ -4,6 +4,7 @@ rows, a source next to a crashed or busy writer, where the state lives by defaul
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -103,6 +104,111 @@ class EdgeTestCase(PipelineTestCase):
         code, _, err = run_main(argv, env or self.env())
         self.assertEqual(code, expect, err)
         return self.error_line(err)
+
+
+# === 7. Config mistakes that would leak or lose rows ===============================
+
+READINGS = """CREATE TABLE readings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp TEXT NOT NULL, sensor_id TEXT,
+    temperature REAL, latitude REAL, serial BLOB, note TEXT)"""
+
+
+class ConfigMistakeTest(EdgeTestCase):
+    """Each mistake stops the run with exit 2 and one line naming the setting and where
+    it came from, before a row is read: no target table appears."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.make(READINGS, [
+            (i, f"2025-01-01T00:00:0{i}", f"s-{i % 2}", 18.0 + i, 38.123456 + i,
+             b"\x00\x01", f"note {i}") for i in range(1, 7)])
+
+    def assert_nothing_went_out(self):
+        self.assertEqual(os.listdir(self.path("lake")) if os.path.isdir(self.path("lake"))
+                         else [], [], "a target table was written")
+
+    def refuse(self, *argv, **env):
+        line = self.refused(["--sqlite", self.db, "--once", *argv], self.env(**env))
+        self.assert_nothing_went_out()
+        return line
+
+    def yaml(self, **settings):
+        path = self.path("uploader.yaml")
+        with open(path, "w") as fh:
+            json.dump(settings, fh)  # JSON is YAML
+        return path
+
+    def test_a_stage_config_without_its_stage_is_refused(self):
+        sanitize = '{"serial": {"drop": true}}'
+        for name, argv, env, words in (
+                ("sanitize from env", [], {"SANITIZE_CONFIG": sanitize},
+                 ["sanitize_config", "SANITIZE_CONFIG", "enable_sanitize is off (from "
+                  "default)", "ENABLE_SANITIZE=true", "in the clear"]),
+                ("filter from a flag, stage off in env",
+                 ["--filter-config", '{"temperature": {">": 20}}'], {"ENABLE_FILTER": "no"},
+                 ["filter_config", "--filter-config", "(from ENABLE_FILTER)",
+                  "unfiltered"]),
+                ("aggregate from YAML",
+                 ["--config", self.yaml(aggregate_config={"aggregations": {
+                     "temperature": "avg"}})], {},
+                 ["aggregate_config", "uploader.yaml: aggregate_config", "--enable-aggregate",
+                  "not aggregated"])):
+            with self.subTest(name):
+                line = self.refuse(*argv, **env)
+                for word in words:
+                    self.assertIn(word, line)
+
+    def test_round_on_a_text_or_blob_column_is_refused(self):
+        for column, kind in (("note", "STRING"), ("serial", "BINARY")):
+            with self.subTest(column):
+                line = self.refuse("--enable-sanitize", SANITIZE_CONFIG=json.dumps(
+                    {column: {"round": 1}}))
+                self.assertIn(f"round for {column!r} needs a numeric column", line)
+                self.assertIn(kind, line)
+                self.assertIn("SANITIZE_CONFIG", line)
+
+    def test_column_names_match_whatever_their_case_as_in_sqlite(self):
+        self.upload(self.db, "--enable-sanitize", "--enable-filter",
+                    SANITIZE_CONFIG='{"LATITUDE": {"round": 1}, "Serial": {"drop": true}}',
+                    FILTER_CONFIG='{"Temperature": {">": 21}}')
+        rows = self.landed("secure_readings", key="id")
+        self.assertEqual([(r["id"], r["temperature"], r["latitude"]) for r in rows],
+                         [(i, 18.0 + i, round(38.123456 + i, 1)) for i in range(4, 7)])
+        self.assertNotIn("serial", rows[0])
+        self.upload(self.db, "--enable-aggregate", STATE_DIR=self.path("state-agg"),
+                    AGGREGATE_CONFIG='{"group_by": ["Sensor_ID"], '
+                                     '"aggregations": {"TEMPERATURE": "max"}}')
+        rows = self.landed("aggregated_readings", key="sensor_id")
+        self.assertEqual([(r["sensor_id"], r["temperature_max"], r["records"])
+                          for r in rows], [("s-0", 24.0, 3), ("s-1", 23.0, 3)])
+
+    def test_a_near_miss_gets_did_you_mean_in_every_stage(self):
+        for stage, spec, expected in (
+                ("sanitize", {"temprature": {"round": 1}}, "temperature"),
+                ("filter", {"sensorid": "s-1"}, "sensor_id"),
+                ("aggregate", {"group_by": ["sensor"], "aggregations": {
+                    "temperature": "avg"}}, "sensor_id"),
+                ("aggregate", {"aggregations": {"Temperatur": "avg"}}, "temperature")):
+            with self.subTest(stage=stage, spec=spec):
+                line = self.refuse(f"--enable-{stage}",
+                                   **{f"{stage.upper()}_CONFIG": json.dumps(spec)})
+                self.assertIn(f"(did you mean {expected!r}?)", line)
+                self.assertIn(f"{stage.upper()}_CONFIG", line)
+
+    def test_two_spellings_of_one_column_are_refused(self):
+        line = self.refuse("--enable-sanitize", SANITIZE_CONFIG=json.dumps(
+            {"latitude": {"drop": True}, "Latitude": {"round": 2}}))
+        self.assertIn("'latitude' and 'Latitude' name the same column", line)
+
+    def test_a_view_named_as_the_source_table_says_why_it_cannot_be_read(self):
+        conn = sqlite3.connect(self.db)
+        conn.execute("CREATE VIEW warm AS SELECT * FROM readings WHERE temperature > 20")
+        conn.close()
+        line = self.refuse("--table", "Warm")
+        self.assertIn("'warm'", line)
+        self.assertIn("is a view, not a table", line)
+        self.assertIn("no rowid", line)
+        self.assertIn("tables: readings", line)
 
 
 # === 8. Start-up next to a crashed or busy writer ==================================
