@@ -3775,6 +3775,11 @@ def print_query(config, sql):
     info = sql.strip().upper() == "INFO"
     if config.target == "databricks":
         results = run_databricks_query(config, sql, info_table(config) if info else None)
+    elif "://" in config.delta_uri:
+        raise ConfigError(f"query: --run-query reads Delta tables in a local directory, "
+                          f"and delta_uri is {config.delta_uri} (from "
+                          f"{config.origin('delta_uri')}); query it with a Delta reader "
+                          "(DuckDB delta_scan, Spark, Databricks)")
     elif info:
         results = delta_info(os.path.abspath(config.delta_uri), info_table(config))
     else:

@@ -411,6 +411,11 @@ class LakehouseInfoTest(EdgeTestCase):
         line = self.refused(["--sqlite", self.db, "--run-query", "INFO"])
         self.assertIn("no table raw_readings under", line)
 
+    def test_a_remote_delta_uri_is_named_not_taken_for_a_local_path(self):
+        line = self.refused(["--run-query", "INFO"],
+                            self.env(DELTA_URI="s3://bucket/lake"))
+        self.assertIn("delta_uri is s3://bucket/lake (from DELTA_URI)", line)
+
 
 if __name__ == "__main__":
     unittest.main()
