@@ -1311,7 +1311,7 @@ def check_column(column, names, where):
 
 
 def check_unique(columns, where):
-    """Two entries that name one column (they differ in case) are a config error."""
+    """Two entries that name one column (e.g. spelled in two cases) are a config error."""
     seen = {}
     for given, real in columns:
         if real in seen:
