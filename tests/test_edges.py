@@ -126,6 +126,7 @@ class ConfigMistakeTest(EdgeTestCase):
     def assert_nothing_went_out(self):
         self.assertEqual(os.listdir(self.path("lake")) if os.path.isdir(self.path("lake"))
                          else [], [], "a target table was written")
+        self.assertFalse(os.path.exists(self.path("state")), "a checkpoint was written")
 
     def refuse(self, *argv, **env):
         line = self.refused(["--sqlite", self.db, "--once", *argv], self.env(**env))
