@@ -60,6 +60,7 @@ EXIT_BAD_INPUT = 2
 
 STATE_FILE = "last_upload.json"
 STATE_VERSION = 2  # 2: a position per target table (1: per destination)
+DEFAULT_STATE_DIR = "/state"  # a mounted volume; never created by the tool
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
@@ -95,6 +96,12 @@ class SourceError(UploaderError):
     """The SQLite source cannot be read as configured."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class SourceBusyError(SourceError):
+    """The source stayed locked, or kept a hot journal, for BUSY_TIMEOUT: transient."""
+
+    exit_code = EXIT_FAILED
 
 
 class SinkError(UploaderError):
@@ -170,8 +177,9 @@ class Config:
         "source (its history is uploaded) or now (only rows added from now on)", "source",
         choices=("beginning", "now"))
     state_dir: str = option(
-        "/state", "--state-dir", "STATE_DIR", "path",
-        "directory of last_upload.json (falls back to ./state if not writable)",
+        DEFAULT_STATE_DIR, "--state-dir", "STATE_DIR", "path",
+        "directory of last_upload.json (default: /state when mounted and writable, "
+        "else ./state)",
         "state")
     interval: float = option(
         300.0, "--interval", "UPLOAD_INTERVAL", "float",
@@ -602,20 +610,62 @@ def quote_ident(name):
     return '"' + name.replace('"', '""') + '"'
 
 
-def open_source(path, busy_timeout, origin="sqlite"):
-    """Open the SQLite file read-only; a missing or non-SQLite file is an error."""
+def open_source(path, busy_timeout, origin="sqlite", clock=time.monotonic, sleep=time.sleep):
+    """Open the SQLite file read-only; a missing or non-SQLite file is an error.
+
+    A writer's lock, or a hot journal a crashed writer left (which a read-only
+    connection cannot roll back), is waited out for `busy_timeout` seconds, said in
+    one line; then SourceBusyError (exit 1: the next run may find the file free).
+    """
     if not os.path.exists(path):
         raise SourceError(f"source: SQLite file not found: {path} (from {origin})")
     if os.path.isdir(path):
         raise SourceError(f"source: {path} is a directory, not a SQLite file (from {origin})")
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    deadline, delay, said = clock() + busy_timeout, 0.05, False
+    while True:
+        try:
+            return connect_source(uri, busy_timeout)
+        except sqlite3.Error as exc:
+            cause = busy_cause(exc, path)
+            if cause is None:
+                raise SourceError(f"source: cannot open {path} as SQLite: {exc}") from None
+        left = deadline - clock()
+        if left <= 0:
+            raise SourceBusyError(f"source: {cause}; gave up after {busy_timeout:g} s "
+                                  "(BUSY_TIMEOUT); the next run tries again") from None
+        if not said:
+            log.warning("source: %s; waiting up to %g s (BUSY_TIMEOUT)", cause, busy_timeout)
+            said = True
+        sleep(min(delay, left))
+        delay = min(delay * 2, 1.0)
+
+
+def connect_source(uri, busy_timeout):
+    """A read-only connection whose first read went through (no waiting on locks);
+    later statements wait up to `busy_timeout` for the writer."""
+    conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None,
+                           check_same_thread=False)
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout,
-                               isolation_level=None, check_same_thread=False)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as exc:
-        raise SourceError(f"source: cannot open {path} as SQLite: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     return conn
+
+
+def busy_cause(exc, path):
+    """What keeps a read-only reader out, in words; None when it is not transient."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_READONLY_ROLLBACK":
+        return (f"{path} has a hot journal ({path}-journal) left by a writer that "
+                "stopped mid-transaction; a read-only reader cannot roll it back: the "
+                "writer does when it opens the file again, as does any read-write open")
+    if name.startswith("SQLITE_BUSY"):
+        return (f"{path} is locked by another connection (the writer holds a lock, "
+                "e.g. in a long write transaction)")
+    return None
 
 
 def list_tables(conn):
@@ -635,6 +685,7 @@ def choose_table(conn, wanted, path):
         for name in tables:
             if name.lower() == wanted.lower():
                 return name
+        check_not_view(conn, wanted, path, tables)
         raise SourceError(f"source: no table {wanted!r} in {path}; "
                           f"tables: {', '.join(tables) or '(none)'}")
     if len(tables) == 1:
@@ -643,6 +694,18 @@ def choose_table(conn, wanted, path):
         raise SourceError(f"source: {path} has no tables yet; nothing to upload")
     raise SourceError(f"source: {path} has {len(tables)} tables ({', '.join(tables)}); "
                       "choose one with --table or SQLITE_TABLE_NAME")
+
+
+def check_not_view(conn, wanted, path, tables):
+    """A view named as the source table is refused with the reason: it has no rowid,
+    and what it shows can change under any cursor, so every row once is not possible."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'view' AND "
+                       "lower(name) = lower(?)", (wanted,)).fetchone()
+    if row:
+        raise SourceError(f"source: {row[0]!r} in {path} is a view, not a table: a view "
+                          "has no rowid and no stable order, so no cursor can upload its "
+                          "rows exactly once; name the table it reads from with --table "
+                          f"(tables: {', '.join(tables) or '(none)'})")
 
 
 def read_columns(conn, table):
@@ -1264,6 +1327,7 @@ class Plan:
 
 def compile_plan(config, source, environ):
     """Validate the enabled stages against the source columns; one error names the fault."""
+    check_stages_enabled(config)
     names = list(source.column_names)
     kinds = dict(zip(names, source_kinds(source)))
     plan = {}
@@ -1287,6 +1351,21 @@ def compile_plan(config, source, environ):
     return Plan(**plan)
 
 
+STAGE_HARM = {"sanitize": "with the columns it drops, hashes or masks in the clear",
+              "filter": "unfiltered", "aggregate": "row by row, not aggregated"}
+
+
+def check_stages_enabled(config):
+    """A stage's config without its enable flag is a mistake that would leak rows."""
+    for stage, harm in STAGE_HARM.items():
+        if getattr(config, f"{stage}_config") and not getattr(config, f"enable_{stage}"):
+            raise ConfigError(
+                f"config: {stage}_config is set (from {config.origin(stage + '_config')}) "
+                f"but enable_{stage} is off (from {config.origin('enable_' + stage)}): "
+                f"rows would go out {harm}; set {SETTINGS['enable_' + stage].env[0]}=true "
+                f"(or {SETTINGS['enable_' + stage].flag}), or remove {stage}_config")
+
+
 def stage_spec(config, stage):
     """The JSON spec of a stage, required once the stage is enabled."""
     spec = getattr(config, f"{stage}_config")
@@ -1297,20 +1376,54 @@ def stage_spec(config, stage):
     return spec, f"{stage}_config (from {config.origin(stage + '_config')})"
 
 
+def find_column(column, names):
+    """The real name of `column`: exact, else matched case-insensitively as SQLite
+    matches column names (`Temperature` is `temperature`); None when absent."""
+    if column in names:
+        return column
+    folded = [name for name in names if name.lower() == column.lower()]
+    return folded[0] if folded else None
+
+
 def check_column(column, names, where):
-    """An unknown column is a config error that lists the known ones."""
-    if column not in names:
-        raise ConfigError(f"config: {where}: unknown column {column!r}; "
-                          f"columns: {', '.join(names)}")
+    """The real name of `column`; an unknown one is a config error with a "did you
+    mean" and the known columns."""
+    found = find_column(column, names)
+    if found is not None:
+        return found
+    folded = {name.lower(): name for name in names}
+    near = difflib.get_close_matches(column.lower(), list(folded), n=1)
+    hint = f" (did you mean {folded[near[0]]!r}?)" if near else ""
+    shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)"
+                                     if len(names) > 30 else "")
+    raise ConfigError(f"config: {where}: unknown column {column!r}{hint}; columns: {shown}")
+
+
+def check_unique(columns, where):
+    """Two entries that name one column (e.g. spelled in two cases) are a config error."""
+    seen = {}
+    for given, real in columns:
+        if real in seen:
+            raise ConfigError(f"config: {where}: {seen[real]!r} and {given!r} name the same "
+                              f"column {real!r}; keep one")
+        seen[real] = given
 
 
 def compile_sanitize(config, names, kinds):
     """Rules from {column: regex | {replace_value, with_value} | {hash|round|drop|null}}."""
     spec, where = stage_spec(config, "sanitize")
-    rules = []
+    rules, given = [], []
     for column, action in spec.items():
-        check_column(column, names, where)
-        rules.append(compile_rule(column, action, where))
+        real = check_column(column, names, where)
+        given.append((column, real))
+        rule = compile_rule(real, action, where)
+        if rule.op == "round" and kinds.get(real) in (STRING, BINARY):
+            raise ConfigError(f"config: {where}: round for {column!r} needs a numeric "
+                              f"column, but its declared type makes it {kinds[real]}, so "
+                              "its values would go out unrounded; use a regex, replace, "
+                              "hash, null or drop rule")
+        rules.append(rule)
+    check_unique(given, where)
     return tuple(rules)
 
 
@@ -1343,7 +1456,7 @@ def compile_filter(config, names, kinds):
     spec, where = stage_spec(config, "filter")
     conditions = []
     for column, test in spec.items():
-        check_column(column, names, where)
+        column = check_column(column, names, where)
         pairs = test.items() if isinstance(test, dict) else [
             ("is_null", True) if test is None else ("==", test)]
         for op, operand in pairs:
@@ -1394,11 +1507,7 @@ def compile_aggregate(config, names, kinds, timestamp_col):
     if not isinstance(group_by, list) or not all(isinstance(c, str) for c in group_by):
         raise ConfigError(f"config: {where}: group_by must be a column name or a list of "
                           f"them (got {json.dumps(group_by)})")
-    for column in group_by:
-        if column not in names and column not in TIME_PARTS:
-            check_column(column, names + sorted(TIME_PARTS), where + ": group_by")
-        if column in TIME_PARTS and column not in names and not timestamp_col:
-            raise ConfigError(f"config: {where}: {column!r} needs a timestamp column")
+    group_by = compile_group_by(group_by, names, timestamp_col, where + ": group_by")
     measures = compile_measures(spec.get("aggregations"), names, kinds, where)
     window = parse_duration(spec.get("window"), "window", where)
     grace = parse_duration(spec.get("grace"), "grace", where)
@@ -1410,12 +1519,25 @@ def compile_aggregate(config, names, kinds, timestamp_col):
     return Aggregation(tuple(group_by), measures, window, grace, timestamp_col)
 
 
+def compile_group_by(group_by, names, timestamp_col, where):
+    """Real column names, or time parts of the timestamp (a column of that name wins)."""
+    given = []
+    for column in group_by:
+        real = find_column(column, names) or check_column(column, names + list(TIME_PARTS),
+                                                          where)
+        if real not in names and not timestamp_col:
+            raise ConfigError(f"config: {where}: {column!r} needs a timestamp column")
+        given.append((column, real))
+    check_unique(given, where)
+    return [real for _, real in given]
+
+
 def compile_measures(aggregations, names, kinds, where):
     """((column, (functions...)), ...) from {column: fn | [fn, ...]}."""
     if not isinstance(aggregations, dict) or not aggregations:
         raise ConfigError(f"config: {where}: aggregations must map columns to "
                           f"{'|'.join(AGG_FUNCTIONS)}")
-    measures = []
+    measures, given = [], []
     for column, fns in aggregations.items():
         fns = [fns] if isinstance(fns, str) else fns
         if not isinstance(fns, list) or not fns:
@@ -1425,16 +1547,19 @@ def compile_measures(aggregations, names, kinds, where):
             if fn not in AGG_FUNCTIONS:
                 raise ConfigError(f"config: {where}: unknown aggregation {fn!r} for "
                                   f"{column!r}; functions: {', '.join(AGG_FUNCTIONS)}")
-        if column == "records" and column not in names:
+        if column == "records" and find_column(column, names) is None:
             if fns != ["count"]:
                 raise ConfigError(f"config: {where}: 'records' counts rows; use "
                                   "\"records\": \"count\"")
+            real = column
         else:
-            check_column(column, names, where + ": aggregations")
-            if kinds.get(column) in (STRING, BINARY) and set(fns) & {"avg", "sum"}:
+            real = check_column(column, names, where + ": aggregations")
+            if kinds.get(real) in (STRING, BINARY) and set(fns) & {"avg", "sum"}:
                 raise ConfigError(f"config: {where}: cannot avg or sum {column!r}: it "
-                                  f"holds {kinds[column]} values")
-        measures.append((column, tuple(fns)))
+                                  f"holds {kinds[real]} values")
+        given.append((column, real))
+        measures.append((real, tuple(fns)))
+    check_unique(given, where + ": aggregations")
     return tuple(measures)
 
 
@@ -2677,27 +2802,38 @@ def utc_now_text():
 
 
 def resolve_state_dir(config):
-    """The configured state dir, or the local fallback when the default is not usable."""
+    """The configured state dir (created if needed: it was asked for); by default the
+    volume at /state when it is a writable directory, else ./state, said in one line.
+    /state is never created: made by the tool at the filesystem root, it would pass
+    for a volume that is not there."""
     wanted = config.state_dir
-    if is_usable_dir(wanted):
-        return wanted
     if config.origin("state_dir") != "default":
+        if is_usable_dir(wanted, create=True):
+            return wanted
         raise StateError(f"state: cannot write to {wanted} (from "
                          f"{config.origin('state_dir')}): missing or not writable")
-    log.warning("state: %s is not writable; keeping state in %s (set STATE_DIR to choose)",
-                wanted, os.path.abspath(FALLBACK_STATE_DIR))
-    if not is_usable_dir(FALLBACK_STATE_DIR):
-        raise StateError(f"state: cannot create {os.path.abspath(FALLBACK_STATE_DIR)}")
+    if is_usable_dir(wanted):
+        return wanted
+    fallback = os.path.abspath(FALLBACK_STATE_DIR)
+    if os.path.exists(wanted):
+        log.warning("state: %s is not a writable directory; keeping state in %s "
+                    "(set STATE_DIR to choose)", wanted, fallback)
+    else:
+        log.info("state: no volume at %s; keeping state in %s (set STATE_DIR to choose)",
+                 wanted, fallback)
+    if not is_usable_dir(FALLBACK_STATE_DIR, create=True):
+        raise StateError(f"state: cannot create {fallback}")
     return FALLBACK_STATE_DIR
 
 
-def is_usable_dir(path):
-    """Create `path` if needed; True when a file can be written in it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
+def is_usable_dir(path, create=False):
+    """True when a file can be written in directory `path` (made first if `create`)."""
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            return False
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def position_key(destination, table):
@@ -3607,12 +3743,13 @@ def run_steps(steps):
 
 def find_state_file(config):
     """Where the state file is (or would be), without creating anything."""
-    wanted = os.path.join(config.state_dir, STATE_FILE)
-    fallback = os.path.join(FALLBACK_STATE_DIR, STATE_FILE)
-    if (not os.path.exists(wanted) and config.origin("state_dir") == "default"
-            and os.path.exists(fallback)):
-        return fallback
-    return wanted
+    wanted = config.state_dir
+    if config.origin("state_dir") != "default":
+        return os.path.join(wanted, STATE_FILE)
+    for folder in (wanted, FALLBACK_STATE_DIR):
+        if os.path.exists(os.path.join(folder, STATE_FILE)):
+            return os.path.join(folder, STATE_FILE)
+    return os.path.join(wanted if is_usable_dir(wanted) else FALLBACK_STATE_DIR, STATE_FILE)
 
 
 def with_recorded_source(config):
@@ -3764,6 +3901,34 @@ def list_delta_tables(base):
         return []
     return sorted(name for name in os.listdir(base)
                   if os.path.isdir(os.path.join(base, name, "_delta_log")))
+
+
+def delta_info(base, table):
+    """--run-query INFO on the lakehouse: its tables, then the target's columns and
+    row count (every table's, when no source names the target)."""
+    tables = list_delta_tables(base)
+    if table and table not in tables:
+        raise ConfigError(f"query: no table {table} under {base} yet (tables: "
+                          f"{', '.join(tables) or 'none'}): nothing was uploaded to it")
+    results = [(["table"], [(name,) for name in tables])]
+    for name in [table] if table else tables:
+        results.append(describe_delta_table(base, name))
+        _, count = run_query(base, f'SELECT count(*) FROM "{name}"')
+        results.append((["table", "row_count"], [(name, count[0][0])]))
+    return results
+
+
+SQL_TYPE_NAMES = {"long": "bigint", "integer": "int", "short": "smallint", "byte": "tinyint"}
+
+
+def describe_delta_table(base, name):
+    """(names, rows) of a Delta table's columns and their SQL types, as DESCRIBE shows."""
+    from deltalake import DeltaTable
+    rows = []
+    for field in DeltaTable(os.path.join(base, name)).schema().fields:
+        delta_type = str(getattr(field.type, "type", field.type))
+        rows.append((name, field.name, SQL_TYPE_NAMES.get(delta_type, delta_type)))
+    return ["table", "col_name", "data_type"], rows
 
 
 def run_query(base, sql):
@@ -3996,23 +4161,36 @@ def main(argv=None, environ=None):
 
 def print_query(config, sql):
     """--run-query: on the warehouse when one is configured, else on the Delta tables."""
+    info = sql.strip().upper() == "INFO"
     if config.target == "databricks":
-        source_table = None
-        if config.sqlite and sql.strip().upper() == "INFO":
-            conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
-            try:
-                source_table = target_table(config, describe_table(
-                    conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
-            finally:
-                conn.close()
-        elif config.databricks_table and sql.strip().upper() == "INFO":
-            source_table = target_table(config, SourceTable(config.databricks_table, (),
-                                                            None, None, False, False))
-        results = run_databricks_query(config, sql, source_table)
+        results = run_databricks_query(config, sql, info_table(config) if info else None)
+    elif "://" in config.delta_uri:
+        raise ConfigError(f"query: --run-query reads Delta tables in a local directory, "
+                          f"and delta_uri is {config.delta_uri} (from "
+                          f"{config.origin('delta_uri')}); query it with a Delta reader "
+                          "(DuckDB delta_scan, Spark, Databricks)")
+    elif info:
+        results = delta_info(os.path.abspath(config.delta_uri), info_table(config))
     else:
         results = [run_query(os.path.abspath(config.delta_uri), sql)]
     print("\n\n".join(format_rows(names, rows) for names, rows in results))
     return EXIT_OK
+
+
+def info_table(config):
+    """The target table INFO describes: routed from the source table, or from
+    DATABRICKS_TABLE; None when neither is configured."""
+    if config.sqlite:
+        conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+        try:
+            return target_table(config, describe_table(
+                conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
+        finally:
+            conn.close()
+    if config.databricks_table:
+        return target_table(config, SourceTable(config.databricks_table, (), None, None,
+                                                False, False))
+    return None
 
 
 def apply_demo_defaults(args, environ):

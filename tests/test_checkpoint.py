@@ -379,13 +379,14 @@ class StateDirTest(CheckpointTestCase):
         unusable = os.path.join(blocker, "state")
         config = dataclasses.replace(up.Config(), state_dir=unusable, sources={})
         self.assertEqual(config.origin("state_dir"), "default")
-        with self.assertLogs("uploader", "WARNING") as logs:
+        with self.assertLogs("uploader", "INFO") as logs:
             chosen = up.resolve_state_dir(config)
         self.assertEqual(os.path.realpath(chosen), os.path.realpath(cwd + "/state"))
         self.assertTrue(os.path.isdir(chosen))
         self.assertIn(unusable, "\n".join(logs.output), "the fallback is not logged")
 
     def test_default_state_dir_when_writable_is_used(self):
+        os.makedirs(self.path("default-state"))
         config = dataclasses.replace(up.Config(), state_dir=self.path("default-state"),
                                      sources={})
         self.assertEqual(up.resolve_state_dir(config), self.path("default-state"))
