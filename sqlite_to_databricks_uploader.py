@@ -3563,12 +3563,12 @@ def start_route(job):
 def open_job(config, reset_state, stop, environ=None, recover=False):
     """Open source, checkpoint and sink; find or start the target table's position."""
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
-    checkpoint = Checkpoint(resolve_state_dir(config))
-    job = None
+    checkpoint = job = None
     try:
         source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
                                 config.sqlite)
         plan = compile_plan(config, source, os.environ if environ is None else environ)
+        checkpoint = Checkpoint(resolve_state_dir(config))  # nothing written before here
         checkpoint.lock()
         checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
         identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
@@ -3581,7 +3581,8 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
     except BaseException:
         if job is not None:
             job.sink.close()
-        checkpoint.close()
+        if checkpoint is not None:
+            checkpoint.close()
         conn.close()
         raise
     return job

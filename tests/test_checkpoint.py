@@ -12,7 +12,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.helpers import (SCRIPT, TempDirTestCase, child_env, destination_of, file_digest,
+from tests.helpers import (SCRIPT, TempDirTestCase, slow, child_env, destination_of, file_digest,
                            make_db, read_state, run_main, run_script, sensor_db, up, wait_for)
 from tests.test_crash import UploadChecks, add_rows, target_ids
 
@@ -65,6 +65,7 @@ class StateFileTest(CheckpointTestCase):
         self.assert_exactly_once(self.db, lake=lake_a)
         self.assert_exactly_once(self.db, lake=lake_b)
 
+    @slow
     def test_writes_are_atomic_the_file_always_parses_and_no_tmp_is_left(self):
         # Small batches: hundreds of state writes while this process keeps reading.
         sensor_db(self.db, 100)  # 600 + 2,000 rows

@@ -20,7 +20,7 @@ import sys
 import time
 import unittest
 
-from tests.helpers import (FIXED_START, SCRIPT, TempDirTestCase, child_env, delta_rows,
+from tests.helpers import (slow, FIXED_START, SCRIPT, TempDirTestCase, child_env, delta_rows,
                            destination_of, read_delta, read_state, run_driver, sensor_db, up)
 
 SEED = int(os.environ.get("CRASH_SEED", "20250101"))
@@ -217,6 +217,7 @@ class PlantedKillTest(CrashTestCase):
         self.crash_loop(rising(["commit-after"]))
 
 
+@slow
 class RandomKillTest(CrashTestCase):
     """SIGKILL at random moments of real runs, with the sensor adding rows meanwhile."""
 

@@ -8,7 +8,7 @@ import sys
 import unittest
 from unittest import mock
 
-from tests.helpers import (KILL_DRIVER, SCRIPT, TempDirTestCase, child_env, destination_of,
+from tests.helpers import (slow, KILL_DRIVER, SCRIPT, TempDirTestCase, child_env, destination_of,
                            read_state, run_driver, run_main, run_script, sensor_db, up,
                            wait_for)
 from tests.test_crash import UploadChecks, add_rows, cursor_id, target_ids
@@ -73,6 +73,7 @@ class CycleTestCase(UploadChecks, TempDirTestCase):
         self.assertIsNone(proc.poll(), f"the uploader exited early:\n{self.log()}")
 
 
+@slow
 class LoopTest(CycleTestCase):
 
     def test_loop_picks_up_new_rows_and_exits_0_on_sigterm(self):
@@ -262,6 +263,7 @@ class BatchTest(CycleTestCase):
         self.assert_exactly_once(self.db)
 
 
+@slow
 class StopFlagTest(unittest.TestCase):
     """A SIGTERM must never deadlock the loop's wait (threading.Event could: its set()
     takes the lock that wait() holds for a few bytecodes on the same thread)."""

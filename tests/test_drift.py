@@ -6,7 +6,7 @@ import os
 import signal
 import sqlite3
 
-from tests.helpers import delta_rows, make_db, read_state, run_main, run_script, wait_for
+from tests.helpers import slow, delta_rows, make_db, read_state, run_main, run_script, wait_for
 from tests.test_crash import add_rows, cursor_id
 from tests.test_cycle import CycleTestCase
 
@@ -93,6 +93,7 @@ class RowsBehindTheCursorTest(CycleTestCase):
         self.assertNotIn("behind the cursor", done.stderr)
         self.assert_archive_once(table, 130)
 
+    @slow
     def test_backfill_killed_anywhere_sends_each_row_once(self):
         from tests.helpers import run_driver
         argv = ["--sqlite", self.db, "--once", "--batch-size", "5"]

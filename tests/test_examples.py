@@ -45,6 +45,7 @@ OTHER_ENV = {
     "BASH_SOURCE",                      # bash (start-uploader.sh)
     "CONFIG_FILE",                      # start-uploader.sh's usage placeholder, not a variable
     "RELIABILITY_SEED",                 # read by tests/test_reliability.py, not the tool
+    "UPLOADER_FULL_TESTS",              # read by tests/helpers.py: run the slow suites
     "DATA_DIR", "STATE_HOST_DIR",       # start-uploader.sh --container: host directories
 }
 OTHER_ENV_PREFIXES = (

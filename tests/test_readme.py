@@ -32,10 +32,14 @@ class ReadmeTest(unittest.TestCase):
     def test_the_two_setup_commands_are_there(self):
         text = readme()
         self.assertIn("\nuv run sqlite_to_databricks_uploader.py --demo\n", text)
-        tests = [l for l in text.splitlines() if re.match(r"^uv run .*python -m unittest", l)]
-        self.assertEqual(len(tests), 1, "exactly one test command, which .ci/run runs")
         with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as fh:
-            self.assertIn("python -m unittest", fh.read())
+            pattern = re.search(r"grep -m1 -E '([^']+)' README.md", fh.read()).group(1)
+        full = [l for l in text.splitlines() if re.match(pattern, l)]
+        self.assertEqual(len(full), 1, "exactly one full test command, which .ci/run runs")
+        self.assertTrue(full[0].startswith("UPLOADER_FULL_TESTS=1 "), full[0])
+        # the quick one is the same command without the slow suites
+        quick = full[0].replace("UPLOADER_FULL_TESTS=1 ", "").replace(" -v", "")
+        self.assertIn("\n" + quick + "\n", text)
 
     def test_every_action_flag_is_documented(self):
         text = readme()

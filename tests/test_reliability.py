@@ -71,7 +71,7 @@ import unittest
 from unittest import mock
 
 from tests import fake_warehouse
-from tests.helpers import (TempDirTestCase, child_env, delta_rows, destination_of,
+from tests.helpers import (slow, TempDirTestCase, child_env, delta_rows, destination_of,
                            read_state, run_driver, run_main, run_script, start_driver, up,
                            wait_for)
 
@@ -322,6 +322,7 @@ class KillLoop(ReliabilityTestCase):
         read_state(self.path("state"))  # must parse
 
 
+@slow
 class FilterSanitizeKillTest(KillLoop):
     """filtered_ and secure_ tables: each source row that passes, exactly once."""
 
@@ -392,6 +393,7 @@ def agg_rows(table_uri):
     return [tuple(r[c] for c in AGG_COLUMNS) for r in delta_rows(table_uri, AGG_COLUMNS)]
 
 
+@slow
 class AggregateKillTest(KillLoop):
     """aggregated_: each (group, window) once, identical to an uninterrupted run."""
 
@@ -486,6 +488,7 @@ class CarryTest(unittest.TestCase):
                          "when the next batch was processed")
 
 
+@slow
 class StateWriteKillTest(KillLoop):
     """A kill at each step of the state-file write leaves the old file or the new one,
     byte for byte: never torn, never a mix, never missing once it existed."""
@@ -543,6 +546,7 @@ class StateWriteKillTest(KillLoop):
         self.assertEqual((dupes, lost), ({}, set()))
 
 
+@slow
 class WarehouseKillTest(KillLoop):
     """The warehouse path (fake connector in the killed process): every row once."""
 
@@ -650,6 +654,7 @@ LIVE_SCHEMA = ("CREATE TABLE readings (timestamp TEXT NOT NULL, sensor TEXT, seq
                "value REAL); CREATE INDEX idx_readings_ts ON readings(timestamp);")
 
 
+@slow
 class LiveWriterTest(ReliabilityTestCase):
     """A sensor process writes while the uploader loops (pair cursor: bursts of rows
     share a timestamp, and batch boundaries fall inside bursts)."""
@@ -998,6 +1003,7 @@ class LockedSourceTest(ReliabilityTestCase):
         self.assertEqual(sorted(self.landed()), list(range(1, 71)))
 
 
+@slow
 class HugeValueTest(InProcessWarehouse, ReliabilityTestCase):
     """A 20 MB BLOB and a 10 MB TEXT among small rows."""
 
@@ -1213,6 +1219,7 @@ class FullDisk:
             patch.stop()
 
 
+@slow
 class StateDiskTest(ReliabilityTestCase):
     """The state directory fills up or turns read-only: one error line, exit 1, and
     nothing lost when the run is retried on a disk that works again."""
@@ -1419,6 +1426,7 @@ FLEET_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "timestamp TEXT NOT NULL, node TEXT, v INTEGER)")
 
 
+@slow
 class FleetTest(ReliabilityTestCase):
     """16 uploaders, each with its own SQLite file, state and SOURCE_ID, append to one
     Delta table at once; some are killed in the middle and restarted."""
