@@ -1068,7 +1068,8 @@ def check_not_behind(conn, source, cursor):
     raise SourceError(
         f"source: table {source.name!r} ends before the saved cursor "
         f"{source.cursor.describe()} = {cursor} (highest: {high}): the file was replaced "
-        "by an older copy or truncated; to upload it from the start, use --reset-state")
+        "by an older copy or truncated; to go on from its current end, use --reset-state "
+        "--start-at now")
 
 
 def count_null_timestamps(conn, source):
@@ -2486,11 +2487,9 @@ class DatabricksSink(Sink):
                 f"sink: cannot recover a {cursor.kind} cursor {cursor.describe()} from "
                 f"{table}: the table does not hold it; --reset-state re-sends everything "
                 "instead (rows already there would be duplicated)")
-        rows = self.retrying("recovering the cursor", lambda: self.execute(
-            f"SELECT max({quote_name(cursor.columns[0])}), count(*) FROM "
-            f"{self.target(table)} WHERE `_source_id` = :source_id",
-            {"source_id": self.identity.source_id}, fetch=True,
-            what=f"reading {table} for --recover-state"))
+        rows = self._select(table, self.identity.source_id,
+                            f"max({quote_name(cursor.columns[0])}), count(*)",
+                            "reading the cursor for --recover-state")
         if not rows or rows[0][0] is None:
             return None
         return {"cursor": [rows[0][0]], "carry": None, "rows": rows[0][1]}

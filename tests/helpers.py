@@ -178,7 +178,14 @@ def read_delta(uri, sql=None, table=None):
 
 def delta_rows(table_uri, columns="*"):
     """Rows of a Delta table ([] when it does not exist yet)."""
-    if not os.path.isdir(os.path.join(table_uri, "_delta_log")):
+    if "://" in table_uri:
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+        try:
+            DeltaTable(table_uri)
+        except TableNotFoundError:
+            return []
+    elif not os.path.isdir(os.path.join(table_uri, "_delta_log")):
         return []
     name = os.path.basename(table_uri.rstrip("/"))
     cols = columns if columns == "*" else ", ".join(f'"{c}"' for c in columns)

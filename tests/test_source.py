@@ -587,13 +587,16 @@ class ReplacedSourceTest(PipelineTestCase):
                 self.assertEqual(self.position(where), saved)  # nothing skipped
                 self.assertEqual(len(self.landed("raw_t", where)), 6)
 
-                before = {r["_batch_id"] for r in self.landed("raw_t", where)}
-                self.upload(db, "--reset-state", where=where)
+                # Its rows are in the target already: a reset from the beginning would
+                # send them twice, so it is refused; --start-at now goes on from its end.
+                err = self.upload(db, "--reset-state", where=where, expect=2)
+                self.assertIn("already holds 6 rows", error_lines(err)[0])
+                self.upload(db, "--reset-state", "--start-at", "now", where=where)
+                self.insert(db, [(stamp(i), i) if len(cols) == 2 else (i,)
+                                 for i in range(10, 12)], cols)
+                self.upload(db, where=where)
                 rows = self.landed("raw_t", where)
-                again = [r["v"] for r in rows if r["_batch_id"] not in before]
-                self.assertEqual(sorted(again), [0, 1, 2])  # the whole older copy
-                self.assertEqual(len(rows), 9)
-                self.assertEqual(self.position(where)["rows"], 3)
+                self.assertEqual(sorted(r["v"] for r in rows), [0, 1, 2, 3, 4, 5, 10, 11])
                 backups = [n for n in os.listdir(self.env(where)["STATE_DIR"])
                            if ".reset-" in n]
                 self.assertEqual(len(backups), 1)

@@ -1,0 +1,334 @@
+"""The sink contract (DESIGN 1, STYLE "Adapters"): one suite, run against every sink.
+
+As Litestream runs one replica-client suite against each implementation, every sink
+passes `SinkContract` before it is wired in: the Delta path on a local directory, the
+Delta path on an S3-compatible server on loopback (moto's, when installed), and the SQL
+warehouse through tests/fake_warehouse.py. Batches are made by the cycle's own code
+(read from a real SQLite file, processed and encoded by `prepare_batches`), so what a
+sink sees here is what it sees in a run.
+"""
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import unittest
+from unittest import mock
+
+from tests.helpers import TempDirTestCase, delta_rows, make_db, up
+
+SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
+          "sensor TEXT, value REAL, raw BLOB)")
+ROWS = [("2025-01-01T00:00:00Z", "s-1", 1.5, b"\x00\x01"),
+        ("2025-01-01T00:00:01Z", "s-'2'", -0.0, None),
+        ("2025-01-01 00:00:02", "s-\u00e9\\3", 3.25, b"")]
+UTC = dt.timezone.utc
+
+
+class SinkContract:
+    """What every sink must do. Subclasses give `make_config(**settings)`,
+    `landed(table)` (the rows as dicts) and `lose_next_reply()` (the next write lands,
+    then its reply is lost)."""
+
+    TABLE = "raw_readings"
+
+    def setUp(self):
+        super().setUp()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.db = make_db(self.path("src.db"), SCHEMA, ROWS, ["ts", "sensor", "value", "raw"])
+        self.conn = up.open_source(self.db, 5)
+        self.addCleanup(self.conn.close)
+        self.source = up.describe_table(self.conn, None, None, self.db)
+
+    # --- building blocks -------------------------------------------------------
+
+    def sink(self, source_id="node-a", state_id="s1"):
+        config = self.make_config(source_id=source_id)
+        sink = up.make_sink(config, up.Identity(source_id, "readings", state_id))
+        self.addCleanup(sink.close)
+        return sink
+
+    def job(self, sink, table=None, state_id="s1"):
+        checkpoint = up.Checkpoint(self.path("state"))
+        checkpoint.data = dict(up.new_state({}), state_id=state_id)
+        return up.Job(sink.config, self.conn, self.source, checkpoint, sink,
+                      table or self.TABLE, threading.Event())
+
+    def batches(self, sink, after=None, seq=0, table=None, source=None):
+        """The batches the cycle makes of the rows after cursor `after` (seq on from
+        `seq`), ready for `sink.write`."""
+        job = self.job(sink, table)
+        chunks = up.read_batches(self.conn, source or self.source, after, 1000)
+        position = {"seq": seq, "carry": None}
+        return list(up.prepare_batches(job, chunks, position))
+
+    def write_all(self, sink, after=None, seq=0, table=None, source=None):
+        receipts = []
+        for batch in self.batches(sink, after, seq, table, source):
+            receipts.append(sink.write(table or self.TABLE, batch))
+        return receipts
+
+    def add(self, rows, columns=("ts", "sensor", "value", "raw")):
+        conn = sqlite3.connect(self.db)
+        conn.executemany(f"INSERT INTO readings ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", rows)
+        conn.commit()
+        conn.close()
+
+    def ids(self, table=None):
+        return sorted(r["id"] for r in self.landed(table or self.TABLE))
+
+    # --- the contract ----------------------------------------------------------
+
+    def test_write_lands_rows_with_values_types_and_lineage(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        self.assertFalse(sink.has_committed(self.TABLE, batch.seq, batch.batch_id))
+        receipt = sink.write(self.TABLE, batch)
+        self.assertEqual(receipt.rows, 3)
+        rows = {r["id"]: r for r in self.landed(self.TABLE)}
+        self.assertEqual(sorted(rows), [1, 2, 3])
+        self.assertEqual(rows[1]["ts"], dt.datetime(2025, 1, 1, tzinfo=UTC))
+        self.assertEqual(rows[3]["ts"], dt.datetime(2025, 1, 1, 0, 0, 2, tzinfo=UTC))
+        self.assertEqual((rows[2]["sensor"], rows[2]["value"]), ("s-'2'", 0.0))
+        self.assertEqual(rows[3]["sensor"], "s-\u00e9\\3")
+        self.assertEqual((bytes(rows[1]["raw"]), rows[2]["raw"], bytes(rows[3]["raw"])),
+                         (b"\x00\x01", None, b""))
+        self.assertEqual({r["_source_id"] for r in rows.values()}, {"node-a"})
+        self.assertEqual({r["_batch_id"] for r in rows.values()}, {batch.batch_id})
+        self.assertTrue(all(r["_rescued_data"] is None for r in rows.values()))
+
+    def test_write_again_leaves_the_rows_once(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        sink.write(self.TABLE, batch)
+        sink.write(self.TABLE, batch)
+        self.assertEqual(self.ids(), [1, 2, 3])
+        (again,) = self.batches(self.sink())  # a new process, the same batch
+        self.sink().write(self.TABLE, again)
+        self.assertEqual(self.ids(), [1, 2, 3])
+
+    def test_has_committed_before_and_after_and_per_node(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        self.assertFalse(sink.has_committed(self.TABLE, batch.seq, batch.batch_id))
+        sink.write(self.TABLE, batch)
+        fresh = self.sink()
+        self.assertTrue(fresh.has_committed(self.TABLE, batch.seq, batch.batch_id))
+        self.assertTrue(fresh.has_committed(self.TABLE, batch.seq, batch.batch_id, "node-a"))
+        self.assertFalse(fresh.has_committed(self.TABLE, batch.seq, batch.batch_id, "node-b"))
+        self.assertFalse(self.sink("node-b").has_committed(self.TABLE, batch.seq,
+                                                           batch.batch_id))
+
+    def test_a_write_whose_reply_is_lost_lands_once(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        self.lose_next_reply()
+        try:
+            sink.write(self.TABLE, batch)
+        except up.SinkError:
+            pass  # the cycle would settle it: ask, then send again if it did not land
+        if not sink.has_committed(self.TABLE, batch.seq, batch.batch_id):
+            sink.write(self.TABLE, batch)
+        self.assertEqual(self.ids(), [1, 2, 3])
+
+    def test_a_new_source_column_becomes_a_target_column(self):
+        sink = self.sink()
+        self.write_all(sink)
+        self.conn.close()
+        conn = sqlite3.connect(self.db)
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.commit()
+        conn.close()
+        self.add([("2025-01-02T00:00:00Z", "s-4", 4.0, None, "C")],
+                 ("ts", "sensor", "value", "raw", "unit"))
+        self.conn = up.open_source(self.db, 5)
+        self.addCleanup(self.conn.close)
+        source = up.describe_table(self.conn, None, None, self.db)
+        self.write_all(sink, after=[3], seq=1, source=source)
+        rows = {r["id"]: r for r in self.landed(self.TABLE)}
+        self.assertEqual(rows[4]["unit"], "C")
+        self.assertIsNone(rows[1]["unit"])
+
+    def test_a_value_that_does_not_fit_is_rescued(self):
+        sink = self.sink()
+        self.write_all(sink)
+        self.add([("not a time", "s-5", "warm", None)])
+        self.write_all(sink, after=[3], seq=1)
+        row = next(r for r in self.landed(self.TABLE) if r["id"] == 4)
+        self.assertIsNone(row["value"])
+        self.assertIsNone(row["ts"])
+        self.assertEqual(json.loads(row["_rescued_data"]),
+                         {"value": "warm", "ts": "not a time"})
+
+    def test_hostile_names(self):
+        name = 'we`ird "t\u00e4ble" x'
+        db = make_db(self.path("hostile.db"),
+                     f'CREATE TABLE "{name.replace(chr(34), chr(34) * 2)}" '
+                     '(id INTEGER PRIMARY KEY AUTOINCREMENT, "a`b" TEXT, "c\'d" INTEGER, '
+                     '"\u00fcml" REAL)', [("x`'\"", 1, 0.5)], ["a`b", "c'd", "\u00fcml"])
+        conn = up.open_source(db, 5)
+        self.addCleanup(conn.close)
+        source = up.describe_table(conn, None, None, db)
+        table = up.route_table(source.name)
+        sink = self.sink()
+        job = self.job(sink, table)
+        job.conn, job.source = conn, source
+        for batch in up.prepare_batches(job, up.read_batches(conn, source, None, 10),
+                                        {"seq": 0, "carry": None}):
+            sink.write(table, batch)
+        (row,) = self.landed(table)
+        self.assertEqual((row["a`b"], row["c'd"], row["\u00fcml"]), ("x`'\"", 1, 0.5))
+
+    def test_count_rows_and_read_keys_per_node(self):
+        self.assertEqual(self.sink().count_rows(self.TABLE, "node-a"), 0)  # no table yet
+        self.write_all(self.sink())
+        self.add([("2025-01-03T00:00:00Z", "s-9", 9.0, None)])
+        self.write_all(self.sink("node-b", "s2"), after=[3], seq=0)
+        sink = self.sink()
+        self.assertEqual(sink.count_rows(self.TABLE, "node-a"), 3)
+        self.assertEqual(sink.count_rows(self.TABLE, "node-b"), 1)
+        self.assertEqual(sink.read_keys(self.TABLE, "node-a", ["id"]), {(1,), (2,), (3,)})
+
+    def test_recover_position_after_the_last_batch(self):
+        sink = self.sink()
+        self.assertIsNone(sink.recover_position(self.TABLE, self.source))
+        self.write_all(sink)
+        self.add([("2025-01-03T00:00:00Z", "s-9", 9.0, None)])
+        self.write_all(sink, after=[3], seq=1)
+        found = self.sink().recover_position(self.TABLE, self.source)
+        self.assertEqual(found["cursor"], [4])
+        self.assertIsNone(self.sink("node-b").recover_position(self.TABLE, self.source))
+
+
+class DeltaLocalSinkTest(SinkContract, TempDirTestCase):
+    """The Delta path on a local directory."""
+
+    def make_config(self, **settings):
+        return up.validate_config(up.Config(sqlite=self.db, delta_uri=self.path("lake"),
+                                            **settings))
+
+    def landed(self, table):
+        return delta_rows(os.path.join(self.path("lake"), table))
+
+    def lose_next_reply(self):
+        import deltalake
+        original = deltalake.write_deltalake
+
+        def write_then_fail(*args, **kwargs):
+            original(*args, **kwargs)
+            patcher.stop()
+            raise OSError("Generic S3 error: connection reset by peer (the commit landed)")
+        patcher = mock.patch.object(deltalake, "write_deltalake", write_then_fail)
+        patcher.start()
+        self.addCleanup(lambda: deltalake.write_deltalake is write_then_fail and
+                        patcher.stop())
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+try:
+    import moto.server  # noqa: F401 (a test-only package: README's test command has it)
+except ImportError:
+    MOTO = False
+else:
+    MOTO = True
+
+
+def start_moto(case):
+    """moto's S3 server in a child process on a free loopback port (in this process,
+    deltalake's calls that hold the GIL would wait on the server's thread)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(0.1)
+    return server, port
+
+
+@unittest.skipUnless(MOTO, "moto[server] is not installed")
+class DeltaS3SinkTest(DeltaLocalSinkTest):
+    """The Delta path on an S3-compatible server on loopback (moto's)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.server, cls.port = start_moto(cls)
+        cls.env = mock.patch.dict(os.environ, {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{cls.port}", "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"})
+        cls.env.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.env.stop()
+        cls.server.kill()
+        cls.server.wait()
+        super().tearDownClass()
+
+    def setUp(self):
+        import urllib.request
+        self.bucket = f"lake-{os.urandom(4).hex()}"
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/{self.bucket}",
+                                         method="PUT")
+        urllib.request.urlopen(request).close()
+        super().setUp()
+
+    def make_config(self, **settings):
+        return up.validate_config(up.Config(sqlite=self.db,
+                                            delta_uri=f"s3://{self.bucket}/lake", **settings))
+
+    def landed(self, table):
+        return delta_rows(f"s3://{self.bucket}/lake/{table}")
+
+
+class WarehouseSinkTest(SinkContract, TempDirTestCase):
+    """The SQL warehouse, through the DB-API double (sqlglot + DuckDB)."""
+
+    def setUp(self):
+        from tests import fake_warehouse
+        self.fake = fake_warehouse
+        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
+        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
+        super().setUp()
+        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
+            self.path("warehouse"))
+        up.DatabricksSink.connector = fake_warehouse
+        for patcher in (mock.patch.object(up.time, "sleep", lambda s: None),):
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def make_config(self, **settings):
+        config = up.Config(sqlite=self.db, databricks_host="adb-1.7.azuredatabricks.net",
+                           databricks_http_path="/sql/1.0/warehouses/abc",
+                           databricks_token="dapi-contract", state_dir=self.path("state"),
+                           databricks_database="main.sensors", **settings)
+        return up.check_target(up.validate_config(config))
+
+    def landed(self, table):
+        return self.warehouse.rows(f"main.sensors.{table}")
+
+    def lose_next_reply(self):
+        self.warehouse.plan("drop_reply", "INSERT")
