@@ -542,7 +542,7 @@ class NullTimestampTest(PipelineTestCase):
         db = self.make("CREATE TABLE t (timestamp TEXT, v INTEGER)",
                        [(stamp(0), 0), (None, 1), (stamp(1), 2), (None, 3)])
         for _cycle in range(2):
-            err = self.upload(db)
+            err = self.upload(db, "--cursor", "timestamp")
             self.assertRegex(err, r"WARNING .*\b2 rows have a NULL 'timestamp' "
                                   r"\(rowid 2\.\.4\)")
         self.assert_once(self.landed("raw_t"), "v", [0, 2])
