@@ -51,6 +51,15 @@ class ProducerTestCase(PipelineTestCase):
         self.assertEqual(len(landed), len(expected), "rows in != rows landed")
         self.assertEqual(sorted(landed, key=repr), sorted(expected, key=repr))
 
+    def two_cycles(self, make, name, first, more, *flags, **kw):
+        """The producer writes `first` rows, a cycle runs, it writes `more`, a cycle
+        runs; return the database and the first cycle's log."""
+        db = make(self.path(name), first, **kw)
+        log = self.upload(db, *flags)
+        make(db, more, start=first, **kw)
+        self.upload(db, *flags)
+        return db, log
+
     def assert_types(self, target, **kinds):
         schema = delta_schema(self.lake(target))
         self.assertEqual({k: schema[k] for k in kinds}, kinds)
@@ -65,10 +74,8 @@ class WeewxTest(ProducerTestCase):
     """weewx archive: dateTime INTEGER PRIMARY KEY (epoch s), 118 columns, mostly NULL."""
 
     def test_archive_lands_whole_with_datetime_typed_and_the_rowid_cursor(self):
-        db = producers.make_weewx(self.path("weewx.sdb"), 700)
-        log = self.upload(db, "--batch-size", "256")
-        producers.make_weewx(db, 300, start=700)
-        self.upload(db, "--batch-size", "256")
+        db, log = self.two_cycles(producers.make_weewx, "weewx.sdb", 700, 300,
+                                  "--batch-size", "256")
         self.assert_landed_as_source(db, "archive", "raw_archive", {"dateTime": epoch})
         self.assert_types("raw_archive", dateTime="timestamp", usUnits="long",
                           outTemp="double", windDir="double")
@@ -87,10 +94,8 @@ class HomeAssistantTest(ProducerTestCase):
     def test_a_legacy_datetime_column_that_is_always_null_is_never_the_cursor(self):
         # today: the DATETIME column last_changed (all NULL) leads a pair cursor, so no
         # row is ever uploaded and each cycle only warns
-        db = producers.make_ha_states(self.path("home-assistant_v2.db"), 500)
-        log = self.upload(db, "--batch-size", "128")
-        producers.make_ha_states(db, 250, start=500)
-        self.upload(db, "--batch-size", "128")
+        db, log = self.two_cycles(producers.make_ha_states, "home-assistant_v2.db", 500,
+                                  250, "--batch-size", "128")
         self.assert_landed_as_source(db, "states", "raw_states", self.TIMES)
         self.assert_types("raw_states", last_updated_ts="timestamp",
                           last_changed_ts="double", last_changed="timestamp",
@@ -147,10 +152,8 @@ class CsvImportTest(ProducerTestCase):
         # today: the text is ordered alphabetically, so the January rows added after
         # '12/31/2019 ...' sort before the cursor and are never uploaded; and no value
         # parses, so every Date lands NULL
-        db = producers.make_csv_import(self.path("import.db"), 40)
-        log = self.upload(db, "--batch-size", "16")
-        producers.make_csv_import(db, 60, start=40)
-        self.upload(db, "--batch-size", "16")
+        db, log = self.two_cycles(producers.make_csv_import, "import.db", 40, 60,
+                                  "--batch-size", "16")
         self.assert_landed_as_source(db, "readings", "raw_readings", {"Date": us_text})
         self.assert_types("raw_readings", Date="timestamp", Temperature="string")
         self.assertRegex(log, r"cursor: rowid \(rowid\) on table 'readings': 'Date' does "
@@ -205,10 +208,8 @@ class TelegrafTest(ProducerTestCase):
     """Telegraf outputs.sql: RFC 3339 text, no key, four rows per timestamp."""
 
     def test_rows_sharing_a_timestamp_land_once_across_batch_edges(self):
-        db = producers.make_telegraf(self.path("metrics.db"), 203)
-        log = self.upload(db, "--batch-size", "7")
-        producers.make_telegraf(db, 101, start=203)
-        self.upload(db, "--batch-size", "7")
+        db, log = self.two_cycles(producers.make_telegraf, "metrics.db", 203, 101,
+                                  "--batch-size", "7")
         self.assert_landed_as_source(db, "cpu", "raw_cpu",
                                      {"timestamp": dt.datetime.fromisoformat})
         self.assert_types("raw_cpu", timestamp="timestamp", usage_idle="double")
