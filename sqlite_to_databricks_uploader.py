@@ -1415,7 +1415,8 @@ def julian_to_micros(number):
     """Microseconds since the epoch for a julianday() number."""
     if not math.isfinite(number) or not JULIAN_RANGE[0] <= number <= JULIAN_RANGE[1]:
         return None
-    return int(round((number - JULIAN_UNIX_EPOCH) * 86_400_000_000))
+    # SQLite keeps a julian day as whole milliseconds (iJD); round back to them
+    return int(round((number - JULIAN_UNIX_EPOCH) * 86_400_000)) * 1000
 
 
 def strptime_micros(text, pattern):

@@ -239,6 +239,20 @@ class JuliandayTest(ProducerTestCase):
             self.assertLess(abs(row["ts"] - expected), dt.timedelta(milliseconds=1), row)
 
 
+class AggregateWindowTest(ProducerTestCase):
+    """The aggregate stage reads the timestamp as the sinks do, in any detected format."""
+
+    def test_hourly_windows_of_a_csv_import(self):
+        # today: no '%m/%d/%Y %H:%M' value parses, so every row is 'untimed' and dropped
+        db = producers.make_csv_import(self.path("import.db"), 30)
+        spec = '{"window": "1h", "aggregations": {"records": "count"}}'
+        self.upload(db, "--enable-aggregate", "--aggregate-config", spec)
+        windows = sorted(r["window_start"] for r in self.landed("aggregated_readings"))
+        # closed windows only: the last hour is still open
+        self.assertEqual(windows, [producers.CSV_START.replace(tzinfo=UTC)
+                                   + dt.timedelta(hours=h) for h in range(29)])
+
+
 class KilledProducerTest(ProducerTestCase):
     """A SIGKILL in the middle of uploading a producer's database: still exactly once."""
 
