@@ -797,18 +797,34 @@ def cursor_problem(name, fmt, values, nulls):
     return ""
 
 
+PLAUSIBLE_SINCE = 315532800 * 10**6  # 1980-01-01 in microseconds
+
+
+def is_plausible(name, fmt, values):
+    """False for a column found only by its name's ending (`*_time`, `*_ts`) whose
+    numbers are not dates after 1980: a duration such as response_time."""
+    loose = TIME_NAME.fullmatch(name) and name.lower() not in TIMESTAMP_NAMES
+    if not loose or fmt.kind != "epoch" or not values:
+        return True
+    return all((fmt.micros(v) or 0) >= PLAUSIBLE_SINCE for v in values if is_number(v))
+
+
 def choose_timestamp(candidates, wanted, values, nulls, pattern):
     """(timestamp column, its TimeFormat, why it cannot lead a cursor or '', notes on
     the candidates passed over); the first that can lead a cursor wins, else the first
     with values readable as time, which is still typed TIMESTAMP."""
-    formats, problems = {}, {}
+    formats, problems, rejected = {}, {}, set()
     for name in candidates:
         formats[name] = detect_time_format(values[name], pattern)
         problems[name] = cursor_problem(name, formats[name], values[name], nulls[name])
+        if not wanted and not is_plausible(name, formats[name], values[name]):
+            problems[name] = (f"{name!r} holds numbers such as {values[name][0]!r}, "
+                              "not dates after 1980")
+            rejected.add(name)
         if not problems[name]:
             passed = [problems[c] for c in candidates[:candidates.index(name)]]
             return name, formats[name], "", passed
-    readable = [n for n in candidates if wanted or any(
+    readable = [n for n in candidates if wanted or n not in rejected and any(
         formats[n].micros(v) is not None for v in values[n])]
     if not readable:
         return None, ISO_FORMAT, "", [problems[c] for c in candidates]
