@@ -914,7 +914,9 @@ def describe_table(conn, wanted_table, wanted_ts, path, mode="auto", pattern=Non
         if problem:
             raise ConfigError(f"config: cursor is timestamp, but {problem}; set --cursor "
                               "(CURSOR) to auto or rowid")
-    formats = {n: detect_time_format(values[n]) for n in candidates + typed}
+    # only columns typed TIMESTAMP are read as time; another candidate stays as stored
+    declared = [c.name for c in columns if is_time_declared(c)]
+    formats = {n: detect_time_format(values[n]) for n in declared}
     if ts:
         formats[ts] = fmt
     cursor = choose_cursor(columns, None if problem else ts, autoincrement,

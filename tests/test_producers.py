@@ -209,6 +209,15 @@ class CsvImportTest(ProducerTestCase):
                          [dt.datetime(2020, 2, 1, 13, tzinfo=UTC),
                           dt.datetime(2020, 2, 25, 13, tzinfo=UTC)])
 
+    def test_a_text_column_passed_over_keeps_its_text(self):
+        # 'time' is a candidate by name but loses to 'date'; it stays STRING, as stored
+        db = self.make('CREATE TABLE "log"("date" TEXT, "time" TEXT, "v" TEXT)',
+                       [("2020-01-02", "Jan 2 2020", "a"), ("2020-01-03", "Jan 3 2020", "b")])
+        log = self.upload(db)
+        self.assertIn("cursor: pair (date, rowid)", log)
+        self.assertEqual(sorted(r["time"] for r in self.landed("raw_log")),
+                         ["Jan 2 2020", "Jan 3 2020"])
+
     def test_forcing_the_timestamp_cursor_on_text_that_sorts_alphabetically_is_exit_2(self):
         db = producers.make_csv_import(self.path("import.db"), 5)
         code, _out, err = run_main(["--sqlite", db, "--once", "--cursor", "timestamp"],
