@@ -257,6 +257,23 @@ class JuliandayTest(ProducerTestCase):
             self.assertEqual(row["ts"], expected, row)
 
 
+class JulianLagTest(ProducerTestCase):
+
+    def test_cursor_lag_reads_julian_days(self):
+        # today: julianday() read as epoch seconds is always older than the lag, so the
+        # row stamped now is not held back
+        db = self.make("CREATE TABLE log (id INTEGER PRIMARY KEY, "
+                       "ts REAL NOT NULL DEFAULT (julianday('now')), v REAL)")
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("INSERT INTO log (ts, v) VALUES (julianday('now', '-2 hours'), 1)")
+            conn.execute("INSERT INTO log (v) VALUES (2)")
+        conn.close()
+        log = self.upload(db, "--cursor-lag", "3600")
+        self.assertEqual([r["v"] for r in self.landed("raw_log")], [1.0])
+        self.assertIn("1 rows held back by cursor lag", log)
+
+
 class AggregateWindowTest(ProducerTestCase):
     """The aggregate stage reads the timestamp as the sinks do, in any detected format."""
 
@@ -274,20 +291,39 @@ class AggregateWindowTest(ProducerTestCase):
 class KilledProducerTest(ProducerTestCase):
     """A SIGKILL in the middle of uploading a producer's database: still exactly once."""
 
+    def kill_loop(self, db, hook, between=None):
+        """Run the kill driver, killed at the k-th `hook` (k = 1, 2, ...), until a run
+        completes; `between(k)` runs after each kill (the producer writing more)."""
+        argv = ["--sqlite", db, "--once", "--batch-size", "20"]
+        for k in range(1, 40):
+            done = run_driver(hook, k, argv, self.env())
+            if done.returncode == 0:
+                return k - 1
+            self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+            if between:
+                between(k)
+        self.fail("no run completed")
+
     def test_csv_import_killed_between_delta_commit_and_checkpoint(self):
         db = producers.make_csv_import(self.path("import.db"), 90)
-        argv = ["--sqlite", db, "--once", "--batch-size", "20"]
-        kills = 0
-        for k in range(1, 10):
-            done = run_driver("delta-after", k, argv, self.env())
-            if done.returncode == 0:
-                break
-            self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
-            kills += 1
+
+        def more(k):
             if k == 2:
                 producers.make_csv_import(db, 30, start=90)
-        self.assertGreater(kills, 0)
+        self.assertGreater(self.kill_loop(db, "delta-after", more), 2)
         self.assert_landed_as_source(db, "readings", "raw_readings", {"Date": us_text})
+
+    def test_home_assistant_pair_cursor_killed_anywhere_in_a_batch(self):
+        # the cursor is (float, integer): it must survive the state file exactly
+        db = producers.make_ha_states(self.path("home-assistant_v2.db"), 100)
+
+        def more(_k):
+            producers.make_ha_states(db, 7, start=len(source_rows(db, "states")))
+        for hook in ("delta-before", "commit-after", "save-before"):
+            self.assertGreater(self.kill_loop(db, hook, more), 0)
+            more(0)  # the next hook starts with rows to upload
+        self.upload(db)
+        self.assert_landed_as_source(db, "states", "raw_states", HomeAssistantTest.TIMES)
 
 
 def as_utc(moment):
