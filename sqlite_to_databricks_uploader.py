@@ -1398,6 +1398,11 @@ class TimeFormat:
     pattern: str | None = None
     sorts: bool = True
     why: str = ""
+    layout: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.pattern:
+            object.__setattr__(self, "layout", layout_regex(self.pattern))
 
     @property
     def native(self):
@@ -1416,7 +1421,9 @@ class TimeFormat:
         if self.kind == "julian" and is_number(value):
             return julian_to_micros(value)
         if self.kind == "strptime" and isinstance(value, str):
-            micros = strptime_micros(value, self.pattern)
+            micros = layout_micros(value.strip(), self.layout) if self.layout else None
+            if micros is None:
+                micros = strptime_micros(value, self.pattern)
             return micros if micros is not None else parse_iso_timestamp(value.strip())
         return parse_timestamp(value)
 
@@ -1441,6 +1448,36 @@ def strptime_micros(text, pattern):
     """Microseconds for text in a strptime pattern (UTC when it has no zone), else None."""
     try:
         return moment_to_micros(dt.datetime.strptime(text.strip(), pattern))
+    except ValueError:
+        return None
+
+
+LAYOUT_FIELDS = {"Y": r"(\d{4})", "m": r"(\d{1,2})", "d": r"(\d{1,2})", "H": r"(\d{1,2})",
+                 "M": r"(\d{1,2})", "S": r"(\d{1,2})"}
+
+
+def layout_regex(pattern):
+    """(regex, fields) that read a layout of only %Y %m %d %H %M %S as strptime does,
+    about ten times faster; None for any other layout (strptime reads it)."""
+    parts = re.split(r"(%.)", pattern)
+    fields = [p[1] for p in parts[1::2]]
+    if "Y" not in fields or len(set(fields)) < len(fields) or not set(fields) <= set(
+            LAYOUT_FIELDS):
+        return None
+    regex = "".join(LAYOUT_FIELDS[p[1]] if i % 2 else re.escape(p)
+                    for i, p in enumerate(parts))
+    return re.compile(regex), fields
+
+
+def layout_micros(text, layout):
+    """Microseconds for text read with layout_regex(), else None."""
+    match = layout[0].fullmatch(text)
+    if not match:
+        return None
+    got = dict(zip(layout[1], map(int, match.groups())))
+    try:
+        return moment_to_micros(dt.datetime(got["Y"], got.get("m", 1), got.get("d", 1),
+                                            got.get("H", 0), got.get("M", 0), got.get("S", 0)))
     except ValueError:
         return None
 

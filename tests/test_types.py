@@ -176,6 +176,22 @@ class TimeFormatTest(unittest.TestCase):
         with self.assertRaisesRegex(up.ConfigError, "has no strptime directive"):
             up.detect_time_format(["x"], "dd/mm/yyyy")
 
+    def test_the_fast_layout_reader_agrees_with_strptime(self):
+        texts = ["01/02/2020 13:00", "1/2/2020 3:05", "02/30/2020 13:00", "13/01/2020 13:00",
+                 "01/02/2020 24:00", "01/02/20 13:00", "01/02/2020 13:00:00", " 01/02/2020 13:00 ",
+                 "001/02/2020 13:00", "01/02/2020  13:00", "2020/01/02 13:00"]
+        for pattern in ("%m/%d/%Y %H:%M", "%d/%m/%Y %H:%M", "%Y/%m/%d %H:%M"):
+            fmt = up.TimeFormat("strptime", pattern)
+            self.assertIsNotNone(fmt.layout)
+            for text in texts:
+                with self.subTest(pattern=pattern, text=text):
+                    slow = up.strptime_micros(text, pattern)
+                    fast = up.layout_micros(text.strip(), fmt.layout)
+                    self.assertIn(fast, (slow, None))
+                    self.assertEqual(fmt.micros(text), slow if slow is not None
+                                     else up.parse_iso_timestamp(text.strip()))
+        self.assertIsNone(up.TimeFormat("strptime", "%b %d %Y").layout)
+
     def test_both_sinks_read_the_same_instants(self):
         # the Delta sink converts through Arrow, the warehouse sink value by value
         # (coerce_value): after normalize_times both must give the same microseconds
