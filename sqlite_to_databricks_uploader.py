@@ -875,7 +875,7 @@ def choose_cursor(columns, ts, autoincrement, without_rowid, table, mode="auto")
     return Cursor("rowid", (tiebreak,), hidden)
 
 
-def cursor_reason(cursor, ts, problem, mode, autoincrement, passed):
+def cursor_reason(cursor, ts, problem, mode, autoincrement, passed, sampled=True):
     """Why this cursor, in one sentence (the preflight and --status say it)."""
     skipped = "".join(f"; passed over: {p}" for p in passed if p)
     if mode != "auto":
@@ -889,6 +889,8 @@ def cursor_reason(cursor, ts, problem, mode, autoincrement, passed):
         return f"{problem}, so it cannot order the rows{typed}" + skipped
     if cursor.kind in ("rowid", "key"):
         return "no timestamp column" + skipped
+    if not sampled:
+        return f"{ts!r} by its name or type; the table has no rows yet to check its values"
     return f"{ts!r} sorts as time and is not NULL in the sampled rows" + skipped
 
 
@@ -921,7 +923,8 @@ def describe_table(conn, wanted_table, wanted_ts, path, mode="auto", pattern=Non
         formats[ts] = fmt
     cursor = choose_cursor(columns, None if problem else ts, autoincrement,
                            without_rowid, table, mode)
-    reason = cursor_reason(cursor, ts, problem, mode, autoincrement, passed)
+    reason = cursor_reason(cursor, ts, problem, mode, autoincrement, passed,
+                           bool(ts and (values[ts] or nulls[ts])))
     return SourceTable(table, columns, ts, cursor, autoincrement, without_rowid,
                        formats, reason)
 

@@ -290,6 +290,11 @@ class CursorChoiceTest(unittest.TestCase):
                                   source.timestamp_col), (kind, columns, ts), source.reason)
                 self.assertTrue(source.reason)
 
+    def test_an_empty_table_says_its_timestamp_is_unchecked(self):
+        source = describe("CREATE TABLE t (timestamp TEXT, v)")
+        self.assertEqual(source.cursor.kind, "pair")
+        self.assertIn("no rows yet", source.reason)
+
     def test_forcing_the_timestamp_cursor_without_a_timestamp_is_a_config_error(self):
         conn = sqlite3.connect(":memory:")
         conn.executescript("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
