@@ -9,7 +9,7 @@ import sqlite3
 
 from tests import producers
 from tests.helpers import (PipelineTestCase, delta_rows, delta_schema, run_driver, run_main,
-                           up)
+                           slow, up)
 from tests.test_databricks import WarehouseTestCase
 
 UTC = dt.timezone.utc
@@ -288,6 +288,7 @@ class AggregateWindowTest(ProducerTestCase):
                                    + dt.timedelta(hours=h) for h in range(29)])
 
 
+@slow
 class KilledProducerTest(ProducerTestCase):
     """A SIGKILL in the middle of uploading a producer's database: still exactly once."""
 
