@@ -109,6 +109,47 @@ def make_ha_states(path, rows, start=0, legacy=True):
                  [ha_state_row(i) for i in range(start, start + rows)])
 
 
+# The same file's events table (class Events in db_schema.py, schema 41, fresh install):
+# time_fired_ts FLOAT indexed, the legacy columns CHAR(0) and always NULL.
+HA_EVENTS_DDL = """CREATE TABLE events (
+\tevent_id INTEGER NOT NULL, 
+\tevent_type CHAR(0), 
+\tevent_data CHAR(0), 
+\torigin CHAR(0), 
+\torigin_idx SMALLINT, 
+\ttime_fired CHAR(0), 
+\ttime_fired_ts FLOAT, 
+\tcontext_id CHAR(0), 
+\tcontext_user_id CHAR(0), 
+\tcontext_parent_id CHAR(0), 
+\tdata_id INTEGER, 
+\tcontext_id_bin BLOB, 
+\tcontext_user_id_bin BLOB, 
+\tcontext_parent_id_bin BLOB, 
+\tevent_type_id INTEGER, 
+\tPRIMARY KEY (event_id), 
+\tFOREIGN KEY(data_id) REFERENCES event_data (data_id), 
+\tFOREIGN KEY(event_type_id) REFERENCES event_types (event_type_id)
+);
+CREATE INDEX ix_events_event_type_id_time_fired_ts ON events (event_type_id, time_fired_ts);
+CREATE INDEX ix_events_context_id_bin ON events (context_id_bin);
+CREATE INDEX ix_events_time_fired_ts ON events (time_fired_ts);
+CREATE INDEX ix_events_data_id ON events (data_id);
+"""
+
+
+def ha_event_row(i):
+    """Event i: one of 3 event types, fired 0.4 s apart, with a context id."""
+    return (i + 1, None, None, None, 0, None, HA_START + i * 0.4, None, None, None,
+            1 + i % 11, (i * 104729).to_bytes(16, "big"), None, None, 1 + i % 3)
+
+
+def make_ha_events(path, rows, start=0):
+    """home-assistant_v2.db's events table."""
+    return build(path, HA_EVENTS_DDL, "events",
+                 [ha_event_row(i) for i in range(start, start + rows)])
+
+
 # The sqlite3 shell's `.import --csv data.csv readings` into a new table: every column
 # TEXT, named from the CSV header (sqlite src/shell.c.in, do_meta_command ".import";
 # the exact text checked with sqlite3 3.40.1). Dates as a US spreadsheet writes them.

@@ -130,6 +130,14 @@ class HomeAssistantTest(ProducerTestCase):
         self.assert_landed_as_source(db, "states", "raw_states", self.TIMES)
         self.assert_types("raw_states", last_updated_ts="timestamp", last_changed="string")
 
+    def test_events_are_ordered_by_time_fired_ts(self):
+        # today: no column is recognised, time_fired_ts lands as a DOUBLE
+        db, log = self.two_cycles(producers.make_ha_events, "home-assistant_v2.db", 300,
+                                  120, "--batch-size", "64")
+        self.assert_landed_as_source(db, "events", "raw_events", {"time_fired_ts": epoch})
+        self.assert_types("raw_events", time_fired_ts="timestamp", time_fired="string")
+        self.assertIn("cursor: pair (time_fired_ts, event_id) on table 'events'", log)
+
     def test_rows_the_pair_cursor_cannot_order_are_said_each_cycle_and_in_status(self):
         db = producers.make_ha_states(self.path("home-assistant_v2.db"), 100)
         conn = sqlite3.connect(db)
