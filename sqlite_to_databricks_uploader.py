@@ -161,6 +161,15 @@ class Config:
     timestamp_col: str | None = option(
         None, "--timestamp-col", "TIMESTAMP_COL", "str",
         "timestamp column (default: detected by name or declared type)", "source")
+    timestamp_format: str | None = option(
+        None, "--timestamp-format", "TIMESTAMP_FORMAT", "str",
+        "strptime layout of a text timestamp column, such as '%%d/%%m/%%Y %%H:%%M' "
+        "(default: detected from a sample of rows)", "source")
+    cursor: str = option(
+        "auto", "--cursor", "CURSOR", "choice",
+        "what orders the rows: timestamp (with the rowid), rowid, or auto (the "
+        "timestamp when its values sort as time)", "source",
+        choices=("auto", "rowid", "timestamp"))
     batch_size: int = option(
         50_000, "--batch-size", "BATCH_SIZE", "int",
         "rows per batch; each batch is one commit and one checkpoint", "source")
@@ -595,14 +604,24 @@ class SourceTable:
     cursor: Cursor
     autoincrement: bool
     without_rowid: bool
+    formats: dict = dataclasses.field(default_factory=dict)  # column -> TimeFormat
+    reason: str = ""  # why this cursor, in one sentence
 
     @property
     def column_names(self):
         return [c.name for c in self.columns]
 
+    @property
+    def timestamp_format(self):
+        """The TimeFormat of the timestamp column (ISO when there is none)."""
+        return self.formats.get(self.timestamp_col, ISO_FORMAT)
+
 
 TIMESTAMP_NAMES = ("timestamp", "ts", "time", "datetime", "event_time", "created_at",
                    "created", "recorded_at", "inserted_at", "reading_time", "date")
+# epoch columns of real producers: Home Assistant's last_updated_ts, time_fired_ts ...
+TIME_NAME = re.compile(r".+(_ts|_time|_timestamp|_datetime|_at)$", re.I)
+SAMPLE_HEAD, SAMPLE_TAIL = 50, 300
 
 
 def quote_ident(name):
@@ -728,21 +747,90 @@ def is_without_rowid(sql):
     return bool(re.search(r"\bWITHOUT\s+ROWID\b", tail, re.I))
 
 
-def find_timestamp_column(columns, wanted, table):
-    """The configured timestamp column, or one detected by name, then by type."""
+def is_time_declared(column):
+    """True for a column declared DATETIME, TIMESTAMP or DATE."""
+    return bool(re.match(r"(DATETIME|TIMESTAMP|DATE)\b", column.decl_type, re.I))
+
+
+def timestamp_candidates(columns, wanted, table):
+    """The configured timestamp column, or those that may be one: by name, by the
+    epoch naming of real producers (`*_ts`, `*_time`), then by declared type."""
     by_name = {c.name.lower(): c.name for c in columns}
     if wanted:
         if wanted.lower() not in by_name:
             raise SourceError(f"source: table {table!r} has no column {wanted!r}; "
                               f"columns: {', '.join(c.name for c in columns)}")
-        return by_name[wanted.lower()]
-    for candidate in TIMESTAMP_NAMES:
-        if candidate in by_name:
-            return by_name[candidate]
-    for column in columns:
-        if re.match(r"(DATETIME|TIMESTAMP|DATE)\b", column.decl_type, re.I):
-            return column.name
-    return None
+        return [by_name[wanted.lower()]]
+    found = [by_name[n] for n in TIMESTAMP_NAMES if n in by_name]
+    found += [c.name for c in columns if TIME_NAME.fullmatch(c.name)]
+    found += [c.name for c in columns if is_time_declared(c)]
+    return list(dict.fromkeys(found))
+
+
+def sample_rows(conn, table, names, order):
+    """The first SAMPLE_HEAD and last SAMPLE_TAIL rows by the key `order` (cheap: both
+    ends of the table's B-tree), as {column: non-NULL values}, {column: NULLs seen}."""
+    if not names:
+        return {}, {}
+    select = (f"SELECT {', '.join(order + [quote_ident(n) for n in names])} "
+              f"FROM {quote_ident(table)} ORDER BY {', '.join(order)} {{}} LIMIT ?")
+    try:
+        rows = {row[:len(order)]: row[len(order):] for end, limit in (
+            ("ASC", SAMPLE_HEAD), ("DESC", SAMPLE_TAIL))
+            for row in conn.execute(select.format(end), (limit,)).fetchall()}
+    except sqlite3.Error as exc:
+        raise SourceError(f"source: sampling {table!r} failed: {exc}") from None
+    columns = list(zip(*rows.values())) or [() for _ in names]
+    values = {n: [v for v in col if v is not None] for n, col in zip(names, columns)}
+    nulls = {n: sum(v is None for v in col) for n, col in zip(names, columns)}
+    return values, nulls
+
+
+def cursor_problem(name, fmt, values, nulls):
+    """Why the column cannot lead a cursor ('' when it can)."""
+    if nulls:
+        return f"{name!r} is NULL in {nulls} of the sampled rows"
+    if values and not any(fmt.micros(v) is not None for v in values):
+        return f"{name!r} holds no value readable as time ({fmt.why or fmt.describe()})"
+    if not fmt.sorts:
+        return f"{name!r} does not sort as time: {fmt.why}"
+    return ""
+
+
+PLAUSIBLE_SINCE = 315532800 * 10**6  # 1980-01-01 in microseconds
+
+
+def is_plausible(name, fmt, values):
+    """False for a column found only by its name's ending (`*_time`, `*_ts`) whose
+    numbers are not dates after 1980: a duration such as response_time."""
+    loose = TIME_NAME.fullmatch(name) and name.lower() not in TIMESTAMP_NAMES
+    if not loose or fmt.kind != "epoch" or not values:
+        return True
+    return all((fmt.micros(v) or 0) >= PLAUSIBLE_SINCE for v in values if is_number(v))
+
+
+def choose_timestamp(candidates, wanted, values, nulls, pattern):
+    """(timestamp column, its TimeFormat, why it cannot lead a cursor or '', notes on
+    the candidates passed over); the first that can lead a cursor wins, else the first
+    with values readable as time, which is still typed TIMESTAMP."""
+    formats, problems, rejected = {}, {}, set()
+    for name in candidates:
+        formats[name] = detect_time_format(values[name], pattern)
+        problems[name] = cursor_problem(name, formats[name], values[name], nulls[name])
+        if not wanted and not is_plausible(name, formats[name], values[name]):
+            problems[name] = (f"{name!r} holds numbers such as {values[name][0]!r}, "
+                              "not dates after 1980")
+            rejected.add(name)
+        if not problems[name]:
+            passed = [problems[c] for c in candidates[:candidates.index(name)]]
+            return name, formats[name], "", passed
+    readable = [n for n in candidates if wanted or n not in rejected and any(
+        formats[n].micros(v) is not None for v in values[n])]
+    if not readable:
+        return None, ISO_FORMAT, "", [problems[c] for c in candidates]
+    name = readable[0]
+    return name, formats[name], problems[name], [problems[c] for c in candidates
+                                                 if c != name]
 
 
 def rowid_alias(columns):
@@ -754,18 +842,27 @@ def rowid_alias(columns):
     return None
 
 
-def choose_cursor(columns, ts, autoincrement, without_rowid, table):
-    """Pick the cursor of DESIGN section 4 for this table."""
+def integer_key(columns, without_rowid):
+    """The INTEGER PRIMARY KEY column (an alias of the rowid), or None."""
+    pks = [c for c in columns if c.pk]
+    if len(pks) == 1 and not without_rowid and pks[0].decl_type.upper() == "INTEGER":
+        return pks[0].name
+    return None
+
+
+def choose_cursor(columns, ts, autoincrement, without_rowid, table, mode="auto"):
+    """Pick the cursor of DESIGN section 4 for this table; `ts` is a timestamp column
+    that can lead it (None when there is none). mode 'rowid' never lets it lead,
+    'timestamp' lets it lead even beside an AUTOINCREMENT key."""
     pks = [c.name for c in sorted(columns, key=lambda c: c.pk) if c.pk]
-    ipk = (pks[0] if len(pks) == 1 and not without_rowid and
-           next(c for c in columns if c.name == pks[0]).decl_type.upper() == "INTEGER"
-           else None)
+    ipk = integer_key(columns, without_rowid)
+    ts = None if mode == "rowid" else ts
     if without_rowid:
         # the timestamp leads even when it is part of the key, so that new rows of
         # every key sort after the cursor
         rest = tuple(p for p in pks if p != ts)
         return Cursor("pair", (ts, *rest)) if ts and rest else Cursor("key", tuple(pks))
-    if autoincrement and ipk:
+    if autoincrement and ipk and mode != "timestamp":
         return Cursor("rowid", (ipk,))
     tiebreak, hidden = ipk, False
     if tiebreak is None:
@@ -778,16 +875,64 @@ def choose_cursor(columns, ts, autoincrement, without_rowid, table):
     return Cursor("rowid", (tiebreak,), hidden)
 
 
-def describe_table(conn, wanted_table, wanted_ts, path):
-    """Introspect the source table: columns, timestamp column, cursor."""
+def cursor_reason(cursor, ts, problem, mode, autoincrement, passed, sampled=True):
+    """Why this cursor, in one sentence (the preflight and --status say it)."""
+    skipped = "".join(f"; passed over: {p}" for p in passed if p)
+    if mode != "auto":
+        return f"forced by cursor={mode}" + (f" ({problem})" if problem else "") + skipped
+    if cursor.kind == "rowid" and autoincrement:
+        return "the table's key is INTEGER PRIMARY KEY AUTOINCREMENT" + skipped
+    if cursor.kind == "rowid" and ts and ts == cursor.columns[0]:
+        return f"{ts!r} is the table's INTEGER PRIMARY KEY, so its rowid" + skipped
+    if cursor.kind in ("rowid", "key") and problem:
+        typed = f"; {ts!r} is still typed TIMESTAMP"
+        return f"{problem}, so it cannot order the rows{typed}" + skipped
+    if cursor.kind in ("rowid", "key"):
+        return "no timestamp column" + skipped
+    if not sampled:
+        return f"{ts!r} by its name or type; the table has no rows yet to check its values"
+    return f"{ts!r} sorts as time and is not NULL in the sampled rows" + skipped
+
+
+def describe_table(conn, wanted_table, wanted_ts, path, mode="auto", pattern=None):
+    """Introspect the source table: columns, timestamp column and its format (from a
+    sample of rows), cursor and why. `mode` is the cursor setting (auto, rowid,
+    timestamp); `pattern` a strptime layout for the timestamp column."""
     table = choose_table(conn, wanted_table, path)
     columns = read_columns(conn, table)
     sql = read_table_sql(conn, table)
     without_rowid = is_without_rowid(sql)
     autoincrement = bool(re.search(r"\bAUTOINCREMENT\b", sql, re.I))
-    ts = find_timestamp_column(columns, wanted_ts, table)
-    cursor = choose_cursor(columns, ts, autoincrement, without_rowid, table)
-    return SourceTable(table, columns, ts, cursor, autoincrement, without_rowid)
+    candidates = timestamp_candidates(columns, wanted_ts, table)
+    typed = [c.name for c in columns if is_time_declared(c) and c.name not in candidates]
+    order = ([quote_ident(c.name) for c in sorted(columns, key=lambda c: c.pk) if c.pk]
+             if without_rowid else [rowid_alias(columns) or "1"])
+    values, nulls = sample_rows(conn, table, candidates + typed, order)
+    ts, fmt, problem, passed = choose_timestamp(candidates, wanted_ts, values, nulls,
+                                                pattern)
+    if mode == "timestamp":  # NULL timestamps are reported each cycle, not an error
+        problem = cursor_problem(ts, fmt, values[ts], 0) if ts else (
+            f"table {table!r} has no timestamp column")
+        if problem:
+            raise ConfigError(f"config: cursor is timestamp, but {problem}; set --cursor "
+                              "(CURSOR) to auto or rowid")
+    # only columns typed TIMESTAMP are read as time; another candidate stays as stored
+    declared = [c.name for c in columns if is_time_declared(c)]
+    formats = {n: detect_time_format(values[n]) for n in declared}
+    if ts:
+        formats[ts] = fmt
+    cursor = choose_cursor(columns, None if problem else ts, autoincrement,
+                           without_rowid, table, mode)
+    reason = cursor_reason(cursor, ts, problem, mode, autoincrement, passed,
+                           bool(ts and (values[ts] or nulls[ts])))
+    return SourceTable(table, columns, ts, cursor, autoincrement, without_rowid,
+                       formats, reason)
+
+
+def describe_source(conn, config):
+    """describe_table() with the source settings of `config`."""
+    return describe_table(conn, config.sqlite_table_name, config.timestamp_col,
+                          config.sqlite, config.cursor, config.timestamp_format)
 
 
 def key_sql(cursor):
@@ -985,10 +1130,10 @@ def lag_filter(source, lag):
     if not lag or not lag_applies(source):
         return None
     cutoff = int((time.time() - lag) * 1_000_000)
-    pos = stamp_position(source)
+    pos, read = stamp_position(source), source.timestamp_format.micros
 
     def newer(row):
-        micros = parse_timestamp(row[pos])
+        micros = read(row[pos])
         return micros is not None and micros > cutoff
     return newer
 
@@ -1009,6 +1154,10 @@ def rows_to_batch(source, rows, first, final):
     last, count = rows[-1], len(rows)
     columns = list(zip(*rows))
     stamps = columns[ts_pos] if ts_pos is not None else None
+    for name, fmt in source.formats.items():
+        if not fmt.native:
+            pos = source.column_names.index(name) + offset
+            columns[pos] = normalize_times(columns[pos], fmt)
     return Batch(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
                  keys=[columns[p] for p in positions], stamps=stamps, first=first,
@@ -1093,18 +1242,25 @@ def is_indexed(conn, table, column):
 
 def preflight(conn, source):
     """One line per finding about the cursor, each with its fix."""
-    cur, table = source.cursor, source.name
-    lines = [f"cursor: {cur.kind} {cur.describe()} on table {table!r}"]
+    cur, table, ts = source.cursor, source.name, source.timestamp_col
+    lines = [f"cursor: {cur.kind} {cur.describe()} on table {table!r}: {source.reason}"]
+    if ts:
+        fmt = source.timestamp_format
+        lines.append(f"timestamp: {ts!r} read as {fmt.describe()}"
+                     + (f" ({fmt.why})" if fmt.why and fmt.sorts else ""))
     if cur.kind == "rowid" and source.autoincrement:
         lines.append("cursor: AUTOINCREMENT key: exact, rows are never reused, "
                      "late rows are included")
         return lines
-    if cur.kind == "rowid":
-        lines.append("preflight: no AUTOINCREMENT and no timestamp column: if rows are "
-                     "deleted, rowids can be reused and such rows missed; fix: declare "
-                     "the key INTEGER PRIMARY KEY AUTOINCREMENT or name a --timestamp-col")
+    if cur.kind == "rowid" and cur.columns[0] == ts:
+        lines.append(f"preflight: the rowid is {ts!r}: records stored later with an older "
+                     f"{ts!r} (an import of old records) sort before the cursor")
         return lines
-    ts = source.timestamp_col
+    if cur.kind == "rowid":
+        lines.append("preflight: no AUTOINCREMENT and no timestamp cursor: if the newest "
+                     "rows are deleted, their rowids can be reused and such rows missed; "
+                     "fix: declare the key INTEGER PRIMARY KEY AUTOINCREMENT")
+        return lines
     if cur.kind == "pair":
         lines.append(f"preflight: rows inserted later with an older {ts!r} than the "
                      "cursor are missed; fix: INTEGER PRIMARY KEY AUTOINCREMENT on the table"
@@ -1113,7 +1269,7 @@ def preflight(conn, source):
         if not column.notnull:
             lines.append(f"preflight: {ts!r} is nullable: rows with a NULL timestamp are "
                          "not uploaded and are reported each cycle; fix: NOT NULL")
-    if ts and not is_indexed(conn, table, ts):
+    if cur.columns[0] == ts and not is_indexed(conn, table, ts):
         index = quote_ident(f"idx_{table}_{ts}")
         lines.append(f"preflight: {ts!r} has no index, so each cycle scans the table; "
                      f"fix (on the writer's side): CREATE INDEX {index} ON "
@@ -1196,9 +1352,13 @@ def parse_timestamp(value):
 def parse_iso_timestamp(text):
     """Microseconds for ISO-8601 text ('T' or space, with or without a zone; UTC if none)."""
     try:
-        moment = dt.datetime.fromisoformat(text)
+        return moment_to_micros(dt.datetime.fromisoformat(text))
     except ValueError:
         return None
+
+
+def moment_to_micros(moment):
+    """Microseconds since the epoch for a datetime (UTC when it has no zone)."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     return (moment - EPOCH) // ONE_MICROSECOND
@@ -1208,10 +1368,243 @@ def epoch_to_micros(number):
     """Epoch seconds, milliseconds, microseconds or nanoseconds, told apart by size."""
     if not math.isfinite(number):
         return None
-    size = abs(number)
-    scale = 1e6 if size < 1e11 else 1e3 if size < 1e14 else 1 if size < 1e17 else 1e-3
-    micros = int(round(number * scale))
+    micros = int(round(number * (1e6, 1e3, 1, 1e-3)[epoch_scale(number)]))
     return micros if -62135596800 * 10**6 <= micros <= 253402300799 * 10**6 else None
+
+
+JULIAN_UNIX_EPOCH = 2440587.5  # julianday('1970-01-01 00:00:00')
+JULIAN_RANGE = (2378496.5, 2561117.5)  # julianday() of 1800-01-01 .. 2300-01-01
+DATE_LAYOUTS = ("%Y/%m/%d", "%m/%d/%Y", "%d/%m/%Y", "%m/%d/%y", "%d/%m/%y", "%d.%m.%Y",
+                "%m-%d-%Y", "%d-%m-%Y", "%b %d %Y", "%b %d, %Y", "%d %b %Y", "%B %d %Y",
+                "%B %d, %Y", "%d %B %Y", "%a %b %d %Y")
+TIME_LAYOUTS = ("", " %H:%M", " %H:%M:%S", " %H:%M:%S.%f", " %I:%M %p", " %I:%M:%S %p")
+OTHER_LAYOUTS = ("%a, %d %b %Y %H:%M:%S %z", "%a, %d %b %Y %H:%M:%S GMT",
+                 "%d %b %Y %H:%M:%S %z", "%a %b %d %H:%M:%S %Y", "%d/%b/%Y:%H:%M:%S %z",
+                 "%Y-%m-%d %H:%M:%S %z", "%Y-%m-%dT%H:%M:%S %z", "%Y-%m-%d %H:%M:%S UTC",
+                 "%Y-%m-%d %H:%M:%S.%f UTC", "%Y-%m-%d %H:%M:%S %z %Z")
+TIME_PATTERNS = tuple(d + t + z for d in DATE_LAYOUTS for t in TIME_LAYOUTS
+                      for z in ("", " %z")) + OTHER_LAYOUTS
+SORTING_DIRECTIVES = ("Y", "m", "d", "H", "M", "S", "f")
+ISO_PARTS = re.compile(r"(\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?)?)(\.\d+)?(.*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeFormat:
+    """How a column writes time: detected from sampled values, or configured.
+
+    kind is 'iso' (ISO-8601 text), 'epoch' (seconds, milliseconds or microseconds,
+    told apart by size), 'julian' (SQLite julianday() numbers) or 'strptime' (text in
+    `pattern`). `sorts` says whether the stored values sort as time (a cursor can
+    follow them); `why` says why not, or which of two readings was chosen.
+    """
+
+    kind: str = "iso"
+    pattern: str | None = None
+    sorts: bool = True
+    why: str = ""
+    layout: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.pattern:
+            object.__setattr__(self, "layout", layout_regex(self.pattern))
+
+    @property
+    def native(self):
+        """True when parse_timestamp reads the stored values as they are."""
+        return self.kind in ("iso", "epoch")
+
+    def describe(self):
+        """The format as people read it."""
+        if self.kind == "strptime":
+            return f"text in {self.pattern}"
+        return {"iso": "ISO-8601 text", "epoch": "epoch numbers",
+                "julian": "julianday() numbers"}[self.kind]
+
+    def micros(self, value):
+        """Microseconds since the epoch (UTC) for a stored value, else None."""
+        if self.kind == "julian" and is_number(value):
+            return julian_to_micros(value)
+        if self.kind == "strptime" and isinstance(value, str):
+            micros = layout_micros(value.strip(), self.layout) if self.layout else None
+            if micros is None:
+                micros = strptime_micros(value, self.pattern)
+            return micros if micros is not None else parse_iso_timestamp(value.strip())
+        return parse_timestamp(value)
+
+
+ISO_FORMAT = TimeFormat()
+
+
+def is_number(value):
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def julian_to_micros(number):
+    """Microseconds since the epoch for a julianday() number."""
+    if not math.isfinite(number) or not JULIAN_RANGE[0] <= number <= JULIAN_RANGE[1]:
+        return None
+    # SQLite keeps a julian day as whole milliseconds (iJD); round back to them
+    return int(round((number - JULIAN_UNIX_EPOCH) * 86_400_000)) * 1000
+
+
+def strptime_micros(text, pattern):
+    """Microseconds for text in a strptime pattern (UTC when it has no zone), else None."""
+    try:
+        return moment_to_micros(dt.datetime.strptime(text.strip(), pattern))
+    except ValueError:
+        return None
+
+
+LAYOUT_FIELDS = {"Y": r"(\d{4})", "m": r"(\d{1,2})", "d": r"(\d{1,2})", "H": r"(\d{1,2})",
+                 "M": r"(\d{1,2})", "S": r"(\d{1,2})"}
+
+
+def layout_regex(pattern):
+    """(regex, fields) that read a layout of only %Y %m %d %H %M %S as strptime does,
+    about ten times faster; None for any other layout (strptime reads it)."""
+    parts = re.split(r"(%.)", pattern)
+    fields = [p[1] for p in parts[1::2]]
+    if "Y" not in fields or len(set(fields)) < len(fields) or not set(fields) <= set(
+            LAYOUT_FIELDS):
+        return None
+    regex = "".join(LAYOUT_FIELDS[p[1]] if i % 2 else re.escape(p)
+                    for i, p in enumerate(parts))
+    return re.compile(regex), fields
+
+
+def layout_micros(text, layout):
+    """Microseconds for text read with layout_regex(), else None."""
+    match = layout[0].fullmatch(text)
+    if not match:
+        return None
+    got = dict(zip(layout[1], map(int, match.groups())))
+    try:
+        return moment_to_micros(dt.datetime(got["Y"], got.get("m", 1), got.get("d", 1),
+                                            got.get("H", 0), got.get("M", 0), got.get("S", 0)))
+    except ValueError:
+        return None
+
+
+def epoch_scale(number):
+    """0, 1, 2, 3 for epoch seconds, milliseconds, microseconds, nanoseconds."""
+    size = abs(number)
+    return 0 if size < 1e11 else 1 if size < 1e14 else 2 if size < 1e17 else 3
+
+
+def detect_time_format(values, pattern=None):
+    """The TimeFormat of a column from its sampled non-NULL values (or `pattern`)."""
+    numbers = [v for v in values if is_number(v)]
+    texts = [v for v in values if isinstance(v, str)]
+    if pattern and (texts or not values):
+        return pattern_format(pattern, texts)
+    if len(numbers) + len(texts) < len(values):
+        return TimeFormat(sorts=False, why="it holds BLOB values")
+    if numbers and texts:
+        kind = "epoch" if len(numbers) >= len(texts) else "iso"
+        return TimeFormat(kind, sorts=False, why="it mixes numbers and text, which "
+                          "SQLite sorts apart")
+    if numbers:
+        return number_format(numbers)
+    return text_format(texts) if texts else ISO_FORMAT
+
+
+def number_format(numbers):
+    """julianday() when every number is a julian day of 1800..2300, else epoch."""
+    if all(JULIAN_RANGE[0] <= n <= JULIAN_RANGE[1] for n in numbers):
+        return TimeFormat("julian")
+    if len({epoch_scale(n) for n in numbers}) > 1:
+        return TimeFormat("epoch", sorts=False, why="it mixes epoch seconds, "
+                          "milliseconds or microseconds")
+    return TimeFormat("epoch")
+
+
+def text_format(texts):
+    """ISO-8601, numeric text, or the strptime pattern that reads the most values."""
+    try:
+        [float(t) for t in texts]
+    except ValueError:
+        pass
+    else:
+        same = len({re.sub(r"\d", "9", t) for t in texts}) == 1
+        return TimeFormat("epoch", sorts=same, why="" if same else
+                          "its numbers are text of different widths, which sort "
+                          "alphabetically")
+    if all(parse_iso_timestamp(t.strip()) is not None for t in texts):
+        why = iso_order_problem(texts)
+        return TimeFormat("iso", sorts=not why, why=why)
+    return guess_pattern(texts)
+
+
+def iso_order_problem(texts):
+    """Why ISO-8601 texts would not sort as time ('' when they do)."""
+    parts = [ISO_PARTS.fullmatch(t) for t in texts]
+    if not all(parts):
+        return "some values are not plain ISO-8601 text"
+    if len({re.sub(r"\d", "9", m[1]) for m in parts}) > 1:
+        return "its values mix layouts (such as 'T' and space, or dates with times)"
+    zones = {m[3] for m in parts}
+    if len(zones) > 1:
+        return "its values carry different time zones"
+    if min(zones)[:1] > "." and len({bool(m[2]) for m in parts}) > 1:
+        # '10:00:00Z' sorts after '10:00:00.5Z'; a '+01:00' or ' UTC' zone sorts before
+        return "some values have a fraction of a second before the zone and some not"
+    return ""
+
+
+def guess_pattern(texts):
+    """The strptime pattern reading the most sampled texts; a warning when the day and
+    month could be read either way."""
+    def score(pattern, values):
+        return sum(strptime_micros(t, pattern) is not None for t in values)
+
+    head = texts[:20]
+    candidates = [p for p in TIME_PATTERNS if score(p, head)]
+    scores = {p: score(p, texts) for p in candidates}
+    if not scores:
+        return TimeFormat(sorts=False, why=f"values like {texts[0]!r} are not a time "
+                          "this tool recognises (give the layout with --timestamp-format)")
+    best = max(scores.values())
+    chosen = next(p for p in candidates if scores[p] == best)
+    fmt = pattern_format(chosen, texts)
+    twin = chosen.replace("%m", "%@").replace("%d", "%m").replace("%@", "%d")
+    if twin != chosen and scores.get(twin) == best:
+        fmt = dataclasses.replace(fmt, why=(
+            f"{fmt.why}; " if fmt.why else "") + f"every sampled value such as "
+            f"{texts[0]!r} reads as {chosen} and as {twin}: chose {chosen}; to read it "
+            f"the other way, set --timestamp-format '{twin}'")
+    return fmt
+
+
+def pattern_format(pattern, texts):
+    """A strptime TimeFormat; it sorts as time only when its fields go from the year down
+    to the second in fixed widths (checked on the sampled texts)."""
+    if "%" not in pattern:
+        raise ConfigError(f"config: timestamp_format {pattern!r} has no strptime "
+                          "directive (such as %Y-%m-%d %H:%M)")
+    fields = tuple(re.findall(r"%(.)", pattern))
+    sorts = fields == SORTING_DIRECTIVES[:len(fields)] and all(
+        round_trips(t, pattern) for t in texts)
+    why = "" if sorts else f"text in {pattern} sorts alphabetically, not as time"
+    return TimeFormat("strptime", pattern, sorts, why)
+
+
+def round_trips(text, pattern):
+    """True when `text` is exactly what `pattern` writes (zero-padded, fixed width)."""
+    try:
+        return dt.datetime.strptime(text, pattern).strftime(pattern) == text
+    except ValueError:
+        return False
+
+
+def normalize_times(values, fmt):
+    """Values of a column in a non-native format as ISO-8601 UTC text, so that every
+    sink and stage reads the same instant; what does not parse stays as it was."""
+    out = []
+    for value in values:
+        micros = fmt.micros(value) if value is not None else None
+        out.append(micros_to_sql(micros) if micros is not None else value)
+    return out
 
 
 def coerce_value(value, kind):
@@ -3056,11 +3449,23 @@ def check_state_source(data, source_desc, path):
     """The state must belong to this source file, table and cursor."""
     old = data.get("source", {})
     for key in ("path", "table", "cursor"):
+        if old.get(key) != source_desc[key] and key == "cursor":
+            raise StateError(cursor_changed(path, old.get(key), source_desc[key]))
         if old.get(key) != source_desc[key]:
             raise StateError(
                 f"state: {path} belongs to {key} {old.get(key)!r}, not "
                 f"{source_desc[key]!r}; use one STATE_DIR per source, or --reset-state "
                 "to upload this source from the start")
+
+
+def cursor_changed(path, was, now):
+    """The error for a state file written with another cursor of the same table."""
+    def shown(cursor):
+        return f"{cursor['kind']} ({', '.join(cursor['columns'])})" if cursor else "none"
+    keep = "timestamp" if (was or {}).get("kind") == "pair" else "rowid"
+    return (f"state: {path} was written with the cursor {shown(was)}, but this run chose "
+            f"{shown(now)}; to keep the old cursor set --cursor {keep} (CURSOR), or "
+            "--reset-state to upload the source from the start")
 
 
 def source_description(path, source):
@@ -3564,8 +3969,7 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
     checkpoint = job = None
     try:
-        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
-                                config.sqlite)
+        source = describe_source(conn, config)
         plan = compile_plan(config, source, os.environ if environ is None else environ)
         checkpoint = Checkpoint(resolve_state_dir(config))  # nothing written before here
         checkpoint.lock()
@@ -3627,8 +4031,7 @@ def print_ddl(config, environ):
     """The CREATE TABLE the uploader would run for the routed table; no connection."""
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
     try:
-        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
-                                config.sqlite)
+        source = describe_source(conn, config)
         names, kinds = sample_output(config, source, conn, environ)
     finally:
         conn.close()
@@ -3774,8 +4177,7 @@ def status_report(config, environ):
     config = check_target(config)
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
     try:
-        source = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
-                                config.sqlite)
+        source = describe_source(conn, config)
         path = find_state_file(config)
         checkpoint = Checkpoint(os.path.dirname(path))
         if os.path.exists(path):
@@ -3788,10 +4190,14 @@ def status_report(config, environ):
         cursor = decode_cursor(pos.get("cursor"))
         pending = count_pending(conn, source, cursor)
         behind = rows_behind(conn, source, pos, pending)
+        unordered = count_null_timestamps(conn, source)
     finally:
         conn.close()
     return {"source": os.path.abspath(config.sqlite), "source_table": source.name,
             "cursor_kind": source.cursor.kind, "cursor_columns": list(source.cursor.columns),
+            "cursor_reason": source.reason, "timestamp_col": source.timestamp_col,
+            "timestamp_format": source.timestamp_format.describe(),
+            "unordered_rows": unordered[0], "unordered_rowids": list(unordered[1:]),
             "cursor": pos.get("cursor"), "pending_rows": pending, "behind_rows": behind,
             "uploaded_rows": pos.get("rows", 0), "batches": pos.get("seq", 0),
             "last_upload_at": pos.get("updated_at"), "last_timestamp": pos.get("last_upload"),
@@ -3816,9 +4222,17 @@ def format_status(report):
     lines = [("source", f"{report['source']} (table {report['source_table']})"),
              ("cursor", f"{report['cursor_kind']} ({', '.join(report['cursor_columns'])}) "
                         f"at {report['cursor'] if report['cursor'] is not None else 'start'}"),
+             ("why", report["cursor_reason"]),
+             ("timestamp", f"{report['timestamp_col']} ({report['timestamp_format']})"
+                           if report["timestamp_col"] else "none"),
              ("pending", f"{report['pending_rows']:,} rows"),
              ("behind", f"{report['behind_rows']:,} rows behind the cursor, not uploaded"
                         + (" (--backfill uploads them)" if report["behind_rows"] else "")),
+             ("unordered", f"{report['unordered_rows']:,} rows" + (
+                 f" with a NULL {report['timestamp_col']} (rowid "
+                 f"{report['unordered_rowids'][0]}..{report['unordered_rowids'][1]}): the "
+                 "cursor cannot order them, so they are not uploaded"
+                 if report["unordered_rows"] else "")),
              ("uploaded", f"{report['uploaded_rows']:,} rows in {report['batches']} batches"),
              ("last upload", f"{report['last_upload_at'] or 'never'}"
                              + (f" (source timestamp {report['last_timestamp']})"
@@ -4183,8 +4597,7 @@ def info_table(config):
     if config.sqlite:
         conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
         try:
-            return target_table(config, describe_table(
-                conn, config.sqlite_table_name, config.timestamp_col, config.sqlite))
+            return target_table(config, describe_source(conn, config))
         finally:
             conn.close()
     if config.databricks_table:

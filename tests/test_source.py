@@ -260,6 +260,47 @@ class CursorChoiceTest(unittest.TestCase):
         self.assertEqual(source.cursor.columns[0], "timestamp")
         self.assertEqual(set(source.cursor.columns), {"timestamp", "sensor_id"})
 
+    SAMPLED = [
+        # (schema, rows inserted, mode, kind, columns, timestamp column)
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY, response_time REAL, v)",
+         "(NULL, 0.25, 1), (NULL, 3.5, 2)", "auto", "rowid", ("id",), None),
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY, created_ts REAL, v)",
+         "(NULL, 1700000000.5, 1)", "auto", "pair", ("created_ts", "id"), "created_ts"),
+        ("CREATE TABLE t (a DATETIME, b_time INTEGER, v)",
+         "(NULL, 1700000000, 1)", "auto", "pair", ("b_time", "rowid"), "b_time"),
+        ("CREATE TABLE t (day TEXT, date TEXT, v)",
+         "('x', 'Jan 1 2000', 1), ('y', 'Feb 1 2000', 2)", "auto", "rowid", ("rowid",),
+         "date"),
+        ("CREATE TABLE t (timestamp TEXT, v)", "('2025-01-01T00:00:00', 1)", "rowid",
+         "rowid", ("rowid",), "timestamp"),
+        ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp TEXT, v)",
+         "(NULL, '2025-01-01T00:00:00', 1)", "timestamp", "pair", ("timestamp", "id"),
+         "timestamp"),
+        ("CREATE TABLE t (k TEXT PRIMARY KEY, timestamp TEXT, v) WITHOUT ROWID",
+         "('a', '01/02/2020 13:00', 1)", "auto", "key", ("k",), "timestamp"),
+    ]
+
+    def test_cursor_from_sampled_rows_and_the_cursor_setting(self):
+        for schema, rows, mode, kind, columns, ts in self.SAMPLED:
+            with self.subTest(schema=schema, mode=mode):
+                conn = sqlite3.connect(":memory:")
+                conn.executescript(f"{schema}; INSERT INTO t VALUES {rows};")
+                source = up.describe_table(conn, None, None, ":memory:", mode)
+                self.assertEqual((source.cursor.kind, source.cursor.columns,
+                                  source.timestamp_col), (kind, columns, ts), source.reason)
+                self.assertTrue(source.reason)
+
+    def test_an_empty_table_says_its_timestamp_is_unchecked(self):
+        source = describe("CREATE TABLE t (timestamp TEXT, v)")
+        self.assertEqual(source.cursor.kind, "pair")
+        self.assertIn("no rows yet", source.reason)
+
+    def test_forcing_the_timestamp_cursor_without_a_timestamp_is_a_config_error(self):
+        conn = sqlite3.connect(":memory:")
+        conn.executescript("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+        with self.assertRaisesRegex(up.ConfigError, "table 't' has no timestamp column"):
+            up.describe_table(conn, None, None, ":memory:", "timestamp")
+
     def test_autoincrement_and_without_rowid_are_detected(self):
         source = describe("CREATE TABLE t (id integer primary key autoincrement, v)")
         self.assertTrue(source.autoincrement)
@@ -542,7 +583,7 @@ class NullTimestampTest(PipelineTestCase):
         db = self.make("CREATE TABLE t (timestamp TEXT, v INTEGER)",
                        [(stamp(0), 0), (None, 1), (stamp(1), 2), (None, 3)])
         for _cycle in range(2):
-            err = self.upload(db)
+            err = self.upload(db, "--cursor", "timestamp")
             self.assertRegex(err, r"WARNING .*\b2 rows have a NULL 'timestamp' "
                                   r"\(rowid 2\.\.4\)")
         self.assert_once(self.landed("raw_t"), "v", [0, 2])

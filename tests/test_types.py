@@ -119,6 +119,99 @@ class ParseTimestampTest(unittest.TestCase):
                 self.assertIsNone(up.parse_timestamp(value))
 
 
+class TimeFormatTest(unittest.TestCase):
+    """detect_time_format on sampled values: what the values are, whether they sort as
+    time (a cursor can follow them), and the instant each one reads as."""
+
+    CASES = [  # (sampled values, kind, pattern, sorts, first value's instant)
+        (["2020-01-02T13:00:00", "2020-01-02T14:00:00.5"], "iso", None, True,
+         micros(2020, 1, 2, 13)),
+        (["2020-01-02 13:00:00+01:00", "2020-01-02 14:00:00.250+01:00"], "iso", None,
+         True, micros(2020, 1, 2, 12)),
+        (["2020-01-02T13:00:00Z", "2020-01-02T13:00:00.5Z"], "iso", None, False,
+         micros(2020, 1, 2, 13)),
+        (["2020-01-02T13:00:00", "2020-01-02 14:00:00"], "iso", None, False,
+         micros(2020, 1, 2, 13)),
+        (["2020-01-02 13:00:00+01:00", "2020-07-02 13:00:00+02:00"], "iso", None, False,
+         micros(2020, 1, 2, 12)),
+        ([1577970000, 1577973600], "epoch", None, True, micros(2020, 1, 2, 13)),
+        ([1577970000.25], "epoch", None, True, micros(2020, 1, 2, 13) + 250_000),
+        ([1577970000000, 1577973600000], "epoch", None, True, micros(2020, 1, 2, 13)),
+        ([1577970000000000], "epoch", None, True, micros(2020, 1, 2, 13)),
+        ([1577970000, 1577973600000], "epoch", None, False, micros(2020, 1, 2, 13)),
+        ([2458851.0416666665, 2458851.5], "julian", None, True, micros(2020, 1, 2, 13)),
+        (["Jan 2 2020", "Feb 10 2020"], "strptime", "%b %d %Y", False,
+         micros(2020, 1, 2)),
+        (["2010/01/02 13:00", "2010/01/02 14:00"], "strptime", "%Y/%m/%d %H:%M", True,
+         micros(2010, 1, 2, 13)),
+        (["2010/1/2 13:00"], "strptime", "%Y/%m/%d %H:%M", False, micros(2010, 1, 2, 13)),
+        (["01/02/2020 13:00", "12/25/2020 13:00"], "strptime", "%m/%d/%Y %H:%M", False,
+         micros(2020, 1, 2, 13)),
+        (["01/02/2020 13:00", "25/12/2020 13:00"], "strptime", "%d/%m/%Y %H:%M", False,
+         micros(2020, 2, 1, 13)),
+        (["02.01.2020 13:00:00"], "strptime", "%d.%m.%Y %H:%M:%S", False,
+         micros(2020, 1, 2, 13)),
+        (["2020-01-02 13:00:00 +0100"], "iso", None, True, micros(2020, 1, 2, 12)),
+        (["Thu, 02 Jan 2020 13:00:00 +0100"], "strptime", "%a, %d %b %Y %H:%M:%S %z",
+         False, micros(2020, 1, 2, 12)),
+        (["2020-01-02 13:00:00 UTC"], "strptime", "%Y-%m-%d %H:%M:%S UTC", True,
+         micros(2020, 1, 2, 13)),
+        (["1577970000", "1577973600"], "epoch", None, True, micros(2020, 1, 2, 13)),
+        (["999", "1000"], "epoch", None, False, 999_000_000),
+        (["2020-01-02 13:00:00", 1577973600], "epoch", None, False, micros(2020, 1, 2, 13)),
+    ]
+
+    def test_detect_time_format(self):
+        for values, kind, pattern, sorts, first in self.CASES:
+            with self.subTest(values=values):
+                fmt = up.detect_time_format(values)
+                self.assertEqual((fmt.kind, fmt.pattern, fmt.sorts), (kind, pattern, sorts),
+                                 fmt.why)
+                self.assertEqual(fmt.micros(values[0]), first)
+                self.assertEqual(fmt.sorts, not fmt.why or "reads as" in fmt.why)
+
+    def test_a_configured_layout_wins_and_a_layout_without_directive_is_an_error(self):
+        fmt = up.detect_time_format(["01/02/2020 13:00"], "%d/%m/%Y %H:%M")
+        self.assertEqual(fmt.micros("01/02/2020 13:00"), micros(2020, 2, 1, 13))
+        with self.assertRaisesRegex(up.ConfigError, "has no strptime directive"):
+            up.detect_time_format(["x"], "dd/mm/yyyy")
+
+    def test_the_fast_layout_reader_agrees_with_strptime(self):
+        texts = ["01/02/2020 13:00", "1/2/2020 3:05", "02/30/2020 13:00", "13/01/2020 13:00",
+                 "01/02/2020 24:00", "01/02/20 13:00", "01/02/2020 13:00:00", " 01/02/2020 13:00 ",
+                 "001/02/2020 13:00", "01/02/2020  13:00", "2020/01/02 13:00"]
+        for pattern in ("%m/%d/%Y %H:%M", "%d/%m/%Y %H:%M", "%Y/%m/%d %H:%M"):
+            fmt = up.TimeFormat("strptime", pattern)
+            self.assertIsNotNone(fmt.layout)
+            for text in texts:
+                with self.subTest(pattern=pattern, text=text):
+                    slow = up.strptime_micros(text, pattern)
+                    fast = up.layout_micros(text.strip(), fmt.layout)
+                    self.assertIn(fast, (slow, None))
+                    self.assertEqual(fmt.micros(text), slow if slow is not None
+                                     else up.parse_iso_timestamp(text.strip()))
+        self.assertIsNone(up.TimeFormat("strptime", "%b %d %Y").layout)
+
+    def test_both_sinks_read_the_same_instants(self):
+        # the Delta sink converts through Arrow, the warehouse sink value by value
+        # (coerce_value): after normalize_times both must give the same microseconds
+        for values, *_ in self.CASES:
+            with self.subTest(values=values):
+                fmt = up.detect_time_format(values)
+                column = (up.normalize_times(values, fmt) if not fmt.native
+                          else list(values)) + [None, "not a time"]
+                arrow = up.to_arrow_array(column, up.TIMESTAMP, "t", {})
+                arrow = arrow.cast(helpers_int64()).to_pylist()
+                coerced = up.coerce_column(column, up.TIMESTAMP, "t", {})
+                self.assertEqual(arrow, coerced)
+                self.assertEqual(coerced[:len(values)], [fmt.micros(v) for v in values])
+
+
+def helpers_int64():
+    from arro3.core import DataType
+    return DataType.int64()
+
+
 class CoerceValueTest(unittest.TestCase):
 
     CASES = [
