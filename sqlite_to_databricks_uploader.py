@@ -2368,26 +2368,42 @@ class DatabricksSink(Sink):
 
     def ensure_table(self, table, names, kinds):
         """Create the table when missing; add the batch's new columns."""
-        known = self.known_kinds(table)
-        if not known:
-            ddl = create_table_sql(self.target(table), names, kinds)
-            self._ddl(ddl, table)
-            known = self._columns[table] = self._describe(table) or dict(zip(
-                list(names) + list(LINEAGE_COLUMNS), list(kinds) + list(LINEAGE_KINDS)))
+        known = self.known_kinds(table) or self._create(table, names, kinds)
         lower = {n.lower() for n in known}
         new = [(n, k) for n, k in zip(names, kinds) if n.lower() not in lower]
         if new:
-            try:
-                if needs_column_mapping([n for n, _ in new]):
-                    self._ddl(column_mapping_sql(self.target(table)), table)
-                self._ddl(add_columns_sql(self.target(table), new), table)
-            except SinkError:
-                # another node (or a re-sent request) may have added them already
-                now = {n.lower() for n in self._describe(table)}
-                if not all(n.lower() in now for n, _ in new):
-                    raise
-            known.update(new)
-            self._columns[table] = known
+            self._add_columns(table, new)
+
+    def _create(self, table, names, kinds):
+        """CREATE TABLE IF NOT EXISTS; another node may win the race to create it."""
+        try:
+            self._ddl(create_table_sql(self.target(table), names, kinds), table)
+        except SinkError:
+            if not self._describe_again(table):
+                raise
+        known = self._describe_again(table) or dict(zip(
+            table_layout(names), list(kinds) + list(LINEAGE_KINDS)))
+        self._columns[table] = known
+        return dict(known)
+
+    def _add_columns(self, table, new):
+        """ALTER TABLE ... ADD COLUMNS; fine when another node (or a re-sent request)
+        added them first. The table's columns are read again either way: a concurrent
+        ALTER by another node may have added columns of its own."""
+        try:
+            if needs_column_mapping([n for n, _ in new]):
+                self._ddl(column_mapping_sql(self.target(table)), table)
+            self._ddl(add_columns_sql(self.target(table), new), table)
+        except SinkError:
+            now = {n.lower() for n in self._describe_again(table)}
+            if not all(n.lower() in now for n, _ in new):
+                raise
+        self._describe_again(table)
+
+    def _describe_again(self, table):
+        """The table's columns read afresh (a new dict: the read-ahead thread reads it)."""
+        self._columns.pop(table, None)
+        return self.known_kinds(table)
 
     def _ddl(self, ddl, table):
         try:
@@ -2427,31 +2443,46 @@ class DatabricksSink(Sink):
             # file, written from the chunks' Arrow data when the batch is sent
             if not (batch.first and batch.final and batch.count <= self._rows_per_write):
                 return to_record_batch(batch, self.identity)
-        statement = render_insert(self.target(table), batch, self.identity)
-        size = len(statement.encode("utf-8"))
-        self._set_rows_per_write(size / max(batch.source_count, 1))
-        if self.config.databricks_volume and size > self.config.max_statement_bytes:
+        statement = inline_statement(batch, self.identity)
+        statement.assemble(self.target(table), self._columns.get(table))
+        self._set_rows_per_write(statement.size / max(batch.source_count, 1))
+        if self.config.databricks_volume and statement.size > self.config.max_statement_bytes:
             return to_record_batch(batch, self.identity)
-        return InlineStatement(statement, size)
+        return statement
 
     def fits(self, payload):
         return not isinstance(payload, InlineStatement) or (
             payload.size <= self.config.max_statement_bytes)
 
     def write(self, table, batch):
-        self.ensure_table(table, batch.columns, batch.kinds)
         payload = batch.payload
         arrow = [p for p in payload if not isinstance(p, InlineStatement)] if isinstance(
             payload, list) else []
         if arrow:
+            self.ensure_table(table, batch.columns, batch.kinds)
             staged = [StagedFile(batch.batch_id, parquet_bytes(arrow))]
             self.retrying(f"staging batch {batch.batch_id}",
                           lambda: self._load_staged(table, staged))
         else:
-            sql = (payload[0] if isinstance(payload, list) else payload).sql
-            self.retrying(f"writing batch {batch.batch_id}", lambda: self.execute(
-                sql, what=f"writing batch {batch.batch_id}"))
+            self._insert(table, batch, payload[0] if isinstance(payload, list) else payload)
         return Receipt(batch.count)
+
+    def _insert(self, table, batch, statement):
+        """Send the statement for the table's columns as they are now; when another
+        writer changed them meanwhile, describe the table again and send it again."""
+        what = f"writing batch {batch.batch_id}"
+        for attempt in range(1, self.RETRIES + 1):
+            self.ensure_table(table, batch.columns, batch.kinds)
+            sql = statement.assemble(self.target(table), self._columns.get(table))
+            try:
+                return self.retrying(what, lambda: self.execute(sql, what=what))
+            except SinkError as exc:
+                if attempt == self.RETRIES or not is_schema_change(exc):
+                    raise
+                log.info("sink: %s changed while batch %s was sent; describing it again",
+                         table, batch.batch_id)
+                self._columns.pop(table, None)
+        raise AssertionError("unreachable")
 
     def _load_staged(self, table, files):
         """PUT the batch's Parquet files into the volume, COPY INTO once, remove them."""
@@ -2531,10 +2562,43 @@ class DatabricksSink(Sink):
 
 @dataclasses.dataclass
 class InlineStatement:
-    """A rendered INSERT ... REPLACE WHERE statement and its size in bytes."""
+    """A batch as one `INSERT ... REPLACE WHERE` statement and its size in bytes.
 
-    sql: str
-    size: int
+    Spark's grammar takes REPLACE WHERE only with a positional select list (not BY NAME,
+    not a column list), so the statement names the table's columns in table order: it
+    is assembled again when the table has gained columns since the rows were rendered.
+    """
+
+    rows: str
+    names: list
+    where: str
+    lineage: dict
+    columns: list = None
+    sql: str = ""
+    size: int = 0
+
+    @classmethod
+    def build(cls, rows, names, source_id, batch_id, uploaded):
+        """Rendered rows of batch `batch_id`, written by `source_id` at `uploaded`."""
+        source, batch = sql_string(source_id), sql_string(batch_id)
+        return cls(rows, names, f"`_source_id` = {source} AND `_batch_id` = {batch}",
+                   {"_source_id": source, "_batch_id": batch, "_uploaded_at": uploaded})
+
+    def assemble(self, target, columns=None):
+        """The statement for a table with `columns` in table order; returns the SQL."""
+        columns = list(columns or table_layout(self.names))
+        have = {c.lower() for c in columns}
+        columns += [n for n in self.names if n.lower() not in have]  # never drop a value
+        if columns == self.columns and self.sql:
+            return self.sql
+        given = {n.lower(): quote_name(n) for n in self.names}
+        given.update(self.lineage)  # our tags, which the REPLACE WHERE predicate reads
+        select = ", ".join(given.get(c.lower(), "NULL") for c in columns)
+        self.columns = columns
+        self.sql = (f"INSERT INTO {target} REPLACE WHERE {self.where} SELECT {select} "
+                    f"FROM VALUES {self.rows} AS v({', '.join(map(quote_name, self.names))})")
+        self.size = len(self.sql.encode("utf-8"))
+        return self.sql
 
 
 @dataclasses.dataclass
@@ -2640,8 +2704,9 @@ def render_columns(batch):
     return columns, rescued
 
 
-def render_insert(target, batch, identity):
-    """INSERT INTO t BY NAME REPLACE WHERE <this batch> SELECT ... FROM VALUES ..."""
+def render_rows(batch):
+    """The batch as inline-table rows `(..),(..)` and their column names (with
+    `_rescued_data` when a value was rescued); counts the rescued rows."""
     columns, rescued = render_columns(batch)
     names = list(batch.columns)
     if rescued:
@@ -2649,14 +2714,36 @@ def render_insert(target, batch, identity):
                         for v in rescued_json(rescued, batch.count)])
         names.append("_rescued_data")
     batch.rescued = len(rescued)
-    rows = ",".join("(" + ",".join(row) + ")" for row in zip(*columns))
+    return ",".join("(" + ",".join(row) + ")" for row in zip(*columns)), names
+
+
+def table_layout(names):
+    """The columns, in order, of a table created for a batch with these columns."""
+    return [n for n in names if n != "_rescued_data"] + list(LINEAGE_COLUMNS)
+
+
+def render_insert(target, batch, identity, columns=None):
+    """INSERT INTO t REPLACE WHERE <this batch> SELECT <the table's columns> FROM VALUES ...
+
+    `columns` are the table's columns in table order (default: the table this batch
+    would create); those the batch lacks are NULL."""
+    return inline_statement(batch, identity).assemble(target, columns)
+
+
+def inline_statement(batch, identity):
+    """The batch's rows rendered once, tagged with its lineage, ready to assemble."""
+    rows, names = render_rows(batch)
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    lineage = (f"{sql_string(identity.source_id)} AS `_source_id`, "
-               f"{sql_string(batch.batch_id)} AS `_batch_id`, "
-               f"{sql_literal(now, TIMESTAMP)} AS `_uploaded_at`")
-    return (f"INSERT INTO {target} BY NAME REPLACE WHERE `_source_id` = "
-            f"{sql_string(identity.source_id)} AND `_batch_id` = {sql_string(batch.batch_id)} "
-            f"SELECT *, {lineage} FROM VALUES {rows} AS v({', '.join(map(quote_name, names))})")
+    return InlineStatement.build(rows, names, identity.source_id, batch.batch_id,
+                                 sql_literal(now, TIMESTAMP))
+
+
+SCHEMA_CHANGE_MARKERS = ("INSERT_COLUMN_ARITY_MISMATCH", "DELTA_METADATA_CHANGED")
+
+
+def is_schema_change(error):
+    """True when a write failed because the table's columns changed under it."""
+    return any(marker in str(error) for marker in SCHEMA_CHANGE_MARKERS)
 
 
 def needs_column_mapping(names):

@@ -7,8 +7,11 @@ uploader uses are given Databricks semantics:
 
 - CREATE TABLE ... USING DELTA TBLPROPERTIES, ALTER TABLE ... ADD COLUMNS, DESCRIBE
   TABLE (Databricks type names), SHOW TABLES IN, DROP TABLE, SELECT;
-- INSERT INTO t [BY NAME] REPLACE WHERE p <query>: delete where p, then insert, as one
-  transaction (one Delta commit);
+- INSERT INTO t REPLACE WHERE p <query>: delete where p, then insert, as one
+  transaction (one Delta commit); the select list is positional and names every column
+  of the table ([INSERT_COLUMN_ARITY_MISMATCH] otherwise), and `BY NAME` or a column
+  list with REPLACE WHERE is a [PARSE_SYNTAX_ERROR], as in Spark 4.0's grammar (newer
+  Databricks docs list `BY NAME REPLACE WHERE`; older warehouses refuse it);
 - PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...' (files under a
   local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
   which, like Databricks, skips files it has already loaded.
@@ -347,9 +350,16 @@ class Warehouse:
         return out, [("col_name",), ("data_type",), ("comment",)]
 
     def insert(self, db, tree):
-        """INSERT [BY NAME] [REPLACE WHERE p] query: one atomic replace."""
+        """INSERT [BY NAME | (columns)] query, or INSERT REPLACE WHERE p query: one
+        atomic replace, its select list positional (Spark 4.0's grammar takes neither
+        BY NAME nor a column list with REPLACE WHERE)."""
         where = tree.args.get("where")
+        if where is not None and (tree.args.get("by_name") or isinstance(tree.this, exp.Schema)):
+            raise ServerOperationError(
+                "[PARSE_SYNTAX_ERROR] Syntax error at or near 'REPLACE'. SQLSTATE: 42601")
         table = tree.this.sql("duckdb")
+        if not tree.args.get("by_name") and not isinstance(tree.this, exp.Schema):
+            check_arity(db, table, tree.expression)
         db.execute("BEGIN")
         try:
             if where is not None:
@@ -468,6 +478,18 @@ def check_column_names(names, props):
             "' ,;{}()\\n\\t=' in the column names of your schema. Invalid column names: "
             f"{', '.join(bad)}. Please use other characters and try again. Alternatively, "
             "enable Column Mapping to keep using these characters. SQLSTATE: 42K05")
+
+
+def check_arity(db, table, query):
+    """A positional insert gives every column of the table, as Spark requires."""
+    want = len(db.execute(f"SELECT * FROM {table} LIMIT 0").description)
+    got = len(db.execute(f"SELECT * FROM ({query.sql('duckdb')}) LIMIT 0").description)
+    if got != want:
+        reason = "not enough" if got < want else "too many"
+        raise ServerOperationError(
+            f"[INSERT_COLUMN_ARITY_MISMATCH.{reason.upper().replace(' ', '_')}_DATA_COLUMNS] "
+            f"Cannot write to {table}, the reason is {reason} data columns: the table has "
+            f"{want} columns but the inserted data has {got}. SQLSTATE: 21S01")
 
 
 def check_timestamp_literals(tree):

@@ -398,7 +398,7 @@ class IdempotenceTests(WarehouseTestCase):
 
     def crash(self, db, action, batch):
         """Run an upload that dies at the INSERT of batch `batch` (before or after it)."""
-        self.warehouse.plan(action, f"-{batch}' AS `_batch_id`")
+        self.warehouse.plan(action, f"-{batch}' SELECT ")
         try:
             self.upload(db, "--batch-size", "50")
         except fake_warehouse.Crash:
@@ -485,7 +485,7 @@ class IdempotenceTests(WarehouseTestCase):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                "FAKE_WAREHOUSE_ROOT": self.warehouse.root, **self.env()}
         argv = [sys.executable, driver, "--sqlite", db, "--once", "--batch-size", "50"]
-        plan = json.dumps([["crash_after", "-2' AS `_batch_id`"]])
+        plan = json.dumps([["crash_after", "-2' SELECT "]])
         killed = subprocess.run(argv, env={**env, "FAKE_PLAN": plan}, capture_output=True,
                                 text=True, timeout=60, check=False)
         self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
@@ -725,7 +725,7 @@ class ErrorTests(WarehouseTestCase):
     def test_cursor_never_advances_until_the_write_succeeds(self):
         db = self.readings_db(120)
         for _ in range(up.DatabricksSink.RETRIES):
-            self.warehouse.plan("unavailable", "-2' AS `_batch_id`")
+            self.warehouse.plan("unavailable", "-2' SELECT ")
         code, _, err = self.upload(db, "--batch-size", "50")
         self.assertEqual(code, 1, err)
         self.assertIn("Service Unavailable", self.error_line(err))
@@ -1073,3 +1073,42 @@ class RendererTests(WarehouseTestCase):
         self.assertEqual({lit.name for lit in where.find_all(exp.Literal)},
                          {"node'1", "state-7"})
         self.assertEqual(len(tree.find(exp.Values).expressions), 2)
+        self.assertFalse(tree.args.get("by_name"), "Spark 4.0 refuses BY NAME REPLACE WHERE")
+        self.assertEqual([e.sql("databricks") for e in tree.expression.expressions],
+                         ["`a``b`", "`v`", "'node\\'1'", "'state-7'",
+                          tree.expression.expressions[4].sql("databricks"), "NULL"])
+
+    def test_select_list_follows_the_table_columns(self):
+        """Positional: the table's order, NULL for columns the batch lacks, the lineage
+        tags where the table has them, whatever the case of the names."""
+        batch = up.Batch(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
+                         batch_id="state-1")
+        columns = ["_SOURCE_ID", "A", "extra", "_batch_id", "V", "_uploaded_at",
+                   "_rescued_data"]
+        sql = up.render_insert("`m`.`s`.`t`", batch, up.Identity("n", "t", "s"), columns)
+        select = parse(sql).expression.expressions
+        self.assertEqual([e.sql("databricks") for e in select[:5]],
+                         ["'n'", "`a`", "NULL", "'state-1'", "`v`"])
+        self.assertIsInstance(select[5], exp.Cast)  # TIMESTAMP'...'
+        self.assertEqual(select[6].sql("databricks"), "NULL")
+
+    def test_the_warehouse_refuses_what_spark_4_0_cannot_parse(self):
+        """The fake refuses BY NAME or a column list with REPLACE WHERE, and a select
+        list that does not give every column, as Spark 4.0 and Databricks do."""
+        self.assertUploaded(self.upload(self.readings_db(2)))
+        conn = fake_warehouse.connect(server_hostname=HOST, http_path=HTTP_PATH,
+                                      access_token=TOKEN)
+        where = "REPLACE WHERE `_source_id` = 'x' AND `_batch_id` = 'y'"
+        values = "FROM VALUES (9, 'x', 'y') AS v(id, _source_id, _batch_id)"
+        target = up.qualified_name("main.sensors", "raw_readings")
+        for sql, error in [
+                (f"INSERT INTO {target} BY NAME {where} SELECT * {values}",
+                 "PARSE_SYNTAX_ERROR"),
+                (f"INSERT INTO {target} (id, _source_id, _batch_id) {where} SELECT * {values}",
+                 "PARSE_SYNTAX_ERROR"),
+                (f"INSERT INTO {target} {where} SELECT * {values}",
+                 "INSERT_COLUMN_ARITY_MISMATCH.NOT_ENOUGH_DATA_COLUMNS")]:
+            with self.subTest(sql=sql[:60]):
+                with self.assertRaisesRegex(fake_warehouse.ServerOperationError, error):
+                    conn.cursor().execute(sql)
+        self.assertEqual(len(self.rows()), 2)
