@@ -63,6 +63,7 @@ STATE_VERSION = 2  # 2: a position per target table (1: per destination)
 DEFAULT_STATE_DIR = "/state"  # a mounted volume; never created by the tool
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
+AUTO_VOLUME = "uploader_staging"  # the staging volume databricks_volume=auto creates
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
 LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
 
@@ -220,10 +221,12 @@ class Config:
     databricks_client_secret: str | None = option(
         None, "--databricks-client-secret", "DATABRICKS_CLIENT_SECRET", "str",
         "service principal OAuth secret (prefer the env var)", "databricks", secret=True)
-    databricks_volume: str | None = option(
-        None, "--databricks-volume", "DATABRICKS_VOLUME", "str",
-        "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging big batches "
-        "as Parquet and loading them with COPY INTO", "databricks")
+    databricks_volume: str = option(
+        "auto", "--databricks-volume", "DATABRICKS_VOLUME", "str",
+        "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging batches as "
+        f"Parquet and loading them with COPY INTO; 'auto' creates <catalog>.<schema>."
+        f"{AUTO_VOLUME} once (inline statements if the principal may not), 'none' sends "
+        "inline statements only", "databricks")
     max_statement_bytes: int = option(
         1_048_576, "--max-statement-bytes", "MAX_STATEMENT_BYTES", "int",
         "largest SQL statement sent to the warehouse, in bytes", "databricks")
@@ -511,8 +514,9 @@ def validate_workspace(config):
         raise ConfigError(f"config: databricks_database must be catalog.schema (got "
                           f"{database!r} from {config.origin('databricks_database')})")
     volume = config.databricks_volume
-    if volume and not re.fullmatch(r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
-        raise ConfigError(f"config: databricks_volume must look like "
+    if volume.lower() not in ("auto", "none") and not re.fullmatch(
+            r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
+        raise ConfigError(f"config: databricks_volume must be auto, none or look like "
                           f"/Volumes/catalog/schema/volume (got {volume!r} from "
                           f"{config.origin('databricks_volume')})")
     if config.max_statement_bytes < 10_000:
@@ -2256,6 +2260,8 @@ class DatabricksSink(Sink):
         self._staging_dir = None
         self._credentials = None
         self._learnt = False
+        self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
+        self._volume_lock = threading.Lock()
 
     @property
     def destination(self):
@@ -2417,9 +2423,38 @@ class DatabricksSink(Sink):
 
     # --- writes --------------------------------------------------------------------
 
+    def volume(self):
+        """The staging volume's path, or None when batches go as inline statements."""
+        with self._volume_lock:  # first asked in the read-ahead thread, before any write
+            if self._volume is None:
+                self._volume = self._choose_volume()
+            return self._volume or None
+
+    def _choose_volume(self):
+        """databricks_volume: a path, none, or auto: create our volume once; when the
+        principal may not, say so in one line and send inline statements."""
+        setting = self.config.databricks_volume
+        if setting.lower() == "none":
+            return ""
+        if setting.lower() != "auto":
+            return setting
+        name = qualified_name(self.database, AUTO_VOLUME)
+        path = "/Volumes/" + "/".join(self.database.split(".") + [AUTO_VOLUME])
+        try:
+            self.retrying("creating the staging volume", lambda: self.execute(
+                f"CREATE VOLUME IF NOT EXISTS {name}", what=f"creating volume {name}"))
+        except SinkError as exc:
+            if exc.transient:
+                raise
+            log.warning("sink: no staging volume, batches go as inline statements: %s "
+                        "(DATABRICKS_VOLUME=%s if an admin creates it, or none)", exc, path)
+            return ""
+        log.info("sink: staging batches as Parquet in %s", path)
+        return path
+
     def rows_per_write(self):
         """Rows per batch so that one batch is one statement (inline path)."""
-        if self.config.databricks_volume:
+        if self.volume():
             return None
         return self._rows_per_write
 
@@ -2438,7 +2473,7 @@ class DatabricksSink(Sink):
         self._rows_per_write = max(1, int(budget / max(bytes_per_row, 1.0)))
 
     def prepare(self, table, batch):
-        if self.config.databricks_volume:
+        if self.volume():
             # a batch that fits one statement goes inline; bigger ones as one Parquet
             # file, written from the chunks' Arrow data when the batch is sent
             if not (batch.first and batch.final and batch.count <= self._rows_per_write):
@@ -2446,7 +2481,7 @@ class DatabricksSink(Sink):
         statement = inline_statement(batch, self.identity)
         statement.assemble(self.target(table), self._columns.get(table))
         self._set_rows_per_write(statement.size / max(batch.source_count, 1))
-        if self.config.databricks_volume and statement.size > self.config.max_statement_bytes:
+        if self.volume() and statement.size > self.config.max_statement_bytes:
             return to_record_batch(batch, self.identity)
         return statement
 
@@ -2486,7 +2521,7 @@ class DatabricksSink(Sink):
 
     def _load_staged(self, table, files):
         """PUT the batch's Parquet files into the volume, COPY INTO once, remove them."""
-        folder = f"{self.config.databricks_volume.rstrip('/')}/{self.identity.source_id}/{table}"
+        folder = f"{self.volume().rstrip('/')}/{self.identity.source_id}/{table}"
         names = [f"{f.name}.parquet" for f in files]
         if self._conn is None:
             self._conn = self._connect()

@@ -12,8 +12,10 @@ uploader uses are given Databricks semantics:
   of the table ([INSERT_COLUMN_ARITY_MISMATCH] otherwise), and `BY NAME` or a column
   list with REPLACE WHERE is a [PARSE_SYNTAX_ERROR], as in Spark 4.0's grammar (newer
   Databricks docs list `BY NAME REPLACE WHERE`; older warehouses refuse it);
-- PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...' (files under a
-  local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
+- CREATE VOLUME IF NOT EXISTS `c`.`s`.`v` (refused as INSUFFICIENT_PERMISSIONS when
+  `may_create_volumes` is False; when `volume_names` is a set, only volumes in it, or
+  created, exist), PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...'
+  (files under a local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
   which, like Databricks, skips files it has already loaded.
 
 Checks a real warehouse makes and DuckDB would not: Spark's `${var}` substitution in
@@ -109,6 +111,9 @@ class Warehouse:
         # None: every catalog.schema exists and every token is good
         self.schemas = None if schemas is None else {x.lower() for x in schemas}
         self.valid_tokens = None if valid_tokens is None else set(valid_tokens)
+        # None: every volume exists; else the c.s.v names that do (CREATE VOLUME adds)
+        self.volume_names = None
+        self.may_create_volumes = True
         self.lock = threading.Lock()
 
     # --- test-facing helpers -------------------------------------------------------
@@ -224,6 +229,10 @@ class Warehouse:
                            stripped, re.S)
         if put:
             return self.put(unescape(put.group(1)), unescape(put.group(2)), staging_paths)
+        volume = re.fullmatch(r"CREATE VOLUME IF NOT EXISTS ((?:`(?:[^`]|``)+`\.?){3})",
+                              stripped)
+        if volume:
+            return self.create_volume(volume.group(1))
         remove = re.fullmatch(r"REMOVE '((?:[^'\\]|\\.)*)'", stripped, re.S)
         if remove:
             return self.remove(unescape(remove.group(1)))
@@ -410,9 +419,25 @@ class Warehouse:
             db.execute("COMMIT")
         return [(inserted, inserted)], [("num_affected_rows",), ("num_inserted_rows",)]
 
+    def create_volume(self, quoted):
+        """CREATE VOLUME IF NOT EXISTS `c`.`s`.`v` (a managed volume)."""
+        parts = [unquote(p) for p in re.findall(r"`(?:[^`]|``)+`", quoted)]
+        self.check_schema(parts[0], parts[1])
+        if not self.may_create_volumes:
+            raise ServerOperationError(
+                "[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not have "
+                f"CREATE VOLUME on Schema '{parts[0]}.{parts[1]}'. SQLSTATE: 42501")
+        if self.volume_names is not None:
+            self.volume_names.add(".".join(parts))
+        return [], None
+
     def volume_path(self, path):
         if not path.startswith("/Volumes/"):
             raise ServerOperationError(f"[INVALID_PARAMETER_VALUE] not a volume path: {path}")
+        name = ".".join(path[len("/Volumes/"):].split("/")[:3])
+        if self.volume_names is not None and name not in self.volume_names:
+            raise ServerOperationError(f"[RESOURCE_DOES_NOT_EXIST] Volume '{name}' does not "
+                                       "exist. SQLSTATE: 42704")
         return os.path.join(self.volumes, path[len("/Volumes/"):])
 
     def put(self, local, remote, staging_paths):

@@ -86,7 +86,8 @@ class WarehouseTestCase(TempDirTestCase):
         """A complete workspace configuration in environment variables."""
         env = {"DATABRICKS_HOST": f"https://{HOST}/", "DATABRICKS_HTTP_PATH": HTTP_PATH,
                "DATABRICKS_TOKEN": TOKEN, "DATABRICKS_DATABASE": "main.sensors",
-               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1"}
+               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1",
+               "DATABRICKS_VOLUME": "none"}  # staging: VolumeTests
         for key, value in extra.items():  # None removes a setting
             if value is None:
                 env.pop(key, None)
@@ -507,7 +508,7 @@ class VolumeTests(WarehouseTestCase):
 
     def staged_upload(self, db, **env):
         return self.upload(db, "--batch-size", "2500", "--max-statement-bytes", "10000",
-                           env=self.env(DATABRICKS_VOLUME=self.VOLUME, **env))
+                           env=self.env(**{"DATABRICKS_VOLUME": self.VOLUME, **env}))
 
     def volume_files(self):
         found = []
@@ -566,6 +567,55 @@ class VolumeTests(WarehouseTestCase):
         self.assertTrue([s for s in self.statements()[first_run:] if s.endswith(again)])
         self.assertRowsOnce(range(1, self.ROWS + 1))
         self.assertEqual(self.volume_files(), [])
+
+    AUTO = "/Volumes/main/sensors/" + up.AUTO_VOLUME
+
+    def test_auto_creates_a_volume_once_and_stages_parquet_there(self):
+        self.warehouse.volume_names = set()  # no volume exists until it is created
+        db = self.readings_db(self.ROWS)
+        self.assertUploaded(self.staged_upload(db, DATABRICKS_VOLUME=None))
+        self.assertEqual(self.statements("CREATE VOLUME"), [
+            f"CREATE VOLUME IF NOT EXISTS `main`.`sensors`.`{up.AUTO_VOLUME}`"])
+        self.assertEqual(self.warehouse.volume_names, {f"main.sensors.{up.AUTO_VOLUME}"})
+        self.assertEqual(len(self.statements("COPY INTO")), 2)
+        self.assertTrue(all(f"FROM '{self.AUTO}/node-1/raw_readings'" in s
+                            for s in self.statements("COPY INTO")))
+        self.assertFalse(self.statements("INSERT"))
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.add_readings(db, self.ROWS, self.ROWS)  # the next run: IF NOT EXISTS again
+        self.assertUploaded(self.staged_upload(db, DATABRICKS_VOLUME="AUTO"))
+        self.assertEqual(len(self.statements("CREATE VOLUME")), 2)
+        self.assertRowsOnce(range(1, 2 * self.ROWS + 1))
+        self.assertEqual(self.volume_files(), [])
+
+    def test_auto_without_the_privilege_sends_inline_statements_said_once(self):
+        self.warehouse.volume_names, self.warehouse.may_create_volumes = set(), False
+        code, out, err = self.staged_upload(self.readings_db(self.ROWS),
+                                            DATABRICKS_VOLUME=None)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.statements("CREATE VOLUME")), 1, "tried more than once")
+        lines = [line for line in err.splitlines() if "staging volume" in line]
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("inline statements", lines[0])
+        self.assertIn("INSUFFICIENT_PERMISSIONS", lines[0])
+        self.assertIn(f"DATABRICKS_VOLUME={self.AUTO}", lines[0])
+        self.assertFalse(self.statements("PUT") + self.statements("COPY INTO"))
+        self.assertGreater(len(self.statements("INSERT")), 5)
+        self.assertEqual(self.sleeps, [], "a refusal was retried")
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+
+    def test_none_sends_inline_statements_without_asking(self):
+        self.assertUploaded(self.staged_upload(self.readings_db(self.ROWS),
+                                               DATABRICKS_VOLUME="none"))
+        self.assertFalse([s for s in self.statements() if "VOLUME" in s or
+                          s.startswith(("PUT", "COPY"))])
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+
+    def test_bad_volume_setting_is_exit_2(self):
+        code, out, err = self.upload(self.readings_db(3), env=self.env(
+            DATABRICKS_VOLUME="main.sensors.v"))
+        self.assertEqual((code, out), (2, ""), err)
+        self.assertIn("databricks_volume must be auto, none or look like /Volumes/", err)
 
 
 # === 5. Tables =======================================================================

@@ -564,7 +564,8 @@ class WarehouseKillTest(KillLoop):
                     "DATABRICKS_HOST": "adb-1234567890123456.7.azuredatabricks.net",
                     "DATABRICKS_HTTP_PATH": "/sql/1.0/warehouses/0123456789abcdef",
                     "DATABRICKS_TOKEN": "dapi-reliability", "DATABRICKS_DATABASE":
-                    "main.sensors", "FAKE_WAREHOUSE_ROOT": self.root, "DRIVER_WAREHOUSE": "1"}
+                    "main.sensors", "FAKE_WAREHOUSE_ROOT": self.root, "DRIVER_WAREHOUSE": "1",
+                    "DATABRICKS_VOLUME": "none"}
 
     def dest_suffix(self):
         return "main.sensors"
@@ -786,7 +787,7 @@ class LiveWriterTest(ReliabilityTestCase):
 WAREHOUSE_ENV = {"DATABRICKS_HOST": "adb-1234567890123456.7.azuredatabricks.net",
                  "DATABRICKS_HTTP_PATH": "/sql/1.0/warehouses/0123456789abcdef",
                  "DATABRICKS_TOKEN": "dapi-reliability",
-                 "DATABRICKS_DATABASE": "main.sensors"}
+                 "DATABRICKS_DATABASE": "main.sensors", "DATABRICKS_VOLUME": "none"}
 
 
 class InProcessWarehouse:
