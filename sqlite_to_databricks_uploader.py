@@ -2,6 +2,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
+#     "databricks-sdk>=0.50",
 #     "databricks-sql-connector>=4.0",
 #     "deltalake>=1.0",
 #     "pyyaml>=6.0",
@@ -221,6 +222,10 @@ class Config:
     databricks_client_secret: str | None = option(
         None, "--databricks-client-secret", "DATABRICKS_CLIENT_SECRET", "str",
         "service principal OAuth secret (prefer the env var)", "databricks", secret=True)
+    databricks_config_profile: str | None = option(
+        None, "--databricks-config-profile", "DATABRICKS_CONFIG_PROFILE", "str",
+        "profile in ~/.databrickscfg to authenticate with (as written by `databricks auth "
+        "login`), instead of a token or client credentials", "databricks")
     databricks_volume: str = option(
         "auto", "--databricks-volume", "DATABRICKS_VOLUME", "str",
         "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging batches as "
@@ -496,9 +501,11 @@ def validate_workspace(config):
     if not config.databricks_http_path:
         raise missing("databricks_http_path", need)
     has_oauth = config.databricks_client_id or config.databricks_client_secret
-    if not config.databricks_token and not has_oauth:
+    if config.databricks_config_profile:
+        check_profile(config)
+    elif not config.databricks_token and not has_oauth:
         raise missing("databricks_token", need + " (or databricks_client_id and "
-                      "databricks_client_secret for OAuth)")
+                      "databricks_client_secret for OAuth, or databricks_config_profile)")
     if has_oauth and not config.databricks_token:
         for name in ("databricks_client_id", "databricks_client_secret"):
             if not getattr(config, name):
@@ -524,6 +531,34 @@ def validate_workspace(config):
                           f"{config.max_statement_bytes} from "
                           f"{config.origin('max_statement_bytes')})")
     return database
+
+
+PROFILE_AUTH_KEYS = ("token", "client_id", "auth_type", "password", "azure_client_id",
+                     "azure_use_msi", "google_service_account", "google_credentials",
+                     "metadata_service_url")
+
+
+def check_profile(config):
+    """The named ~/.databrickscfg profile exists and holds credentials of some kind."""
+    import configparser
+    name, path = config.databricks_config_profile, os.path.expanduser("~/.databrickscfg")
+    where = f"from {config.origin('databricks_config_profile')}"
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        found = parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError(f"config: cannot read {path}: {first_line(exc)}") from None
+    if not found:
+        raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) needs "
+                          f"{path}, which does not exist (`databricks auth login` writes it)")
+    section = parser.defaults() if name == "DEFAULT" else (
+        parser._sections.get(name) if parser.has_section(name) else None)
+    if section is None:
+        raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) is not a "
+                          f"profile in {path} (it has: {', '.join(parser.sections()) or 'none'})")
+    if not any(key in section for key in PROFILE_AUTH_KEYS):
+        raise ConfigError(f"config: profile {name!r} in {path} has no credentials (token, "
+                          "client_id or auth_type); run `databricks auth login`")
 
 
 def normalize_host(host):
@@ -2250,6 +2285,8 @@ class DatabricksSink(Sink):
     name = "databricks"
     RETRIES = 6
     connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
+    workspace_url = None  # where databricks-sdk authenticates; None: https://<host> (tests:
+    # a loopback token endpoint)
 
     def __init__(self, config, identity):
         super().__init__(config, identity)
@@ -2292,12 +2329,12 @@ class DatabricksSink(Sink):
             kwargs["access_token"] = cfg.databricks_token
         else:
             if self._credentials is None:  # one provider: its token outlives a reconnect
-                self._credentials = oauth_m2m_provider(
-                    cfg.databricks_host, cfg.databricks_client_id,
-                    cfg.databricks_client_secret)
+                self._credentials = WorkspaceCredentials(cfg, self.workspace_url)
             kwargs["credentials_provider"] = self._credentials
         try:
-            return module.connect(**kwargs)
+            if self._credentials is None:
+                return module.connect(**kwargs)
+            return self._credentials.connect(module, kwargs)
         except Exception as exc:  # the connector raises many types; classify them
             raise databricks_error("connecting to the warehouse", exc, self.config) from None
 
@@ -2876,30 +2913,100 @@ def databricks_hint(text, config):
     return ""
 
 
-def oauth_m2m_provider(host, client_id, client_secret, opener=None):
-    """A connector credentials provider for OAuth machine-to-machine (client credentials)."""
-    import urllib.request
-    opener = opener or urllib.request.urlopen
-    token = {"value": None, "expires": 0.0}
+class WorkspaceCredentials:
+    """OAuth credentials from databricks-sdk, as the connector's `credentials_provider`.
 
-    def refresh():
-        body = urllib.parse.urlencode({"grant_type": "client_credentials",
-                                       "scope": "all-apis"}).encode()
-        request = urllib.request.Request(f"https://{host}/oidc/v1/token", data=body)
-        basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
-        request.add_header("Authorization", f"Basic {basic}")
-        request.add_header("Content-Type", "application/x-www-form-urlencoded")
-        with opener(request, timeout=30) as response:
-            reply = json.loads(response.read())
-        token["value"] = reply["access_token"]
-        token["expires"] = time.time() + float(reply.get("expires_in", 3600))
+    Client credentials (a service principal) or a ~/.databrickscfg profile (any auth
+    the SDK knows: `databricks auth login`, a token, M2M). The SDK refreshes a token
+    ahead of the `expires_in` it came with (tokens may be opaque, not JWTs); a request
+    refused with 401/403 all the same (a token revoked or expired early) gets one fresh
+    token and one retry: every statement the sink sends may run twice.
+    """
 
-    def headers():
-        if token["value"] is None or time.time() > token["expires"] - 60:
-            refresh()
-        return {"Authorization": f"Bearer {token['value']}"}
+    def __init__(self, config, url=None):
+        self.config = config
+        self.url = url or f"https://{config.databricks_host}"
+        self._headers = None  # the SDK's header factory, made on first use
 
-    return lambda: headers
+    def __call__(self):
+        """What the connector calls once per connection: a header factory."""
+        return self.headers
+
+    def headers(self):
+        """Authorization headers for one request (the SDK refreshes when due)."""
+        if self._headers is None:
+            self._headers = self._authenticate()
+        return self._headers()
+
+    def refresh(self):
+        """Forget the token: the next request gets a new one."""
+        self._headers = None
+
+    def _authenticate(self):
+        import logging as logs
+        from databricks.sdk.core import Config
+        logs.getLogger("databricks.sdk").setLevel(logs.ERROR)  # its notes are not ours
+        cfg = self.config
+        settings = {"host": self.url}
+        if cfg.databricks_client_id:
+            settings.update(client_id=cfg.databricks_client_id, auth_type="oauth-m2m",
+                            client_secret=cfg.databricks_client_secret)
+        if cfg.databricks_config_profile:
+            settings["profile"] = cfg.databricks_config_profile
+        return Config(**settings).authenticate
+
+    def connect(self, module, kwargs):
+        """module.connect(**kwargs), its statements retried once with a new token."""
+        return RefreshingConnection(self.retried(lambda: module.connect(**kwargs)), self)
+
+    def retried(self, action):
+        """Run `action`; if the token was refused, refresh it and run it once more."""
+        try:
+            return action()
+        except Exception as exc:  # the connector raises many types
+            if not is_refused_token(exc):
+                raise
+            log.info("sink: the workspace refused the OAuth token (%s); getting a new one",
+                     first_line(exc))
+            self.refresh()
+        return action()
+
+
+def is_refused_token(exc):
+    """True for an HTTP 401/403 (a token expired or revoked), not a missing privilege."""
+    context = getattr(exc, "context", None)
+    code = context.get("http-code") if isinstance(context, dict) else None
+    return code in (401, 403) or bool(re.search(
+        r"\b401\b|Unauthorized|Invalid access token|token (has )?expired", str(exc), re.I))
+
+
+class RefreshingConnection:
+    """A connector connection whose statements get one new token after a 401/403."""
+
+    def __init__(self, conn, credentials):
+        self._conn, self._credentials = conn, credentials
+
+    def cursor(self):
+        return RefreshingCursor(self._conn, self._credentials)
+
+    def close(self):
+        self._conn.close()
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class RefreshingCursor:
+    """A cursor whose execute is retried once with a new token after a 401/403."""
+
+    def __init__(self, conn, credentials):
+        self._cursor, self._credentials = conn.cursor(), credentials
+
+    def execute(self, *args):
+        return self._credentials.retried(lambda: self._cursor.execute(*args))
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
 
 
 # === Checkpoint ======================================================================

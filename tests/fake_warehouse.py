@@ -37,11 +37,17 @@ running it; 'queue_crash' holds the statement in the warehouse's queue and raise
 later, as a warehouse runs a dead client's queued statement.
 """
 
+import base64
+import http.server
+import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import threading
+import time
+import urllib.parse
 
 import duckdb
 import sqlglot
@@ -210,7 +216,11 @@ class Warehouse:
         value = headers.get("Authorization", "")
         if not value.startswith("Bearer ") or not value[len("Bearer "):]:
             raise unauthorized()
-        if self.valid_tokens is not None and value[len("Bearer "):] not in self.valid_tokens:
+        token = value[len("Bearer "):]
+        if callable(self.valid_tokens) and not self.valid_tokens(token):
+            raise unauthorized()
+        if self.valid_tokens is not None and not callable(self.valid_tokens) and \
+                token not in self.valid_tokens:
             raise unauthorized()
 
     def record(self, sql, params, outcome="ok"):
@@ -570,6 +580,76 @@ def cursor_result(cursor):
     if cursor.description is None:
         return [], None
     return cursor.fetchall(), [(d[0],) for d in cursor.description]
+
+
+# --- the workspace's OAuth token endpoint ---------------------------------------------
+
+class TokenServer:
+    """A workspace's OIDC endpoints on 127.0.0.1: host metadata, discovery, and a
+    client-credentials token endpoint issuing opaque tokens that expire after
+    `expires_in` seconds. `valid(token)` is what the warehouse checks (set
+    `Warehouse.valid_tokens = server.valid`); `requests` records each token request."""
+
+    def __init__(self, client_id, client_secret, expires_in=3600):
+        self.client_id, self.client_secret, self.expires_in = client_id, client_secret, expires_in
+        self.issued = {}  # token -> monotonic expiry
+        self.requests = []
+        self.revoked = set()
+        self.counter = itertools.count(1)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                base = server.url
+                if self.path == "/.well-known/databricks-config":
+                    return self.reply(200, {"oidc_endpoint": f"{base}/oidc",
+                                            "workspace_id": "1234567890123456"})
+                if self.path == "/oidc/.well-known/oauth-authorization-server":
+                    return self.reply(200, {"issuer": f"{base}/oidc",
+                                            "token_endpoint": f"{base}/oidc/v1/token",
+                                            "authorization_endpoint": f"{base}/oidc/v1/authorize"})
+                self.reply(404, {"error_code": "NOT_FOUND", "message": self.path})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.reply(*server.token(self.path, self.headers.get("Authorization", ""),
+                                         urllib.parse.parse_qs(body.decode())))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def token(self, path, authorization, form):
+        self.requests.append({"path": path, "authorization": authorization, "form": form})
+        basic = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+        if path != "/oidc/v1/token" or authorization != f"Basic {basic}":
+            return 401, {"error": "invalid_client",
+                         "error_description": "Client authentication failed"}
+        token = f"opaque{next(self.counter)}.{secrets.token_hex(8)}"  # not a JWT
+        self.issued[token] = time.monotonic() + self.expires_in
+        return 200, {"access_token": token, "token_type": "Bearer", "scope": "all-apis",
+                     "expires_in": self.expires_in}
+
+    def valid(self, token):
+        """Issued here, not revoked, not expired."""
+        expiry = self.issued.get(token)
+        return expiry is not None and token not in self.revoked and time.monotonic() < expiry
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # --- DB-API surface -------------------------------------------------------------------

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.parse
+import time
 from unittest import mock
 
 import sqlglot
@@ -35,6 +35,7 @@ TOKEN = "dapi0123456789abcdefTOPSECRET"
 CLIENT_SECRET = "dose0123456789SECRETOFTHEPRINCIPAL"
 TABLE = "main.sensors.raw_readings"
 UTC = dt.timezone.utc
+REAL_SLEEP = time.sleep  # the tests patch time.sleep (the module's) to count retries
 
 READINGS_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                    "timestamp TEXT, sensor TEXT, value REAL)")
@@ -246,74 +247,152 @@ class ConnectionTests(WarehouseTestCase):
 
 
 class OAuthTests(WarehouseTestCase):
-    """OAuth machine-to-machine: client credentials at /oidc/v1/token, cached."""
+    """OAuth through databricks-sdk against a loopback token endpoint issuing opaque
+    tokens; the warehouse accepts only tokens issued there and not yet expired."""
 
-    class TokenEndpoint:
-        """A urlopen stand-in that hands out tokens tok-1, tok-2, ... (kept in `issued`)."""
+    def setUp(self):
+        super().setUp()
+        self.server = fake_warehouse.TokenServer("sp-id", CLIENT_SECRET)
+        self.addCleanup(self.server.close)
+        self.warehouse.valid_tokens = self.server.valid
+        patcher = mock.patch.object(up.DatabricksSink, "workspace_url", self.server.url)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
-        def __init__(self, expires_in=3600, issued=None):
-            self.requests, self.expires_in = [], expires_in
-            self.issued = set() if issued is None else issued
+    def oauth_env(self, **extra):
+        return self.env(DATABRICKS_TOKEN=None, DATABRICKS_CLIENT_ID="sp-id",
+                        DATABRICKS_CLIENT_SECRET=CLIENT_SECRET, **extra)
 
-        def __call__(self, request, timeout=None):
-            self.requests.append((request, timeout))
-            token = f"tok-{len(self.requests)}"
-            self.issued.add(token)
-            return io.BytesIO(json.dumps({
-                "access_token": token, "token_type": "Bearer",
-                "expires_in": self.expires_in}).encode())
+    def credentials(self):
+        config = up.Config(databricks_host=HOST, databricks_client_id="sp-id",
+                           databricks_client_secret=CLIENT_SECRET)
+        return up.WorkspaceCredentials(config, self.server.url)
 
-    def test_request_shape_and_basic_auth(self):
-        endpoint = self.TokenEndpoint()
-        provider = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)
-        self.assertEqual(endpoint.requests, [], "no request before a header is needed")
-        headers = provider()()
-        self.assertEqual(headers, {"Authorization": "Bearer tok-1"})
-        (request, timeout), = endpoint.requests
-        self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
-        self.assertEqual(request.get_method(), "POST")
-        self.assertIsNotNone(timeout)
-        self.assertEqual(urllib.parse.parse_qs(request.data.decode()),
-                         {"grant_type": ["client_credentials"], "scope": ["all-apis"]})
-        kind, _, encoded = request.get_header("Authorization").partition(" ")
-        self.assertEqual(kind, "Basic")
-        self.assertEqual(base64.b64decode(encoded).decode(), f"sp-id:{CLIENT_SECRET}")
-        self.assertEqual(request.get_header("Content-type"),
-                         "application/x-www-form-urlencoded")
+    def test_client_credentials_request(self):
+        headers = self.credentials()()  # as the connector calls it
+        self.assertEqual(self.server.requests, [], "no request before a header is needed")
+        token = headers()["Authorization"].removeprefix("Bearer ")
+        self.assertTrue(self.server.valid(token))
+        request, = self.server.requests
+        self.assertEqual(request["form"]["grant_type"], ["client_credentials"])
+        self.assertIn("all-apis", request["form"]["scope"][0])
+        kind, _, encoded = request["authorization"].partition(" ")
+        self.assertEqual((kind, base64.b64decode(encoded).decode()),
+                         ("Basic", f"sp-id:{CLIENT_SECRET}"))
+        self.assertEqual(headers()["Authorization"], f"Bearer {token}", "not cached")
+        self.assertEqual(len(self.server.requests), 1)
 
-    def test_token_cached_until_expiry_then_refreshed(self):
-        endpoint = self.TokenEndpoint(expires_in=3600)
-        clock = [1_000_000.0]
-        with mock.patch.object(up.time, "time", lambda: clock[0]):
-            headers = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)()
-            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
-            clock[0] += 3000
-            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
-            self.assertEqual(len(endpoint.requests), 1)
-            clock[0] += 599  # within a minute of expiry: refresh ahead of it
-            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
-            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
-            self.assertEqual(len(endpoint.requests), 2)
+    def test_opaque_token_is_replaced_when_it_expires(self):
+        self.server.expires_in = 1  # opaque: only expires_in says when it ends
+        headers = self.credentials()()
+        first = headers()["Authorization"]
+        REAL_SLEEP(1.2)  # past the first token's life (no timing is asserted)
+        second = headers()["Authorization"]
+        self.assertNotEqual(first, second)
+        self.assertTrue(self.server.valid(second.removeprefix("Bearer ")))
 
     def test_upload_with_client_credentials_instead_of_a_token(self):
-        # the workspace accepts what its token endpoint issued, and nothing else
-        self.warehouse.valid_tokens = set()
-        endpoint = self.TokenEndpoint(issued=self.warehouse.valid_tokens)
-        env = self.env(DATABRICKS_TOKEN=None, DATABRICKS_CLIENT_ID="sp-id",
-                       DATABRICKS_CLIENT_SECRET=CLIENT_SECRET)
-        with mock.patch("urllib.request.urlopen", endpoint):
-            code, out, err = self.upload(self.readings_db(30), env=env)
+        code, out, err = self.upload(self.readings_db(30), env=self.oauth_env())
         self.assertEqual(code, 0, err)
         self.assertRowsOnce(range(1, 31))
         kwargs = self.warehouse.connections[0]
         self.assertNotIn("access_token", kwargs)
-        # cached across the statements of a connection (a new connection asks again)
-        self.assertLessEqual(len(endpoint.requests), len(self.warehouse.connections))
-        self.assertGreater(len(self.warehouse.auth_headers),
-                           len(self.warehouse.connections) + 3)
-        for request, _ in endpoint.requests:
-            self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
+        self.assertEqual(len(self.server.requests), 1, "one token for the whole run")
+        self.assertGreater(len(self.warehouse.auth_headers), 4)
         self.assertNotIn(CLIENT_SECRET, out + err)
+
+    def test_refused_token_gets_one_new_token_and_one_retry(self):
+        """A 401 (here: the token was revoked early) is not a missing privilege."""
+        db = self.readings_db(120)
+        self.assertUploaded(self.upload(db, "--batch-size", "50", env=self.oauth_env()))
+        self.add_readings(db, 120, 50)
+        self.warehouse.plan("unauthorized", "INSERT INTO")
+        code, out, err = self.upload(db, env=self.oauth_env())
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 171))
+        refused = [s for s in self.warehouse.statements() if s["outcome"] != "ok"]
+        self.assertEqual([s["outcome"] for s in refused], ["refused: 401"])
+        self.assertEqual(len(self.server.requests), 3, "one run's token, the next run's, "
+                         "and one after the 401")
+        self.assertEqual(self.sleeps, [], "a new token needs no backoff")
+        self.assertIn("refused the OAuth token", err)
+
+    def test_a_token_refused_again_fails_once_with_a_hint(self):
+        self.warehouse.valid_tokens = lambda token: False  # e.g. the principal was removed
+        code, out, err = self.upload(self.readings_db(10), env=self.oauth_env())
+        self.assertEqual(code, 1, err)
+        line = self.error_line(err)
+        self.assertIn("401", line)
+        self.assertIn("service principal", line)
+        self.assertNotIn("lacks a privilege", line)
+        self.assertLessEqual(len(self.server.requests), 2 * up.DatabricksSink.RETRIES)
+
+    def test_secrets_never_in_logs_or_errors(self):
+        db = self.readings_db(10)
+        outputs = [self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()),
+                   run_main(["--print-config"], self.oauth_env())]
+        self.warehouse.valid_tokens = lambda token: False
+        outputs.append(self.upload(db, "--log-level", "DEBUG", "--reset-state",
+                                   env=self.oauth_env()))
+        self.server.client_secret = "another"  # the token endpoint refuses the secret
+        outputs.append(self.upload(db, "--log-level", "DEBUG", "--reset-state",
+                                   env=self.oauth_env()))
+        self.assertEqual([o[0] for o in outputs], [0, 0, 1, 1])
+        self.assertIn("invalid_client", self.error_line(outputs[-1][2]))
+        for code, out, err in outputs:
+            self.assertNotIn(CLIENT_SECRET, out + err)
+            for token in self.server.issued:
+                self.assertNotIn(token, out + err)
+
+    def databrickscfg(self, text):
+        """A temporary HOME holding ~/.databrickscfg."""
+        home = self.path("home")
+        os.makedirs(home, exist_ok=True)
+        with open(os.path.join(home, ".databrickscfg"), "w", encoding="utf-8") as fh:
+            fh.write(textwrap.dedent(text))
+        patcher = mock.patch.dict(os.environ, {"HOME": home})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_profile_from_databrickscfg(self):
+        self.databrickscfg(f"""\
+            [DEFAULT]
+            host = https://other.cloud.databricks.com
+
+            [edge]
+            host = https://{HOST}
+            client_id = sp-id
+            client_secret = {CLIENT_SECRET}
+            """)
+        env = self.env(DATABRICKS_TOKEN=None, DATABRICKS_CONFIG_PROFILE="edge")
+        code, out, err = self.upload(self.readings_db(20), env=env)
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 21))
+        self.assertEqual(len(self.server.requests), 1)
+        self.assertNotIn(CLIENT_SECRET, out + err)
+
+    def test_profile_is_validated_exit_2(self):
+        self.databrickscfg("""\
+            [edge]
+            host = https://example.cloud.databricks.com
+            """)
+        db = self.readings_db(3)
+        for profile, words in [("nope", ["'nope'", "not a profile", "edge"]),
+                               ("edge", ["'edge'", "no credentials", "databricks auth login"])]:
+            with self.subTest(profile=profile):
+                code, out, err = self.upload(db, env=self.env(
+                    DATABRICKS_TOKEN=None, DATABRICKS_CONFIG_PROFILE=profile))
+                self.assertEqual((code, out), (2, ""), err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                for word in words:
+                    self.assertIn(word, err)
+        os.remove(self.path("home", ".databrickscfg"))
+        code, _, err = self.upload(db, env=self.env(DATABRICKS_TOKEN=None,
+                                                    DATABRICKS_CONFIG_PROFILE="edge"))
+        self.assertEqual(code, 2, err)
+        self.assertIn("does not exist", err)
+        self.assertEqual(self.server.requests, [])
+        self.assertEqual(self.warehouse.connections, [])
 
 
 # === 2. Throughput ===================================================================
