@@ -2431,16 +2431,22 @@ class DatabricksSink(Sink):
 
     def _add_columns(self, table, new):
         """ALTER TABLE ... ADD COLUMNS; fine when another node (or a re-sent request)
-        added them first. The table's columns are read again either way: a concurrent
-        ALTER by another node may have added columns of its own."""
-        try:
-            if needs_column_mapping([n for n, _ in new]):
-                self._ddl(column_mapping_sql(self.target(table)), table)
-            self._ddl(add_columns_sql(self.target(table), new), table)
-        except SinkError:
-            now = {n.lower() for n in self._describe_again(table)}
-            if not all(n.lower() in now for n, _ in new):
-                raise
+        added them first, and tried again when another node's ALTER won a race. The
+        table's columns are read again either way: another node may have added its own."""
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                if needs_column_mapping([n for n, _ in new]):
+                    self._ddl(column_mapping_sql(self.target(table)), table)
+                self._ddl(add_columns_sql(self.target(table), new), table)
+                break
+            except SinkError as exc:
+                now = {n.lower() for n in self._describe_again(table)}
+                if all(n.lower() in now for n, _ in new):
+                    break
+                if attempt == self.RETRIES or not (exc.transient or is_schema_change(exc)):
+                    raise
+                log.info("sink: another writer changed %s while columns were added; "
+                         "adding them again", table)
         self._describe_again(table)
 
     def _describe_again(self, table):
@@ -2531,29 +2537,33 @@ class DatabricksSink(Sink):
         arrow = [p for p in payload if not isinstance(p, InlineStatement)] if isinstance(
             payload, list) else []
         if arrow:
-            self.ensure_table(table, batch.columns, batch.kinds)
             staged = [StagedFile(batch.batch_id, parquet_bytes(arrow))]
-            self.retrying(f"staging batch {batch.batch_id}",
-                          lambda: self._load_staged(table, staged))
+            self._send(table, batch, f"staging batch {batch.batch_id}",
+                       lambda: self._load_staged(table, staged))
         else:
-            self._insert(table, batch, payload[0] if isinstance(payload, list) else payload)
+            statement = payload[0] if isinstance(payload, list) else payload
+            what = f"writing batch {batch.batch_id}"
+            self._send(table, batch, what, lambda: self.execute(statement.assemble(
+                self.target(table), self._columns.get(table)), what=what))
         return Receipt(batch.count)
 
-    def _insert(self, table, batch, statement):
-        """Send the statement for the table's columns as they are now; when another
-        writer changed them meanwhile, describe the table again and send it again."""
-        what = f"writing batch {batch.batch_id}"
+    def _send(self, table, batch, what, action):
+        """Make sure the table has the batch's columns, then run `action` (retried);
+        when another writer changed the table meanwhile (a column added, so the insert
+        lacks one, or a commit that changed its metadata), read its columns again and
+        run it again: every write is idempotent."""
         for attempt in range(1, self.RETRIES + 1):
             self.ensure_table(table, batch.columns, batch.kinds)
-            sql = statement.assemble(self.target(table), self._columns.get(table))
             try:
-                return self.retrying(what, lambda: self.execute(sql, what=what))
+                return self.retrying(what, action)
             except SinkError as exc:
-                if attempt == self.RETRIES or not is_schema_change(exc):
+                if attempt == self.RETRIES or not (is_schema_change(exc) or
+                                                   is_conflict(exc)):
                     raise
-                log.info("sink: %s changed while batch %s was sent; describing it again",
-                         table, batch.batch_id)
-                self._columns.pop(table, None)
+                log.info("sink: batch %s met another writer's commit on %s; sending it "
+                         "again", batch.batch_id, table)
+                if is_schema_change(exc):
+                    self._columns.pop(table, None)
         raise AssertionError("unreachable")
 
     def _load_staged(self, table, files):
@@ -2816,6 +2826,13 @@ SCHEMA_CHANGE_MARKERS = ("INSERT_COLUMN_ARITY_MISMATCH", "DELTA_METADATA_CHANGED
 def is_schema_change(error):
     """True when a write failed because the table's columns changed under it."""
     return any(marker in str(error) for marker in SCHEMA_CHANGE_MARKERS)
+
+
+def is_conflict(error):
+    """True when Delta's optimistic concurrency failed a write: another writer's commit
+    landed first. Every write here is idempotent, so it may simply go again."""
+    return bool(re.search(r"DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|"
+                          r"concurrent update", str(error), re.I))
 
 
 def needs_column_mapping(names):

@@ -27,6 +27,15 @@ schemas (when `Warehouse.schemas` is set) and the token (when `valid_tokens` is 
 credentials provider is called the way the connector calls it: once at connect for a
 header factory, then the factory before every request (headers kept in `auth_headers`).
 
+Writers on one table conflict as Delta's optimistic concurrency makes them (when
+`Warehouse.conflicts` is set; a statement's snapshot is taken when it arrives, and a
+statement waits for the one before it): an ALTER fails a concurrent writer with
+[DELTA_METADATA_CHANGED], an INSERT ... REPLACE WHERE (not blind: the table is not
+partitioned) fails when any file was added meanwhile with [DELTA_CONCURRENT_APPEND],
+blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
+CREATE TABLE IF NOT EXISTS gets [DELTA_PROTOCOL_CHANGED] or [TABLE_OR_VIEW_ALREADY_EXISTS],
+in turn.
+
 Faults are planned with `Warehouse.plan(action, match)`: 'resend' runs the statement
 twice (the connector's HTTP retry after a dropped reply), 'drop_reply' runs it and then
 raises a transient error (so the caller retries it), 'unavailable' raises 503 before
@@ -94,6 +103,24 @@ SPARK_TIMESTAMP = re.compile(
 # Spark's ConfigReader pattern for ${var} and ${prefix:var}.
 SPARK_VARIABLE = re.compile(r"\$\{(?:(\w+?):)?(\S+?)\}")
 
+# What Databricks answers when Delta's optimistic concurrency fails a statement.
+METADATA_CHANGED = (
+    "[DELTA_METADATA_CHANGED] MetadataChangedException: The metadata of the Delta table "
+    "has been changed by a concurrent update. Please try the operation again. SQLSTATE: 2D521")
+CONCURRENT_APPEND = (
+    "[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: Files were added to the root of "
+    "the table by a concurrent update. Please try the operation again. SQLSTATE: 2D521")
+PROTOCOL_CHANGED = (
+    "[DELTA_PROTOCOL_CHANGED.WRITE_TO_EMPTY_DIRECTORY] ProtocolChangedException: The "
+    "protocol version of the Delta table has been changed by a concurrent update. This "
+    "happens when multiple writers are writing to an empty directory. Creating the table "
+    "ahead of time will avoid this conflict. SQLSTATE: 2D521")
+ALREADY_EXISTS = (
+    "[TABLE_OR_VIEW_ALREADY_EXISTS] Cannot create table or view because it already "
+    "exists. SQLSTATE: 42P07")
+WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|CREATE TABLE IF NOT EXISTS)"
+                             r" ((?:`(?:[^`]|``)+`\.){2}`(?:[^`]|``)+`)")
+
 TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
               "BLOB": "binary", "BOOLEAN": "boolean", "TIMESTAMP WITH TIME ZONE": "timestamp",
               "INTEGER": "int", "TIMESTAMP": "timestamp_ntz"}
@@ -120,6 +147,10 @@ class Warehouse:
         # None: every volume exists; else the c.s.v names that do (CREATE VOLUME adds)
         self.volume_names = None
         self.may_create_volumes = True
+        # Delta conflicts between writers (off unless a test turns them on)
+        self.conflicts = False
+        self.commits = {}  # "c.s.t" -> kinds of its commits: create, append, replace, metadata
+        self.create_races = itertools.cycle([PROTOCOL_CHANGED, ALREADY_EXISTS])
         self.lock = threading.Lock()
 
     # --- test-facing helpers -------------------------------------------------------
@@ -172,7 +203,11 @@ class Warehouse:
         return None
 
     def execute(self, sql, params, staging_paths):
+        write = written_table(sql)
+        seen = self.version(write[1]) if write else None  # its snapshot: when it arrives
         with self.lock:
+            if write and self.conflicts:
+                self.check_conflict(sql, params, *write, seen)
             action = self.take_fault(sql)
             if action == "unavailable":
                 self.record(sql, params, "refused: 503")
@@ -193,9 +228,9 @@ class Warehouse:
             if action == "crash_before":
                 self.record(sql, params, "crashed before")
                 raise Crash(sql)
-            result = self.run(sql, params, staging_paths)
+            result = self.run_and_commit(sql, params, staging_paths, write)
             if action == "resend":
-                result = self.run(sql, params, staging_paths)
+                result = self.run_and_commit(sql, params, staging_paths, write)
             if action == "drop_reply":
                 raise RequestError("HTTPSConnectionPool: Read timed out.",
                                    {"http-code": None})
@@ -209,6 +244,38 @@ class Warehouse:
             held, self.held = self.held, []
             for sql, params, staging_paths in held:
                 self.run(sql, params, staging_paths)
+
+    def run_and_commit(self, sql, params, staging_paths, write):
+        result = self.run(sql, params, staging_paths)
+        if write:
+            kind, table = write
+            if kind != "create":
+                self.commits.setdefault(table, []).append(kind)
+            elif table not in self.commits:  # IF NOT EXISTS on a table: no commit
+                self.commits[table] = ["create"]
+        return result
+
+    def version(self, table):
+        """Commits on a table so far; None while it does not exist."""
+        log = self.commits.get(table)
+        return None if log is None else len(log)
+
+    def check_conflict(self, sql, params, kind, table, seen):
+        """Delta's optimistic concurrency, as Databricks reports it: a commit that landed
+        on the table after this statement arrived may fail it (DESIGN 9)."""
+        error = None
+        if kind == "create":
+            if seen is None and table in self.commits:  # two racing to create it
+                error = next(self.create_races)
+        elif seen is not None:
+            since = self.commits.get(table, [])[seen:]
+            if "metadata" in since:
+                error = METADATA_CHANGED
+            elif kind == "replace" and since:  # not blind: unpartitioned, any append
+                error = CONCURRENT_APPEND
+        if error:
+            self.record(sql, params, "conflict: " + error.split("]")[0][1:])
+            raise ServerOperationError(error)
 
     def authenticate(self, headers):
         """Check the Authorization header of one request (the connector sends one each)."""
@@ -474,6 +541,18 @@ class Warehouse:
         database = prefix.rstrip(".").split(".")[-1]
         return ([(database, n[len(prefix):], False) for n in sorted(names)],
                 [("database",), ("tableName",), ("isTemporary",)])
+
+
+def written_table(sql):
+    """(kind of commit, "c.s.t") of a statement that writes a table, else None."""
+    match = WRITE_STATEMENT.match(sql.strip())
+    if not match:
+        return None
+    table = ".".join(unquote(p) for p in re.findall(r"`(?:[^`]|``)+`", match.group(2)))
+    verb = match.group(1)
+    if verb == "INSERT INTO":
+        return ("replace" if " REPLACE WHERE " in sql else "append"), table
+    return {"ALTER TABLE": "metadata", "COPY INTO": "append"}.get(verb, "create"), table
 
 
 def unauthorized():

@@ -10,9 +10,11 @@ import base64
 import contextlib
 import datetime as dt
 import io
+import itertools
 import json
 import math
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -36,6 +38,7 @@ CLIENT_SECRET = "dose0123456789SECRETOFTHEPRINCIPAL"
 TABLE = "main.sensors.raw_readings"
 UTC = dt.timezone.utc
 REAL_SLEEP = time.sleep  # the tests patch time.sleep (the module's) to count retries
+REAL_UNIFORM = random.uniform  # and random.uniform, to make backoff exact
 
 READINGS_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                    "timestamp TEXT, sensor TEXT, value REAL)")
@@ -819,6 +822,129 @@ class TableTests(WarehouseTestCase):
         self.assertUploaded(self.upload(db))
         self.assertHostileLanded(TABLE, columns)
 
+
+
+# === 5b. A fleet on one table ========================================================
+
+class FleetTests(WarehouseTestCase):
+    """8 uploaders write one table at once, as Delta's optimistic concurrency lets them:
+    two or more race to CREATE it, one adds a column while the others write, every
+    REPLACE WHERE may meet a concurrent append. Every --once run succeeds, every row
+    lands once. Real (scaled) backoff with real jitter spreads the retries."""
+
+    NODES = 8
+    round = 45  # rows each node adds before each of the two rounds
+
+    def setUp(self):
+        super().setUp()
+        self.warehouse.conflicts = True
+        for patcher in (mock.patch.object(up.time, "sleep", lambda s: REAL_SLEEP(s / 100)),
+                        mock.patch.object(up.random, "uniform", REAL_UNIFORM)):
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.dbs = [self.readings_db(0, name=f"node-{n}.db") for n in range(self.NODES)]
+        self.counts = [0] * self.NODES
+
+    def add(self, node, count):
+        self.add_readings(self.dbs[node], self.counts[node], count)
+        self.counts[node] += count
+
+    def run_fleet(self, *flags, **env):
+        """Every node's --once run at the same moment; their exit codes."""
+        barrier, codes = threading.Barrier(self.NODES), [None] * self.NODES
+        extra = env
+
+        def node(n):
+            env = self.env(SOURCE_ID=f"node-{n}", STATE_DIR=self.path(f"state-{n}"), **extra)
+            barrier.wait()
+            codes[n] = up.main(["--sqlite", self.dbs[n], "--once", "--batch-size", "15",
+                                "--log-level", "ERROR", *flags], environ=env)
+
+        threads = [threading.Thread(target=node, args=(n,)) for n in range(self.NODES)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+        return codes
+
+    def conflicts(self):
+        return [s["outcome"] for s in self.warehouse.statements()
+                if s["outcome"].startswith("conflict")]
+
+    def test_eight_nodes_one_adding_a_column_every_row_once(self):
+        """Inline statements: each INSERT ... REPLACE WHERE meets many conflicts."""
+        self.check_fleet()
+        seen = set(self.conflicts())
+        for kind in ("DELTA_METADATA_CHANGED", "DELTA_CONCURRENT_APPEND"):
+            self.assertIn(f"conflict: {kind}", seen, "the fleet never met this conflict")
+        self.assertTrue({"conflict: DELTA_PROTOCOL_CHANGED.WRITE_TO_EMPTY_DIRECTORY",
+                         "conflict: TABLE_OR_VIEW_ALREADY_EXISTS"} & seen,
+                        "no node lost the race to create the table")
+
+    def test_eight_nodes_staging_in_the_auto_volume(self):
+        """Staged Parquet: COPY INTO is a blind append, only the ALTER conflicts with it."""
+        self.warehouse.volume_names = set()
+        self.round = 400  # batches bigger than one statement (10,000 bytes): staged
+        self.check_fleet("--batch-size", "400", "--max-statement-bytes", "10000",
+                         DATABRICKS_VOLUME="auto")
+        self.assertTrue(self.statements("COPY INTO"))
+        self.assertNotIn("conflict: DELTA_CONCURRENT_APPEND", self.conflicts())
+
+    def check_fleet(self, *flags, **env):
+        """Two rounds of 8 nodes; node 0's source gains a column before the second."""
+        size = self.round
+        for n in range(self.NODES):
+            self.add(n, size)
+        self.assertEqual(self.run_fleet(*flags, **env), [0] * self.NODES)
+        conn = sqlite3.connect(self.dbs[0])  # node 0's source gains a column
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.commit()
+        conn.close()
+        for n in range(self.NODES):
+            self.add(n, size)
+        conn = sqlite3.connect(self.dbs[0])
+        conn.execute("UPDATE readings SET unit = 'C' WHERE id > ?", [size])
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.run_fleet(*flags, **env), [0] * self.NODES)
+        rows = self.rows(order_by="_source_id, id")
+        for n in range(self.NODES):
+            with self.subTest(node=n):
+                mine = [r for r in rows if r["_source_id"] == f"node-{n}"]
+                self.assertEqual([r["id"] for r in mine], list(range(1, 2 * size + 1)))
+                self.assertEqual([r["value"] for r in mine],
+                                 [i * 0.25 for i in range(2 * size)])
+                units = [r["unit"] for r in mine]
+                self.assertEqual(units, [None] * size + [("C" if n == 0 else None)] * size)
+        self.assertEqual(self.statements("ALTER"), [
+            "ALTER TABLE `main`.`sensors`.`raw_readings` ADD COLUMNS (`unit` STRING)"])
+
+    def test_racing_creates_either_answer(self):
+        """The loser of a CREATE race may hear TABLE_OR_VIEW_ALREADY_EXISTS (permanent)
+        or DELTA_PROTOCOL_CHANGED (a conflict): either way it goes on with the table."""
+        for first in (fake_warehouse.ALREADY_EXISTS, fake_warehouse.PROTOCOL_CHANGED):
+            with self.subTest(answer=first[:30]):
+                self.fresh()
+                self.warehouse.conflicts = True
+                self.warehouse.create_races = itertools.repeat(first)
+                self.dbs = [self.readings_db(20, name=f"race-{n}.db") for n in range(2)]
+                sink = up.DatabricksSink(up.check_target(up.load_config(
+                    up.build_parser().parse_args([]), self.env())), up.Identity("n", "t", "s"))
+                self.addCleanup(sink.close)
+                sink.known_kinds("raw_readings")  # the table is missing when it looks
+                self.warehouse.query(  # another node creates it meanwhile
+                    'CREATE TABLE "main.sensors.raw_readings" (id BIGINT, x VARCHAR, '
+                    "_source_id VARCHAR, _batch_id VARCHAR, "
+                    "_uploaded_at TIMESTAMP WITH TIME ZONE, _rescued_data VARCHAR)")
+                self.warehouse.commits["main.sensors.raw_readings"] = ["create"]
+                # its CREATE arrives as if the table were still missing: it lost the race
+                with mock.patch.object(self.warehouse, "version", lambda table: None):
+                    sink.ensure_table("raw_readings", ["id", "value"], [up.BIGINT, up.DOUBLE])
+                self.assertEqual(self.conflicts(), ["conflict: " + first.split("]")[0][1:]])
+                self.assertEqual(list(sink.known_kinds("raw_readings"))[:3],
+                                 ["id", "x", "_source_id"])
+                self.assertIn("value", sink.known_kinds("raw_readings"))
 
 
 # === 6. Errors =======================================================================
