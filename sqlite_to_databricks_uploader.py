@@ -520,7 +520,7 @@ def validate_workspace(config):
     if len(parts) != 2 or not all(p.strip() for p in parts):
         raise ConfigError(f"config: databricks_database must be catalog.schema (got "
                           f"{database!r} from {config.origin('databricks_database')})")
-    volume = config.databricks_volume
+    volume = config.databricks_volume or "auto"
     if volume.lower() not in ("auto", "none") and not re.fullmatch(
             r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
         raise ConfigError(f"config: databricks_volume must be auto, none or look like "
@@ -2331,10 +2331,9 @@ class DatabricksSink(Sink):
             if self._credentials is None:  # one provider: its token outlives a reconnect
                 self._credentials = WorkspaceCredentials(cfg, self.workspace_url)
             kwargs["credentials_provider"] = self._credentials
+            module = self._credentials.connector(module)
         try:
-            if self._credentials is None:
-                return module.connect(**kwargs)
-            return self._credentials.connect(module, kwargs)
+            return module.connect(**kwargs)
         except Exception as exc:  # the connector raises many types; classify them
             raise databricks_error("connecting to the warehouse", exc, self.config) from None
 
@@ -2424,9 +2423,10 @@ class DatabricksSink(Sink):
         except SinkError:
             if not self._describe_again(table):
                 raise
-        known = self._describe_again(table) or dict(zip(
+        else:
+            self._describe_again(table)
+        known = self._columns[table] = self._columns.get(table) or dict(zip(
             table_layout(names), list(kinds) + list(LINEAGE_KINDS)))
-        self._columns[table] = known
         return dict(known)
 
     def _add_columns(self, table, new):
@@ -2476,7 +2476,7 @@ class DatabricksSink(Sink):
     def _choose_volume(self):
         """databricks_volume: a path, none, or auto: create our volume once; when the
         principal may not, say so in one line and send inline statements."""
-        setting = self.config.databricks_volume
+        setting = self.config.databricks_volume or "auto"
         if setting.lower() == "none":
             return ""
         if setting.lower() != "auto":
@@ -2972,9 +2972,17 @@ class WorkspaceCredentials:
             settings["profile"] = cfg.databricks_config_profile
         return Config(**settings).authenticate
 
-    def connect(self, module, kwargs):
-        """module.connect(**kwargs), its statements retried once with a new token."""
-        return RefreshingConnection(self.retried(lambda: module.connect(**kwargs)), self)
+    def connector(self, module):
+        """The DB-API module, its connect and statements retried once with a new token."""
+        credentials = self
+
+        class Refreshing:
+            @staticmethod
+            def connect(**kwargs):
+                conn = credentials.retried(lambda: module.connect(**kwargs))
+                return RefreshingConnection(conn, credentials)
+
+        return Refreshing
 
     def retried(self, action):
         """Run `action`; if the token was refused, refresh it and run it once more."""
