@@ -150,7 +150,7 @@ class ConnectionTests(WarehouseTestCase):
     def test_host_with_or_without_scheme(self):
         for host in (f"https://{HOST}/", HOST, f"HTTPS://{HOST}", f"{HOST}/"):
             with self.subTest(host=host):
-                self.warehouse.connections.clear()
+                self.fresh()
                 db = self.readings_db(5, name=f"db{len(host)}.db")
                 env = self.env(DATABRICKS_HOST=host, STATE_DIR=self.path(f"s{len(host)}"))
                 self.assertUploaded(self.upload(db, env=env))
@@ -334,12 +334,11 @@ class OAuthTests(WarehouseTestCase):
         db = self.readings_db(10)
         outputs = [self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()),
                    run_main(["--print-config"], self.oauth_env())]
+        self.add_readings(db, 10, 5)  # rows to send: refused, then never authenticated
         self.warehouse.valid_tokens = lambda token: False
-        outputs.append(self.upload(db, "--log-level", "DEBUG", "--reset-state",
-                                   env=self.oauth_env()))
+        outputs.append(self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()))
         self.server.client_secret = "another"  # the token endpoint refuses the secret
-        outputs.append(self.upload(db, "--log-level", "DEBUG", "--reset-state",
-                                   env=self.oauth_env()))
+        outputs.append(self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()))
         self.assertEqual([o[0] for o in outputs], [0, 0, 1, 1])
         self.assertIn("invalid_client", self.error_line(outputs[-1][2]))
         for code, out, err in outputs:
@@ -525,18 +524,17 @@ class IdempotenceTests(WarehouseTestCase):
         with fewer of them, and rows were lost, when the re-send re-read the grown
         source under the same batch id)."""
         db = self.readings_db(120)  # batches of 50: 1-50, 51-100, 101-120 (short)
-        self.warehouse.plan("queue_crash", "-3' AS `_batch_id`")
+        self.warehouse.plan("queue_crash", "-3' SELECT ")
         with self.assertRaises(fake_warehouse.Crash):
             self.upload(db, "--batch-size", "50")
         flight = self.position()["inflight"]
         self.assertEqual((flight["seq"], flight["cursor_end"]), (3, [120]))
         self.add_readings(db, 120, 60)  # the source grows while the node is down
         self.assertUploaded(self.upload(db, "--batch-size", "50"))
-        resent = [s for s in self.statements("INSERT") if "-3' AS `_batch_id`" in s]
+        resent = [s for s in self.statements("INSERT") if "-3' SELECT " in s]
         self.assertEqual(len(resent), 2, "batch 3 was not re-sent (or sent more than once)")
-        self.assertEqual(resent[0], resent[1].replace(
-            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[1]).group(0),
-            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[0]).group(0)),
+        uploaded = [re.search(r"TIMESTAMP'[^']*'", s).group(0) for s in resent]  # 1st
+        self.assertEqual(resent[0], resent[1].replace(uploaded[1], uploaded[0], 1),
             "the re-sent batch does not carry the rows of the batch in flight")
         self.warehouse.run_held()  # the dead client's statement runs late
         self.assertRowsOnce(range(1, 181))
@@ -1025,15 +1023,16 @@ class ErrorTests(WarehouseTestCase):
         outputs = []
         for argv in (["--print-config"], ["--print-config", "--json"],
                      ["--sqlite", db, "--once", "--log-level", "DEBUG"],
-                     ["--sqlite", db, "--once", "--log-format", "json", "--reset-state"],
+                     ["--sqlite", db, "--once", "--log-format", "json"],
                      ["--run-query", "SELECT 1 AS one"], ["--test-upload"]):
             code, out, err = run_main(argv, self.env())
             self.assertEqual(code, 0, err)
             outputs.append(out + err)
         # a failure whose message carries the token, with the debug traceback
+        self.add_readings(db, 5, 5)
         self.warehouse.plan("forbidden", "INSERT")
-        code, out, err = run_main(["--sqlite", db, "--once", "--log-level", "DEBUG",
-                                   "--reset-state"], self.env())
+        code, out, err = run_main(["--sqlite", db, "--once", "--log-level", "DEBUG"],
+                                  self.env())
         outputs.append(out + err)
         for text in outputs:
             self.assertNotIn(TOKEN, text)

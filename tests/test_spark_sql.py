@@ -136,7 +136,8 @@ class SparkParsesEveryStatement(unittest.TestCase):
                       "PRIMARY KEY AUTOINCREMENT, \"it's\" TEXT)", [("x" * 100,)] * 300,
                       columns=["it's"])
         cls.upload("--sqlite", big, "--once", "--max-statement-bytes", "10000",
-                   DATABRICKS_VOLUME="auto", STATE_DIR=os.path.join(cls.tmp, "state-staged"))
+                   DATABRICKS_VOLUME="auto", STATE_DIR=os.path.join(cls.tmp, "state-staged"),
+                   SOURCE_ID="node-2")
         cls.upload("--sqlite", db, "--run-query", "INFO")
         cls.upload("--test-upload")
 
