@@ -320,6 +320,17 @@ class OAuthTests(WarehouseTestCase):
         self.assertEqual(self.sleeps, [], "a new token needs no backoff")
         self.assertIn("refused the OAuth token", err)
 
+    def test_which_refusals_get_a_new_token(self):
+        Request, Server = fake_warehouse.RequestError, fake_warehouse.ServerOperationError
+        for exc, refused in [
+                (fake_warehouse.unauthorized(), True),
+                (Request("Error during request to server: Forbidden", {"http-code": 403}), True),
+                (Request("Invalid access token", {}), True),
+                (Server("[INSUFFICIENT_PERMISSIONS] User does not have MODIFY on Table"), False),
+                (Request("Service Unavailable", {"http-code": 503}), False)]:
+            with self.subTest(exc=str(exc)):
+                self.assertEqual(up.is_refused_token(exc), refused)
+
     def test_a_token_refused_again_fails_once_with_a_hint(self):
         self.warehouse.valid_tokens = lambda token: False  # e.g. the principal was removed
         code, out, err = self.upload(self.readings_db(10), env=self.oauth_env())
