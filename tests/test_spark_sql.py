@@ -138,6 +138,13 @@ class SparkParsesEveryStatement(unittest.TestCase):
         cls.upload("--sqlite", big, "--once", "--max-statement-bytes", "10000",
                    DATABRICKS_VOLUME="auto", STATE_DIR=os.path.join(cls.tmp, "state-staged"),
                    SOURCE_ID="node-2")
+        sink = up.DatabricksSink(up.check_target(up.load_config(
+            up.build_parser().parse_args([]), cls.env())), up.Identity("node'1", "t", "s"))
+        try:  # what --backfill and a new table's check read
+            sink.read_keys("raw_r_____", "node'1", ["id", "it's"])
+            sink.count_rows("raw_r_____", "node'1")
+        finally:
+            sink.close()
         cls.upload("--sqlite", db, "--run-query", "INFO")
         cls.upload("--test-upload")
 
@@ -190,6 +197,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
         selects = [s for s in self.sent if s.startswith("SELECT")]
         self.assertTrue([s for s in selects if "`_batch_id` = :batch_id" in s])
         self.assertTrue([s for s in selects if s.startswith("SELECT max(")])
+        self.assertTrue([s for s in selects if s.startswith("SELECT `id`, `it's` FROM")])
 
     def test_describe_show_tables_and_drop(self):
         for kind in ("DESCRIBE", "SHOW TABLES", "DROP TABLE"):
