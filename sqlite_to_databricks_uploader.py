@@ -543,7 +543,8 @@ def check_profile(config):
     import configparser
     name, path = config.databricks_config_profile, os.path.expanduser("~/.databrickscfg")
     where = f"from {config.origin('databricks_config_profile')}"
-    parser = configparser.ConfigParser(interpolation=None)
+    # DEFAULT is a profile like the others: its keys are not merged into every profile
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
     try:
         found = parser.read(path, encoding="utf-8")
     except configparser.Error as exc:
@@ -551,8 +552,7 @@ def check_profile(config):
     if not found:
         raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) needs "
                           f"{path}, which does not exist (`databricks auth login` writes it)")
-    section = parser.defaults() if name == "DEFAULT" else (
-        parser._sections.get(name) if parser.has_section(name) else None)
+    section = parser[name] if parser.has_section(name) else None
     if section is None:
         raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) is not a "
                           f"profile in {path} (it has: {', '.join(parser.sections()) or 'none'})")

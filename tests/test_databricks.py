@@ -386,11 +386,14 @@ class OAuthTests(WarehouseTestCase):
 
     def test_profile_is_validated_exit_2(self):
         self.databrickscfg("""\
+            [DEFAULT]
+            token = dapi-of-another-workspace
+
             [edge]
             host = https://example.cloud.databricks.com
-            """)
+            """)  # the SDK does not merge DEFAULT into a profile: neither do we
         db = self.readings_db(3)
-        for profile, words in [("nope", ["'nope'", "not a profile", "edge"]),
+        for profile, words in [("nope", ["'nope'", "not a profile", "DEFAULT, edge"]),
                                ("edge", ["'edge'", "no credentials", "databricks auth login"])]:
             with self.subTest(profile=profile):
                 code, out, err = self.upload(db, env=self.env(
@@ -399,6 +402,7 @@ class OAuthTests(WarehouseTestCase):
                 self.assertEqual(len(err.splitlines()), 1, err)
                 for word in words:
                     self.assertIn(word, err)
+                self.assertNotIn("dapi-of-another-workspace", err)
         os.remove(self.path("home", ".databrickscfg"))
         code, _, err = self.upload(db, env=self.env(DATABRICKS_TOKEN=None,
                                                     DATABRICKS_CONFIG_PROFILE="edge"))
