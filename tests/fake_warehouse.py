@@ -669,8 +669,9 @@ class TokenServer:
     `expires_in` seconds. `valid(token)` is what the warehouse checks (set
     `Warehouse.valid_tokens = server.valid`); `requests` records each token request."""
 
-    def __init__(self, client_id, client_secret, expires_in=3600):
+    def __init__(self, client_id, client_secret, expires_in=3600, clock=time.monotonic):
         self.client_id, self.client_secret, self.expires_in = client_id, client_secret, expires_in
+        self.clock = clock
         self.issued = {}  # token -> monotonic expiry
         self.requests = []
         self.revoked = set()
@@ -717,14 +718,14 @@ class TokenServer:
             return 401, {"error": "invalid_client",
                          "error_description": "Client authentication failed"}
         token = f"opaque{next(self.counter)}.{secrets.token_hex(8)}"  # not a JWT
-        self.issued[token] = time.monotonic() + self.expires_in
+        self.issued[token] = self.clock() + self.expires_in
         return 200, {"access_token": token, "token_type": "Bearer", "scope": "all-apis",
                      "expires_in": self.expires_in}
 
     def valid(self, token):
         """Issued here, not revoked, not expired."""
         expiry = self.issued.get(token)
-        return expiry is not None and token not in self.revoked and time.monotonic() < expiry
+        return expiry is not None and token not in self.revoked and self.clock() < expiry
 
     def close(self):
         self.httpd.shutdown()

@@ -285,14 +285,43 @@ class OAuthTests(WarehouseTestCase):
         self.assertEqual(headers()["Authorization"], f"Bearer {token}", "not cached")
         self.assertEqual(len(self.server.requests), 1)
 
-    def test_opaque_token_is_replaced_when_it_expires(self):
-        self.server.expires_in = 1  # opaque: only expires_in says when it ends
+    def sdk_clock(self):
+        """Move databricks-sdk's clock (and the token endpoint's) forward at will."""
+        from databricks.sdk import oauth
+        offset = [0.0]
+
+        class Clock(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return dt.datetime.now(tz) + dt.timedelta(seconds=offset[0])
+
+        patcher = mock.patch.object(oauth, "datetime", Clock)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.server.clock = lambda: time.monotonic() + offset[0]
+        return offset
+
+    def test_opaque_token_is_refreshed_before_it_expires(self):
+        """An opaque token (not a JWT): only its expires_in says when it ends."""
+        offset = self.sdk_clock()
         headers = self.credentials()()
         first = headers()["Authorization"]
-        REAL_SLEEP(1.2)  # past the first token's life (no timing is asserted)
+        offset[0] = 1000
+        self.assertEqual(headers()["Authorization"], first, "refreshed too early")
+        self.assertEqual(len(self.server.requests), 1)
+        offset[0] = 2500  # 1,100 s before it expires: past the SDK's refresh point
+        headers()  # starts the refresh in the background
+        for _ in range(400):  # wait for it (up to 20 s; nothing timed is asserted)
+            if len(self.server.requests) == 2:
+                break
+            REAL_SLEEP(0.05)
         second = headers()["Authorization"]
-        self.assertNotEqual(first, second)
+        self.assertNotEqual(second, first)
+        self.assertTrue(self.server.valid(first.removeprefix("Bearer ")),
+                        "the old token had expired before it was replaced")
         self.assertTrue(self.server.valid(second.removeprefix("Bearer ")))
+        offset[0] = 3700  # the first is gone; the second serves
+        self.assertEqual(headers()["Authorization"], second)
 
     def test_upload_with_client_credentials_instead_of_a_token(self):
         code, out, err = self.upload(self.readings_db(30), env=self.oauth_env())
