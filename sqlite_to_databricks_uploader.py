@@ -2489,8 +2489,10 @@ class DatabricksSink(Sink):
         except SinkError as exc:
             if exc.transient:
                 raise
-            log.warning("sink: no staging volume, batches go as inline statements: %s "
-                        "(DATABRICKS_VOLUME=%s if an admin creates it, or none)", exc, path)
+            cause = str(exc).split(" failed: ", 1)[-1].split("; ")[0]  # the server's words
+            log.warning("sink: cannot create the staging volume %s (%s): batches go as "
+                        "inline statements (DATABRICKS_VOLUME=%s once an admin creates it, "
+                        "or none)", name, cause, path)
             return ""
         log.info("sink: staging batches as Parquet in %s", path)
         return path
