@@ -2962,9 +2962,8 @@ class WorkspaceCredentials:
         self._headers = None
 
     def _authenticate(self):
-        import logging as logs
         from databricks.sdk.core import Config
-        logs.getLogger("databricks.sdk").setLevel(logs.ERROR)  # its notes are not ours
+        logging.getLogger("databricks.sdk").setLevel(logging.ERROR)  # its notes are not ours
         cfg = self.config
         settings = {"host": self.url}
         if cfg.databricks_client_id:
