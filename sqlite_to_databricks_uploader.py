@@ -2,6 +2,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
+#     "databricks-sdk>=0.50",
 #     "databricks-sql-connector>=4.0",
 #     "deltalake>=1.0",
 #     "pyyaml>=6.0",
@@ -63,6 +64,7 @@ STATE_VERSION = 2  # 2: a position per target table (1: per destination)
 DEFAULT_STATE_DIR = "/state"  # a mounted volume; never created by the tool
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
+AUTO_VOLUME = "uploader_staging"  # the staging volume databricks_volume=auto creates
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
 LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
 
@@ -229,10 +231,16 @@ class Config:
     databricks_client_secret: str | None = option(
         None, "--databricks-client-secret", "DATABRICKS_CLIENT_SECRET", "str",
         "service principal OAuth secret (prefer the env var)", "databricks", secret=True)
-    databricks_volume: str | None = option(
-        None, "--databricks-volume", "DATABRICKS_VOLUME", "str",
-        "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging big batches "
-        "as Parquet and loading them with COPY INTO", "databricks")
+    databricks_config_profile: str | None = option(
+        None, "--databricks-config-profile", "DATABRICKS_CONFIG_PROFILE", "str",
+        "profile in ~/.databrickscfg to authenticate with (as written by `databricks auth "
+        "login`), instead of a token or client credentials", "databricks")
+    databricks_volume: str = option(
+        "auto", "--databricks-volume", "DATABRICKS_VOLUME", "str",
+        "Unity Catalog volume (/Volumes/catalog/schema/volume) for staging batches as "
+        f"Parquet and loading them with COPY INTO; 'auto' creates <catalog>.<schema>."
+        f"{AUTO_VOLUME} once (inline statements if the principal may not), 'none' sends "
+        "inline statements only", "databricks")
     max_statement_bytes: int = option(
         1_048_576, "--max-statement-bytes", "MAX_STATEMENT_BYTES", "int",
         "largest SQL statement sent to the warehouse, in bytes", "databricks")
@@ -502,9 +510,11 @@ def validate_workspace(config):
     if not config.databricks_http_path:
         raise missing("databricks_http_path", need)
     has_oauth = config.databricks_client_id or config.databricks_client_secret
-    if not config.databricks_token and not has_oauth:
+    if config.databricks_config_profile:
+        check_profile(config)
+    elif not config.databricks_token and not has_oauth:
         raise missing("databricks_token", need + " (or databricks_client_id and "
-                      "databricks_client_secret for OAuth)")
+                      "databricks_client_secret for OAuth, or databricks_config_profile)")
     if has_oauth and not config.databricks_token:
         for name in ("databricks_client_id", "databricks_client_secret"):
             if not getattr(config, name):
@@ -519,9 +529,10 @@ def validate_workspace(config):
     if len(parts) != 2 or not all(p.strip() for p in parts):
         raise ConfigError(f"config: databricks_database must be catalog.schema (got "
                           f"{database!r} from {config.origin('databricks_database')})")
-    volume = config.databricks_volume
-    if volume and not re.fullmatch(r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
-        raise ConfigError(f"config: databricks_volume must look like "
+    volume = config.databricks_volume or "auto"
+    if volume.lower() not in ("auto", "none") and not re.fullmatch(
+            r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
+        raise ConfigError(f"config: databricks_volume must be auto, none or look like "
                           f"/Volumes/catalog/schema/volume (got {volume!r} from "
                           f"{config.origin('databricks_volume')})")
     if config.max_statement_bytes < 10_000:
@@ -529,6 +540,34 @@ def validate_workspace(config):
                           f"{config.max_statement_bytes} from "
                           f"{config.origin('max_statement_bytes')})")
     return database
+
+
+PROFILE_AUTH_KEYS = ("token", "client_id", "auth_type", "password", "azure_client_id",
+                     "azure_use_msi", "google_service_account", "google_credentials",
+                     "metadata_service_url")
+
+
+def check_profile(config):
+    """The named ~/.databrickscfg profile exists and holds credentials of some kind."""
+    import configparser
+    name, path = config.databricks_config_profile, os.path.expanduser("~/.databrickscfg")
+    where = f"from {config.origin('databricks_config_profile')}"
+    # DEFAULT is a profile like the others: its keys are not merged into every profile
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+    try:
+        found = parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError(f"config: cannot read {path}: {first_line(exc)}") from None
+    if not found:
+        raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) needs "
+                          f"{path}, which does not exist (`databricks auth login` writes it)")
+    section = parser[name] if parser.has_section(name) else None
+    if section is None:
+        raise ConfigError(f"config: databricks_config_profile {name!r} ({where}) is not a "
+                          f"profile in {path} (it has: {', '.join(parser.sections()) or 'none'})")
+    if not any(key in section for key in PROFILE_AUTH_KEYS):
+        raise ConfigError(f"config: profile {name!r} in {path} has no credentials (token, "
+                          "client_id or auth_type); run `databricks auth login`")
 
 
 def normalize_host(host):
@@ -2640,6 +2679,8 @@ class DatabricksSink(Sink):
     name = "databricks"
     RETRIES = 6
     connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
+    workspace_url = None  # where databricks-sdk authenticates; None: https://<host> (tests:
+    # a loopback token endpoint)
 
     def __init__(self, config, identity):
         super().__init__(config, identity)
@@ -2650,6 +2691,8 @@ class DatabricksSink(Sink):
         self._staging_dir = None
         self._credentials = None
         self._learnt = False
+        self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
+        self._volume_lock = threading.Lock()
 
     @property
     def destination(self):
@@ -2680,10 +2723,9 @@ class DatabricksSink(Sink):
             kwargs["access_token"] = cfg.databricks_token
         else:
             if self._credentials is None:  # one provider: its token outlives a reconnect
-                self._credentials = oauth_m2m_provider(
-                    cfg.databricks_host, cfg.databricks_client_id,
-                    cfg.databricks_client_secret)
+                self._credentials = WorkspaceCredentials(cfg, self.workspace_url)
             kwargs["credentials_provider"] = self._credentials
+            module = self._credentials.connector(module)
         try:
             return module.connect(**kwargs)
         except Exception as exc:  # the connector raises many types; classify them
@@ -2762,26 +2804,49 @@ class DatabricksSink(Sink):
 
     def ensure_table(self, table, names, kinds):
         """Create the table when missing; add the batch's new columns."""
-        known = self.known_kinds(table)
-        if not known:
-            ddl = create_table_sql(self.target(table), names, kinds)
-            self._ddl(ddl, table)
-            known = self._columns[table] = self._describe(table) or dict(zip(
-                list(names) + list(LINEAGE_COLUMNS), list(kinds) + list(LINEAGE_KINDS)))
+        known = self.known_kinds(table) or self._create(table, names, kinds)
         lower = {n.lower() for n in known}
         new = [(n, k) for n, k in zip(names, kinds) if n.lower() not in lower]
         if new:
+            self._add_columns(table, new)
+
+    def _create(self, table, names, kinds):
+        """CREATE TABLE IF NOT EXISTS; another node may win the race to create it."""
+        try:
+            self._ddl(create_table_sql(self.target(table), names, kinds), table)
+        except SinkError:
+            if not self._describe_again(table):
+                raise
+        else:
+            self._describe_again(table)
+        known = self._columns[table] = self._columns.get(table) or dict(zip(
+            table_layout(names), list(kinds) + list(LINEAGE_KINDS)))
+        return dict(known)
+
+    def _add_columns(self, table, new):
+        """ALTER TABLE ... ADD COLUMNS; fine when another node (or a re-sent request)
+        added them first, and tried again when another node's ALTER won a race. The
+        table's columns are read again either way: another node may have added its own."""
+        for attempt in range(1, self.RETRIES + 1):
             try:
                 if needs_column_mapping([n for n, _ in new]):
                     self._ddl(column_mapping_sql(self.target(table)), table)
                 self._ddl(add_columns_sql(self.target(table), new), table)
-            except SinkError:
-                # another node (or a re-sent request) may have added them already
-                now = {n.lower() for n in self._describe(table)}
-                if not all(n.lower() in now for n, _ in new):
+                break
+            except SinkError as exc:
+                now = {n.lower() for n in self._describe_again(table)}
+                if all(n.lower() in now for n, _ in new):
+                    break
+                if attempt == self.RETRIES or not (exc.transient or is_schema_change(exc)):
                     raise
-            known.update(new)
-            self._columns[table] = known
+                log.info("sink: another writer changed %s while columns were added; "
+                         "adding them again", table)
+        self._describe_again(table)
+
+    def _describe_again(self, table):
+        """The table's columns read afresh (a new dict: the read-ahead thread reads it)."""
+        self._columns.pop(table, None)
+        return self.known_kinds(table)
 
     def _ddl(self, ddl, table):
         try:
@@ -2795,9 +2860,40 @@ class DatabricksSink(Sink):
 
     # --- writes --------------------------------------------------------------------
 
+    def volume(self):
+        """The staging volume's path, or None when batches go as inline statements."""
+        with self._volume_lock:  # first asked in the read-ahead thread, before any write
+            if self._volume is None:
+                self._volume = self._choose_volume()
+            return self._volume or None
+
+    def _choose_volume(self):
+        """databricks_volume: a path, none, or auto: create our volume once; when the
+        principal may not, say so in one line and send inline statements."""
+        setting = self.config.databricks_volume or "auto"
+        if setting.lower() == "none":
+            return ""
+        if setting.lower() != "auto":
+            return setting
+        name = qualified_name(self.database, AUTO_VOLUME)
+        path = "/Volumes/" + "/".join(self.database.split(".") + [AUTO_VOLUME])
+        try:
+            self.retrying("creating the staging volume", lambda: self.execute(
+                f"CREATE VOLUME IF NOT EXISTS {name}", what=f"creating volume {name}"))
+        except SinkError as exc:
+            if exc.transient:
+                raise
+            cause = str(exc).split(" failed: ", 1)[-1].split("; ")[0]  # the server's words
+            log.warning("sink: cannot create the staging volume %s (%s): batches go as "
+                        "inline statements (DATABRICKS_VOLUME=%s once an admin creates it, "
+                        "or none)", name, cause, path)
+            return ""
+        log.info("sink: staging batches as Parquet in %s", path)
+        return path
+
     def rows_per_write(self):
         """Rows per batch so that one batch is one statement (inline path)."""
-        if self.config.databricks_volume:
+        if self.volume():
             return None
         return self._rows_per_write
 
@@ -2816,40 +2912,59 @@ class DatabricksSink(Sink):
         self._rows_per_write = max(1, int(budget / max(bytes_per_row, 1.0)))
 
     def prepare(self, table, batch):
-        if self.config.databricks_volume:
+        if self.volume():
             # a batch that fits one statement goes inline; bigger ones as one Parquet
             # file, written from the chunks' Arrow data when the batch is sent
             if not (batch.first and batch.final and batch.count <= self._rows_per_write):
                 return to_record_batch(batch, self.identity)
-        statement = render_insert(self.target(table), batch, self.identity)
-        size = len(statement.encode("utf-8"))
-        self._set_rows_per_write(size / max(batch.source_count, 1))
-        if self.config.databricks_volume and size > self.config.max_statement_bytes:
+        statement = inline_statement(batch, self.identity)
+        statement.assemble(self.target(table), self._columns.get(table))
+        self._set_rows_per_write(statement.size / max(batch.source_count, 1))
+        if self.volume() and statement.size > self.config.max_statement_bytes:
             return to_record_batch(batch, self.identity)
-        return InlineStatement(statement, size)
+        return statement
 
     def fits(self, payload):
         return not isinstance(payload, InlineStatement) or (
             payload.size <= self.config.max_statement_bytes)
 
     def write(self, table, batch):
-        self.ensure_table(table, batch.columns, batch.kinds)
         payload = batch.payload
         arrow = [p for p in payload if not isinstance(p, InlineStatement)] if isinstance(
             payload, list) else []
         if arrow:
             staged = [StagedFile(batch.batch_id, parquet_bytes(arrow))]
-            self.retrying(f"staging batch {batch.batch_id}",
-                          lambda: self._load_staged(table, staged))
+            self._send(table, batch, f"staging batch {batch.batch_id}",
+                       lambda: self._load_staged(table, staged))
         else:
-            sql = (payload[0] if isinstance(payload, list) else payload).sql
-            self.retrying(f"writing batch {batch.batch_id}", lambda: self.execute(
-                sql, what=f"writing batch {batch.batch_id}"))
+            statement = payload[0] if isinstance(payload, list) else payload
+            what = f"writing batch {batch.batch_id}"
+            self._send(table, batch, what, lambda: self.execute(statement.assemble(
+                self.target(table), self._columns.get(table)), what=what))
         return Receipt(batch.count)
+
+    def _send(self, table, batch, what, action):
+        """Make sure the table has the batch's columns, then run `action` (retried);
+        when another writer changed the table meanwhile (a column added, so the insert
+        lacks one, or a commit that changed its metadata), read its columns again and
+        run it again: every write is idempotent."""
+        for attempt in range(1, self.RETRIES + 1):
+            self.ensure_table(table, batch.columns, batch.kinds)
+            try:
+                return self.retrying(what, action)
+            except SinkError as exc:
+                if attempt == self.RETRIES or not (is_schema_change(exc) or
+                                                   is_conflict(exc)):
+                    raise
+                log.info("sink: batch %s met another writer's commit on %s; sending it "
+                         "again", batch.batch_id, table)
+                if is_schema_change(exc):
+                    self._columns.pop(table, None)
+        raise AssertionError("unreachable")
 
     def _load_staged(self, table, files):
         """PUT the batch's Parquet files into the volume, COPY INTO once, remove them."""
-        folder = f"{self.config.databricks_volume.rstrip('/')}/{self.identity.source_id}/{table}"
+        folder = f"{self.volume().rstrip('/')}/{self.identity.source_id}/{table}"
         names = [f"{f.name}.parquet" for f in files]
         if self._conn is None:
             self._conn = self._connect()
@@ -2923,10 +3038,43 @@ class DatabricksSink(Sink):
 
 @dataclasses.dataclass
 class InlineStatement:
-    """A rendered INSERT ... REPLACE WHERE statement and its size in bytes."""
+    """A batch as one `INSERT ... REPLACE WHERE` statement and its size in bytes.
 
-    sql: str
-    size: int
+    Spark's grammar takes REPLACE WHERE only with a positional select list (not BY NAME,
+    not a column list), so the statement names the table's columns in table order: it
+    is assembled again when the table has gained columns since the rows were rendered.
+    """
+
+    rows: str
+    names: list
+    where: str
+    lineage: dict
+    columns: list = None
+    sql: str = ""
+    size: int = 0
+
+    @classmethod
+    def build(cls, rows, names, source_id, batch_id, uploaded):
+        """Rendered rows of batch `batch_id`, written by `source_id` at `uploaded`."""
+        source, batch = sql_string(source_id), sql_string(batch_id)
+        return cls(rows, names, f"`_source_id` = {source} AND `_batch_id` = {batch}",
+                   {"_source_id": source, "_batch_id": batch, "_uploaded_at": uploaded})
+
+    def assemble(self, target, columns=None):
+        """The statement for a table with `columns` in table order; returns the SQL."""
+        columns = list(columns or table_layout(self.names))
+        have = {c.lower() for c in columns}
+        columns += [n for n in self.names if n.lower() not in have]  # never drop a value
+        if columns == self.columns and self.sql:
+            return self.sql
+        given = {n.lower(): quote_name(n) for n in self.names}
+        given.update(self.lineage)  # our tags, which the REPLACE WHERE predicate reads
+        select = ", ".join(given.get(c.lower(), "NULL") for c in columns)
+        self.columns = columns
+        self.sql = (f"INSERT INTO {target} REPLACE WHERE {self.where} SELECT {select} "
+                    f"FROM VALUES {self.rows} AS v({', '.join(map(quote_name, self.names))})")
+        self.size = len(self.sql.encode("utf-8"))
+        return self.sql
 
 
 @dataclasses.dataclass
@@ -3032,8 +3180,9 @@ def render_columns(batch):
     return columns, rescued
 
 
-def render_insert(target, batch, identity):
-    """INSERT INTO t BY NAME REPLACE WHERE <this batch> SELECT ... FROM VALUES ..."""
+def render_rows(batch):
+    """The batch as inline-table rows `(..),(..)` and their column names (with
+    `_rescued_data` when a value was rescued); counts the rescued rows."""
     columns, rescued = render_columns(batch)
     names = list(batch.columns)
     if rescued:
@@ -3041,14 +3190,43 @@ def render_insert(target, batch, identity):
                         for v in rescued_json(rescued, batch.count)])
         names.append("_rescued_data")
     batch.rescued = len(rescued)
-    rows = ",".join("(" + ",".join(row) + ")" for row in zip(*columns))
+    return ",".join("(" + ",".join(row) + ")" for row in zip(*columns)), names
+
+
+def table_layout(names):
+    """The columns, in order, of a table created for a batch with these columns."""
+    return [n for n in names if n != "_rescued_data"] + list(LINEAGE_COLUMNS)
+
+
+def render_insert(target, batch, identity, columns=None):
+    """INSERT INTO t REPLACE WHERE <this batch> SELECT <the table's columns> FROM VALUES ...
+
+    `columns` are the table's columns in table order (default: the table this batch
+    would create); those the batch lacks are NULL."""
+    return inline_statement(batch, identity).assemble(target, columns)
+
+
+def inline_statement(batch, identity):
+    """The batch's rows rendered once, tagged with its lineage, ready to assemble."""
+    rows, names = render_rows(batch)
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    lineage = (f"{sql_string(identity.source_id)} AS `_source_id`, "
-               f"{sql_string(batch.batch_id)} AS `_batch_id`, "
-               f"{sql_literal(now, TIMESTAMP)} AS `_uploaded_at`")
-    return (f"INSERT INTO {target} BY NAME REPLACE WHERE `_source_id` = "
-            f"{sql_string(identity.source_id)} AND `_batch_id` = {sql_string(batch.batch_id)} "
-            f"SELECT *, {lineage} FROM VALUES {rows} AS v({', '.join(map(quote_name, names))})")
+    return InlineStatement.build(rows, names, identity.source_id, batch.batch_id,
+                                 sql_literal(now, TIMESTAMP))
+
+
+SCHEMA_CHANGE_MARKERS = ("INSERT_COLUMN_ARITY_MISMATCH", "DELTA_METADATA_CHANGED")
+
+
+def is_schema_change(error):
+    """True when a write failed because the table's columns changed under it."""
+    return any(marker in str(error) for marker in SCHEMA_CHANGE_MARKERS)
+
+
+def is_conflict(error):
+    """True when Delta's optimistic concurrency failed a write: another writer's commit
+    landed first. Every write here is idempotent, so it may simply go again."""
+    return bool(re.search(r"DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|"
+                          r"concurrent update", str(error), re.I))
 
 
 def needs_column_mapping(names):
@@ -3146,30 +3324,107 @@ def databricks_hint(text, config):
     return ""
 
 
-def oauth_m2m_provider(host, client_id, client_secret, opener=None):
-    """A connector credentials provider for OAuth machine-to-machine (client credentials)."""
-    import urllib.request
-    opener = opener or urllib.request.urlopen
-    token = {"value": None, "expires": 0.0}
+class WorkspaceCredentials:
+    """OAuth credentials from databricks-sdk, as the connector's `credentials_provider`.
 
-    def refresh():
-        body = urllib.parse.urlencode({"grant_type": "client_credentials",
-                                       "scope": "all-apis"}).encode()
-        request = urllib.request.Request(f"https://{host}/oidc/v1/token", data=body)
-        basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
-        request.add_header("Authorization", f"Basic {basic}")
-        request.add_header("Content-Type", "application/x-www-form-urlencoded")
-        with opener(request, timeout=30) as response:
-            reply = json.loads(response.read())
-        token["value"] = reply["access_token"]
-        token["expires"] = time.time() + float(reply.get("expires_in", 3600))
+    Client credentials (a service principal) or a ~/.databrickscfg profile (any auth
+    the SDK knows: `databricks auth login`, a token, M2M). The SDK refreshes a token
+    ahead of the `expires_in` it came with (tokens may be opaque, not JWTs); a request
+    refused with 401/403 all the same (a token revoked or expired early) gets one fresh
+    token and one retry: every statement the sink sends may run twice.
+    """
 
-    def headers():
-        if token["value"] is None or time.time() > token["expires"] - 60:
-            refresh()
-        return {"Authorization": f"Bearer {token['value']}"}
+    def __init__(self, config, url=None):
+        self.config = config
+        self.url = url or f"https://{config.databricks_host}"
+        self._headers = None  # the SDK's header factory, made on first use
 
-    return lambda: headers
+    def __call__(self):
+        """What the connector calls once per connection: a header factory."""
+        return self.headers
+
+    def headers(self):
+        """Authorization headers for one request (the SDK refreshes when due)."""
+        if self._headers is None:
+            self._headers = self._authenticate()
+        return self._headers()
+
+    def refresh(self):
+        """Forget the token: the next request gets a new one."""
+        self._headers = None
+
+    def _authenticate(self):
+        from databricks.sdk.core import Config
+        logging.getLogger("databricks.sdk").setLevel(logging.ERROR)  # its notes are not ours
+        cfg = self.config
+        settings = {"host": self.url}
+        if cfg.databricks_client_id:
+            settings.update(client_id=cfg.databricks_client_id, auth_type="oauth-m2m",
+                            client_secret=cfg.databricks_client_secret)
+        if cfg.databricks_config_profile:
+            settings["profile"] = cfg.databricks_config_profile
+        return Config(**settings).authenticate
+
+    def connector(self, module):
+        """The DB-API module, its connect and statements retried once with a new token."""
+        credentials = self
+
+        class Refreshing:
+            @staticmethod
+            def connect(**kwargs):
+                conn = credentials.retried(lambda: module.connect(**kwargs))
+                return RefreshingConnection(conn, credentials)
+
+        return Refreshing
+
+    def retried(self, action):
+        """Run `action`; if the token was refused, refresh it and run it once more."""
+        try:
+            return action()
+        except Exception as exc:  # the connector raises many types
+            if not is_refused_token(exc):
+                raise
+            log.info("sink: the workspace refused the OAuth token (%s); getting a new one",
+                     first_line(exc))
+            self.refresh()
+        return action()
+
+
+def is_refused_token(exc):
+    """True for an HTTP 401/403 (a token expired or revoked), not a missing privilege."""
+    context = getattr(exc, "context", None)
+    code = context.get("http-code") if isinstance(context, dict) else None
+    return code in (401, 403) or bool(re.search(
+        r"\b401\b|Unauthorized|Invalid access token|token (has )?expired", str(exc), re.I))
+
+
+class RefreshingConnection:
+    """A connector connection whose statements get one new token after a 401/403."""
+
+    def __init__(self, conn, credentials):
+        self._conn, self._credentials = conn, credentials
+
+    def cursor(self):
+        return RefreshingCursor(self._conn, self._credentials)
+
+    def close(self):
+        self._conn.close()
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class RefreshingCursor:
+    """A cursor whose execute is retried once with a new token after a 401/403."""
+
+    def __init__(self, conn, credentials):
+        self._cursor, self._credentials = conn.cursor(), credentials
+
+    def execute(self, *args):
+        return self._credentials.retried(lambda: self._cursor.execute(*args))
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
 
 
 # === Checkpoint ======================================================================

@@ -16,7 +16,7 @@ way databricks-sql-connector's legacy inline escaper does.
 
 Run by bench.py inside the script's environment:
     uv run --with-requirements sqlite_to_databricks_uploader.py \
-        python bench/warehouse.py DB STATE_DIR {inline|staging|literals|seed}
+        python bench/warehouse.py DB STATE_DIR {inline|staging|auto|literals|seed}
 prints one JSON object.
 """
 
@@ -129,15 +129,15 @@ class RecordingWarehouse:
 
 # --- runs -----------------------------------------------------------------------
 
-def run_uploader(db, state_dir, volume=None):
-    """One --once cycle of the uploader against the recording double."""
+def run_uploader(db, state_dir, volume="none"):
+    """One --once cycle of the uploader against the recording double (volume: none for
+    inline statements, auto to create the staging volume, or a /Volumes path)."""
     double = RecordingWarehouse()
     up.DatabricksSink.connector = double
     environ = {"DATABRICKS_HOST": "bench.cloud.databricks.com",
                "DATABRICKS_HTTP_PATH": "/sql/1.0/warehouses/bench",
-               "DATABRICKS_TOKEN": "dapi-bench", "DATABRICKS_DATABASE": DATABASE}
-    if volume:
-        environ["DATABRICKS_VOLUME"] = volume
+               "DATABRICKS_TOKEN": "dapi-bench", "DATABRICKS_DATABASE": DATABASE,
+               "DATABRICKS_VOLUME": volume}
     began = time.perf_counter()
     code = up.main(["--sqlite", db, "--once", "--state-dir", state_dir,
                     "--log-level", "WARNING"], environ=environ)
@@ -200,6 +200,8 @@ def main():
         out = run_uploader(db, state_dir)
     elif what == "staging":
         out = run_uploader(db, state_dir, VOLUME)
+    elif what == "auto":  # the default: the volume is created, then staged to
+        out = run_uploader(db, state_dir, "auto")
     elif what == "literals":
         out = literal_bytes(db)
     elif what == "seed":

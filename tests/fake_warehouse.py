@@ -7,10 +7,15 @@ uploader uses are given Databricks semantics:
 
 - CREATE TABLE ... USING DELTA TBLPROPERTIES, ALTER TABLE ... ADD COLUMNS, DESCRIBE
   TABLE (Databricks type names), SHOW TABLES IN, DROP TABLE, SELECT;
-- INSERT INTO t [BY NAME] REPLACE WHERE p <query>: delete where p, then insert, as one
-  transaction (one Delta commit);
-- PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...' (files under a
-  local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
+- INSERT INTO t REPLACE WHERE p <query>: delete where p, then insert, as one
+  transaction (one Delta commit); the select list is positional and names every column
+  of the table ([INSERT_COLUMN_ARITY_MISMATCH] otherwise), and `BY NAME` or a column
+  list with REPLACE WHERE is a [PARSE_SYNTAX_ERROR], as in Spark 4.0's grammar (newer
+  Databricks docs list `BY NAME REPLACE WHERE`; older warehouses refuse it);
+- CREATE VOLUME IF NOT EXISTS `c`.`s`.`v` (refused as INSUFFICIENT_PERMISSIONS when
+  `may_create_volumes` is False; when `volume_names` is a set, only volumes in it, or
+  created, exist), PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...'
+  (files under a local volume root), COPY INTO t FROM '/Volumes/...' FILEFORMAT = PARQUET FILES = (...)
   which, like Databricks, skips files it has already loaded.
 
 Checks a real warehouse makes and DuckDB would not: Spark's `${var}` substitution in
@@ -22,6 +27,15 @@ schemas (when `Warehouse.schemas` is set) and the token (when `valid_tokens` is 
 credentials provider is called the way the connector calls it: once at connect for a
 header factory, then the factory before every request (headers kept in `auth_headers`).
 
+Writers on one table conflict as Delta's optimistic concurrency makes them (when
+`Warehouse.conflicts` is set; a statement's snapshot is taken when it arrives, and a
+statement waits for the one before it): an ALTER fails a concurrent writer with
+[DELTA_METADATA_CHANGED], an INSERT ... REPLACE WHERE (not blind: the table is not
+partitioned) fails when any file was added meanwhile with [DELTA_CONCURRENT_APPEND],
+blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
+CREATE TABLE IF NOT EXISTS gets [DELTA_PROTOCOL_CHANGED] or [TABLE_OR_VIEW_ALREADY_EXISTS],
+in turn.
+
 Faults are planned with `Warehouse.plan(action, match)`: 'resend' runs the statement
 twice (the connector's HTTP retry after a dropped reply), 'drop_reply' runs it and then
 raises a transient error (so the caller retries it), 'unavailable' raises 503 before
@@ -32,11 +46,17 @@ running it; 'queue_crash' holds the statement in the warehouse's queue and raise
 later, as a warehouse runs a dead client's queued statement.
 """
 
+import base64
+import http.server
+import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import threading
+import time
+import urllib.parse
 
 import duckdb
 import sqlglot
@@ -83,6 +103,24 @@ SPARK_TIMESTAMP = re.compile(
 # Spark's ConfigReader pattern for ${var} and ${prefix:var}.
 SPARK_VARIABLE = re.compile(r"\$\{(?:(\w+?):)?(\S+?)\}")
 
+# What Databricks answers when Delta's optimistic concurrency fails a statement.
+METADATA_CHANGED = (
+    "[DELTA_METADATA_CHANGED] MetadataChangedException: The metadata of the Delta table "
+    "has been changed by a concurrent update. Please try the operation again. SQLSTATE: 2D521")
+CONCURRENT_APPEND = (
+    "[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: Files were added to the root of "
+    "the table by a concurrent update. Please try the operation again. SQLSTATE: 2D521")
+PROTOCOL_CHANGED = (
+    "[DELTA_PROTOCOL_CHANGED.WRITE_TO_EMPTY_DIRECTORY] ProtocolChangedException: The "
+    "protocol version of the Delta table has been changed by a concurrent update. This "
+    "happens when multiple writers are writing to an empty directory. Creating the table "
+    "ahead of time will avoid this conflict. SQLSTATE: 2D521")
+ALREADY_EXISTS = (
+    "[TABLE_OR_VIEW_ALREADY_EXISTS] Cannot create table or view because it already "
+    "exists. SQLSTATE: 42P07")
+WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|CREATE TABLE IF NOT EXISTS)"
+                             r" ((?:`(?:[^`]|``)+`\.){2}`(?:[^`]|``)+`)")
+
 TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
               "BLOB": "binary", "BOOLEAN": "boolean", "TIMESTAMP WITH TIME ZONE": "timestamp",
               "INTEGER": "int", "TIMESTAMP": "timestamp_ntz"}
@@ -106,6 +144,13 @@ class Warehouse:
         # None: every catalog.schema exists and every token is good
         self.schemas = None if schemas is None else {x.lower() for x in schemas}
         self.valid_tokens = None if valid_tokens is None else set(valid_tokens)
+        # None: every volume exists; else the c.s.v names that do (CREATE VOLUME adds)
+        self.volume_names = None
+        self.may_create_volumes = True
+        # Delta conflicts between writers (off unless a test turns them on)
+        self.conflicts = False
+        self.commits = {}  # "c.s.t" -> kinds of its commits: create, append, replace, metadata
+        self.create_races = itertools.cycle([PROTOCOL_CHANGED, ALREADY_EXISTS])
         self.lock = threading.Lock()
 
     # --- test-facing helpers -------------------------------------------------------
@@ -158,7 +203,11 @@ class Warehouse:
         return None
 
     def execute(self, sql, params, staging_paths):
+        write = written_table(sql)
+        seen = self.version(write[1]) if write else None  # its snapshot: when it arrives
         with self.lock:
+            if write and self.conflicts:
+                self.check_conflict(sql, params, *write, seen)
             action = self.take_fault(sql)
             if action == "unavailable":
                 self.record(sql, params, "refused: 503")
@@ -179,9 +228,9 @@ class Warehouse:
             if action == "crash_before":
                 self.record(sql, params, "crashed before")
                 raise Crash(sql)
-            result = self.run(sql, params, staging_paths)
+            result = self.run_and_commit(sql, params, staging_paths, write)
             if action == "resend":
-                result = self.run(sql, params, staging_paths)
+                result = self.run_and_commit(sql, params, staging_paths, write)
             if action == "drop_reply":
                 raise RequestError("HTTPSConnectionPool: Read timed out.",
                                    {"http-code": None})
@@ -196,13 +245,49 @@ class Warehouse:
             for sql, params, staging_paths in held:
                 self.run(sql, params, staging_paths)
 
+    def run_and_commit(self, sql, params, staging_paths, write):
+        result = self.run(sql, params, staging_paths)
+        if write:
+            kind, table = write
+            if kind != "create":
+                self.commits.setdefault(table, []).append(kind)
+            elif table not in self.commits:  # IF NOT EXISTS on a table: no commit
+                self.commits[table] = ["create"]
+        return result
+
+    def version(self, table):
+        """Commits on a table so far; None while it does not exist."""
+        log = self.commits.get(table)
+        return None if log is None else len(log)
+
+    def check_conflict(self, sql, params, kind, table, seen):
+        """Delta's optimistic concurrency, as Databricks reports it: a commit that landed
+        on the table after this statement arrived may fail it (DESIGN 9)."""
+        error = None
+        if kind == "create":
+            if seen is None and table in self.commits:  # two racing to create it
+                error = next(self.create_races)
+        elif seen is not None:
+            since = self.commits.get(table, [])[seen:]
+            if "metadata" in since:
+                error = METADATA_CHANGED
+            elif kind == "replace" and since:  # not blind: unpartitioned, any append
+                error = CONCURRENT_APPEND
+        if error:
+            self.record(sql, params, "conflict: " + error.split("]")[0][1:])
+            raise ServerOperationError(error)
+
     def authenticate(self, headers):
         """Check the Authorization header of one request (the connector sends one each)."""
         self.auth_headers.append(headers)
         value = headers.get("Authorization", "")
         if not value.startswith("Bearer ") or not value[len("Bearer "):]:
             raise unauthorized()
-        if self.valid_tokens is not None and value[len("Bearer "):] not in self.valid_tokens:
+        token = value[len("Bearer "):]
+        if callable(self.valid_tokens) and not self.valid_tokens(token):
+            raise unauthorized()
+        if self.valid_tokens is not None and not callable(self.valid_tokens) and \
+                token not in self.valid_tokens:
             raise unauthorized()
 
     def record(self, sql, params, outcome="ok"):
@@ -221,6 +306,10 @@ class Warehouse:
                            stripped, re.S)
         if put:
             return self.put(unescape(put.group(1)), unescape(put.group(2)), staging_paths)
+        volume = re.fullmatch(r"CREATE VOLUME IF NOT EXISTS ((?:`(?:[^`]|``)+`\.?){3})",
+                              stripped)
+        if volume:
+            return self.create_volume(volume.group(1))
         remove = re.fullmatch(r"REMOVE '((?:[^'\\]|\\.)*)'", stripped, re.S)
         if remove:
             return self.remove(unescape(remove.group(1)))
@@ -347,9 +436,16 @@ class Warehouse:
         return out, [("col_name",), ("data_type",), ("comment",)]
 
     def insert(self, db, tree):
-        """INSERT [BY NAME] [REPLACE WHERE p] query: one atomic replace."""
+        """INSERT [BY NAME | (columns)] query, or INSERT REPLACE WHERE p query: one
+        atomic replace, its select list positional (Spark 4.0's grammar takes neither
+        BY NAME nor a column list with REPLACE WHERE)."""
         where = tree.args.get("where")
+        if where is not None and (tree.args.get("by_name") or isinstance(tree.this, exp.Schema)):
+            raise ServerOperationError(
+                "[PARSE_SYNTAX_ERROR] Syntax error at or near 'REPLACE'. SQLSTATE: 42601")
         table = tree.this.sql("duckdb")
+        if not tree.args.get("by_name") and not isinstance(tree.this, exp.Schema):
+            check_arity(db, table, tree.expression)
         db.execute("BEGIN")
         try:
             if where is not None:
@@ -400,9 +496,25 @@ class Warehouse:
             db.execute("COMMIT")
         return [(inserted, inserted)], [("num_affected_rows",), ("num_inserted_rows",)]
 
+    def create_volume(self, quoted):
+        """CREATE VOLUME IF NOT EXISTS `c`.`s`.`v` (a managed volume)."""
+        parts = [unquote(p) for p in re.findall(r"`(?:[^`]|``)+`", quoted)]
+        self.check_schema(parts[0], parts[1])
+        if not self.may_create_volumes:
+            raise ServerOperationError(
+                "[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not have "
+                f"CREATE VOLUME on Schema '{parts[0]}.{parts[1]}'. SQLSTATE: 42501")
+        if self.volume_names is not None:
+            self.volume_names.add(".".join(parts))
+        return [], None
+
     def volume_path(self, path):
         if not path.startswith("/Volumes/"):
             raise ServerOperationError(f"[INVALID_PARAMETER_VALUE] not a volume path: {path}")
+        name = ".".join(path[len("/Volumes/"):].split("/")[:3])
+        if self.volume_names is not None and name not in self.volume_names:
+            raise ServerOperationError(f"[RESOURCE_DOES_NOT_EXIST] Volume '{name}' does not "
+                                       "exist. SQLSTATE: 42704")
         return os.path.join(self.volumes, path[len("/Volumes/"):])
 
     def put(self, local, remote, staging_paths):
@@ -429,6 +541,18 @@ class Warehouse:
         database = prefix.rstrip(".").split(".")[-1]
         return ([(database, n[len(prefix):], False) for n in sorted(names)],
                 [("database",), ("tableName",), ("isTemporary",)])
+
+
+def written_table(sql):
+    """(kind of commit, "c.s.t") of a statement that writes a table, else None."""
+    match = WRITE_STATEMENT.match(sql.strip())
+    if not match:
+        return None
+    table = ".".join(unquote(p) for p in re.findall(r"`(?:[^`]|``)+`", match.group(2)))
+    verb = match.group(1)
+    if verb == "INSERT INTO":
+        return ("replace" if " REPLACE WHERE " in sql else "append"), table
+    return {"ALTER TABLE": "metadata", "COPY INTO": "append"}.get(verb, "create"), table
 
 
 def unauthorized():
@@ -468,6 +592,18 @@ def check_column_names(names, props):
             "' ,;{}()\\n\\t=' in the column names of your schema. Invalid column names: "
             f"{', '.join(bad)}. Please use other characters and try again. Alternatively, "
             "enable Column Mapping to keep using these characters. SQLSTATE: 42K05")
+
+
+def check_arity(db, table, query):
+    """A positional insert gives every column of the table, as Spark requires."""
+    want = len(db.execute(f"SELECT * FROM {table} LIMIT 0").description)
+    got = len(db.execute(f"SELECT * FROM ({query.sql('duckdb')}) LIMIT 0").description)
+    if got != want:
+        reason = "not enough" if got < want else "too many"
+        raise ServerOperationError(
+            f"[INSERT_COLUMN_ARITY_MISMATCH.{reason.upper().replace(' ', '_')}_DATA_COLUMNS] "
+            f"Cannot write to {table}, the reason is {reason} data columns: the table has "
+            f"{want} columns but the inserted data has {got}. SQLSTATE: 21S01")
 
 
 def check_timestamp_literals(tree):
@@ -523,6 +659,77 @@ def cursor_result(cursor):
     if cursor.description is None:
         return [], None
     return cursor.fetchall(), [(d[0],) for d in cursor.description]
+
+
+# --- the workspace's OAuth token endpoint ---------------------------------------------
+
+class TokenServer:
+    """A workspace's OIDC endpoints on 127.0.0.1: host metadata, discovery, and a
+    client-credentials token endpoint issuing opaque tokens that expire after
+    `expires_in` seconds. `valid(token)` is what the warehouse checks (set
+    `Warehouse.valid_tokens = server.valid`); `requests` records each token request."""
+
+    def __init__(self, client_id, client_secret, expires_in=3600, clock=time.monotonic):
+        self.client_id, self.client_secret, self.expires_in = client_id, client_secret, expires_in
+        self.clock = clock
+        self.issued = {}  # token -> monotonic expiry
+        self.requests = []
+        self.revoked = set()
+        self.counter = itertools.count(1)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                base = server.url
+                if self.path == "/.well-known/databricks-config":
+                    return self.reply(200, {"oidc_endpoint": f"{base}/oidc",
+                                            "workspace_id": "1234567890123456"})
+                if self.path == "/oidc/.well-known/oauth-authorization-server":
+                    return self.reply(200, {"issuer": f"{base}/oidc",
+                                            "token_endpoint": f"{base}/oidc/v1/token",
+                                            "authorization_endpoint": f"{base}/oidc/v1/authorize"})
+                self.reply(404, {"error_code": "NOT_FOUND", "message": self.path})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.reply(*server.token(self.path, self.headers.get("Authorization", ""),
+                                         urllib.parse.parse_qs(body.decode())))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def token(self, path, authorization, form):
+        self.requests.append({"path": path, "authorization": authorization, "form": form})
+        basic = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+        if path != "/oidc/v1/token" or authorization != f"Basic {basic}":
+            return 401, {"error": "invalid_client",
+                         "error_description": "Client authentication failed"}
+        token = f"opaque{next(self.counter)}.{secrets.token_hex(8)}"  # not a JWT
+        self.issued[token] = self.clock() + self.expires_in
+        return 200, {"access_token": token, "token_type": "Bearer", "scope": "all-apis",
+                     "expires_in": self.expires_in}
+
+    def valid(self, token):
+        """Issued here, not revoked, not expired."""
+        expiry = self.issued.get(token)
+        return expiry is not None and token not in self.revoked and self.clock() < expiry
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # --- DB-API surface -------------------------------------------------------------------

@@ -10,9 +10,11 @@ import base64
 import contextlib
 import datetime as dt
 import io
+import itertools
 import json
 import math
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.parse
+import time
 from unittest import mock
 
 import sqlglot
@@ -35,6 +37,8 @@ TOKEN = "dapi0123456789abcdefTOPSECRET"
 CLIENT_SECRET = "dose0123456789SECRETOFTHEPRINCIPAL"
 TABLE = "main.sensors.raw_readings"
 UTC = dt.timezone.utc
+REAL_SLEEP = time.sleep  # the tests patch time.sleep (the module's) to count retries
+REAL_UNIFORM = random.uniform  # and random.uniform, to make backoff exact
 
 READINGS_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                    "timestamp TEXT, sensor TEXT, value REAL)")
@@ -86,7 +90,8 @@ class WarehouseTestCase(TempDirTestCase):
         """A complete workspace configuration in environment variables."""
         env = {"DATABRICKS_HOST": f"https://{HOST}/", "DATABRICKS_HTTP_PATH": HTTP_PATH,
                "DATABRICKS_TOKEN": TOKEN, "DATABRICKS_DATABASE": "main.sensors",
-               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1"}
+               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1",
+               "DATABRICKS_VOLUME": "none"}  # staging: VolumeTests
         for key, value in extra.items():  # None removes a setting
             if value is None:
                 env.pop(key, None)
@@ -145,7 +150,7 @@ class ConnectionTests(WarehouseTestCase):
     def test_host_with_or_without_scheme(self):
         for host in (f"https://{HOST}/", HOST, f"HTTPS://{HOST}", f"{HOST}/"):
             with self.subTest(host=host):
-                self.warehouse.connections.clear()
+                self.fresh()
                 db = self.readings_db(5, name=f"db{len(host)}.db")
                 env = self.env(DATABRICKS_HOST=host, STATE_DIR=self.path(f"s{len(host)}"))
                 self.assertUploaded(self.upload(db, env=env))
@@ -245,74 +250,195 @@ class ConnectionTests(WarehouseTestCase):
 
 
 class OAuthTests(WarehouseTestCase):
-    """OAuth machine-to-machine: client credentials at /oidc/v1/token, cached."""
+    """OAuth through databricks-sdk against a loopback token endpoint issuing opaque
+    tokens; the warehouse accepts only tokens issued there and not yet expired."""
 
-    class TokenEndpoint:
-        """A urlopen stand-in that hands out tokens tok-1, tok-2, ... (kept in `issued`)."""
+    def setUp(self):
+        super().setUp()
+        self.server = fake_warehouse.TokenServer("sp-id", CLIENT_SECRET)
+        self.addCleanup(self.server.close)
+        self.warehouse.valid_tokens = self.server.valid
+        patcher = mock.patch.object(up.DatabricksSink, "workspace_url", self.server.url)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
-        def __init__(self, expires_in=3600, issued=None):
-            self.requests, self.expires_in = [], expires_in
-            self.issued = set() if issued is None else issued
+    def oauth_env(self, **extra):
+        return self.env(DATABRICKS_TOKEN=None, DATABRICKS_CLIENT_ID="sp-id",
+                        DATABRICKS_CLIENT_SECRET=CLIENT_SECRET, **extra)
 
-        def __call__(self, request, timeout=None):
-            self.requests.append((request, timeout))
-            token = f"tok-{len(self.requests)}"
-            self.issued.add(token)
-            return io.BytesIO(json.dumps({
-                "access_token": token, "token_type": "Bearer",
-                "expires_in": self.expires_in}).encode())
+    def credentials(self):
+        config = up.Config(databricks_host=HOST, databricks_client_id="sp-id",
+                           databricks_client_secret=CLIENT_SECRET)
+        return up.WorkspaceCredentials(config, self.server.url)
 
-    def test_request_shape_and_basic_auth(self):
-        endpoint = self.TokenEndpoint()
-        provider = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)
-        self.assertEqual(endpoint.requests, [], "no request before a header is needed")
-        headers = provider()()
-        self.assertEqual(headers, {"Authorization": "Bearer tok-1"})
-        (request, timeout), = endpoint.requests
-        self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
-        self.assertEqual(request.get_method(), "POST")
-        self.assertIsNotNone(timeout)
-        self.assertEqual(urllib.parse.parse_qs(request.data.decode()),
-                         {"grant_type": ["client_credentials"], "scope": ["all-apis"]})
-        kind, _, encoded = request.get_header("Authorization").partition(" ")
-        self.assertEqual(kind, "Basic")
-        self.assertEqual(base64.b64decode(encoded).decode(), f"sp-id:{CLIENT_SECRET}")
-        self.assertEqual(request.get_header("Content-type"),
-                         "application/x-www-form-urlencoded")
+    def test_client_credentials_request(self):
+        headers = self.credentials()()  # as the connector calls it
+        self.assertEqual(self.server.requests, [], "no request before a header is needed")
+        token = headers()["Authorization"].removeprefix("Bearer ")
+        self.assertTrue(self.server.valid(token))
+        request, = self.server.requests
+        self.assertEqual(request["form"]["grant_type"], ["client_credentials"])
+        self.assertIn("all-apis", request["form"]["scope"][0])
+        kind, _, encoded = request["authorization"].partition(" ")
+        self.assertEqual((kind, base64.b64decode(encoded).decode()),
+                         ("Basic", f"sp-id:{CLIENT_SECRET}"))
+        self.assertEqual(headers()["Authorization"], f"Bearer {token}", "not cached")
+        self.assertEqual(len(self.server.requests), 1)
 
-    def test_token_cached_until_expiry_then_refreshed(self):
-        endpoint = self.TokenEndpoint(expires_in=3600)
-        clock = [1_000_000.0]
-        with mock.patch.object(up.time, "time", lambda: clock[0]):
-            headers = up.oauth_m2m_provider(HOST, "sp-id", CLIENT_SECRET, opener=endpoint)()
-            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
-            clock[0] += 3000
-            self.assertEqual(headers()["Authorization"], "Bearer tok-1")
-            self.assertEqual(len(endpoint.requests), 1)
-            clock[0] += 599  # within a minute of expiry: refresh ahead of it
-            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
-            self.assertEqual(headers()["Authorization"], "Bearer tok-2")
-            self.assertEqual(len(endpoint.requests), 2)
+    def sdk_clock(self):
+        """Move databricks-sdk's clock (and the token endpoint's) forward at will."""
+        from databricks.sdk import oauth
+        offset = [0.0]
+
+        class Clock(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return dt.datetime.now(tz) + dt.timedelta(seconds=offset[0])
+
+        patcher = mock.patch.object(oauth, "datetime", Clock)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.server.clock = lambda: time.monotonic() + offset[0]
+        return offset
+
+    def test_opaque_token_is_refreshed_before_it_expires(self):
+        """An opaque token (not a JWT): only its expires_in says when it ends."""
+        offset = self.sdk_clock()
+        headers = self.credentials()()
+        first = headers()["Authorization"]
+        offset[0] = 1000
+        self.assertEqual(headers()["Authorization"], first, "refreshed too early")
+        self.assertEqual(len(self.server.requests), 1)
+        offset[0] = 2500  # 1,100 s before it expires: past the SDK's refresh point
+        headers()  # starts the refresh in the background
+        for _ in range(400):  # wait for it (up to 20 s; nothing timed is asserted)
+            if len(self.server.requests) == 2:
+                break
+            REAL_SLEEP(0.05)
+        second = headers()["Authorization"]
+        self.assertNotEqual(second, first)
+        self.assertTrue(self.server.valid(first.removeprefix("Bearer ")),
+                        "the old token had expired before it was replaced")
+        self.assertTrue(self.server.valid(second.removeprefix("Bearer ")))
+        offset[0] = 3700  # the first is gone; the second serves
+        self.assertEqual(headers()["Authorization"], second)
 
     def test_upload_with_client_credentials_instead_of_a_token(self):
-        # the workspace accepts what its token endpoint issued, and nothing else
-        self.warehouse.valid_tokens = set()
-        endpoint = self.TokenEndpoint(issued=self.warehouse.valid_tokens)
-        env = self.env(DATABRICKS_TOKEN=None, DATABRICKS_CLIENT_ID="sp-id",
-                       DATABRICKS_CLIENT_SECRET=CLIENT_SECRET)
-        with mock.patch("urllib.request.urlopen", endpoint):
-            code, out, err = self.upload(self.readings_db(30), env=env)
+        code, out, err = self.upload(self.readings_db(30), env=self.oauth_env())
         self.assertEqual(code, 0, err)
         self.assertRowsOnce(range(1, 31))
         kwargs = self.warehouse.connections[0]
         self.assertNotIn("access_token", kwargs)
-        # cached across the statements of a connection (a new connection asks again)
-        self.assertLessEqual(len(endpoint.requests), len(self.warehouse.connections))
-        self.assertGreater(len(self.warehouse.auth_headers),
-                           len(self.warehouse.connections) + 3)
-        for request, _ in endpoint.requests:
-            self.assertEqual(request.full_url, f"https://{HOST}/oidc/v1/token")
+        self.assertEqual(len(self.server.requests), 1, "one token for the whole run")
+        self.assertGreater(len(self.warehouse.auth_headers), 4)
         self.assertNotIn(CLIENT_SECRET, out + err)
+
+    def test_refused_token_gets_one_new_token_and_one_retry(self):
+        """A 401 (here: the token was revoked early) is not a missing privilege."""
+        db = self.readings_db(120)
+        self.assertUploaded(self.upload(db, "--batch-size", "50", env=self.oauth_env()))
+        self.add_readings(db, 120, 50)
+        self.warehouse.plan("unauthorized", "INSERT INTO")
+        code, out, err = self.upload(db, env=self.oauth_env())
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 171))
+        refused = [s for s in self.warehouse.statements() if s["outcome"] != "ok"]
+        self.assertEqual([s["outcome"] for s in refused], ["refused: 401"])
+        self.assertEqual(len(self.server.requests), 3, "one run's token, the next run's, "
+                         "and one after the 401")
+        self.assertEqual(self.sleeps, [], "a new token needs no backoff")
+        self.assertIn("refused the OAuth token", err)
+
+    def test_which_refusals_get_a_new_token(self):
+        Request, Server = fake_warehouse.RequestError, fake_warehouse.ServerOperationError
+        for exc, refused in [
+                (fake_warehouse.unauthorized(), True),
+                (Request("Error during request to server: Forbidden", {"http-code": 403}), True),
+                (Request("Invalid access token", {}), True),
+                (Server("[INSUFFICIENT_PERMISSIONS] User does not have MODIFY on Table"), False),
+                (Request("Service Unavailable", {"http-code": 503}), False)]:
+            with self.subTest(exc=str(exc)):
+                self.assertEqual(up.is_refused_token(exc), refused)
+
+    def test_a_token_refused_again_fails_once_with_a_hint(self):
+        self.warehouse.valid_tokens = lambda token: False  # e.g. the principal was removed
+        code, out, err = self.upload(self.readings_db(10), env=self.oauth_env())
+        self.assertEqual(code, 1, err)
+        line = self.error_line(err)
+        self.assertIn("401", line)
+        self.assertIn("service principal", line)
+        self.assertNotIn("lacks a privilege", line)
+        self.assertLessEqual(len(self.server.requests), 2 * up.DatabricksSink.RETRIES)
+
+    def test_secrets_never_in_logs_or_errors(self):
+        db = self.readings_db(10)
+        outputs = [self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()),
+                   run_main(["--print-config"], self.oauth_env())]
+        self.add_readings(db, 10, 5)  # rows to send: refused, then never authenticated
+        self.warehouse.valid_tokens = lambda token: False
+        outputs.append(self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()))
+        self.server.client_secret = "another"  # the token endpoint refuses the secret
+        outputs.append(self.upload(db, "--log-level", "DEBUG", env=self.oauth_env()))
+        self.assertEqual([o[0] for o in outputs], [0, 0, 1, 1])
+        self.assertIn("invalid_client", self.error_line(outputs[-1][2]))
+        for code, out, err in outputs:
+            self.assertNotIn(CLIENT_SECRET, out + err)
+            for token in self.server.issued:
+                self.assertNotIn(token, out + err)
+
+    def databrickscfg(self, text):
+        """A temporary HOME holding ~/.databrickscfg."""
+        home = self.path("home")
+        os.makedirs(home, exist_ok=True)
+        with open(os.path.join(home, ".databrickscfg"), "w", encoding="utf-8") as fh:
+            fh.write(textwrap.dedent(text))
+        patcher = mock.patch.dict(os.environ, {"HOME": home})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_profile_from_databrickscfg(self):
+        self.databrickscfg(f"""\
+            [DEFAULT]
+            host = https://other.cloud.databricks.com
+
+            [edge]
+            host = https://{HOST}
+            client_id = sp-id
+            client_secret = {CLIENT_SECRET}
+            """)
+        env = self.env(DATABRICKS_TOKEN=None, DATABRICKS_CONFIG_PROFILE="edge")
+        code, out, err = self.upload(self.readings_db(20), env=env)
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 21))
+        self.assertEqual(len(self.server.requests), 1)
+        self.assertNotIn(CLIENT_SECRET, out + err)
+
+    def test_profile_is_validated_exit_2(self):
+        self.databrickscfg("""\
+            [DEFAULT]
+            token = dapi-of-another-workspace
+
+            [edge]
+            host = https://example.cloud.databricks.com
+            """)  # the SDK does not merge DEFAULT into a profile: neither do we
+        db = self.readings_db(3)
+        for profile, words in [("nope", ["'nope'", "not a profile", "DEFAULT, edge"]),
+                               ("edge", ["'edge'", "no credentials", "databricks auth login"])]:
+            with self.subTest(profile=profile):
+                code, out, err = self.upload(db, env=self.env(
+                    DATABRICKS_TOKEN=None, DATABRICKS_CONFIG_PROFILE=profile))
+                self.assertEqual((code, out), (2, ""), err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                for word in words:
+                    self.assertIn(word, err)
+                self.assertNotIn("dapi-of-another-workspace", err)
+        os.remove(self.path("home", ".databrickscfg"))
+        code, _, err = self.upload(db, env=self.env(DATABRICKS_TOKEN=None,
+                                                    DATABRICKS_CONFIG_PROFILE="edge"))
+        self.assertEqual(code, 2, err)
+        self.assertIn("does not exist", err)
+        self.assertEqual(self.server.requests, [])
+        self.assertEqual(self.warehouse.connections, [])
 
 
 # === 2. Throughput ===================================================================
@@ -398,7 +524,7 @@ class IdempotenceTests(WarehouseTestCase):
 
     def crash(self, db, action, batch):
         """Run an upload that dies at the INSERT of batch `batch` (before or after it)."""
-        self.warehouse.plan(action, f"-{batch}' AS `_batch_id`")
+        self.warehouse.plan(action, f"-{batch}' SELECT ")
         try:
             self.upload(db, "--batch-size", "50")
         except fake_warehouse.Crash:
@@ -442,18 +568,17 @@ class IdempotenceTests(WarehouseTestCase):
         with fewer of them, and rows were lost, when the re-send re-read the grown
         source under the same batch id)."""
         db = self.readings_db(120)  # batches of 50: 1-50, 51-100, 101-120 (short)
-        self.warehouse.plan("queue_crash", "-3' AS `_batch_id`")
+        self.warehouse.plan("queue_crash", "-3' SELECT ")
         with self.assertRaises(fake_warehouse.Crash):
             self.upload(db, "--batch-size", "50")
         flight = self.position()["inflight"]
         self.assertEqual((flight["seq"], flight["cursor_end"]), (3, [120]))
         self.add_readings(db, 120, 60)  # the source grows while the node is down
         self.assertUploaded(self.upload(db, "--batch-size", "50"))
-        resent = [s for s in self.statements("INSERT") if "-3' AS `_batch_id`" in s]
+        resent = [s for s in self.statements("INSERT") if "-3' SELECT " in s]
         self.assertEqual(len(resent), 2, "batch 3 was not re-sent (or sent more than once)")
-        self.assertEqual(resent[0], resent[1].replace(
-            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[1]).group(0),
-            re.search(r"TIMESTAMP'[^']*' AS `_uploaded_at`", resent[0]).group(0)),
+        uploaded = [re.search(r"TIMESTAMP'[^']*'", s).group(0) for s in resent]  # 1st
+        self.assertEqual(resent[0], resent[1].replace(uploaded[1], uploaded[0], 1),
             "the re-sent batch does not carry the rows of the batch in flight")
         self.warehouse.run_held()  # the dead client's statement runs late
         self.assertRowsOnce(range(1, 181))
@@ -485,7 +610,7 @@ class IdempotenceTests(WarehouseTestCase):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                "FAKE_WAREHOUSE_ROOT": self.warehouse.root, **self.env()}
         argv = [sys.executable, driver, "--sqlite", db, "--once", "--batch-size", "50"]
-        plan = json.dumps([["crash_after", "-2' AS `_batch_id`"]])
+        plan = json.dumps([["crash_after", "-2' SELECT "]])
         killed = subprocess.run(argv, env={**env, "FAKE_PLAN": plan}, capture_output=True,
                                 text=True, timeout=60, check=False)
         self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
@@ -507,7 +632,7 @@ class VolumeTests(WarehouseTestCase):
 
     def staged_upload(self, db, **env):
         return self.upload(db, "--batch-size", "2500", "--max-statement-bytes", "10000",
-                           env=self.env(DATABRICKS_VOLUME=self.VOLUME, **env))
+                           env=self.env(**{"DATABRICKS_VOLUME": self.VOLUME, **env}))
 
     def volume_files(self):
         found = []
@@ -566,6 +691,55 @@ class VolumeTests(WarehouseTestCase):
         self.assertTrue([s for s in self.statements()[first_run:] if s.endswith(again)])
         self.assertRowsOnce(range(1, self.ROWS + 1))
         self.assertEqual(self.volume_files(), [])
+
+    AUTO = "/Volumes/main/sensors/" + up.AUTO_VOLUME
+
+    def test_auto_creates_a_volume_once_and_stages_parquet_there(self):
+        self.warehouse.volume_names = set()  # no volume exists until it is created
+        db = self.readings_db(self.ROWS)
+        self.assertUploaded(self.staged_upload(db, DATABRICKS_VOLUME=None))
+        self.assertEqual(self.statements("CREATE VOLUME"), [
+            f"CREATE VOLUME IF NOT EXISTS `main`.`sensors`.`{up.AUTO_VOLUME}`"])
+        self.assertEqual(self.warehouse.volume_names, {f"main.sensors.{up.AUTO_VOLUME}"})
+        self.assertEqual(len(self.statements("COPY INTO")), 2)
+        self.assertTrue(all(f"FROM '{self.AUTO}/node-1/raw_readings'" in s
+                            for s in self.statements("COPY INTO")))
+        self.assertFalse(self.statements("INSERT"))
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.add_readings(db, self.ROWS, self.ROWS)  # the next run: IF NOT EXISTS again
+        self.assertUploaded(self.staged_upload(db, DATABRICKS_VOLUME="AUTO"))
+        self.assertEqual(len(self.statements("CREATE VOLUME")), 2)
+        self.assertRowsOnce(range(1, 2 * self.ROWS + 1))
+        self.assertEqual(self.volume_files(), [])
+
+    def test_auto_without_the_privilege_sends_inline_statements_said_once(self):
+        self.warehouse.volume_names, self.warehouse.may_create_volumes = set(), False
+        code, out, err = self.staged_upload(self.readings_db(self.ROWS),
+                                            DATABRICKS_VOLUME=None)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.statements("CREATE VOLUME")), 1, "tried more than once")
+        lines = [line for line in err.splitlines() if "staging volume" in line]
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("inline statements", lines[0])
+        self.assertIn("INSUFFICIENT_PERMISSIONS", lines[0])
+        self.assertIn(f"DATABRICKS_VOLUME={self.AUTO}", lines[0])
+        self.assertFalse(self.statements("PUT") + self.statements("COPY INTO"))
+        self.assertGreater(len(self.statements("INSERT")), 5)
+        self.assertEqual(self.sleeps, [], "a refusal was retried")
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+
+    def test_none_sends_inline_statements_without_asking(self):
+        self.assertUploaded(self.staged_upload(self.readings_db(self.ROWS),
+                                               DATABRICKS_VOLUME="none"))
+        self.assertFalse([s for s in self.statements() if "VOLUME" in s or
+                          s.startswith(("PUT", "COPY"))])
+        self.assertRowsOnce(range(1, self.ROWS + 1))
+
+    def test_bad_volume_setting_is_exit_2(self):
+        code, out, err = self.upload(self.readings_db(3), env=self.env(
+            DATABRICKS_VOLUME="main.sensors.v"))
+        self.assertEqual((code, out), (2, ""), err)
+        self.assertIn("databricks_volume must be auto, none or look like /Volumes/", err)
 
 
 # === 5. Tables =======================================================================
@@ -692,6 +866,129 @@ class TableTests(WarehouseTestCase):
 
 
 
+# === 5b. A fleet on one table ========================================================
+
+class FleetTests(WarehouseTestCase):
+    """8 uploaders write one table at once, as Delta's optimistic concurrency lets them:
+    two or more race to CREATE it, one adds a column while the others write, every
+    REPLACE WHERE may meet a concurrent append. Every --once run succeeds, every row
+    lands once. Real (scaled) backoff with real jitter spreads the retries."""
+
+    NODES = 8
+    round = 45  # rows each node adds before each of the two rounds
+
+    def setUp(self):
+        super().setUp()
+        self.warehouse.conflicts = True
+        for patcher in (mock.patch.object(up.time, "sleep", lambda s: REAL_SLEEP(s / 100)),
+                        mock.patch.object(up.random, "uniform", REAL_UNIFORM)):
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.dbs = [self.readings_db(0, name=f"node-{n}.db") for n in range(self.NODES)]
+        self.counts = [0] * self.NODES
+
+    def add(self, node, count):
+        self.add_readings(self.dbs[node], self.counts[node], count)
+        self.counts[node] += count
+
+    def run_fleet(self, *flags, **env):
+        """Every node's --once run at the same moment; their exit codes."""
+        barrier, codes = threading.Barrier(self.NODES), [None] * self.NODES
+        extra = env
+
+        def node(n):
+            env = self.env(SOURCE_ID=f"node-{n}", STATE_DIR=self.path(f"state-{n}"), **extra)
+            barrier.wait()
+            codes[n] = up.main(["--sqlite", self.dbs[n], "--once", "--batch-size", "15",
+                                "--log-level", "ERROR", *flags], environ=env)
+
+        threads = [threading.Thread(target=node, args=(n,)) for n in range(self.NODES)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+        return codes
+
+    def conflicts(self):
+        return [s["outcome"] for s in self.warehouse.statements()
+                if s["outcome"].startswith("conflict")]
+
+    def test_eight_nodes_one_adding_a_column_every_row_once(self):
+        """Inline statements: each INSERT ... REPLACE WHERE meets many conflicts."""
+        self.check_fleet()
+        seen = set(self.conflicts())
+        for kind in ("DELTA_METADATA_CHANGED", "DELTA_CONCURRENT_APPEND"):
+            self.assertIn(f"conflict: {kind}", seen, "the fleet never met this conflict")
+        self.assertTrue({"conflict: DELTA_PROTOCOL_CHANGED.WRITE_TO_EMPTY_DIRECTORY",
+                         "conflict: TABLE_OR_VIEW_ALREADY_EXISTS"} & seen,
+                        "no node lost the race to create the table")
+
+    def test_eight_nodes_staging_in_the_auto_volume(self):
+        """Staged Parquet: COPY INTO is a blind append, only the ALTER conflicts with it."""
+        self.warehouse.volume_names = set()
+        self.round = 400  # batches bigger than one statement (10,000 bytes): staged
+        self.check_fleet("--batch-size", "400", "--max-statement-bytes", "10000",
+                         DATABRICKS_VOLUME="auto")
+        self.assertTrue(self.statements("COPY INTO"))
+        self.assertNotIn("conflict: DELTA_CONCURRENT_APPEND", self.conflicts())
+
+    def check_fleet(self, *flags, **env):
+        """Two rounds of 8 nodes; node 0's source gains a column before the second."""
+        size = self.round
+        for n in range(self.NODES):
+            self.add(n, size)
+        self.assertEqual(self.run_fleet(*flags, **env), [0] * self.NODES)
+        conn = sqlite3.connect(self.dbs[0])  # node 0's source gains a column
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.commit()
+        conn.close()
+        for n in range(self.NODES):
+            self.add(n, size)
+        conn = sqlite3.connect(self.dbs[0])
+        conn.execute("UPDATE readings SET unit = 'C' WHERE id > ?", [size])
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.run_fleet(*flags, **env), [0] * self.NODES)
+        rows = self.rows(order_by="_source_id, id")
+        for n in range(self.NODES):
+            with self.subTest(node=n):
+                mine = [r for r in rows if r["_source_id"] == f"node-{n}"]
+                self.assertEqual([r["id"] for r in mine], list(range(1, 2 * size + 1)))
+                self.assertEqual([r["value"] for r in mine],
+                                 [i * 0.25 for i in range(2 * size)])
+                units = [r["unit"] for r in mine]
+                self.assertEqual(units, [None] * size + [("C" if n == 0 else None)] * size)
+        self.assertEqual(self.statements("ALTER"), [
+            "ALTER TABLE `main`.`sensors`.`raw_readings` ADD COLUMNS (`unit` STRING)"])
+
+    def test_racing_creates_either_answer(self):
+        """The loser of a CREATE race may hear TABLE_OR_VIEW_ALREADY_EXISTS (permanent)
+        or DELTA_PROTOCOL_CHANGED (a conflict): either way it goes on with the table."""
+        for first in (fake_warehouse.ALREADY_EXISTS, fake_warehouse.PROTOCOL_CHANGED):
+            with self.subTest(answer=first[:30]):
+                self.fresh()
+                self.warehouse.conflicts = True
+                self.warehouse.create_races = itertools.repeat(first)
+                self.dbs = [self.readings_db(20, name=f"race-{n}.db") for n in range(2)]
+                sink = up.DatabricksSink(up.check_target(up.load_config(
+                    up.build_parser().parse_args([]), self.env())), up.Identity("n", "t", "s"))
+                self.addCleanup(sink.close)
+                sink.known_kinds("raw_readings")  # the table is missing when it looks
+                self.warehouse.query(  # another node creates it meanwhile
+                    'CREATE TABLE "main.sensors.raw_readings" (id BIGINT, x VARCHAR, '
+                    "_source_id VARCHAR, _batch_id VARCHAR, "
+                    "_uploaded_at TIMESTAMP WITH TIME ZONE, _rescued_data VARCHAR)")
+                self.warehouse.commits["main.sensors.raw_readings"] = ["create"]
+                # its CREATE arrives as if the table were still missing: it lost the race
+                with mock.patch.object(self.warehouse, "version", lambda table: None):
+                    sink.ensure_table("raw_readings", ["id", "value"], [up.BIGINT, up.DOUBLE])
+                self.assertEqual(self.conflicts(), ["conflict: " + first.split("]")[0][1:]])
+                self.assertEqual(list(sink.known_kinds("raw_readings"))[:3],
+                                 ["id", "x", "_source_id"])
+                self.assertIn("value", sink.known_kinds("raw_readings"))
+
+
 # === 6. Errors =======================================================================
 
 class ErrorTests(WarehouseTestCase):
@@ -725,7 +1022,7 @@ class ErrorTests(WarehouseTestCase):
     def test_cursor_never_advances_until_the_write_succeeds(self):
         db = self.readings_db(120)
         for _ in range(up.DatabricksSink.RETRIES):
-            self.warehouse.plan("unavailable", "-2' AS `_batch_id`")
+            self.warehouse.plan("unavailable", "-2' SELECT ")
         code, _, err = self.upload(db, "--batch-size", "50")
         self.assertEqual(code, 1, err)
         self.assertIn("Service Unavailable", self.error_line(err))
@@ -770,15 +1067,16 @@ class ErrorTests(WarehouseTestCase):
         outputs = []
         for argv in (["--print-config"], ["--print-config", "--json"],
                      ["--sqlite", db, "--once", "--log-level", "DEBUG"],
-                     ["--sqlite", db, "--once", "--log-format", "json", "--reset-state"],
+                     ["--sqlite", db, "--once", "--log-format", "json"],
                      ["--run-query", "SELECT 1 AS one"], ["--test-upload"]):
             code, out, err = run_main(argv, self.env())
             self.assertEqual(code, 0, err)
             outputs.append(out + err)
         # a failure whose message carries the token, with the debug traceback
+        self.add_readings(db, 5, 5)
         self.warehouse.plan("forbidden", "INSERT")
-        code, out, err = run_main(["--sqlite", db, "--once", "--log-level", "DEBUG",
-                                   "--reset-state"], self.env())
+        code, out, err = run_main(["--sqlite", db, "--once", "--log-level", "DEBUG"],
+                                  self.env())
         outputs.append(out + err)
         for text in outputs:
             self.assertNotIn(TOKEN, text)
@@ -1073,3 +1371,42 @@ class RendererTests(WarehouseTestCase):
         self.assertEqual({lit.name for lit in where.find_all(exp.Literal)},
                          {"node'1", "state-7"})
         self.assertEqual(len(tree.find(exp.Values).expressions), 2)
+        self.assertFalse(tree.args.get("by_name"), "Spark 4.0 refuses BY NAME REPLACE WHERE")
+        self.assertEqual([e.sql("databricks") for e in tree.expression.expressions],
+                         ["`a``b`", "`v`", "'node\\'1'", "'state-7'",
+                          tree.expression.expressions[4].sql("databricks"), "NULL"])
+
+    def test_select_list_follows_the_table_columns(self):
+        """Positional: the table's order, NULL for columns the batch lacks, the lineage
+        tags where the table has them, whatever the case of the names."""
+        batch = up.Batch(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
+                         batch_id="state-1")
+        columns = ["_SOURCE_ID", "A", "extra", "_batch_id", "V", "_uploaded_at",
+                   "_rescued_data"]
+        sql = up.render_insert("`m`.`s`.`t`", batch, up.Identity("n", "t", "s"), columns)
+        select = parse(sql).expression.expressions
+        self.assertEqual([e.sql("databricks") for e in select[:5]],
+                         ["'n'", "`a`", "NULL", "'state-1'", "`v`"])
+        self.assertIsInstance(select[5], exp.Cast)  # TIMESTAMP'...'
+        self.assertEqual(select[6].sql("databricks"), "NULL")
+
+    def test_the_warehouse_refuses_what_spark_4_0_cannot_parse(self):
+        """The fake refuses BY NAME or a column list with REPLACE WHERE, and a select
+        list that does not give every column, as Spark 4.0 and Databricks do."""
+        self.assertUploaded(self.upload(self.readings_db(2)))
+        conn = fake_warehouse.connect(server_hostname=HOST, http_path=HTTP_PATH,
+                                      access_token=TOKEN)
+        where = "REPLACE WHERE `_source_id` = 'x' AND `_batch_id` = 'y'"
+        values = "FROM VALUES (9, 'x', 'y') AS v(id, _source_id, _batch_id)"
+        target = up.qualified_name("main.sensors", "raw_readings")
+        for sql, error in [
+                (f"INSERT INTO {target} BY NAME {where} SELECT * {values}",
+                 "PARSE_SYNTAX_ERROR"),
+                (f"INSERT INTO {target} (id, _source_id, _batch_id) {where} SELECT * {values}",
+                 "PARSE_SYNTAX_ERROR"),
+                (f"INSERT INTO {target} {where} SELECT * {values}",
+                 "INSERT_COLUMN_ARITY_MISMATCH.NOT_ENOUGH_DATA_COLUMNS")]:
+            with self.subTest(sql=sql[:60]):
+                with self.assertRaisesRegex(fake_warehouse.ServerOperationError, error):
+                    conn.cursor().execute(sql)
+        self.assertEqual(len(self.rows()), 2)
