@@ -4119,14 +4119,15 @@ def backfill(job):
     settle_inflight(run)
     if run.checkpoint.position(run.key)["inflight"]:  # it did not land: rows go again
         run.checkpoint.update(run.key, inflight=None)
-    held = {key_value(key, stamps, typed=True)
+    held = {key_value(key, stamps)
             for key in job.sink.read_keys(job.table, job.config.source_id, names)}
+    fmt = job.source.timestamp_format
     pos = job.checkpoint.position(job.key)
     cursor = decode_cursor(pos["cursor"])
     sent = read = 0
     if cursor is not None:
         chunks = read_missing(job.conn, job.source, cursor, names, job.config.batch_size,
-                              lambda key: key_value(key, stamps) not in held)
+                              lambda key: key_value(key, stamps, fmt) not in held)
         bpos = run.checkpoint.position(run.key)
         mark = time.monotonic()
         for batch in prefetch(prepare_batches(run, chunks, bpos), job.stop):
@@ -4165,16 +4166,17 @@ def backfill_key(job):
     return names
 
 
-def key_value(key, stamps, typed=False):
+def key_value(key, stamps, fmt=None):
     """A row key comparable between the source and the target: a timestamp column as
-    microseconds (the target holds it as a TIMESTAMP, the source as it was written)."""
+    microseconds (the target holds it as a TIMESTAMP; the source as it was written, in
+    the format `fmt` that the source was read with; fmt None: a value of the target)."""
     out = []
     for value, stamp in zip(key, stamps):
-        if stamp and typed and isinstance(value, dt.datetime):
+        if stamp and fmt is None and isinstance(value, dt.datetime):
             moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
             value = (moment - EPOCH) // ONE_MICROSECOND
-        elif stamp and not typed:
-            value = parse_timestamp(value)
+        elif stamp and fmt is not None:
+            value = parse_timestamp(value if fmt.native else normalize_times([value], fmt)[0])
         out.append(value)
     return tuple(out)
 
@@ -4228,6 +4230,8 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
         plan = compile_plan(config, source, os.environ if environ is None else environ)
         checkpoint = Checkpoint(resolve_state_dir(config))  # nothing written before here
         checkpoint.lock()
+        if not reset_state:
+            source = recorded_cursor(conn, config, source, checkpoint.read_old())
         checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
         identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
         job = Job(config, conn, source, checkpoint, make_sink(config, identity),
@@ -4244,6 +4248,29 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
         conn.close()
         raise
     return job
+
+
+def recorded_cursor(conn, config, source, state):
+    """With cursor: auto, the cursor the state was written with, while it still fits:
+    the sample that chose it may differ today (a NULL among the last rows), and
+    switching would refuse the state."""
+    was = ((state or {}).get("source") or {}).get("cursor")
+    if (not was or config.cursor != "auto" or config.timestamp_col
+            or state["source"].get("table") != source.name
+            or was == source_description(config.sqlite, source)["cursor"]):
+        return source
+    mode, ts = ("timestamp", was["columns"][0]) if was["kind"] == "pair" else ("rowid", None)
+    try:
+        kept = describe_table(conn, source.name, ts, config.sqlite, mode,
+                              config.timestamp_format)
+    except (ConfigError, SourceError):
+        return source  # it no longer fits: the state check says so
+    if source_description(config.sqlite, kept)["cursor"] != was:
+        return source
+    log.info("cursor: keeping %s %s, recorded in the state, over today's choice %s %s",
+             kept.cursor.kind, kept.cursor.describe(), source.cursor.kind,
+             source.cursor.describe())
+    return kept
 
 
 def announce_job(job):

@@ -159,7 +159,14 @@ class HomeAssistantTest(ProducerTestCase):
     def test_a_changed_cursor_on_existing_state_is_one_line_with_the_fix(self):
         db = producers.make_ha_states(self.path("home-assistant_v2.db"), 50, legacy=False)
         self.upload(db, "--cursor", "rowid")
+        # cursor: auto keeps the cursor the state was written with while it fits
         code, _out, err = run_main(["--sqlite", db, "--once"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertIn("cursor: keeping rowid (state_id), recorded in the state, over "
+                      "today's choice pair (last_updated_ts, state_id)", err)
+        # a cursor forced to another kind is refused in one line that names the fix
+        code, _out, err = run_main(["--sqlite", db, "--once", "--cursor", "timestamp"],
+                                   self.env())
         self.assertEqual(code, 2, err)
         self.assertEqual(err.count("\n"), 1, err)
         self.assertIn("was written with the cursor rowid (state_id), but this run chose "

@@ -466,7 +466,7 @@ class CursorLagTest(PipelineTestCase):
                 rows = self.landed("raw_t", where=lag)
                 if lag == "0":  # passed by the cursor: reported, not uploaded
                     self.assert_once(rows, "v", range(12))
-                    self.assertIn("1 rows arrived", log)
+                    self.assertIn("1 rows are behind the cursor", log)
                 else:
                     self.assert_once(rows, "v", range(13))
 
