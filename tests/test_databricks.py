@@ -1114,6 +1114,55 @@ class ErrorTests(WarehouseTestCase):
 
 # === 7. Operator actions =============================================================
 
+class SourceChangeTests(WarehouseTestCase):
+    """The source changes under the uploader (issue 11): on the warehouse too, a column
+    added while it runs lands from the next batch, and rows imported behind the cursor
+    are counted, then uploaded once by --backfill, kills included."""
+
+    def test_a_column_added_between_two_cycles_of_one_run_lands(self):
+        db = self.readings_db(20)
+        args = up.build_parser().parse_args(["--sqlite", db, "--once"])
+        config = up.check_target(up.load_config(args, self.env()))
+        job = up.open_job(config, False, up.StopFlag())
+        self.addCleanup(up.close_job, job)
+        up.run_cycle(job)
+        conn = sqlite3.connect(db)
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.execute("INSERT INTO readings (timestamp, sensor, value, unit) VALUES "
+                     "('2025-01-02T00:00:00Z', 's-1', 1.0, 'C')")
+        conn.commit()
+        conn.close()
+        up.run_cycle(job)  # the same job: no restart
+        rows = self.rows()
+        self.assertEqual([r["unit"] for r in rows], [None] * 20 + ["C"])
+        self.assertRowsOnce(range(1, 22))
+
+    def import_behind(self, db, ids):
+        conn = sqlite3.connect(db)
+        conn.executemany("INSERT INTO readings (id, timestamp, sensor, value) VALUES "
+                         "(?, '2024-06-01T00:00:00Z', 's-old', ?)", [(i, -i) for i in ids])
+        conn.commit()
+        conn.close()
+
+    def test_backfill_with_a_crash_after_a_write_sends_each_row_once(self):
+        db = make_db(self.path("sensors.db"), "CREATE TABLE readings (id INTEGER PRIMARY "
+                     "KEY, timestamp TEXT, sensor TEXT, value REAL)",
+                     [(i, "2025-01-01T00:00:00Z", "s", float(i)) for i in range(100, 150)])
+        self.assertUploaded(self.upload(db, "--cursor", "rowid"))
+        self.import_behind(db, range(1, 31))
+        code, _, err = self.upload(db, "--cursor", "rowid")
+        self.assertEqual(code, 0, err)
+        self.assertIn("30 rows are behind the cursor", err)
+        self.warehouse.plan("crash_after", "-backfill-2' SELECT ")
+        with self.assertRaises(fake_warehouse.Crash):
+            self.upload(db, "--cursor", "rowid", "--backfill", "--batch-size", "10")
+        self.assertUploaded(self.upload(db, "--cursor", "rowid", "--backfill",
+                                        "--batch-size", "10"))
+        self.assertRowsOnce(list(range(1, 31)) + list(range(100, 150)))
+        code, _, err = self.upload(db, "--cursor", "rowid")
+        self.assertNotIn("behind the cursor", err)
+
+
 class ActionTests(WarehouseTestCase):
     """--run-query INFO / SQL and --test-upload against the warehouse."""
 
