@@ -69,12 +69,7 @@ SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
 LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
 
 log = logging.getLogger("uploader")
-
-# deltalake allocates with its own jemalloc, which by default keeps freed pages for
-# 10 s: with a commit every second or two, the process grew with the backlog. Give
-# them back at once (no measurable cost), unless the user tuned it. jemalloc reads
-# this when deltalake is first imported, which is after this line.
-os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
+JEMALLOC_SETTING = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 
 # === Errors ==========================================================================
@@ -2142,7 +2137,7 @@ def aggregate_columns(spec, names, kinds, values, count, carry):
     the output is the same however the rows are split into batches and cycles.
     """
     column = dict(zip(names, values))
-    stamps = timestamp_micros(column, spec, count)
+    stamps = timestamp_micros(column, spec)
     groups = [column[g] if g in column else derived_part(g, stamps) for g in spec.group_by]
     measured = [(m, column.get(m)) for m, _ in spec.measures]
     families = [kinds[names.index(m)] == STRING if m in column else False
@@ -2180,7 +2175,7 @@ def aggregate_columns(spec, names, kinds, values, count, carry):
     return out_names, out_kinds, out_values, carry, notes
 
 
-def timestamp_micros(column, spec, count):
+def timestamp_micros(column, spec):
     """Row timestamps in microseconds when the spec needs them, else None."""
     needs = spec.window or any(g in TIME_PARTS and g not in column for g in spec.group_by)
     if not needs:
@@ -3976,7 +3971,7 @@ def upload_pending(job):
     batches = read_batches(job.conn, job.source, cursor, job.config.batch_size, newer=newer,
                            until=decode_cursor(flight["cursor_end"]) if flight else None,
                            refresh=lambda source: refresh_job_source(job, source))
-    mark = started
+    mark, progress = started, current_progress()
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         receipt = write_batch(job, batch)
         gc.collect(0)  # the batch's few reference cycles (see gc_paused)
@@ -3986,8 +3981,8 @@ def upload_pending(job):
         took, mark = max(time.monotonic() - mark, 1e-9), time.monotonic()
         log_batch(job, batch, receipt, took, max(pending - read, 0))
         if pending > 2 * job.config.batch_size:
-            PROGRESS.show(read, pending, read / max(time.monotonic() - started, 1e-9))
-    PROGRESS.clear()
+            progress.show(read, pending, read / max(time.monotonic() - started, 1e-9))
+    progress.clear()
     if newer is not None and not job.stop.is_set() and pending > read:
         notes["rows_held_back_by_cursor_lag"] = pending - read
     log_cycle(job, read, done, time.monotonic() - started, notes)
@@ -4454,7 +4449,7 @@ def with_recorded_source(config):
         sources={**config.sources, "sqlite": origin, "sqlite_table_name": origin})
 
 
-def status_report(config, environ):
+def status_report(config):
     """Where the upload stands, read-only: the state file and the source, no upload."""
     config = check_target(config)
     conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
@@ -4732,14 +4727,17 @@ class ProgressHandler(logging.StreamHandler):
         super().emit(record)
 
 
-PROGRESS = Progress(sys.stderr)
+def current_progress():
+    """The progress line of the log's stderr handler (a silent one without it)."""
+    for handler in log.handlers:
+        if isinstance(handler, ProgressHandler):
+            return handler.progress
+    return Progress(None)
 
 
 def setup_logging(level="INFO", json_lines=False, secrets=()):
     """Log to stderr in the chosen format."""
-    global PROGRESS
-    PROGRESS = Progress(sys.stderr)
-    handler = ProgressHandler(sys.stderr, PROGRESS)
+    handler = ProgressHandler(sys.stderr, Progress(sys.stderr))
     handler.setFormatter(Formatter(json_lines, secrets))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -4819,6 +4817,11 @@ def build_parser():
 def main(argv=None, environ=None):
     """Run the uploader; return the exit code."""
     environ = os.environ if environ is None else environ
+    # deltalake allocates with its own jemalloc, which by default keeps freed pages for
+    # 10 s: with a commit every second or two, the process grew with the backlog. Give
+    # them back at once (no measurable cost), unless the user tuned it. jemalloc reads
+    # this when deltalake is first imported, which is after this line.
+    os.environ.setdefault(*JEMALLOC_SETTING)
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
@@ -4834,7 +4837,7 @@ def main(argv=None, environ=None):
         if args.status:
             if not config.sqlite:
                 config = with_recorded_source(config)
-            report = status_report(config, environ)
+            report = status_report(config)
             print(json.dumps(report, indent=1, default=str) if args.json
                   else format_status(report))
             return EXIT_OK
