@@ -2791,16 +2791,19 @@ class DatabricksSink(Sink):
         waited for up to startup_timeout, with a line every STARTUP_LOG seconds; other
         transient failures (conflicts, dropped connections) get RETRIES tries in all.
         """
-        started, failures, waits, logged = self.clock(), 0, 0, None
+        started = logged = None
+        failures = waits = 0
         while True:
             try:
                 return action()
             except UnavailableError as exc:
+                started = self.clock() if started is None else started
                 waited = self.clock() - started
                 delay = self._startup_delay(exc, waits, waited)
                 if logged is None or waited - logged >= self.STARTUP_LOG:
                     log.warning("sink: warehouse is starting; waited %.0f s of %.0f (%s)",
-                                waited, self.config.startup_timeout, exc)
+                                waited, self.config.startup_timeout,
+                                str(exc).removeprefix("sink: "))
                     logged = waited
                 waits += 1
                 error = exc

@@ -7,7 +7,9 @@ is starting (503 + Retry-After), a reply dropped after the commit, Delta conflic
 refused token. Skipped when the connector cannot be imported.
 """
 
+import base64
 import datetime as dt
+import json
 import logging
 import os
 import sqlite3
@@ -438,6 +440,34 @@ class DoubleTests(TempDirTestCase):
         with self.assertRaises(dbexc.RequestError) as raised:
             self.connect()
         self.assertEqual(raised.exception.context["http-code"], 401)
+
+    def test_oauth_tokens_are_issued_and_can_expire(self):
+        import urllib.request
+        self.server.tokens, self.server.clients = set(), {"sp-id": "sp-secret"}
+        self.server.token_lifetime = 120
+        base = f"http://{self.server.host}/oidc"
+        with urllib.request.urlopen(base + "/.well-known/oauth-authorization-server") as r:
+            endpoint = json.loads(r.read())["token_endpoint"]
+        request = urllib.request.Request(endpoint, data=b"grant_type=client_credentials&"
+                                         b"scope=all-apis", headers={
+                                             "Authorization": "Basic " + base64.b64encode(
+                                                 b"sp-id:sp-secret").decode()})
+        with urllib.request.urlopen(request) as r:
+            reply = json.loads(r.read())
+        self.assertEqual(reply["expires_in"], 120)
+        token = reply["access_token"]
+        self.assertEqual(self.server.issued, [token])
+        self.connect(token).cursor().execute("SELECT 1")
+        self.server.expire(token)
+        with self.assertRaises(dbexc.RequestError) as raised:
+            self.connect(token)
+        self.assertEqual(raised.exception.context["http-code"], 401)
+        wrong = urllib.request.Request(endpoint, data=b"grant_type=client_credentials&"
+                                       b"client_id=sp-id&client_secret=guess")
+        with self.assertRaises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong)
+        self.assertEqual(refused.exception.code, 401)
+        refused.exception.close()
 
 
 if __name__ == "__main__":

@@ -30,20 +30,28 @@ Faults a test plans (each thread-safe, each consumed once):
   as "[DELTA_CONCURRENT_APPEND] ... SQLSTATE: 2D521" (nothing runs).
 - `tokens` (valid bearer tokens; None accepts any) and `expire(token)`: an expired token
   is answered 401 with the reason header a workspace sends.
+- OAuth machine-to-machine: `clients` ({client id: secret}) may fetch tokens from
+  POST /oidc/v1/token (client_credentials, Basic auth or form fields; the endpoint is
+  also listed at GET /oidc/.well-known/oauth-authorization-server). Each token is new,
+  opaque (not a JWT), valid for `token_lifetime` seconds as said in `expires_in` (the
+  server does not expire it by itself: `expire(token)` does), and logged in `issued`.
 `requests` logs (Thrift method, HTTP status) of every POST, `statements()` (the engine's
 log) every statement run.
 
 Not implemented: TLS, the metadata RPCs (GetTables, GetColumns...; the uploader uses plain
 SQL), Arrow and CloudFetch results, LZ4, multi-page fetches, async execution, staging
 operations (PUT/GET/REMOVE to volumes through presigned URLs), the SEA REST protocol,
-and the warehouse's OAuth token endpoint.
+OAuth user-to-machine flows and refresh tokens.
 """
 
+import base64
 import datetime as dt
 import http.server
+import json
 import re
 import socket
 import threading
+import urllib.parse
 import uuid
 
 from databricks.sql.thrift_api.TCLIService import TCLIService, ttypes
@@ -68,6 +76,7 @@ class ThriftWarehouse:
         self.engine = fake_warehouse.Warehouse(root)
         self.tokens = None if tokens is None else set(tokens)
         self.expired = set()
+        self.clients, self.token_lifetime, self.issued = {}, 3600, []
         self.refusals = []   # [status, count, method, retry_after]
         self.faults = []     # (action, match, argument)
         self.requests = []   # (method, HTTP status)
@@ -142,6 +151,23 @@ class ThriftWarehouse:
                         headers["Retry-After"] = str(retry_after)
                     return status, headers
         return None
+
+    def issue_token(self, headers, form):
+        """An access token for a known client (client_credentials), or None."""
+        client, secret = form.get("client_id"), form.get("client_secret")
+        basic = headers.get("Authorization", "")
+        if basic.startswith("Basic "):
+            client, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+        with self.lock:
+            if form.get("grant_type") != "client_credentials" or \
+                    self.clients.get(client) != secret or secret is None:
+                return None
+            token = f"oauth-{len(self.issued) + 1}-{uuid.uuid4().hex}"
+            self.issued.append(token)
+            if self.tokens is not None:
+                self.tokens.add(token)
+        return {"access_token": token, "token_type": "Bearer",
+                "expires_in": self.token_lifetime, "scope": form.get("scope", "all-apis")}
 
     def take_fault(self, sql):
         with self.lock:
@@ -335,8 +361,22 @@ def make_handler(warehouse):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def do_GET(self):
+            if self.path != "/oidc/.well-known/oauth-authorization-server":
+                return self.answer("GET " + self.path, 404, b"", {})
+            base = f"http://{warehouse.host}/oidc/v1"
+            data = json.dumps({"issuer": base, "token_endpoint": base + "/token",
+                               "authorization_endpoint": base + "/authorize"}).encode()
+            self.answer("GET " + self.path, 200, data, {"Content-Type": "application/json"})
+
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/oidc/v1/token":
+                form = dict(urllib.parse.parse_qsl(body.decode()))
+                reply = warehouse.issue_token(self.headers, form)
+                data = json.dumps(reply or {"error": "invalid_client"}).encode()
+                return self.answer("token", 200 if reply else 401, data,
+                                   {"Content-Type": "application/json"})
             method = thrift_method(body)
             token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             refused = warehouse.refusal(method, token)
