@@ -3352,9 +3352,11 @@ PERMANENT_MARKERS = ("PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS", "UNAUTHORI
                      "CAST_INVALID_INPUT", "DELTA_FAILED_TO_MERGE_FIELDS", "42", "22", "28",
                      "0A", "23", "44")
 AUTH_PHRASES = re.compile(r"Invalid access token|Token is expired|invalid_client", re.I)
-# Java exception names of Delta's conflicts, and Databricks' wording of them
-CONFLICT_PHRASES = re.compile(r"concurrent update|Concurrent\w*Exception|"
-                              r"(Metadata|Protocol)ChangedException", re.I)
+# Java exception names of Delta's conflicts and Databricks' wording of them; and a
+# session the warehouse forgot (it restarted): a new connection gets a new one
+RETRY_PHRASES = re.compile(r"concurrent update|Concurrent\w*Exception|"
+                           r"(Metadata|Protocol)ChangedException|"
+                           r"Invalid (Session|Operation)Handle", re.I)
 
 
 def error_causes(exc):
@@ -3408,7 +3410,7 @@ def error_kind(exc):
             return TRANSIENT
         if code and code.startswith(PERMANENT_MARKERS):
             return PERMANENT
-    if CONFLICT_PHRASES.search(text):
+    if RETRY_PHRASES.search(text):
         return TRANSIENT
     if AUTH_PHRASES.search(text):
         return PERMANENT

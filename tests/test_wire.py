@@ -219,6 +219,22 @@ class ErrorTests(WireTestCase):
                 self.assertNotIn("retry", err)
                 self.assertNotIn(TOKEN, out + err)
 
+    def test_a_restarted_warehouse_gets_a_new_session(self):
+        """The warehouse forgot the session (auto-stop, restart): reconnect, not fail."""
+        config = up.validate_config(up.Config(**{
+            "databricks_host": self.server.host, "databricks_http_path": HTTP_PATH,
+            "databricks_token": TOKEN, "databricks_database": "main.sensors"}))
+        sink = up.DatabricksSink(config, up.Identity("node-1", "readings", "s"))
+        self.addCleanup(sink.close)
+        sink.sleep = lambda seconds: None
+        self.assertEqual(sink.execute("SELECT 1 AS one", fetch=True), [(1,)])
+        self.server.restart()
+        with self.assertLogs("uploader", "WARNING") as logs:
+            self.assertEqual(sink.retrying("querying", lambda: sink.execute(
+                "SELECT 2 AS two", fetch=True)), [(2,)])
+        self.assertIn("Invalid SessionHandle", logs.output[0])
+        self.assertEqual(self.server.calls("OpenSession"), [200, 200])
+
     def test_missing_privilege_fails_fast_with_the_ddl(self):
         self.server.plan("fail", "CREATE TABLE", "[INSUFFICIENT_PERMISSIONS] Insufficient "
                          "privileges: User does not have CREATE TABLE on Schema "
@@ -261,6 +277,8 @@ class ClassificationTests(unittest.TestCase):
             (dbexc.RequestError("Error during request to server: batch b-403 (1403 rows)",
                                 {"http-code": None}, None, EOFError()), up.TRANSIENT, ""),
             *[(dbexc.ServerOperationError(m, {}), up.TRANSIENT, "") for m in CONFLICTS],
+            (dbexc.DatabaseError("Invalid SessionHandle: SessionHandle [01ef-403]"),
+             up.TRANSIENT, ""),
             (dbexc.RequestError("Error during request to server: : Invalid access token.. ",
                                 {"http-code": 401}, None, EOFError()), up.PERMANENT,
              "check DATABRICKS_TOKEN"),

@@ -28,6 +28,8 @@ Faults a test plans (each thread-safe, each consumed once):
   `release()` runs it, whether or not its client is still there; `held` lists them.
 - `plan("fail", match, message)`: refuse the statement with a server error message such
   as "[DELTA_CONCURRENT_APPEND] ... SQLSTATE: 2D521" (nothing runs).
+- `restart()`: the warehouse stopped and started again: every open session is gone,
+  and a request on one is answered INVALID_HANDLE ("Invalid SessionHandle").
 - `tokens` (valid bearer tokens; None accepts any) and `expire(token)`: an expired token
   is answered 401 with the reason header a workspace sends.
 - OAuth machine-to-machine: `clients` ({client id: secret}) may fetch tokens from
@@ -81,10 +83,12 @@ class ThriftWarehouse:
         self.faults = []     # (action, match, argument)
         self.requests = []   # (method, HTTP status)
         self.operations = {}
+        self.sessions = set()
         self.held = []
         self.lock = threading.Condition()
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self))
         self.http.daemon_threads = True
+        self.http.handle_error = lambda request, address: None  # clients die mid-reply
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
         self.thread.start()
 
@@ -112,6 +116,11 @@ class ThriftWarehouse:
         """From now on `token` is refused with 401, as an expired token is."""
         with self.lock:
             self.expired.add(token)
+
+    def restart(self):
+        """Forget every session, as a warehouse that stopped and started again does."""
+        with self.lock:
+            self.sessions.clear()
 
     def release(self):
         """Run every held statement now (their clients may be long gone)."""
@@ -181,6 +190,8 @@ class ThriftWarehouse:
 
     def OpenSession(self, req):
         handle = T.TSessionHandle(sessionId=new_handle())
+        with self.lock:
+            self.sessions.add(handle.sessionId.guid)
         return T.TOpenSessionResp(
             status=OK, sessionHandle=handle, configuration={},
             serverProtocolVersion=T.TProtocolVersion.SPARK_CLI_SERVICE_PROTOCOL_V8)
@@ -189,6 +200,11 @@ class ThriftWarehouse:
         return T.TCloseSessionResp(status=OK)
 
     def ExecuteStatement(self, req):
+        if req.sessionHandle.sessionId.guid not in self.sessions:
+            return T.TExecuteStatementResp(status=T.TStatus(
+                statusCode=T.TStatusCode.INVALID_HANDLE_STATUS,
+                errorMessage=f"Invalid SessionHandle: SessionHandle "
+                             f"[{uuid.UUID(bytes=req.sessionHandle.sessionId.guid)}]"))
         op = {"handle": T.TOperationHandle(operationId=new_handle(), hasResultSet=True,
                                            operationType=T.TOperationType.EXECUTE_STATEMENT),
               "sql": req.statement, "params": parameters(req.parameters),
