@@ -3429,6 +3429,8 @@ def databricks_error(what, exc, config):
             text = text.replace(secret, "[REDACTED]")
     kind = error_kind(exc)
     hint = databricks_hint(exc, config) if kind == PERMANENT else ""
+    if any(type(c).__name__ == "MaxRetryDurationError" for c in error_causes(exc)):
+        hint = " (the warehouse is starting, busy or unreachable)"  # a plainer word for it
     return SinkError(f"sink: {what} failed: {text}{hint}", transient=kind != PERMANENT)
 
 

@@ -181,12 +181,17 @@ class StartingWarehouseTests(WireTestCase):
         self.assertEqual(self.connector_waits(), [])
         self.assertNotIn(TOKEN, out + err)
 
-    def test_throttled_statement_is_retried_by_us_not_the_connector(self):
-        self.server.refuse(429, 1, "ExecuteStatement", retry_after=10)
-        result = self.upload()
-        self.assertLanded(result)
-        self.assertEqual(self.connector_waits(), [])
-        self.assertIn("retry 1 in", result[2])
+    def test_429_or_503_on_a_statement_is_retried_by_us_not_the_connector(self):
+        """The connector would wait max(Retry-After, 60 s) before each re-send."""
+        for status in (429, 503):
+            with self.subTest(status=status):
+                self.setUp()
+                self.server.refuse(status, 1, "ExecuteStatement", retry_after=10)
+                result = self.upload()
+                self.assertLanded(result)
+                self.assertEqual(self.connector_waits(), [])
+                self.assertIn("retry 1 in", result[2])
+                self.assertIn("the warehouse is starting, busy or unreachable", result[2])
 
 
 class ErrorTests(WireTestCase):
