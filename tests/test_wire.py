@@ -196,15 +196,35 @@ class StartingWarehouseTests(WireTestCase):
 
 class ErrorTests(WireTestCase):
 
-    def test_conflicts_are_retried(self):
-        for message in CONFLICTS:
+    def sink(self):
+        """The warehouse sink on the loopback warehouse, its retries without waiting."""
+        config = up.validate_config(up.Config(**{
+            "databricks_host": self.server.host, "databricks_http_path": HTTP_PATH,
+            "databricks_token": TOKEN, "databricks_database": "main.sensors"}))
+        sink = up.DatabricksSink(config, up.Identity("node-1", "readings", "s"))
+        self.addCleanup(sink.close)
+        sink.sleep = lambda seconds: None
+        return sink
+
+    def test_a_conflict_is_retried_and_the_rows_land_once(self):
+        self.server.plan("fail", "INSERT INTO", CONFLICTS[0])  # '403' in its text
+        result = self.upload()
+        self.assertLanded(result)
+        self.assertIn("retry 1 in", result[2])
+        self.assertEqual(len(self.server.statements("INSERT INTO")), 1)
+
+    def test_every_kind_of_conflict_is_retried(self):
+        sink = self.sink()
+        sink.execute("CREATE TABLE `main`.`sensors`.`t` (id BIGINT) USING DELTA")
+        for n, message in enumerate(CONFLICTS):
             with self.subTest(message=message[:40]):
-                self.setUp()
                 self.server.plan("fail", "INSERT INTO", message)
-                result = self.upload()
-                self.assertLanded(result)
-                self.assertIn("retry 1 in", result[2])
-                self.assertEqual(len(self.server.statements("INSERT INTO")), 1)
+                with self.assertLogs("uploader", "WARNING") as logs:
+                    sink.retrying("writing", lambda: sink.execute(
+                        f"INSERT INTO `main`.`sensors`.`t` VALUES ({n})"))
+                self.assertIn("retry 1 in", logs.output[0])
+        self.assertEqual(self.server.engine.rows("main.sensors.t", "id"),
+                         [{"id": n} for n in range(len(CONFLICTS))])
 
     def test_refused_token_fails_fast_with_the_hint(self):
         for case in ("invalid", "expired"):
@@ -226,12 +246,7 @@ class ErrorTests(WireTestCase):
 
     def test_a_restarted_warehouse_gets_a_new_session(self):
         """The warehouse forgot the session (auto-stop, restart): reconnect, not fail."""
-        config = up.validate_config(up.Config(**{
-            "databricks_host": self.server.host, "databricks_http_path": HTTP_PATH,
-            "databricks_token": TOKEN, "databricks_database": "main.sensors"}))
-        sink = up.DatabricksSink(config, up.Identity("node-1", "readings", "s"))
-        self.addCleanup(sink.close)
-        sink.sleep = lambda seconds: None
+        sink = self.sink()
         self.assertEqual(sink.execute("SELECT 1 AS one", fetch=True), [(1,)])
         self.server.restart()
         with self.assertLogs("uploader", "WARNING") as logs:
