@@ -2741,7 +2741,9 @@ class DatabricksSink(Sink):
             kwargs["access_token"] = cfg.databricks_token
         else:
             if self._credentials is None:  # one provider: its token outlives a reconnect
-                self._credentials = WorkspaceCredentials(cfg, self.workspace_url)
+                self._credentials = WorkspaceCredentials(cfg, self.workspace_url or (
+                    f"http://{cfg.databricks_host}" if is_loopback(cfg.databricks_host)
+                    else None))
             kwargs["credentials_provider"] = self._credentials
             module = self._credentials.connector(module)
         try:
@@ -3414,11 +3416,19 @@ def error_kind(exc):
         return TRANSIENT
     if AUTH_PHRASES.search(text):
         return PERMANENT
-    network = any(isinstance(c, (OSError, EOFError)) or type(c).__module__.startswith(
-        ("urllib3", "thrift", "http.client")) for c in causes)
-    if network or "RequestError" in names:  # a request that got no answer
+    if any(is_network_error(c) for c in causes):
+        return TRANSIENT
+    if "RequestError" in names and len(causes) == 1:  # no answer, and no cause given
         return TRANSIENT
     return PERMANENT
+
+
+def is_network_error(exc):
+    """A connection, socket or HTTP-transport failure; not a bad URL or setting (those
+    are ValueErrors too, in urllib3 and requests alike)."""
+    network = isinstance(exc, (OSError, EOFError)) or type(exc).__module__.startswith(
+        ("urllib3", "thrift", "http.client"))
+    return network and not isinstance(exc, ValueError)
 
 
 def databricks_error(what, exc, config):

@@ -255,6 +255,20 @@ class ErrorTests(WireTestCase):
         self.assertIn("Invalid SessionHandle", logs.output[0])
         self.assertEqual(self.server.calls("OpenSession"), [200, 200])
 
+    def test_oauth_token_that_expires_is_replaced(self):
+        """OAuth M2M through databricks-sdk on the wire: an opaque token refused with 401
+        before its expires_in gets one new token and the cycle goes on."""
+        self.server.tokens, self.server.clients = set(), {"sp-id": "sp-secret"}
+        env = {"DATABRICKS_TOKEN": "", "DATABRICKS_CLIENT_ID": "sp-id",
+               "DATABRICKS_CLIENT_SECRET": "sp-secret"}
+        self.assertLanded(self.upload(100, **env), 100)
+        self.assertEqual(len(self.server.issued), 1)
+        self.server.expire(self.server.issued[0])
+        result = self.upload(150, **env)
+        self.assertLanded(result, 150)
+        self.assertEqual(len(self.server.issued), 2)
+        self.assertNotIn("sp-secret", result[1] + result[2])
+
     def test_missing_privilege_fails_fast_with_the_ddl(self):
         self.server.plan("fail", "CREATE TABLE", "[INSUFFICIENT_PERMISSIONS] Insufficient "
                          "privileges: User does not have CREATE TABLE on Schema "
@@ -299,6 +313,12 @@ class ClassificationTests(unittest.TestCase):
             *[(dbexc.ServerOperationError(m, {}), up.TRANSIENT, "") for m in CONFLICTS],
             (dbexc.DatabaseError("Invalid SessionHandle: SessionHandle [01ef-403]"),
              up.TRANSIENT, ""),
+            # a setting the SDK or urllib3 cannot use is no network trouble
+            (dbexc.RequestError("Error during request to server. default auth: oauth-m2m: "
+                                "Invalid URL 'None': No scheme supplied.", {"http-code": None},
+                                None, ValueError("default auth: oauth-m2m: Invalid URL")),
+             up.PERMANENT, ""),
+            (urllib3.exceptions.LocationParseError("adb-1:port"), up.PERMANENT, ""),
             (dbexc.RequestError("Error during request to server: : Invalid access token.. ",
                                 {"http-code": 401}, None, EOFError()), up.PERMANENT,
              "check DATABRICKS_TOKEN"),

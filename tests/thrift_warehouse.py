@@ -33,8 +33,9 @@ Faults a test plans (each thread-safe, each consumed once):
 - `tokens` (valid bearer tokens; None accepts any) and `expire(token)`: an expired token
   is answered 401 with the reason header a workspace sends.
 - OAuth machine-to-machine: `clients` ({client id: secret}) may fetch tokens from
-  POST /oidc/v1/token (client_credentials, Basic auth or form fields; the endpoint is
-  also listed at GET /oidc/.well-known/oauth-authorization-server). Each token is new,
+  POST /oidc/v1/token (client_credentials, Basic auth or form fields; found as
+  databricks-sdk finds it: GET /.well-known/databricks-config, then
+  /oidc/.well-known/oauth-authorization-server). Each token is new,
   opaque (not a JWT), valid for `token_lifetime` seconds as said in `expires_in` (the
   server does not expire it by itself: `expire(token)` does), and logged in `issued`.
 `requests` logs (Thrift method, HTTP status) of every POST, `statements()` (the engine's
@@ -377,13 +378,15 @@ def make_handler(warehouse):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self):
-            if self.path != "/oidc/.well-known/oauth-authorization-server":
-                return self.answer("GET " + self.path, 404, b"", {})
-            base = f"http://{warehouse.host}/oidc/v1"
-            data = json.dumps({"issuer": base, "token_endpoint": base + "/token",
-                               "authorization_endpoint": base + "/authorize"}).encode()
-            self.answer("GET " + self.path, 200, data, {"Content-Type": "application/json"})
+        def do_GET(self):  # what databricks-sdk reads before asking for a token
+            oidc = f"http://{warehouse.host}/oidc"
+            found = {"/.well-known/databricks-config": {"oidc_endpoint": oidc},
+                     "/oidc/.well-known/oauth-authorization-server": {
+                         "issuer": oidc, "token_endpoint": oidc + "/v1/token",
+                         "authorization_endpoint": oidc + "/v1/authorize"}}.get(self.path)
+            self.answer("GET " + self.path, 200 if found else 404,
+                        json.dumps(found or {"error_code": "NOT_FOUND"}).encode(),
+                        {"Content-Type": "application/json"})
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
