@@ -149,6 +149,20 @@ class RowsTests(WireTestCase):
         self.assertEqual(len(inserts), 2)
         self.assertEqual(inserts[0], inserts[1])
 
+    def test_big_batches_staged_through_the_connector_land_once(self):
+        """DATABRICKS_VOLUME=auto: Parquet PUT to the presigned URL, COPY INTO, REMOVE;
+        the COPY INTO's reply dropped after it loaded: the file is not loaded twice."""
+        self.server.plan("drop_reply", "COPY INTO")
+        self.assertLanded(self.upload(12000), 12000)
+        self.assertEqual(len(self.server.statements("COPY INTO")), 2)
+        self.assertIn(("PUT presigned", 201), self.server.requests)
+        self.assertIn(("DELETE presigned", 204), self.server.requests)
+        self.assertEqual(self.volume_files(), [])
+
+    def volume_files(self):
+        return [os.path.join(d, f) for d, _, files in os.walk(self.server.engine.volumes)
+                for f in files]
+
     def test_a_second_cycle_adds_only_new_rows(self):
         self.assertLanded(self.upload(100), 100)
         self.assertLanded(self.upload(150), 150)

@@ -12,7 +12,9 @@ Implemented (the calls the connector makes for cursor.execute and fetch*):
 OpenSession (protocol V8, so named parameters travel natively as TSparkParameter),
 ExecuteStatement (results inline as directResults in the column-based row set, which
 is what the connector asks for when pyarrow is absent, and which it also reads when
-pyarrow is present), GetOperationStatus, GetResultSetMetadata, FetchResults (one
+pyarrow is present; PUT and REMOVE of volume files as staging operations: the reply
+names a presigned URL on this server, which the connector then sends the file to with
+an HTTP PUT, or an HTTP DELETE), GetOperationStatus, GetResultSetMetadata, FetchResults (one
 page), CancelOperation, CloseOperation, CloseSession. Statement errors are replied the
 way a warehouse replies them: operation state ERROR_STATE with the message, SQLSTATE
 and error class, which the connector raises as ServerOperationError.
@@ -42,15 +44,15 @@ Faults a test plans (each thread-safe, each consumed once):
 log) every statement run.
 
 Not implemented: TLS, the metadata RPCs (GetTables, GetColumns...; the uploader uses plain
-SQL), Arrow and CloudFetch results, LZ4, multi-page fetches, async execution, staging
-operations (PUT/GET/REMOVE to volumes through presigned URLs), the SEA REST protocol,
-OAuth user-to-machine flows and refresh tokens.
+SQL), Arrow and CloudFetch results, LZ4, multi-page fetches, async execution, GET of
+volume files, the SEA REST protocol, OAuth user-to-machine flows and refresh tokens.
 """
 
 import base64
 import datetime as dt
 import http.server
 import json
+import os
 import re
 import socket
 import threading
@@ -85,6 +87,7 @@ class ThriftWarehouse:
         self.requests = []   # (method, HTTP status)
         self.operations = {}
         self.sessions = set()
+        self.presigned = {}  # key of a presigned URL -> the volume file it writes
         self.held = []
         self.lock = threading.Condition()
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self))
@@ -219,6 +222,8 @@ class ThriftWarehouse:
             return T.TExecuteStatementResp(status=OK, operationHandle=op["handle"])
         if action == "fail":
             op.update(state=T.TOperationState.ERROR_STATE, error=argument)
+        elif STAGING.fullmatch(req.statement.strip()):
+            self.stage(op)
         else:
             self.run(op)
         if action == "drop_reply":
@@ -231,13 +236,34 @@ class ThriftWarehouse:
     def run(self, op):
         """Execute one statement on the engine: one commit, as on a warehouse."""
         try:
-            with self.engine.lock:
-                rows, description = self.engine.run(op["sql"], op["params"], None)
+            rows, description = self.engine.execute(op["sql"], op["params"], None)
         except fake_warehouse.Error as exc:
             op.update(state=T.TOperationState.ERROR_STATE, error=str(exc))
         else:
             op.update(state=T.TOperationState.FINISHED_STATE,
                       columns=columns_of(rows, description or []))
+
+    def stage(self, op):
+        """PUT / REMOVE: answer with the presigned URL the connector sends the file to."""
+        found = STAGING.fullmatch(op["sql"].strip())
+        verb, local, remote = found.group(1, 2, 3) if found.group(1) else found.group(4, 5, 6)
+        self.engine.record(op["sql"], op["params"])
+        try:
+            path = self.engine.volume_path(fake_warehouse.unescape(remote))
+        except fake_warehouse.Error as exc:
+            return op.update(state=T.TOperationState.ERROR_STATE, error=str(exc))
+        key = uuid.uuid4().hex
+        with self.lock:
+            self.presigned[key] = path
+        row = (verb, f"http://{self.host}/presigned/{key}",
+               fake_warehouse.unescape(local) if local else None, "{}")
+        op.update(state=T.TOperationState.FINISHED_STATE, staging=True, columns=columns_of(
+            [row], [("operation",), ("presignedUrl",), ("localFile",), ("headers",)]))
+
+    def presigned_file(self, path):
+        """The volume file behind a presigned URL's path, or None."""
+        with self.lock:
+            return self.presigned.get(path.removeprefix("/presigned/"))
 
     def operation(self, req):
         with self.lock:
@@ -276,7 +302,8 @@ class ThriftWarehouse:
                 T.TTypeEntry(primitiveEntry=T.TPrimitiveTypeEntry(type=type_id))]))
             for i, (name, type_id, _) in enumerate(op["columns"])])
         return T.TGetResultSetMetadataResp(status=OK, schema=schema,
-                                           resultFormat=T.TSparkRowSetType.COLUMN_BASED_SET)
+                                           resultFormat=T.TSparkRowSetType.COLUMN_BASED_SET,
+                                           isStagingOperation=op.get("staging", False))
 
     def FetchResults(self, req):
         op = self.operation(req)
@@ -300,6 +327,11 @@ class ThriftWarehouse:
     def CloseOperation(self, req):
         self.CancelOperation(req)
         return T.TCloseOperationResp(status=OK)
+
+
+# PUT 'local' INTO '/Volumes/...' OVERWRITE, REMOVE '/Volumes/...'
+STAGING = re.compile(r"(PUT) '((?:[^'\\]|\\.)*)' INTO '((?:[^'\\]|\\.)*)' OVERWRITE|"
+                     r"(REMOVE)() '((?:[^'\\]|\\.)*)'", re.S)
 
 
 class DropReply(TTransport.TTransportException):
@@ -411,6 +443,21 @@ def make_handler(warehouse):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             self.answer(method, 200, out.getvalue(), {"Content-Type": "application/x-thrift"})
+
+        def do_PUT(self):  # the connector uploading a staged file to its presigned URL
+            data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            path = warehouse.presigned_file(self.path)
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+            self.answer("PUT presigned", 201 if path else 404, b"", {})
+
+        def do_DELETE(self):
+            path = warehouse.presigned_file(self.path)
+            if path and os.path.exists(path):
+                os.remove(path)
+            self.answer("DELETE presigned", 204 if path else 404, b"", {})
 
         def answer(self, method, status, data, headers):
             warehouse.requests.append((method, status))
