@@ -239,6 +239,10 @@ class Config:
     max_statement_bytes: int = option(
         1_048_576, "--max-statement-bytes", "MAX_STATEMENT_BYTES", "int",
         "largest SQL statement sent to the warehouse, in bytes", "databricks")
+    startup_timeout: float = option(
+        600.0, "--startup-timeout", "STARTUP_TIMEOUT", "float",
+        "seconds to wait for a warehouse that is starting (503) before a cycle fails",
+        "databricks")
     databricks_table: str | None = option(
         None, "--databricks-table", "DATABRICKS_TABLE", "str",
         "base name of the target table (default: the source table's name)", "target",
@@ -467,6 +471,8 @@ def validate_config(config):
         bad("busy_timeout", "must be >= 0")
     if not 0 <= config.cursor_lag < 10 * 365 * 86400:
         bad("cursor_lag", "must be >= 0 seconds (and under ten years)")
+    if config.startup_timeout < 0:
+        bad("startup_timeout", "must be >= 0 seconds")
     updates = {}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
@@ -2673,9 +2679,18 @@ class DatabricksSink(Sink):
 
     name = "databricks"
     RETRIES = 6
+    STARTUP_POLL = 30  # at most this many seconds between tries to reach a starting warehouse
+    STARTUP_LOG = 30   # and a line this often while waiting
     connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
     workspace_url = None  # where databricks-sdk authenticates; None: https://<host> (tests:
     # a loopback token endpoint)
+    # The connector's HTTP layer waits max(Retry-After, _retry_delay_max) after each 429
+    # or 503 (at least 5 s, 60 s by default): one 503 after a commit stalled a cycle for
+    # a minute. Given a retry budget of 1 s it refuses every such wait at once (its own
+    # waits are all at least 1 s) and raises MaxRetryDurationError, wrapped in a
+    # RequestError, so `retrying` decides how long to wait, with jitter, and says so.
+    CONNECTOR_RETRY = {"_retry_stop_after_attempts_duration": 1.0, "_retry_delay_min": 1.0,
+                       "_retry_delay_max": 5.0}
 
     def __init__(self, config, identity):
         super().__init__(config, identity)
@@ -2688,6 +2703,8 @@ class DatabricksSink(Sink):
         self._learnt = False
         self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
         self._volume_lock = threading.Lock()
+        # a StopFlag.wait may stand in for sleep: a true return ends the waiting
+        self.sleep, self.clock, self.jitter = time.sleep, time.monotonic, random.uniform
 
     @property
     def destination(self):
@@ -2708,23 +2725,34 @@ class DatabricksSink(Sink):
         if module is None:
             from databricks import sql as module
         self._staging_dir = self._staging_dir or tempfile.mkdtemp(prefix="uploader-stage-")
+        connector_log = logging.getLogger("databricks.sql")
+        if not connector_log.handlers:  # its errors reach stderr raw; ours say it in a line
+            connector_log.addHandler(logging.NullHandler())
         cfg = self.config
         kwargs = dict(server_hostname=cfg.databricks_host, http_path=cfg.databricks_http_path,
                       user_agent_entry=f"{TOOL}/{__version__}",
                       session_configuration={"TIMEZONE": "UTC"},
                       staging_allowed_local_path=self._staging_dir,
-                      enable_telemetry=False, _retry_stop_after_attempts_duration=120)
+                      enable_telemetry=False, **self.CONNECTOR_RETRY)
+        if is_loopback(cfg.databricks_host):  # a warehouse double on this machine: no TLS
+            kwargs["_connection_uri"] = (f"http://{cfg.databricks_host}/"
+                                         f"{cfg.databricks_http_path.lstrip('/')}")
         if cfg.databricks_token:
             kwargs["access_token"] = cfg.databricks_token
         else:
             if self._credentials is None:  # one provider: its token outlives a reconnect
-                self._credentials = WorkspaceCredentials(cfg, self.workspace_url)
+                self._credentials = WorkspaceCredentials(cfg, self.workspace_url or (
+                    f"http://{cfg.databricks_host}" if is_loopback(cfg.databricks_host)
+                    else None))
             kwargs["credentials_provider"] = self._credentials
             module = self._credentials.connector(module)
         try:
             return module.connect(**kwargs)
         except Exception as exc:  # the connector raises many types; classify them
-            raise databricks_error("connecting to the warehouse", exc, self.config) from None
+            error = databricks_error("connecting to the warehouse", exc, self.config)
+            if error_kind(exc) == UNAVAILABLE:  # starting (or throttling): worth a wait
+                error = UnavailableError(str(error), transient=True)
+            raise error from None
 
     def execute(self, sql, params=None, fetch=False, what="running a statement"):
         """Run one statement on the shared connection; reopen it after a failure."""
@@ -2759,18 +2787,47 @@ class DatabricksSink(Sink):
             shutil.rmtree(self._staging_dir, ignore_errors=True)
 
     def retrying(self, what, action):
-        """Run `action`, retrying transient failures with capped backoff and jitter."""
-        for attempt in range(1, self.RETRIES + 1):
+        """Run `action`, retrying transient failures with capped backoff and jitter.
+
+        A warehouse that cannot take a session yet (starting: 503, or throttling) is
+        waited for up to startup_timeout, with a line every STARTUP_LOG seconds; other
+        transient failures (conflicts, dropped connections) get RETRIES tries in all.
+        """
+        started = logged = None
+        failures = waits = 0
+        while True:
             try:
                 return action()
+            except UnavailableError as exc:
+                started = self.clock() if started is None else started
+                waited = self.clock() - started
+                delay = self._startup_delay(exc, waits, waited)
+                if logged is None or waited - logged >= self.STARTUP_LOG:
+                    log.warning("sink: warehouse is starting; waited %.0f s of %.0f (%s)",
+                                waited, self.config.startup_timeout,
+                                str(exc).removeprefix("sink: "))
+                    logged = waited
+                waits += 1
+                error = exc
             except SinkError as exc:
-                if not exc.transient or attempt == self.RETRIES:
+                failures += 1
+                if not exc.transient or failures >= self.RETRIES:
                     raise
-                delay = min(2 ** attempt, 60) * random.uniform(0.5, 1.0)
-                log.warning("sink: %s failed (%s); retry %d in %.0f s", what, exc, attempt,
+                delay = min(2 ** failures, 60) * self.jitter(0.5, 1.0)
+                log.warning("sink: %s failed (%s); retry %d in %.0f s", what, exc, failures,
                             delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                error = exc
+            if self.sleep(delay):  # stopping: the failure stands
+                raise error
+
+    def _startup_delay(self, exc, waits, waited):
+        """Seconds until the next try to reach a starting warehouse; raise when out of time."""
+        timeout = self.config.startup_timeout
+        if waited >= timeout:
+            raise SinkError(f"{exc}; the warehouse was not ready after {waited:.0f} s "
+                            f"(startup_timeout {timeout:.0f} s)") from None
+        delay = min(2 ** waits, self.STARTUP_POLL) * self.jitter(0.5, 1.0)
+        return min(delay, timeout - waited)
 
     # --- tables --------------------------------------------------------------------
 
@@ -3280,15 +3337,98 @@ def parquet_bytes(parts):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-PERMANENT_MARKERS = ("401", "403", "PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS",
+class UnavailableError(SinkError):
+    """The warehouse cannot take a session yet (starting, or throttling): wait for it."""
+
+
+# Kinds of connector failure: wait for the warehouse, retry the statement, or fail now.
+UNAVAILABLE, TRANSIENT, PERMANENT = "unavailable", "transient", "permanent"
+# Error classes ("[CLASS] message", Spark and Delta) and SQLSTATEs (or their first two
+# characters) that say what to do. 2D521 is Delta's transaction conflict; 40xxx a
+# rollback; 42xxx syntax and access rules, 22xxx bad data, 28xxx authorization.
+TRANSIENT_MARKERS = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+                     "TEMPORARILY_UNAVAILABLE", "2D521", "40")
+PERMANENT_MARKERS = ("PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS", "UNAUTHORIZED",
                      "TABLE_OR_VIEW_NOT_FOUND", "SCHEMA_NOT_FOUND", "CATALOG_NOT_FOUND",
-                     "PARSE_SYNTAX_ERROR", "UNRESOLVED_COLUMN", "Invalid access token",
-                     "Unauthorized", "Forbidden", "DATATYPE_MISMATCH", "CAST_INVALID_INPUT",
-                     "DELTA_FAILED_TO_MERGE_FIELDS", "invalid_client")
-TRANSIENT_MARKERS = ("429", "502", "503", "504", "TEMPORARILY_UNAVAILABLE", "Concurrent",
-                     "CONCURRENT", "starting", "timed out", "timeout", "Timeout",
-                     "Connection", "connection", "MaxRetryError", "RemoteDisconnected",
-                     "Too Many Requests", "Service Unavailable")
+                     "PARSE_SYNTAX_ERROR", "UNRESOLVED_COLUMN", "DATATYPE_MISMATCH",
+                     "CAST_INVALID_INPUT", "DELTA_FAILED_TO_MERGE_FIELDS", "42", "22", "28",
+                     "0A", "23", "44")
+AUTH_PHRASES = re.compile(r"Invalid access token|Token is expired|invalid_client", re.I)
+# Java exception names of Delta's conflicts and Databricks' wording of them; and a
+# session the warehouse forgot (it restarted): a new connection gets a new one
+RETRY_PHRASES = re.compile(r"concurrent update|Concurrent\w*Exception|"
+                           r"(Metadata|Protocol)ChangedException|"
+                           r"Invalid (Session|Operation)Handle", re.I)
+
+
+def error_causes(exc):
+    """The exception and what it wraps: the connector's RequestError keeps the original
+    in args[1]; urllib3's MaxRetryError in `reason`; Python chains in __cause__."""
+    seen, todo = [], [exc]
+    while todo and len(seen) < 10:
+        current = todo.pop(0)
+        if isinstance(current, BaseException) and current not in seen:
+            seen.append(current)
+            todo += [*current.args[1:2], getattr(current, "reason", None),
+                     current.__cause__, current.__context__]
+    return seen
+
+
+def http_status(causes):
+    """The HTTP status a failed request got, if any (4xx/5xx only)."""
+    for cause in causes:
+        context = getattr(cause, "context", None)
+        code = context.get("http-code") if isinstance(context, dict) else None
+        code = code or getattr(cause, "code", None) or getattr(cause, "status", None)
+        if isinstance(code, int) and 400 <= code < 600:
+            return code
+    return None
+
+
+def server_codes(text):
+    """(error class, SQLSTATE) of a warehouse message '[CLASS] ... SQLSTATE: 42P01'."""
+    found = re.match(r"\s*\[([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_]+)*\]", text)
+    state = re.search(r"\bSQLSTATE:?\s*([0-9A-Z]{5})\b", text)
+    return (found.group(1) if found else None), (state.group(1) if state else None)
+
+
+def error_kind(exc):
+    """UNAVAILABLE, TRANSIENT or PERMANENT, from the failure's structure: the
+    exception classes, the HTTP status, the error class and SQLSTATE; never from
+    numbers that happen to be in the text (a row count, a batch id)."""
+    causes = error_causes(exc)
+    names = {cls.__name__ for cause in causes for cls in type(cause).__mro__}
+    text = str(exc)
+    if "MaxRetryDurationError" in names:  # the connector refused to wait out a 429/503
+        return UNAVAILABLE
+    status = http_status(causes)
+    if status in (429, 503) or ("ResponseError" in names and
+                                re.search(r"too many (429|503) ", text)):
+        return UNAVAILABLE
+    if status is not None:
+        return TRANSIENT if status >= 500 else PERMANENT
+    for code in server_codes(text):
+        if code and code.startswith(TRANSIENT_MARKERS):
+            return TRANSIENT
+        if code and code.startswith(PERMANENT_MARKERS):
+            return PERMANENT
+    if RETRY_PHRASES.search(text):
+        return TRANSIENT
+    if AUTH_PHRASES.search(text):
+        return PERMANENT
+    if any(is_network_error(c) for c in causes):
+        return TRANSIENT
+    if "RequestError" in names and len(causes) == 1:  # no answer, and no cause given
+        return TRANSIENT
+    return PERMANENT
+
+
+def is_network_error(exc):
+    """A connection, socket or HTTP-transport failure; not a bad URL or setting (those
+    are ValueErrors too, in urllib3 and requests alike)."""
+    network = isinstance(exc, (OSError, EOFError)) or type(exc).__module__.startswith(
+        ("urllib3", "thrift", "http.client"))
+    return network and not isinstance(exc, ValueError)
 
 
 def databricks_error(what, exc, config):
@@ -3297,26 +3437,31 @@ def databricks_error(what, exc, config):
     for secret in (config.databricks_token, config.databricks_client_secret):
         if secret:
             text = text.replace(secret, "[REDACTED]")
-    context = getattr(exc, "context", None) or {}
-    code = str(context.get("http-code", "")) if isinstance(context, dict) else ""
-    full = f"{type(exc).__name__} {code} {text}"
-    permanent = any(m in full for m in PERMANENT_MARKERS)
-    transient = not permanent and (isinstance(exc, OSError) or
-                                   any(m in full for m in TRANSIENT_MARKERS))
-    hint = databricks_hint(full, config) if permanent else ""
-    return SinkError(f"sink: {what} failed: {text}{hint}", transient=transient)
+    kind = error_kind(exc)
+    hint = databricks_hint(exc, config) if kind == PERMANENT else ""
+    if any(type(c).__name__ == "MaxRetryDurationError" for c in error_causes(exc)):
+        hint = " (the warehouse is starting, busy or unreachable)"  # a plainer word for it
+    return SinkError(f"sink: {what} failed: {text}{hint}", transient=kind != PERMANENT)
 
 
-def databricks_hint(text, config):
+def databricks_hint(exc, config):
     """The obvious fix for a permanent warehouse error, if there is one."""
-    if re.search(r"\b401\b|Invalid access token|Unauthorized|invalid_client", text):
+    status = http_status(error_causes(exc))
+    error_class, state = server_codes(str(exc))
+    if status == 401 or error_class == "UNAUTHORIZED" or AUTH_PHRASES.search(str(exc)):
         return "; check DATABRICKS_TOKEN (or the service principal's id and secret)"
-    if re.search(r"\b403\b|PERMISSION|INSUFFICIENT|Forbidden", text):
+    if status == 403 or state == "42501" or error_class in (
+            "PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS"):
         return "; the token lacks a privilege on the catalog, schema or table"
-    if "SCHEMA_NOT_FOUND" in text or "CATALOG_NOT_FOUND" in text:
+    if error_class in ("SCHEMA_NOT_FOUND", "CATALOG_NOT_FOUND"):
         return (f"; create it first: CREATE SCHEMA IF NOT EXISTS "
                 f"{qualified_name(config.databricks_database or '')}")
     return ""
+
+
+def is_loopback(host):
+    """True for localhost / 127.x / [::1] (with a port or not): a test warehouse."""
+    return bool(re.fullmatch(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?", host or ""))
 
 
 class WorkspaceCredentials:
