@@ -69,6 +69,7 @@ SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
 LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
 
 log = logging.getLogger("uploader")
+REAL_SLEEP = time.sleep
 JEMALLOC_SETTING = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 
@@ -2367,6 +2368,9 @@ class Sink:
 
     def __init__(self, config, identity):
         self.config, self.identity = config, identity
+        # waits between retries; the cycle gives a StopFlag.wait, whose true return
+        # (a stop was asked for) ends the waiting
+        self.sleep, self.clock, self.jitter = time.sleep, time.monotonic, random.uniform
 
     @property
     def destination(self):
@@ -2703,8 +2707,6 @@ class DatabricksSink(Sink):
         self._learnt = False
         self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
         self._volume_lock = threading.Lock()
-        # a StopFlag.wait may stand in for sleep: a true return ends the waiting
-        self.sleep, self.clock, self.jitter = time.sleep, time.monotonic, random.uniform
 
     @property
     def destination(self):
@@ -4376,6 +4378,8 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
         identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
         job = Job(config, conn, source, checkpoint, make_sink(config, identity),
                   target_table(config, source), stop, plan)
+        if job.sink.sleep is REAL_SLEEP:  # (a test may have given the sink its own)
+            job.sink.sleep = stop.wait  # SIGTERM ends a wait for a starting warehouse
         announce_job(job)
         if recover:
             recover_state(job)
