@@ -500,10 +500,9 @@ def missing(name, why=""):
 
 
 def check_target(config):
-    """Before a run: the chosen target must be completely configured."""
-    if config.target != "databricks":
-        return config
-    return dataclasses.replace(config, databricks_database=validate_workspace(config))
+    """Before a run: the chosen target must be completely configured (each sink
+    checks its own settings)."""
+    return sink_class(config).check_settings(config)
 
 
 def validate_workspace(config):
@@ -2372,6 +2371,29 @@ class Sink:
         # (a stop was asked for) ends the waiting
         self.sleep, self.clock, self.jitter = time.sleep, time.monotonic, random.uniform
 
+    @classmethod
+    def check_settings(cls, config):
+        """Before a run or an action: the sink's settings are complete; the config with
+        the values this sink derives from them."""
+        return config
+
+    @classmethod
+    def for_actions(cls, config):
+        """A sink for actions that write no batches (queries, self-test)."""
+        return cls(config, Identity(config.source_id, "", ""))
+
+    def announce(self):
+        """Log what a user should know about this target at start (nothing by default)."""
+
+    def query(self, sql, info_table=None):
+        """--run-query: [(column names, rows), ...] of SQL, or of INFO (the tables, the
+        target table's columns and row count)."""
+        raise ConfigError(f"config: --run-query is not available on the {self.name} target")
+
+    def self_test(self, name):
+        """--test-upload: yield (step, error or None) for a scratch table `name`."""
+        raise ConfigError(f"config: --test-upload is not available on the {self.name} target")
+
     @property
     def destination(self):
         """Stable id of the destination system: progress is kept per destination."""
@@ -2433,9 +2455,14 @@ def register_sink(cls):
     return cls
 
 
+def sink_class(config):
+    """The sink class the config chooses."""
+    return SINKS[config.target]
+
+
 def make_sink(config, identity):
     """The sink chosen by the config."""
-    return SINKS[config.target](config, identity)
+    return sink_class(config)(config, identity)
 
 
 def lineage_values(batch, identity, uploaded_micros, rescued):
@@ -2461,6 +2488,47 @@ class DeltaSink(Sink):
     @property
     def destination(self):
         return "delta:" + self.base
+
+    def announce(self):
+        if self.config.origin("delta_uri") == "default":
+            log.info("target: no Databricks workspace configured; writing to the local "
+                     "Delta lakehouse %s", self.base)
+
+    def query(self, sql, info_table=None):
+        """SQL over the Delta tables in a local directory (DataFusion)."""
+        if "://" in self.base:
+            raise ConfigError(f"query: --run-query reads Delta tables in a local directory, "
+                              f"and delta_uri is {self.config.delta_uri} (from "
+                              f"{self.config.origin('delta_uri')}); query it with a Delta "
+                              "reader (DuckDB delta_scan, Spark, Databricks)")
+        if sql.strip().upper() == "INFO":
+            return delta_info(self.base, info_table)
+        return [run_query(self.base, sql)]
+
+    def self_test(self, name):
+        import shutil
+        from arro3.core import Array, DataType, RecordBatch
+        uri = self.table_uri(name)
+        data = RecordBatch.from_pydict({"id": Array([1], DataType.int64()),
+                                        "note": Array(["it works"], DataType.string())})
+
+        def write():
+            from deltalake import write_deltalake
+            write_deltalake(uri, data, mode="error")
+
+        def read():
+            from deltalake import DeltaTable, QueryBuilder
+            reader = QueryBuilder().register("t", DeltaTable(uri)).execute(
+                "SELECT id, note FROM t")
+            check_read_back([tuple(c.to_pylist()[0] for c in b.columns) for b in reader])
+
+        def drop():
+            if "://" in uri:
+                raise SinkError(f"left {uri} in place: remove it with your storage tools")
+            shutil.rmtree(uri)
+
+        yield from run_steps([(f"write {uri}", write), ("read it back", read),
+                              (f"remove {name}", drop)])
 
     def table_uri(self, table):
         """Location of one table under the base URI."""
@@ -2711,6 +2779,39 @@ class DatabricksSink(Sink):
     @property
     def destination(self):
         return f"databricks:{self.config.databricks_host}/{self.database}"
+
+    @classmethod
+    def check_settings(cls, config):
+        return dataclasses.replace(config, databricks_database=validate_workspace(config))
+
+    def query(self, sql, info_table=None):
+        """SQL on the warehouse; INFO: its tables, the target's columns, its row count."""
+        if sql.strip().upper() != "INFO":
+            return [self.execute(sql, fetch="names", what="running the query")]
+        results = [self.execute(f"SHOW TABLES IN {qualified_name(self.database)}",
+                                fetch="names", what="listing tables")]
+        if info_table:
+            target = self.target(info_table)
+            results.append(self.execute(f"DESCRIBE TABLE {target}", fetch="names",
+                                        what=f"describing {info_table}"))
+            results.append(self.execute(f"SELECT count(*) AS row_count FROM {target}",
+                                        fetch="names", what=f"counting {info_table}"))
+        return results
+
+    def self_test(self, name):
+        target = self.target(name)
+        steps = [("connect", lambda: self.execute("SELECT 1", fetch=True, what="connecting")),
+                 (f"create {name}", lambda: self.execute(
+                     f"CREATE TABLE {target} (id BIGINT, note STRING, at TIMESTAMP) "
+                     "USING DELTA", what="creating a scratch table")),
+                 ("insert a row", lambda: self.execute(
+                     f"INSERT INTO {target} VALUES (1, {sql_string('it works')}, "
+                     f"{sql_literal(0, TIMESTAMP)})", what="inserting")),
+                 ("read it back", lambda: check_read_back(self.execute(
+                     f"SELECT id, note FROM {target}", fetch=True, what="reading back"))),
+                 (f"drop {name}", lambda: self.execute(f"DROP TABLE {target}",
+                                                       what="dropping the scratch table"))]
+        yield from run_steps(steps)
 
     def describe(self):
         return f"Databricks {self.config.databricks_host} {self.database}"
@@ -4428,9 +4529,7 @@ def announce_job(job):
                     source.cursor.describe())
     log.info("target: %s table %s (node %s)", job.sink.describe(), job.table,
              config.source_id)
-    if config.target == "delta" and config.origin("delta_uri") == "default":
-        log.info("target: no Databricks workspace configured; writing to the local "
-                 "Delta lakehouse %s", os.path.abspath(config.delta_uri))
+    job.sink.announce()
 
 
 def close_job(job):
@@ -4468,89 +4567,21 @@ def print_ddl(config, environ):
     return create_table_sql(qualified_name(database, table), names, kinds) + ";"
 
 
-def run_databricks_query(config, sql, source_table=None):
-    """Run SQL on the warehouse (or INFO: tables, the target's columns, its row count)."""
-    config = check_target(config)
-    sink = DatabricksSink(config, Identity(config.source_id, "", ""))
-    try:
-        if sql.strip().upper() != "INFO":
-            return [sink.execute(sql, fetch="names", what="running the query")]
-        results = [sink.execute(f"SHOW TABLES IN {qualified_name(config.databricks_database)}",
-                                fetch="names", what="listing tables")]
-        if source_table:
-            target = sink.target(source_table)
-            results.append(sink.execute(f"DESCRIBE TABLE {target}", fetch="names",
-                                        what=f"describing {source_table}"))
-            results.append(sink.execute(f"SELECT count(*) AS row_count FROM {target}",
-                                        fetch="names", what=f"counting {source_table}"))
-        return results
-    finally:
-        sink.close()
-
-
 def self_test(config):
     """Create a scratch table, insert a row, read it back, drop it; report each step."""
     config = check_target(config)
     name = f"_uploader_selftest_{uuid.uuid4().hex[:8]}"
-    if config.target == "databricks":
-        steps = databricks_self_test(config, name)
-    else:
-        steps = delta_self_test(config, name)
+    sink = sink_class(config).for_actions(config)
     ok = True
-    for step, error in steps:
-        ok = ok and error is None
-        print(f"test-upload: {step:<40} {'ok' if error is None else 'FAILED: ' + error}")
-        if error is not None:
-            break
-    return EXIT_OK if ok else EXIT_FAILED
-
-
-def databricks_self_test(config, name):
-    """The self-test steps on the warehouse, as (step, error or None)."""
-    sink = DatabricksSink(config, Identity(config.source_id, "", ""))
-    target = sink.target(name)
-    steps = [("connect", lambda: sink.execute("SELECT 1", fetch=True, what="connecting")),
-             (f"create {name}", lambda: sink.execute(
-                 f"CREATE TABLE {target} (id BIGINT, note STRING, at TIMESTAMP) USING DELTA",
-                 what="creating a scratch table")),
-             ("insert a row", lambda: sink.execute(
-                 f"INSERT INTO {target} VALUES (1, {sql_string('it works')}, "
-                 f"{sql_literal(0, TIMESTAMP)})", what="inserting")),
-             ("read it back", lambda: check_read_back(sink.execute(
-                 f"SELECT id, note FROM {target}", fetch=True, what="reading back"))),
-             (f"drop {name}", lambda: sink.execute(f"DROP TABLE {target}",
-                                                   what="dropping the scratch table"))]
     try:
-        yield from run_steps(steps)
+        for step, error in sink.self_test(name):
+            ok = ok and error is None
+            print(f"test-upload: {step:<40} {'ok' if error is None else 'FAILED: ' + error}")
+            if error is not None:
+                break
     finally:
         sink.close()
-
-
-def delta_self_test(config, name):
-    """The self-test steps on the Delta location."""
-    import shutil
-    from arro3.core import Array, DataType, RecordBatch
-    sink = DeltaSink(config, Identity(config.source_id, "", ""))
-    uri = sink.table_uri(name)
-    data = RecordBatch.from_pydict({"id": Array([1], DataType.int64()),
-                                    "note": Array(["it works"], DataType.string())})
-
-    def write():
-        from deltalake import write_deltalake
-        write_deltalake(uri, data, mode="error")
-
-    def read():
-        from deltalake import DeltaTable, QueryBuilder
-        reader = QueryBuilder().register("t", DeltaTable(uri)).execute("SELECT id, note FROM t")
-        check_read_back([tuple(c.to_pylist()[0] for c in b.columns) for b in reader])
-
-    def drop():
-        if "://" in uri:
-            raise SinkError(f"left {uri} in place: remove it with your storage tools")
-        shutil.rmtree(uri)
-
-    yield from run_steps([(f"write {uri}", write), ("read it back", read),
-                          (f"remove {name}", drop)])
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def check_read_back(rows):
@@ -4611,7 +4642,7 @@ def status_report(config):
         else:
             checkpoint.data = new_state(source_description(config.sqlite, source))
         identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
-        destination = SINKS[config.target](config, identity).destination
+        destination = make_sink(config, identity).destination
         pos = checkpoint.position(position_key(destination, target_table(config, source)))
         cursor = decode_cursor(pos.get("cursor"))
         pending = count_pending(conn, source, cursor)
@@ -5008,19 +5039,14 @@ def main(argv=None, environ=None):
 
 
 def print_query(config, sql):
-    """--run-query: on the warehouse when one is configured, else on the Delta tables."""
+    """--run-query: SQL (or INFO) on the target, whichever it is."""
+    config = check_target(config)
     info = sql.strip().upper() == "INFO"
-    if config.target == "databricks":
-        results = run_databricks_query(config, sql, info_table(config) if info else None)
-    elif "://" in config.delta_uri:
-        raise ConfigError(f"query: --run-query reads Delta tables in a local directory, "
-                          f"and delta_uri is {config.delta_uri} (from "
-                          f"{config.origin('delta_uri')}); query it with a Delta reader "
-                          "(DuckDB delta_scan, Spark, Databricks)")
-    elif info:
-        results = delta_info(os.path.abspath(config.delta_uri), info_table(config))
-    else:
-        results = [run_query(os.path.abspath(config.delta_uri), sql)]
+    sink = sink_class(config).for_actions(config)
+    try:
+        results = sink.query(sql, info_table(config) if info else None)
+    finally:
+        sink.close()
     print("\n\n".join(format_rows(names, rows) for names, rows in results))
     return EXIT_OK
 
