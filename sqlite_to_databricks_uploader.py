@@ -1041,9 +1041,11 @@ class Batch:
     first: bool = True  # the first chunk of its read statement
     final: bool = True  # the last chunk of its read statement
     resend: bool = False  # rows of a batch in flight that did not land: send as they are
+    source_count: int = None  # rows read from the source, before processing (default count)
 
     def __post_init__(self):
-        self.source_count = self.count  # rows read from the source, before processing
+        if self.source_count is None:
+            self.source_count = self.count
 
 
 CHUNK_ROWS = 10_000
@@ -1202,17 +1204,6 @@ def rows_to_batch(source, rows, first, final):
                  stamps[-1] if stamps is not None else None, source_kinds(source),
                  keys=[columns[p] for p in positions], stamps=stamps, first=first,
                  final=final)
-
-
-def slice_batch(batch, start, end):
-    """Source rows [start, end) of a batch, with the cursor after its last row."""
-    part = dataclasses.replace(
-        batch, values=[v[start:end] for v in batch.values], count=end - start,
-        cursor_end=[k[end - 1] for k in batch.keys],
-        last_timestamp=batch.stamps[end - 1] if batch.stamps is not None else None,
-        keys=[k[start:end] for k in batch.keys],
-        stamps=batch.stamps[start:end] if batch.stamps is not None else None)
-    return part
 
 
 def count_source_rows(conn, source):
@@ -2027,7 +2018,6 @@ def process_batch(plan, batch, carry):
         count = len(values[0]) if values else 0
     out = dataclasses.replace(batch, columns=names, kinds=kinds, values=values, count=count,
                               notes=notes)
-    out.source_count = batch.source_count
     return out, carry
 
 
@@ -2407,20 +2397,11 @@ class Sink:
         """{column: kind} of the target table's existing columns."""
         return {}
 
-    def rows_per_write(self):
-        """Largest batch one write takes (None: any); the cycle splits batches to fit."""
-        return None
-
-    def learn(self, batch):
-        """See a source batch before it is split (the warehouse sizes statements by it)."""
-
-    def prepare(self, table, batch):
-        """Encode the batch for this sink; runs in the read-ahead thread, no I/O."""
-        return None
-
-    def fits(self, payload):
-        """False when a prepared batch is too big for one write and must be split."""
-        return True
+    def encode(self, table, part):
+        """Encode one processed part of a batch; runs in the read-ahead thread, no I/O.
+        Returns (payload, rows with rescued values); a batch's write gets the payloads
+        of its parts, in order, as `batch.payload`."""
+        return None, 0
 
     def write(self, table, batch):
         """Append the batch, tagged with its batch id; skip it if already committed."""
@@ -2569,8 +2550,8 @@ class DeltaSink(Sink):
         version = found.transaction_version(app_id) if found else None
         return version is not None and version >= seq
 
-    def prepare(self, table, batch):
-        return to_record_batch(batch, self.identity)
+    def encode(self, table, part):
+        return to_record_batch(part, self.identity)
 
     def count_rows(self, table, source_id):
         rows = self._select(table, source_id, "count(*)", "counting rows")
@@ -2722,7 +2703,8 @@ def checked_cast(text):
 
 
 def to_record_batch(batch, identity):
-    """The batch as an Arrow RecordBatch with typed columns and lineage columns."""
+    """The batch as an Arrow RecordBatch with typed columns and lineage columns, and the
+    number of rows with rescued values."""
     from arro3.core import Array, DataType, Field, RecordBatch, Schema
     rescued = {}
     arrays = [to_arrow_array(values, kind, name, rescued)
@@ -2732,10 +2714,9 @@ def to_record_batch(batch, identity):
     arrays += [Array(source_id, DataType.string()), Array(batch_id, DataType.string()),
                Array(uploaded, DataType.int64()).cast(arrow_type(TIMESTAMP)),
                Array(rescue, DataType.string())]
-    batch.rescued = len(rescued)
     names = list(batch.columns) + list(LINEAGE_COLUMNS)
     schema = Schema([Field(n, a.type, nullable=True) for n, a in zip(names, arrays)])
-    return RecordBatch(arrays, schema=schema)
+    return RecordBatch(arrays, schema=schema), len(rescued)
 
 
 @register_sink
@@ -2769,7 +2750,7 @@ class DatabricksSink(Sink):
         self.database = config.databricks_database
         self._conn = None
         self._columns = {}
-        self._rows_per_write = 2000
+        self._row_size = None  # rendered bytes per row, learnt from a sample
         self._staging_dir = None
         self._credentials = None
         self._learnt = False
@@ -3046,54 +3027,41 @@ class DatabricksSink(Sink):
         log.info("sink: staging batches as Parquet in %s", path)
         return path
 
-    def rows_per_write(self):
-        """Rows per batch so that one batch is one statement (inline path)."""
-        if self.volume():
-            return None
-        return self._rows_per_write
+    def encode(self, table, part):
+        """A part as rendered rows, or as Arrow data when its batch goes as a Parquet
+        file: with a volume, every batch bigger than one statement is staged."""
+        if self.volume() and not (part.first and part.final and
+                                  part.count * self._bytes_per_row(part) <= self.budget()):
+            return to_record_batch(part, self.identity)
+        rows, names, rescued = render_rows(part)
+        inline = InlineRows(rows, names)
+        if self.volume() and inline.size > self.budget():
+            return to_record_batch(part, self.identity)
+        return inline, rescued
 
-    def learn(self, batch):
-        if self._learnt or not batch.count:
-            return
-        sample = slice_batch(batch, 0, min(batch.count, 200))
-        sample.kinds = [k or infer_kind(v) for k, v in zip(sample.kinds, sample.values)]
-        columns, _ = render_columns(sample)
-        size = sum(len(",".join(row)) + 3 for row in zip(*columns))
-        self._set_rows_per_write(size / sample.count)
+    def budget(self):
+        """Bytes of rows one statement may carry (the rest is its frame)."""
+        return self.config.max_statement_bytes * 0.985 - 1000
 
-    def _set_rows_per_write(self, bytes_per_row):
-        self._learnt = True
-        budget = self.config.max_statement_bytes * 0.985 - 1000  # the statement's frame
-        self._rows_per_write = max(1, int(budget / max(bytes_per_row, 1.0)))
-
-    def prepare(self, table, batch):
-        if self.volume():
-            # a batch that fits one statement goes inline; bigger ones as one Parquet
-            # file, written from the chunks' Arrow data when the batch is sent
-            if not (batch.first and batch.final and batch.count <= self._rows_per_write):
-                return to_record_batch(batch, self.identity)
-        statement = inline_statement(batch, self.identity)
-        statement.assemble(self.target(table), self._columns.get(table))
-        self._set_rows_per_write(statement.size / max(batch.source_count, 1))
-        if self.volume() and statement.size > self.config.max_statement_bytes:
-            return to_record_batch(batch, self.identity)
-        return statement
-
-    def fits(self, payload):
-        return not isinstance(payload, InlineStatement) or (
-            payload.size <= self.config.max_statement_bytes)
+    def _bytes_per_row(self, part):
+        """Rendered bytes per row, from a sample of the first part seen."""
+        if self._row_size is None and part.count:
+            rows, _, _ = render_rows(sample_part(part, 200))
+            self._row_size = sum(len(r) + 1 for r in rows) / len(rows)
+        return self._row_size or 1.0
 
     def write(self, table, batch):
-        payload = batch.payload
-        arrow = [p for p in payload if not isinstance(p, InlineStatement)] if isinstance(
-            payload, list) else []
-        if arrow:
-            staged = [StagedFile(batch.batch_id, parquet_bytes(arrow))]
+        parts = batch.payload
+        if any(not isinstance(p, InlineRows) for p in parts):
+            staged = [StagedFile(batch.batch_id, parquet_bytes(parts))]
             self._send(table, batch, f"staging batch {batch.batch_id}",
                        lambda: self._load_staged(table, staged))
-        else:
-            statement = payload[0] if isinstance(payload, list) else payload
-            what = f"writing batch {batch.batch_id}"
+            return Receipt(batch.count)
+        statements = inline_statements(parts, self.budget(), self.identity.source_id,
+                                       batch.batch_id)
+        for statement in statements:
+            what = f"writing batch {batch.batch_id}" + (
+                f" ({statement.part})" if len(statements) > 1 else "")
             self._send(table, batch, what, lambda: self.execute(statement.assemble(
                 self.target(table), self._columns.get(table)), what=what))
         return Receipt(batch.count)
@@ -3178,17 +3146,20 @@ class DatabricksSink(Sink):
             raise
 
     def has_committed(self, table, seq, batch_id, source_id=None):
+        """The batch is in when its one statement is, or the last of its statements
+        (they are sent in order, each after the one before has landed)."""
         try:
             rows = self.retrying("checking a batch", lambda: self.execute(
-                f"SELECT count(*) FROM {self.target(table)} WHERE `_source_id` = :source_id "
-                "AND `_batch_id` = :batch_id",
-                {"source_id": source_id or self.identity.source_id, "batch_id": batch_id},
-                fetch=True, what=f"checking batch {batch_id}"))
+                f"SELECT DISTINCT `_batch_id` FROM {self.target(table)} WHERE "
+                "`_source_id` = :source_id AND (`_batch_id` = :batch_id OR "
+                "`_batch_id` LIKE :parts)",
+                {"source_id": source_id or self.identity.source_id, "batch_id": batch_id,
+                 "parts": batch_id + ".%"}, fetch=True, what=f"checking batch {batch_id}"))
         except SinkError as exc:
             if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
                 return False
             raise
-        return bool(rows and rows[0][0])
+        return any(is_whole_batch(row[0], batch_id) for row in rows or [])
 
 
 @dataclasses.dataclass
@@ -3204,16 +3175,30 @@ class InlineStatement:
     names: list
     where: str
     lineage: dict
+    part: str = ""
     columns: list = None
     sql: str = ""
     size: int = 0
 
     @classmethod
-    def build(cls, rows, names, source_id, batch_id, uploaded):
-        """Rendered rows of batch `batch_id`, written by `source_id` at `uploaded`."""
-        source, batch = sql_string(source_id), sql_string(batch_id)
-        return cls(rows, names, f"`_source_id` = {source} AND `_batch_id` = {batch}",
-                   {"_source_id": source, "_batch_id": batch, "_uploaded_at": uploaded})
+    def build(cls, rows, names, source_id, batch_id, uploaded, k=1, n=1):
+        """Rendered rows of statement k of n of batch `batch_id`, written by `source_id`
+        at `uploaded`. Its REPLACE WHERE takes its own rows, so running it twice leaves
+        them once; the first (or only) statement also clears what an earlier attempt cut
+        differently left of the batch, so that a batch sent again is whole and once."""
+        source, tag = sql_string(source_id), sql_string(part_id(batch_id, k, n))
+        whole, parts = sql_string(batch_id), sql_string(batch_id + ".%")
+        if n == 1:
+            mine = f"`_batch_id` = {whole} OR `_batch_id` LIKE {parts}"
+        elif k == 1:
+            other = sql_string(f"{batch_id}.%/{n}")
+            mine = (f"`_batch_id` = {whole} OR (`_batch_id` LIKE {parts} AND `_batch_id` "
+                    f"NOT LIKE {other}) OR `_batch_id` = {tag}")
+        else:
+            mine = f"`_batch_id` = {tag}"
+        return cls(rows, names, f"`_source_id` = {source} AND ({mine})",
+                   {"_source_id": source, "_batch_id": tag, "_uploaded_at": uploaded},
+                   part=f"statement {k} of {n}")
 
     def assemble(self, target, columns=None):
         """The statement for a table with `columns` in table order; returns the SQL."""
@@ -3336,16 +3321,75 @@ def render_columns(batch):
 
 
 def render_rows(batch):
-    """The batch as inline-table rows `(..),(..)` and their column names (with
-    `_rescued_data` when a value was rescued); counts the rescued rows."""
+    """The batch as inline-table rows `(..)`, their column names (with `_rescued_data`
+    when a value was rescued), and the number of rows with rescued values."""
     columns, rescued = render_columns(batch)
     names = list(batch.columns)
     if rescued:
         columns.append([sql_string(v) if v else "NULL"
                         for v in rescued_json(rescued, batch.count)])
         names.append("_rescued_data")
-    batch.rescued = len(rescued)
-    return ",".join("(" + ",".join(row) + ")" for row in zip(*columns)), names
+    return ["(" + ",".join(row) + ")" for row in zip(*columns)], names, len(rescued)
+
+
+@dataclasses.dataclass
+class InlineRows:
+    """A part of a batch rendered for an inline statement."""
+
+    rows: list
+    names: list
+
+    @property
+    def size(self):
+        return sum(len(r) + 1 for r in self.rows)
+
+
+def sample_part(part, count):
+    """The first `count` rows of a part, to estimate the rest by."""
+    return dataclasses.replace(part, values=[v[:count] for v in part.values],
+                               count=min(part.count, count),
+                               kinds=[k or infer_kind(v) for k, v in
+                                      zip(part.kinds, part.values)])
+
+
+def pack_rows(parts, budget):
+    """The rows of a batch's parts cut into statements of at most `budget` bytes (a
+    row bigger than that alone), in order: [(rows, names)]. The cut depends only on the
+    rows, so a batch sent again is cut the same way."""
+    groups, rows, size, names = [], [], 0, None
+    for part in parts:
+        for row in part.rows:
+            if rows and (size + len(row) + 1 > budget or part.names != names):
+                groups.append((rows, names))
+                rows, size = [], 0
+            rows.append(row)
+            size += len(row) + 1
+            names = part.names
+    if rows:
+        groups.append((rows, names))
+    return groups
+
+
+def part_id(batch_id, k, n):
+    """The `_batch_id` of statement k of n: the batch id itself when it is the only one."""
+    return batch_id if n == 1 else f"{batch_id}.{k}/{n}"
+
+
+def is_whole_batch(found, batch_id):
+    """True for the `_batch_id` of a batch's only or last statement."""
+    if found == batch_id:
+        return True
+    k, _, n = found[len(batch_id) + 1:].partition("/")
+    return found.startswith(batch_id + ".") and k == n and k.isdigit()
+
+
+def inline_statements(parts, budget, source_id, batch_id):
+    """The statements that carry a batch's rendered parts."""
+    groups = pack_rows(parts, budget)
+    now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
+    return [InlineStatement.build(",".join(rows), names, source_id, batch_id,
+                                  sql_literal(now, TIMESTAMP), k, len(groups))
+            for k, (rows, names) in enumerate(groups, start=1)]
 
 
 def table_layout(names):
@@ -3362,11 +3406,12 @@ def render_insert(target, batch, identity, columns=None):
 
 
 def inline_statement(batch, identity):
-    """The batch's rows rendered once, tagged with its lineage, ready to assemble."""
-    rows, names = render_rows(batch)
+    """The batch's rows rendered once as one statement, tagged with its lineage, ready
+    to assemble."""
+    rows, names, _ = render_rows(batch)
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    return InlineStatement.build(rows, names, identity.source_id, batch.batch_id,
-                                 sql_literal(now, TIMESTAMP))
+    return InlineStatement.build(",".join(rows), names, identity.source_id,
+                                 batch.batch_id, sql_literal(now, TIMESTAMP))
 
 
 SCHEMA_CHANGE_MARKERS = ("INSERT_COLUMN_ARITY_MISMATCH", "DELTA_METADATA_CHANGED")
@@ -4066,40 +4111,32 @@ def settle_inflight(job):
 def prepare_batches(job, chunks, position):
     """Process, number, type and encode the rows read (in the read-ahead thread).
 
-    For a sink that takes any number of rows in one write, the chunks of a batch are
-    encoded one by one and written together: one batch, one commit. For the warehouse,
-    rows are cut into batches of one statement each (by source rows, so each batch
-    has its own cursor). Nothing is handed on until the read statement has finished,
-    so no read transaction is held while a write waits.
+    The chunks of one read statement are processed and encoded one by one (so the
+    Python values of only one chunk live at a time) and handed on together as one
+    batch: one checkpoint, one in-flight record, however many requests the sink makes
+    of it. Nothing is handed on until the read statement has finished, so no read
+    transaction is held while a write waits.
     """
-    state_id = job.batch_prefix
+    prefix = job.batch_prefix
     seq, carry = position["seq"], position.get("carry")
-    ready, merged = [], []
+    parts = []
     for chunk in chunks:
-        job.sink.learn(chunk)
-        if job.sink.rows_per_write() is None:
-            out, carry = encode_part(job, chunk, carry, seq + 1, state_id)
-            forget_values(out, chunk)  # encoded: only one chunk's values live at a time
-            merged.append(out)
-            if chunk.final:
-                unit, merged = merge_parts(merged), []
-                seq += 1 if unit.count else 0
-                ready.append(unit)
-        else:
-            units, seq, carry = fit_statements(job, chunk, seq, carry, state_id)
-            ready += units
+        out, carry = encode_part(job, chunk, carry, seq + 1, prefix)
+        forget_values(out, chunk)  # encoded: only one chunk's values live at a time
+        parts.append(out)
         if chunk.final:
-            yield from ready
-            ready = []
+            batch, parts = merge_parts(parts), []
+            seq += 1 if batch.count else 0
+            yield batch
 
 
-def encode_part(job, part, carry, seq, state_id):
+def encode_part(job, part, carry, seq, prefix):
     """Process and encode one part as batch `seq`; return (part, carry after it)."""
     out, after = process_batch(job.plan, part, carry)
     if out.count:
-        out.seq, out.batch_id = seq, f"{state_id}-{seq}"
+        out.seq, out.batch_id = seq, f"{prefix}-{seq}"
         out.kinds = resolve_kinds(out, job.kinds)
-        out.payload = job.sink.prepare(job.table, out)
+        out.payload, out.rescued = job.sink.encode(job.table, out)
     out.carry = after
     return out, after
 
@@ -4110,8 +4147,17 @@ def forget_values(*batches):
         batch.values, batch.keys, batch.stamps = None, [], None
 
 
+def merged_notes(parts):
+    """The processing notes of a batch's parts, summed."""
+    notes = {}
+    for part in parts:
+        for key, value in part.notes.items():
+            notes[key] = notes.get(key, 0) + value
+    return notes
+
+
 def merge_parts(parts):
-    """The encoded chunks of one batch as one batch (one write, one checkpoint)."""
+    """The encoded parts of one batch as one batch (one write, one checkpoint)."""
     done = [p for p in parts if p.count]
     last = parts[-1]
     shape = done[-1] if done else last
@@ -4119,37 +4165,10 @@ def merge_parts(parts):
         last, columns=shape.columns, kinds=shape.kinds, count=sum(p.count for p in done),
         payload=[p.payload for p in done] if done else None,
         seq=done[0].seq if done else 0, batch_id=done[0].batch_id if done else "",
-        values=None, keys=[], stamps=None)
-    unit.source_count = sum(p.source_count for p in parts)
-    unit.rescued = sum(p.rescued for p in parts)
-    unit.notes = {}
-    for part in parts:
-        for key, value in part.notes.items():
-            unit.notes[key] = unit.notes.get(key, 0) + value
+        values=None, keys=[], stamps=None, source_count=sum(p.source_count for p in parts),
+        rescued=sum(p.rescued for p in parts), notes=merged_notes(parts))
     forget_values(*parts)
     return unit
-
-
-def fit_statements(job, batch, seq, carry, state_id):
-    """Cut a chunk into batches of one warehouse statement each; halve what overflows."""
-    units, parts = [], [batch]
-    while parts:
-        part = parts.pop(0)
-        limit = job.sink.rows_per_write()  # learnt from the rows encoded so far
-        if limit and part.count > limit and not part.resend:
-            parts[:0] = [slice_batch(part, limit, part.count)]
-            part = slice_batch(part, 0, limit)
-        out, after = encode_part(job, part, carry, seq + 1, state_id)
-        if out.count and not part.resend and not job.sink.fits(out.payload) and \
-                part.count > 1:
-            half = part.count // 2
-            parts[:0] = [slice_batch(part, 0, half), slice_batch(part, half, part.count)]
-            continue
-        seq += 1 if out.count else 0
-        carry = after
-        forget_values(out, part)
-        units.append(out)
-    return units, seq, carry
 
 
 def write_batch(job, batch):

@@ -524,7 +524,7 @@ class IdempotenceTests(WarehouseTestCase):
 
     def crash(self, db, action, batch):
         """Run an upload that dies at the INSERT of batch `batch` (before or after it)."""
-        self.warehouse.plan(action, f"-{batch}' SELECT ")
+        self.warehouse.plan(action, f"-{batch}' OR `_batch_id` LIKE")
         try:
             self.upload(db, "--batch-size", "50")
         except fake_warehouse.Crash:
@@ -568,14 +568,14 @@ class IdempotenceTests(WarehouseTestCase):
         with fewer of them, and rows were lost, when the re-send re-read the grown
         source under the same batch id)."""
         db = self.readings_db(120)  # batches of 50: 1-50, 51-100, 101-120 (short)
-        self.warehouse.plan("queue_crash", "-3' SELECT ")
+        self.warehouse.plan("queue_crash", "-3' OR `_batch_id` LIKE")
         with self.assertRaises(fake_warehouse.Crash):
             self.upload(db, "--batch-size", "50")
         flight = self.position()["inflight"]
         self.assertEqual((flight["seq"], flight["cursor_end"]), (3, [120]))
         self.add_readings(db, 120, 60)  # the source grows while the node is down
         self.assertUploaded(self.upload(db, "--batch-size", "50"))
-        resent = [s for s in self.statements("INSERT") if "-3' SELECT " in s]
+        resent = [s for s in self.statements("INSERT") if "-3' OR `_batch_id` LIKE" in s]
         self.assertEqual(len(resent), 2, "batch 3 was not re-sent (or sent more than once)")
         uploaded = [re.search(r"TIMESTAMP'[^']*'", s).group(0) for s in resent]  # 1st
         self.assertEqual(resent[0], resent[1].replace(uploaded[1], uploaded[0], 1),
@@ -583,6 +583,32 @@ class IdempotenceTests(WarehouseTestCase):
         self.warehouse.run_held()  # the dead client's statement runs late
         self.assertRowsOnce(range(1, 181))
         self.assertEqual(self.position()["cursor"], [180])
+
+    def test_a_batch_sent_as_several_statements_lands_once_after_any_crash(self):
+        """The sink alone decides how many statements a batch takes (DESIGN 1): without a
+        volume, a batch bigger than one statement goes as several, each replacing its
+        own rows; the batch is in when its last statement is. A crash after any of them,
+        and a dead node's queued statement that runs after the re-send, leave every row
+        once."""
+        for crash_at, action in ((1, "crash_after"), (2, "crash_after"), (3, "crash_before"),
+                                 (2, "queue_crash")):
+            with self.subTest(statement=crash_at, action=action):
+                self.fresh()
+                env = self.env(DATABRICKS_VOLUME="none", MAX_STATEMENT_BYTES=10_000)
+                db = self.readings_db(500)
+                self.warehouse.plan(action, f"-1.{crash_at}/")
+                with self.assertRaises(fake_warehouse.Crash):
+                    self.upload(db, env=env)
+                flight = self.position()["inflight"]
+                self.assertEqual(flight["cursor_end"], [500])
+                self.assertUploaded(self.upload(db, env=env))
+                parts = {found for sql in self.statements("INSERT")
+                         for found in re.findall(r"'[0-9a-f]+-1\.(\d+/\d+)'", sql)}
+                self.assertEqual(parts, {"1/3", "2/3", "3/3"})
+                self.warehouse.run_held()  # a queued statement of the dead node, late
+                self.assertRowsOnce(range(1, 501))
+                self.assertIsNone(self.position()["inflight"])
+                self.assertEqual(self.position()["seq"], 1)
 
     def test_sigkill_during_a_write_in_a_subprocess(self):
         """As a user runs it: the process is killed right after a write lands."""
@@ -610,7 +636,7 @@ class IdempotenceTests(WarehouseTestCase):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                "FAKE_WAREHOUSE_ROOT": self.warehouse.root, **self.env()}
         argv = [sys.executable, driver, "--sqlite", db, "--once", "--batch-size", "50"]
-        plan = json.dumps([["crash_after", "-2' SELECT "]])
+        plan = json.dumps([["crash_after", "-2' OR `_batch_id` LIKE"]])
         killed = subprocess.run(argv, env={**env, "FAKE_PLAN": plan}, capture_output=True,
                                 text=True, timeout=60, check=False)
         self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
@@ -1023,7 +1049,7 @@ class ErrorTests(WarehouseTestCase):
     def test_cursor_never_advances_until_the_write_succeeds(self):
         db = self.readings_db(120)
         for _ in range(up.DatabricksSink.RETRIES):
-            self.warehouse.plan("unavailable", "-2' SELECT ")
+            self.warehouse.plan("unavailable", "-2' OR `_batch_id` LIKE")
         code, _, err = self.upload(db, "--batch-size", "50")
         self.assertEqual(code, 1, err)
         self.assertIn("Service Unavailable", self.error_line(err))
@@ -1154,7 +1180,7 @@ class SourceChangeTests(WarehouseTestCase):
         code, _, err = self.upload(db, "--cursor", "rowid")
         self.assertEqual(code, 0, err)
         self.assertIn("30 rows are behind the cursor", err)
-        self.warehouse.plan("crash_after", "-backfill-2' SELECT ")
+        self.warehouse.plan("crash_after", "-backfill-2' OR `_batch_id` LIKE")
         with self.assertRaises(fake_warehouse.Crash):
             self.upload(db, "--cursor", "rowid", "--backfill", "--batch-size", "10")
         self.assertUploaded(self.upload(db, "--cursor", "rowid", "--backfill",
@@ -1419,7 +1445,7 @@ class RendererTests(WarehouseTestCase):
         self.assertEqual({c.name for c in where.find_all(exp.Column)},
                          {"_source_id", "_batch_id"})
         self.assertEqual({lit.name for lit in where.find_all(exp.Literal)},
-                         {"node'1", "state-7"})
+                         {"node'1", "state-7", "state-7.%"})
         self.assertEqual(len(tree.find(exp.Values).expressions), 2)
         self.assertFalse(tree.args.get("by_name"), "Spark 4.0 refuses BY NAME REPLACE WHERE")
         self.assertEqual([e.sql("databricks") for e in tree.expression.expressions],

@@ -8,7 +8,9 @@ warehouse through tests/fake_warehouse.py. Batches are made by the cycle's own c
 sink sees here is what it sees in a run.
 """
 
+import base64
 import datetime as dt
+import glob
 import json
 import os
 import signal
@@ -332,3 +334,107 @@ class WarehouseSinkTest(SinkContract, TempDirTestCase):
 
     def lose_next_reply(self):
         self.warehouse.plan("drop_reply", "INSERT")
+
+
+class JsonLinesSink(up.Sink):
+    """The reference sink: what a new target needs and no more. A batch is one file,
+    <table>/<source_id>.<batch_id>.jsonl, made whole by a rename, so its name says it
+    landed; its first line records the kinds and the cursor after it."""
+
+    name = "jsonl"
+
+    @property
+    def destination(self):
+        return "jsonl:" + self.config.delta_uri
+
+    def path(self, table, source_id=None, batch_id=""):
+        folder = os.path.join(self.config.delta_uri, table)
+        return os.path.join(folder, f"{source_id or self.identity.source_id}.{batch_id}.jsonl")
+
+    def encode(self, table, part):
+        rescued = {}
+        columns = [up.coerce_column(values, kind, name, rescued)
+                   for name, kind, values in zip(part.columns, part.kinds, part.values)]
+        rows = [dict(zip(part.columns, map(up.jsonable, row)), _rescued_data=extra)
+                for row, extra in zip(zip(*columns), up.rescued_json(rescued, part.count))]
+        return rows, len(rescued)
+
+    def write(self, table, batch):
+        if self.has_committed(table, batch.seq, batch.batch_id):
+            return up.Receipt(batch.count, skipped=True)
+        head = {"kinds": dict(zip(batch.columns, batch.kinds)),
+                "cursor": up.encode_cursor(batch.cursor_end)}
+        lines = [head] + [dict(row, _source_id=self.identity.source_id,
+                               _batch_id=batch.batch_id)
+                          for part in batch.payload for row in part]
+        final = self.path(table, batch_id=batch.batch_id)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with open(final + ".tmp", "w", encoding="utf-8") as fh:
+            fh.write("\n".join(json.dumps(line) for line in lines))
+        os.replace(final + ".tmp", final)
+        return up.Receipt(batch.count)
+
+    def has_committed(self, table, seq, batch_id, source_id=None):
+        return os.path.exists(self.path(table, source_id, batch_id))
+
+    def batches(self, table, source_id):
+        """(head, rows) of each batch file of `source_id`, oldest first."""
+        pattern = self.path(table, source_id, "*")
+        for name in sorted(glob.glob(pattern), key=os.path.getmtime):
+            with open(name, encoding="utf-8") as fh:
+                head, *rows = [json.loads(line) for line in fh]
+            yield head, rows
+
+    def count_rows(self, table, source_id):
+        return sum(len(rows) for _, rows in self.batches(table, source_id))
+
+    def read_keys(self, table, source_id, names):
+        return {tuple(r.get(n) for n in names) for _, rows in self.batches(table, source_id)
+                for r in rows}
+
+    def recover_position(self, table, source):
+        found = list(self.batches(table, self.identity.source_id))
+        return {"cursor": found[-1][0]["cursor"], "carry": None} if found else None
+
+
+class JsonLinesSinkTest(SinkContract, TempDirTestCase):
+    """The reference sink passes the contract, so the contract asks no more of a sink
+    than the cycle does."""
+
+    def make_config(self, **settings):
+        return up.validate_config(up.Config(sqlite=self.db, delta_uri=self.path("jsonl"),
+                                            **settings))
+
+    def sink(self, source_id="node-a", state_id="s1"):
+        return JsonLinesSink(self.make_config(source_id=source_id),
+                             up.Identity(source_id, "readings", state_id))
+
+    def landed(self, table):
+        sink, out, names = self.sink(), [], set()
+        for source_id in ("node-a", "node-b"):
+            for head, rows in sink.batches(table, source_id):
+                for row in rows:
+                    out.append({n: decode(v, head["kinds"].get(n)) for n, v in row.items()})
+                    names |= set(row)
+        return [{n: row.get(n) for n in names} for row in out]
+
+    def lose_next_reply(self):
+        original = JsonLinesSink.write
+
+        def write_then_fail(sink, table, batch):
+            original(sink, table, batch)
+            patcher.stop()
+            raise up.SinkError("sink: the reply was lost", transient=True)
+        patcher = mock.patch.object(JsonLinesSink, "write", write_then_fail)
+        patcher.start()
+
+
+def decode(value, kind):
+    """A JSON value of the reference sink as the Delta reader returns it."""
+    if value is None:
+        return None
+    if kind == up.TIMESTAMP:
+        return up.EPOCH + dt.timedelta(microseconds=value)
+    if kind == up.BINARY:
+        return base64.b64decode(value["$binary"])
+    return value
