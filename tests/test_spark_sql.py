@@ -50,7 +50,11 @@ def setUpModule():
 
 def tearDownModule():
     if SPARK is not None:
+        gateway = SPARK.sparkContext._gateway
         SPARK.stop()
+        # py4j's finaliser thread sleeps in a loop with time.sleep: left running, it
+        # spins (and fills memory) under the tests that patch time.sleep
+        gateway.shutdown()
 
 
 def kind_of(sql):
@@ -188,6 +192,17 @@ class SparkParsesEveryStatement(unittest.TestCase):
         for piece in ("CAST('NaN' AS DOUBLE)", "-0.0D", "TIMESTAMP'0001-01-01T00:00:00Z'"):
             self.assertIn(piece, sql)
         SPARK._jsparkSession.sessionState().sqlParser().parsePlan(sql)
+
+    def test_a_batch_cut_into_several_statements(self):
+        """Each statement of a batch cut in three: its REPLACE WHERE with LIKE / NOT LIKE."""
+        parser = SPARK._jsparkSession.sessionState().sqlParser()
+        for k in (1, 2, 3):
+            with self.subTest(statement=k):
+                statement = up.InlineStatement.build("(1,'a')", ["id", "v"], "n'1", "s-4",
+                                                     "TIMESTAMP'2025-01-01T00:00:00Z'", k, 3)
+                sql = statement.assemble("`m`.`s`.`t`")
+                self.assertIn("'s-4.%s/3'" % k, sql)
+                parser.parsePlan(sql)
 
     def test_insert_values_of_test_upload(self):
         self.check_kind("INSERT VALUES")
