@@ -2770,25 +2770,39 @@ class DeltaSink(Sink):
         from deltalake import CommitProperties
         props = {"commit_properties": CommitProperties(max_commit_retries=self.COMMIT_RETRIES),
                  "post_commithook_properties": self.hooks()}
+        self._keep_for(found, table, props)
         before = len(found.file_uris())
         metrics = found.optimize.compact(target_size=self.TARGET_FILE_SIZE, **props)
         found.update_incremental()
         log.info("maintain: compact %s: %d data files before, %d after (%d small files "
                  "into %d)", table, before, len(found.file_uris()),
                  metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0))
-        logs = count_log_files(self.table_uri(table))
+        uri, logs = self.table_uri(table), count_log_files(self.table_uri(table))
         found.create_checkpoint()
         found.cleanup_metadata()
-        log.info("maintain: checkpoint %s at version %d: log files %s before, %s after",
-                 table, found.version(), logs, count_log_files(self.table_uri(table)))
-        stored = count_data_files(self.table_uri(table))
+        log.info("maintain: checkpoint %s at version %d, expired log entries removed: log "
+                 "files %s before, %s after", table, found.version(), logs,
+                 count_log_files(uri))
+        stored = count_data_files(uri)
         removed = found.vacuum(retention_hours=int(self.config.retention_hours),
                                dry_run=False, enforce_retention_duration=False, full=True,
                                **props)
-        log.info("maintain: vacuum %s: %d unreferenced files older than %d h removed "
+        log.info("maintain: vacuum %s: %d unreferenced files older than %g h removed "
                  "(stored data files %s before, %s after)", table, len(removed),
-                 int(self.config.retention_hours), stored,
-                 count_data_files(self.table_uri(table)))
+                 self.config.retention_hours, stored, count_data_files(uri))
+
+    def _keep_for(self, found, table, props):
+        """Log entries and removed files expire after RETENTION_HOURS (table properties,
+        unless the table sets its own): the log does not grow for a month (deltalake's
+        default), and commits that list it stay as fast as the first."""
+        keep = f"interval {int(self.config.retention_hours * 3600)} seconds"
+        mine = {"delta.logRetentionDuration": keep, "delta.deletedFileRetentionDuration": keep}
+        have = found.metadata().configuration
+        missing = {k: v for k, v in mine.items() if k not in have}
+        if missing:
+            found.alter.set_table_properties(missing, **props)
+            log.info("maintain: %s keeps log entries and removed files for %g h "
+                     "(RETENTION_HOURS)", table, self.config.retention_hours)
 
     def upkeep_warning(self, table):
         """A warning when the table holds so many files that commits slow down."""

@@ -92,20 +92,26 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
 
     def keys(self, prefix=""):
-        """Every object key under `prefix` (ListObjectsV2, all pages)."""
+        """Every object key under `prefix`, sorted."""
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix=""):
+        """{key: size} of every object under `prefix` (ListObjectsV2, all pages)."""
         import re
         import urllib.parse
-        keys, token = [], None
+        sizes, token = {}, None
         while True:
             query = {"list-type": "2", "prefix": prefix}
             if token:
                 query["continuation-token"] = token
             _, body = self.request("GET", f"/{BUCKET}?{urllib.parse.urlencode(query)}")
             text = body.decode()
-            keys += re.findall(r"<Key>([^<]*)</Key>", text)
+            for entry in re.findall(r"<Contents>(.*?)</Contents>", text, re.S):
+                key = re.search(r"<Key>([^<]*)</Key>", entry).group(1)
+                sizes[key] = int(re.search(r"<Size>(\d+)</Size>", entry).group(1))
             found = re.search(r"<NextContinuationToken>([^<]*)<", text)
             if not found:
-                return keys
+                return sizes
             token = found.group(1)
 
 
