@@ -162,7 +162,9 @@ def check(work, base, nodes, server):
         total += count
         wrong += landed.get(node, (0, 0, 1, 0)) != (count, count, 1, count) and count > 0
     files, log_bytes = stored(uri, server)
-    return {"rows": total, "rows_in_table": sum(v[0] for v in landed.values()),
+    lost_races = sum(c.get("operationMetrics", {}).get("num_retries", 0)
+                     for c in table.history())
+    return {"rows": total, "deltalake_commit_retries": lost_races, "rows_in_table": sum(v[0] for v in landed.values()),
             "nodes_with_wrong_rows": wrong, "active_files": len(table.file_uris()),
             "stored_files": files, "log_bytes": log_bytes}
 
@@ -181,7 +183,7 @@ def stored(uri, server):
 
 def cycle_figures(work, nodes):
     """Failed cycles and cycle times from the nodes' logs."""
-    times, failed, rows = [], 0, 0
+    times, failed, rows, retried = [], 0, 0, 0
     for n in range(nodes):
         with open(os.path.join(work, f"node-{n:03d}.log"), encoding="utf-8") as fh:
             for line in fh:
@@ -190,8 +192,10 @@ def cycle_figures(work, nodes):
                     times.append(float(found.group(3)))
                     rows += int(found.group(2))
                 failed += " ERROR " in line or "Traceback" in line
+                retried += "sink: commit to" in line
     times.sort()
     return {"cycles": len(times), "failed_cycles": failed, "rows_in_loop": rows,
+            "our_commit_retries": retried,
             "cycle_p50_s": round(statistics.median(times), 3) if times else None,
             "cycle_p99_s": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3)
             if times else None}
@@ -238,12 +242,13 @@ def commit_cost(commits, kind, every, block):
 
 def fleet_table(results):
     head = ("| nodes | store | s | rows | rows exact | failed cycles | commits/s | "
-            "cycle p50 / p99 (s) | active files | stored files | log bytes |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "cycle p50 / p99 (s) | commit retries (deltalake / ours) | active files | "
+            "stored files | log bytes |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['nodes']} | {r['store']} | {r['seconds']} | {r['rows']:,} | "
              f"{'yes' if r['nodes_with_wrong_rows'] == 0 and r['rows'] == r['rows_in_table'] else 'NO'} | "
              f"{r['failed_cycles']} | {r['commits_per_s']} | {r['cycle_p50_s']} / "
-             f"{r['cycle_p99_s']} | {r['active_files']} | {r['stored_files']} | "
+             f"{r['cycle_p99_s']} | {r['deltalake_commit_retries']} / "
+             f"{r['our_commit_retries']} | {r['active_files']} | {r['stored_files']} | "
              f"{r['log_bytes']:,} |" for r in results]
     return "\n".join([head, *lines])
 
@@ -261,6 +266,8 @@ def cost_table(results):
 def main(argv):
     if argv[:1] == ["node"]:
         return node_main(argv[1:])
+    if argv[:1] == ["tables"]:
+        return tables(argv[1])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["fleet", "commit-cost", "all"])
     parser.add_argument("--nodes", type=int, default=16)
@@ -281,6 +288,15 @@ def main(argv):
     else:
         run_all(args)
     return 0
+
+
+def tables(path):
+    """bench/fleet.py tables RESULTS.json: the markdown tables of a saved run."""
+    with open(path) as fh:
+        saved = json.load(fh)
+    print(fleet_table(saved["fleets"]))
+    print()
+    print(cost_table(saved["costs"]))
 
 
 def run_all(args):
