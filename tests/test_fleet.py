@@ -28,12 +28,10 @@ import unittest
 from unittest import mock
 
 from tests.helpers import (PipelineTestCase, delta_rows, read_delta, run_driver, run_main,
-                           run_script, start_driver, up)
+                           run_script, slow, start_driver, up)
 
 HAS_MOTO = importlib.util.find_spec("moto") is not None
 needs_moto = unittest.skipUnless(HAS_MOTO, "needs moto: uv run --with 'moto[server]'")
-slow = unittest.skipUnless(os.environ.get("UPLOADER_FULL_TESTS"),
-                           "slow: set UPLOADER_FULL_TESTS=1")
 SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
           "timestamp TEXT NOT NULL, node TEXT, v INTEGER)")
 
