@@ -2590,8 +2590,9 @@ class DeltaSink(Sink):
                 raise SinkError(f"left {uri} in place: remove it with your storage tools")
             shutil.rmtree(uri)
 
-        yield from run_steps([(f"write {uri}", write), ("read it back", read),
-                              (f"remove {name}", drop)])
+        probe = [("conditional writes", lambda: self.check_store(name))] if "://" in uri else []
+        yield from run_steps(probe + [(f"write {uri}", write), ("read it back", read),
+                                      (f"remove {name}", drop)])
 
     def table_uri(self, table):
         """Location of one table under the base URI."""

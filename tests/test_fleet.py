@@ -148,6 +148,13 @@ class NonEnforcingStoreTest(S3Fleet):
         keys = self.s3.keys("lake/")
         self.assertEqual(keys, [], "nothing may be written, the probe object is removed")
 
+    def test_test_upload_says_so(self):
+        result = run_script(["--test-upload"], self.node_env(0))
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        self.assertRegex(result.stdout, r"conditional writes +FAILED: target: .*ignores "
+                                        r"conditional writes")
+        self.assertNotIn("write s3://", result.stdout)
+
     def test_the_same_store_enforcing_is_accepted(self):
         # The control: the same server without the proxy takes the rows.
         self.s3.port = self.s3.moto_port
