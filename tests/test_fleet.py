@@ -447,6 +447,17 @@ class S3FleetTest(S3Fleet):
             self.add(n, 12 + n)
         self.run_fleet(nodes=self.NODES, expect=lambda n: 0)
         self.assert_every_row_once(self.NODES)
+        # The fleet view and the upkeep, on the object store.
+        code, out, err = run_main(["--fleet-status", "--json", "--databricks-table",
+                                   "readings"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertEqual({x["node"]: x["rows"] for x in json.loads(out)},
+                         {f"node-{n:02d}": 12 + n for n in range(self.NODES)})
+        code, _, err = run_main(["--maintain", "--databricks-table", "readings"],
+                                self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertRegex(err, r"compact raw_readings: \d+ data files before, 1 after")
+        self.assert_every_row_once(self.NODES)
 
     @slow
     def test_kills_and_lost_replies_every_row_once(self):
