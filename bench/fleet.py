@@ -254,7 +254,7 @@ def fleet_table(results):
 
 
 def cost_table(results):
-    head = ("| store | upkeep | commits | median ms per block (first commit of block: ms) | "
+    head = ("| store | upkeep | commits | median ms a commit, by block (first commit of the block: ms) | "
             "last/first | stored files | log bytes |\n|---|---|---|---|---|---|---|")
     lines = [f"| {r['store']} | {'every ' + str(r['upkeep_every']) if r['upkeep_every'] else 'none'} | "
              f"{r['commits']:,} | {', '.join(f'{i}: {ms}' for i, ms in r['blocks'])} | "
