@@ -189,8 +189,8 @@ class RetryTest(PipelineTestCase):
 
     def sink(self, sleeps):
         config = up.validate_config(up.Config(delta_uri=self.path("lake"), source_id="n1"))
-        sink = up.DeltaSink(config, up.Identity("n1", "readings", "s1"), sleep=sleeps.append,
-                            rng=mock.Mock(uniform=lambda a, b: b))
+        sink = up.DeltaSink(config, up.Identity("n1", "readings", "s1"))
+        sink.sleep, sink.jitter = sleeps.append, lambda low, high: high
         return sink
 
     def batch(self, sink):
