@@ -2488,6 +2488,10 @@ class Sink:
         """A line for --status when the table needs upkeep, else None."""
         return None
 
+    def list_tables(self):
+        """The target's table names, or None when it cannot list them cheaply."""
+        return None
+
     def fleet(self, table):
         """--fleet-status: one record per node that wrote to `table`."""
         raise ConfigError(f"config: --fleet-status reads the Delta log; it does not "
@@ -2814,6 +2818,9 @@ class DeltaSink(Sink):
                     "commit reads them all and slows down; run --maintain (compaction, "
                     "checkpoint, vacuum) on one node, or set MAINTAIN_EVERY on one node")
         return None
+
+    def list_tables(self):
+        return None if "://" in self.base else list_delta_tables(self.base)
 
     def fleet(self, table, history=2000):
         """Each node's last commit in `table` as the node reported it, and its rows."""
@@ -4981,9 +4988,9 @@ def with_recorded_source(config):
         sources={**config.sources, "sqlite": origin, "sqlite_table_name": origin})
 
 
-def named_tables(config):
+def named_tables(config, sink):
     """The target tables --maintain and --fleet-status look at: the routed table of the
-    source (--sqlite) or of --databricks-table, else every table under a local base."""
+    source (--sqlite) or of --databricks-table, else every table the sink can list."""
     if config.sqlite or config.databricks_table:
         name = config.databricks_table
         if config.sqlite:
@@ -4994,22 +5001,24 @@ def named_tables(config):
             finally:
                 conn.close()
         return [target_table(config, SourceTable(name, (), None, None, False, False))]
-    if config.target == "delta" and "://" not in config.delta_uri:
-        return list_delta_tables(os.path.abspath(config.delta_uri))
+    found = sink.list_tables()
+    if found is not None:
+        return found
     raise ConfigError("config: name the target table: set --sqlite (its routed table) or "
                       "--databricks-table")
 
 
 def target_sink(config):
     """The configured sink, for the actions that read or tend the target."""
-    return make_sink(check_target(config), Identity(config.source_id or "", "", ""))
+    config = check_target(config)
+    return sink_class(config).for_actions(config)
 
 
 def maintain(config):
     """--maintain: compact, checkpoint and vacuum each named Delta table."""
     sink = target_sink(config)
     try:
-        for table in named_tables(config):
+        for table in named_tables(config, sink):
             try:
                 sink.maintain(table)
             except UploaderError:
@@ -5030,7 +5039,7 @@ def fleet_status(config, now=None):
     sink = target_sink(config)
     lines = []
     try:
-        for table in named_tables(config):
+        for table in named_tables(config, sink):
             for line in sink.fleet(table):
                 interval = line.pop("interval") or config.interval
                 age = (now - line["last_commit_at"]).total_seconds() \
