@@ -147,11 +147,27 @@ def fail_delta_write(k):
     plant(k, deltalake, "write_deltalake", "before", action=fail)
 
 
+def after_landed(k, action):
+    """Run `action` after the k-th Delta write that returned (a commit that landed;
+    writes that lost a race and raised are not counted, so contention does not move
+    the point)."""
+    original, landed = deltalake.write_deltalake, [0]
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        landed[0] += 1
+        if landed[0] == k:
+            action()
+        return result
+
+    deltalake.write_deltalake = wrapper
+
+
 def lose_reply(k):
     """The k-th Delta commit lands, then its reply is lost (the call raises)."""
     def fail():
         raise ConnectionResetError("injected: connection reset before the reply")
-    plant(k, deltalake, "write_deltalake", "after", action=fail)
+    after_landed(k, fail)
 
 
 def vanish_commit(k):
@@ -261,6 +277,7 @@ def hooks(k, side):
         "sigint-delta-before": lambda: plant(k, deltalake, "write_deltalake", "before",
                                              action=signal_self(signal.SIGINT)),
         "lost-reply": lambda: lose_reply(k),
+        "delta-landed": lambda: after_landed(k, die),
         "vanish-commit": lambda: vanish_commit(k),
         "wal-probe": lambda: wal_probe(k, side, hold=False),
         "wal-probe-held-read": lambda: wal_probe(k, side, hold=True),

@@ -461,12 +461,14 @@ class S3FleetTest(S3Fleet):
 
     @slow
     def test_kills_and_lost_replies_every_row_once(self):
-        kills = {1: ("delta-after", 2), 4: ("delta-before", 3), 6: ("save-before", 4)}
+        kills = {1: ("delta-landed", 2), 4: ("delta-before", 3), 6: ("save-before", 4)}
         lost = {2: ("lost-reply", 1), 5: ("lost-reply", 3)}
         for n in range(16):
             self.add(n, 30 + 3 * n)
-        self.run_fleet({**kills, **lost}, nodes=16,
-                       expect=lambda n: -signal.SIGKILL if n in kills else 0)
+        first = self.run_fleet({**kills, **lost}, nodes=16,
+                               expect=lambda n: -signal.SIGKILL if n in kills else 0)
+        for n in lost:
+            self.assertIn("injected: connection reset before the reply", first[n][1])
         for n in range(16):
             self.add(n, 7)
         self.run_fleet(nodes=16, expect=lambda n: 0)
