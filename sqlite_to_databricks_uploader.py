@@ -2611,11 +2611,29 @@ class DeltaSink(Sink):
             self._checked.add(table)
 
     def _open(self, table, check=True):
-        """The table's DeltaTable, brought up to date; None if it does not exist yet."""
-        from deltalake import DeltaTable
-        from deltalake.exceptions import TableNotFoundError
+        """The table's DeltaTable, brought up to date; None if it does not exist yet.
+        A read that fails for a transient reason (a store slow to answer) is tried again."""
         if check:
             self.check_store(table)
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                return self._load(table)
+            except SinkError as exc:
+                if not exc.transient or attempt == self.RETRIES:
+                    raise
+                delay = self.backoff(attempt)
+                log.warning("%s; retry %d in %.1f s", exc, attempt, delay)
+                if self.sleep(delay):  # stopping
+                    raise
+        raise AssertionError("unreachable")
+
+    def backoff(self, attempt):
+        """Seconds to wait before retry `attempt`: doubling from 0.4 s, jittered, capped."""
+        return min(0.2 * 2 ** attempt, 30) * self.jitter(0.5, 1.5)
+
+    def _load(self, table):
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
         found = self._tables.get(table)
         if found is not None:
             try:
@@ -2702,7 +2720,7 @@ class DeltaSink(Sink):
                                   f"{self.table_uri(table)} failed: {first_line(exc)}")
                 if not is_transient_delta_error(exc) or attempt == self.RETRIES:
                     raise error from exc
-                delay = min(0.2 * 2 ** attempt, 30) * self.jitter(0.5, 1.5)
+                delay = self.backoff(attempt)
                 log.warning("sink: commit to %s failed (%s); retry %d in %.1f s", table,
                             first_line(exc), attempt, delay)
                 if self.sleep(delay):  # stopping: the failure stands, the batch goes again

@@ -217,6 +217,24 @@ class RetryTest(PipelineTestCase):
         self.assertEqual(sleeps, [0.2 * 2 * 1.5, 0.2 * 4 * 1.5])
         self.assertEqual(len(calls), 3)
 
+    def test_a_read_that_times_out_is_tried_again(self):
+        sleeps = []
+        sink = self.sink(sleeps)
+        sink.write("t", self.batch(sink))
+        sink._tables.clear()
+        from deltalake import DeltaTable
+        answers = [OSError("Generic S3 error: operation timed out"), None]
+
+        def flaky(uri, *args, **kwargs):
+            answer = answers.pop(0)
+            if answer:
+                raise answer
+            return DeltaTable(uri, *args, **kwargs)
+
+        with mock.patch("deltalake.DeltaTable", flaky):
+            self.assertTrue(sink.has_committed("t", 1, "s1-1"))
+        self.assertEqual(sleeps, [0.2 * 2 * 1.5])
+
     def test_what_is_retried(self):
         cases = [("Protocol changed since last commit", True),
                  ("Metadata changed since last commit.", True),
