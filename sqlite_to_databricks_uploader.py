@@ -193,6 +193,10 @@ class Config:
         "seconds between cycles in loop mode", "loop")
     once: bool = option(
         False, "--once", "ONCE", "bool", "run one cycle and exit", "loop")
+    jitter: bool = option(
+        True, "--jitter", "JITTER", "bool",
+        "in loop mode, wait a random part of the interval before the first cycle, so a "
+        "fleet started together does not commit together (JITTER=false: no wait)", "loop")
     source_id: str | None = option(
         None, "--source-id", "SOURCE_ID", "str",
         "this node's identity in lineage columns (default: the host name)", "target")
@@ -200,6 +204,18 @@ class Config:
         None, "--delta-uri", "DELTA_URI", "str",
         "Delta location: a directory, s3://, abfss:// or gs:// URI "
         "(default ./lakehouse when no workspace is configured)", "target")
+    maintain_every: str | None = option(
+        None, "--maintain-every", "MAINTAIN_EVERY", "str",
+        "Delta: run table upkeep (as --maintain) after every N cycles (e.g. 12) or once "
+        "per duration (e.g. 6h); set it on one node of a fleet", "target")
+    write_checkpoints: bool = option(
+        True, "--write-checkpoints", "WRITE_CHECKPOINTS", "bool",
+        "Delta: write a log checkpoint every 100th commit (WRITE_CHECKPOINTS=false on "
+        "edge nodes leaves it to --maintain)", "target")
+    retention_hours: float = option(
+        168.0, "--retention-hours", "RETENTION_HOURS", "float",
+        "Delta: --maintain deletes unreferenced files older than this (at least 1)",
+        "target")
     databricks_host: str | None = option(
         None, "--databricks-host", "DATABRICKS_HOST", "str",
         "workspace host name; setting it selects the SQL warehouse sink", "databricks")
@@ -474,6 +490,10 @@ def validate_config(config):
         bad("cursor_lag", "must be >= 0 seconds (and under ten years)")
     if config.startup_timeout < 0:
         bad("startup_timeout", "must be >= 0 seconds")
+    if config.retention_hours < 1:
+        bad("retention_hours", "must be >= 1 (a commit in flight must keep its files)")
+    if config.maintain_every is not None and parse_every(config.maintain_every) is None:
+        bad("maintain_every", "must be a number of cycles (12) or a duration (30m, 6h, 1d)")
     updates = {}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
@@ -490,6 +510,20 @@ def validate_config(config):
         updates["source_id"] = socket.gethostname() or "unknown-host"
         updates["sources"] = {**config.sources, "source_id": "default (host name)"}
     return dataclasses.replace(config, **updates)
+
+
+EVERY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_every(text):
+    """maintain_every as ("cycles", n) or ("seconds", s); None when it is neither."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text).lower())
+    if not found or float(found.group(1)) <= 0:
+        return None
+    number, unit = found.groups()
+    if not unit:
+        return ("cycles", int(float(number))) if float(number).is_integer() else None
+    return "seconds", float(number) * EVERY_UNITS[unit]
 
 
 def missing(name, why=""):
@@ -2423,6 +2457,27 @@ class Sink:
         """The set of (values of `names`) of node `source_id`'s rows in `table`."""
         raise NotImplementedError
 
+    def upkeep(self, table):
+        """After each cycle in loop mode: table upkeep when it is due (Delta)."""
+
+    def maintain(self, table):
+        """--maintain: compact, checkpoint and vacuum the table."""
+        raise ConfigError(f"config: --maintain is for Delta tables; the {self.name} "
+                          "target looks after its own tables")
+
+    def upkeep_warning(self, table):
+        """A line for --status when the table needs upkeep, else None."""
+        return None
+
+    def list_tables(self):
+        """The target's table names, or None when it cannot list them cheaply."""
+        return None
+
+    def fleet(self, table):
+        """--fleet-status: one record per node that wrote to `table`."""
+        raise ConfigError(f"config: --fleet-status reads the Delta log; it does not "
+                          f"support the {self.name} target yet")
+
     def close(self):
         """Release connections."""
 
@@ -2455,16 +2510,28 @@ def lineage_values(batch, identity, uploaded_micros, rescued):
 
 @register_sink
 class DeltaSink(Sink):
-    """Append to Delta tables under a path or object-store URI with deltalake."""
+    """Append to Delta tables under a path or object-store URI with deltalake.
+
+    Many nodes may append to one table. deltalake retries a commit that lost the race
+    for a log version itself (up to COMMIT_RETRIES times, without writing the data files
+    again); what it gives up on (a table another node created a moment earlier: "protocol
+    changed") is retried here after a jittered pause. Each commit is read back at its
+    version: one that vanished is an error, never rows lost in silence.
+    """
 
     name = "delta"
-    RETRIES = 5
+    RETRIES = 8
+    COMMIT_RETRIES = 100
+    TARGET_FILE_SIZE = 128 * 2 ** 20
+    MANY_FILES = 10_000
 
     def __init__(self, config, identity):
         super().__init__(config, identity)
         uri = config.delta_uri
         self.base = uri if "://" in uri else os.path.abspath(uri)
         self._tables = {}
+        self._checked = set()
+        self.upkeep_due = UpkeepSchedule(config.maintain_every, lambda: self.clock())
 
     @property
     def destination(self):
@@ -2508,8 +2575,9 @@ class DeltaSink(Sink):
                 raise SinkError(f"left {uri} in place: remove it with your storage tools")
             shutil.rmtree(uri)
 
-        yield from run_steps([(f"write {uri}", write), ("read it back", read),
-                              (f"remove {name}", drop)])
+        probe = [("conditional writes", lambda: self.check_store(name))] if "://" in uri else []
+        yield from run_steps(probe + [(f"write {uri}", write), ("read it back", read),
+                                      (f"remove {name}", drop)])
 
     def table_uri(self, table):
         """Location of one table under the base URI."""
@@ -2517,8 +2585,34 @@ class DeltaSink(Sink):
             return self.base.rstrip("/") + "/" + table
         return os.path.join(self.base, table)
 
-    def _open(self, table):
-        """The table's DeltaTable, brought up to date; None if it does not exist yet."""
+    def check_store(self, table):
+        """Once per table: refuse a store that does not enforce conditional writes."""
+        if table not in self._checked:
+            probe_conditional_writes(self.table_uri(table), os.environ)
+            self._checked.add(table)
+
+    def _open(self, table, check=True):
+        """The table's DeltaTable, brought up to date; None if it does not exist yet.
+        A read that fails for a transient reason (a store slow to answer) is tried again."""
+        if check:
+            self.check_store(table)
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                return self._load(table)
+            except SinkError as exc:
+                if not exc.transient or attempt == self.RETRIES:
+                    raise
+                delay = self.backoff(attempt)
+                log.warning("%s; retry %d in %.1f s", exc, attempt, delay)
+                if self.sleep(delay):  # stopping
+                    raise
+        raise AssertionError("unreachable")
+
+    def backoff(self, attempt):
+        """Seconds to wait before retry `attempt`: doubling from 0.4 s, jittered, capped."""
+        return min(0.2 * 2 ** attempt, 30) * self.jitter(0.5, 1.5)
+
+    def _load(self, table):
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
         found = self._tables.get(table)
@@ -2598,33 +2692,304 @@ class DeltaSink(Sink):
                 if self.has_committed(table, batch.seq, batch.batch_id):
                     return Receipt(batch.count, skipped=True)
                 self._append(table, batch)
+                self._verify(table, batch)
                 return Receipt(batch.count)
             except SinkError:
                 raise
             except Exception as exc:  # deltalake raises several unrelated types
+                error = SinkError(f"sink: writing batch {batch.batch_id} to "
+                                  f"{self.table_uri(table)} failed: {first_line(exc)}")
                 if not is_transient_delta_error(exc) or attempt == self.RETRIES:
-                    raise SinkError(f"sink: writing batch {batch.batch_id} to "
-                                    f"{self.table_uri(table)} failed: "
-                                    f"{first_line(exc)}") from exc
-                log.warning("sink: write to %s failed (%s); retry %d", table, exc, attempt)
-                time.sleep(min(2 ** attempt, 30) * random.uniform(0.5, 1.0))
+                    raise error from exc
+                delay = self.backoff(attempt)
+                log.warning("sink: commit to %s failed (%s); retry %d in %.1f s", table,
+                            first_line(exc), attempt, delay)
+                if self.sleep(delay):  # stopping: the failure stands, the batch goes again
+                    raise error from exc
         raise AssertionError("unreachable")
 
     def _append(self, table, batch):
+        from arro3.core import RecordBatchReader
         from deltalake import CommitProperties, Transaction, write_deltalake
         marker = Transaction(self.identity.app_id, batch.seq)
-        meta = {"uploader.source_id": self.identity.source_id,
-                "uploader.source_table": self.identity.source_table,
-                "uploader.batch_id": batch.batch_id,
-                "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end))}
-        if batch.carry is not None:  # open aggregate windows, for --recover-state
-            meta["uploader.carry"] = json.dumps(batch.carry)
-        from arro3.core import RecordBatchReader
         target = self._tables.get(table) or self.table_uri(table)
         data = RecordBatchReader.from_batches(batch.payload[0].schema, batch.payload)
         write_deltalake(target, data, mode="append", schema_mode="merge",
-                        commit_properties=CommitProperties(app_transactions=[marker],
-                                                           custom_metadata=meta))
+                        commit_properties=CommitProperties(
+                            app_transactions=[marker], custom_metadata=self.metadata(batch),
+                            max_commit_retries=self.COMMIT_RETRIES),
+                        post_commithook_properties=self.hooks())
+
+    def hooks(self):
+        """Post-commit work: the 100th-commit checkpoint unless WRITE_CHECKPOINTS=false."""
+        from deltalake import PostCommitHookProperties
+        return PostCommitHookProperties(create_checkpoint=self.config.write_checkpoints)
+
+    def metadata(self, batch):
+        """What a commit says about its node: for --recover-state and --fleet-status."""
+        meta = {"uploader.source_id": self.identity.source_id,
+                "uploader.source_table": self.identity.source_table,
+                "uploader.batch_id": batch.batch_id,
+                "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end)),
+                "uploader.rows": str(batch.count),
+                "uploader.interval": str(self.config.interval)}
+        if batch.carry is not None:  # open aggregate windows, for --recover-state
+            meta["uploader.carry"] = json.dumps(batch.carry)
+        pending = getattr(batch, "pending", None)  # set by the cycle when it knows
+        if pending is not None:
+            meta["uploader.pending"] = str(pending)
+        stamp = parse_timestamp(batch.last_timestamp)
+        if stamp is not None:
+            now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
+            meta["uploader.lag_seconds"] = f"{max(now - stamp, 0) / 1e6:.3f}"
+        return meta
+
+    def _verify(self, table, batch):
+        """Read this node's marker back at the commit's version; it must be there."""
+        found = self._tables.get(table) or self._open(table)
+        version = found.transaction_version(self.identity.app_id) if found else None
+        if version is not None and version >= batch.seq:
+            return
+        raise SinkError(f"sink: batch {batch.batch_id} was committed to "
+                        f"{self.table_uri(table)} but its commit is not in the table's log: "
+                        "another writer replaced it (does the store enforce conditional "
+                        "writes?); the batch is sent again at the next cycle")
+
+    def upkeep(self, table):
+        """After a cycle: table upkeep, when MAINTAIN_EVERY says it is due."""
+        if not self.upkeep_due():
+            return
+        try:
+            self.maintain(table)
+        except Exception as exc:  # upkeep failing must not stop the uploads
+            log.warning("maintain: upkeep of %s failed (%s); it runs again when next due",
+                        table, first_line(exc))
+
+    def maintain(self, table):
+        """Compact small files, checkpoint the log, vacuum; log each step."""
+        found = self._open(table, check=False)
+        if found is None:
+            log.info("maintain: %s does not exist yet; nothing to do", self.table_uri(table))
+            return
+        from deltalake import CommitProperties
+        props = {"commit_properties": CommitProperties(max_commit_retries=self.COMMIT_RETRIES),
+                 "post_commithook_properties": self.hooks()}
+        self._keep_for(found, table, props)
+        before = len(found.file_uris())
+        metrics = found.optimize.compact(target_size=self.TARGET_FILE_SIZE, **props)
+        found.update_incremental()
+        log.info("maintain: compact %s: %d data files before, %d after (%d small files "
+                 "into %d)", table, before, len(found.file_uris()),
+                 metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0))
+        uri, logs = self.table_uri(table), count_log_files(self.table_uri(table))
+        found.create_checkpoint()
+        found.cleanup_metadata()
+        log.info("maintain: checkpoint %s at version %d, expired log entries removed: log "
+                 "files %s before, %s after", table, found.version(), logs,
+                 count_log_files(uri))
+        stored = count_data_files(uri)
+        removed = found.vacuum(retention_hours=int(self.config.retention_hours),
+                               dry_run=False, enforce_retention_duration=False, full=True,
+                               **props)
+        log.info("maintain: vacuum %s: %d unreferenced files older than %g h removed "
+                 "(stored data files %s before, %s after)", table, len(removed),
+                 self.config.retention_hours, stored, count_data_files(uri))
+
+    def _keep_for(self, found, table, props):
+        """Log entries and removed files expire after RETENTION_HOURS (table properties,
+        unless the table sets its own): the log does not grow for a month (deltalake's
+        default), and commits that list it stay as fast as the first."""
+        keep = f"interval {int(self.config.retention_hours * 3600)} seconds"
+        mine = {"delta.logRetentionDuration": keep, "delta.deletedFileRetentionDuration": keep}
+        have = found.metadata().configuration
+        missing = {k: v for k, v in mine.items() if k not in have}
+        if missing:
+            found.alter.set_table_properties(missing, **props)
+            log.info("maintain: %s keeps log entries and removed files for %g h "
+                     "(RETENTION_HOURS)", table, self.config.retention_hours)
+
+    def upkeep_warning(self, table):
+        """A warning when the table holds so many files that commits slow down."""
+        found = self._open(table, check=False)
+        files = len(found.file_uris()) if found else 0
+        if files > self.MANY_FILES:
+            return (f"{table} holds {files:,} data files (over {self.MANY_FILES:,}): each "
+                    "commit reads them all and slows down; run --maintain (compaction, "
+                    "checkpoint, vacuum) on one node, or set MAINTAIN_EVERY on one node")
+        return None
+
+    def list_tables(self):
+        return None if "://" in self.base else list_delta_tables(self.base)
+
+    def fleet(self, table, history=2000):
+        """Each node's last commit in `table` as the node reported it, and its rows."""
+        found = self._open(table, check=False)
+        if found is None:
+            return []
+        nodes = {}
+        for commit in found.history(history):  # newest first
+            node = commit.get("uploader.source_id")
+            if node and node not in nodes:
+                nodes[node] = commit
+        counts = fleet_counts(found, table)
+        return [fleet_line(node, nodes.get(node), *counts.get(node, (0, None)))
+                for node in sorted(set(nodes) | set(counts))]
+
+
+class UpkeepSchedule:
+    """When the next table upkeep is due: every N cycles, or every so many seconds."""
+
+    def __init__(self, every, clock):
+        self.rule = parse_every(every) if every else None
+        self.clock, self.cycles, self.last = clock, 0, clock()
+
+    def __call__(self):
+        """Count a cycle; True when upkeep is due now."""
+        if self.rule is None:
+            return False
+        kind, amount = self.rule
+        self.cycles += 1
+        due = self.cycles >= amount if kind == "cycles" else self.clock() - self.last >= amount
+        if due:
+            self.cycles, self.last = 0, self.clock()
+        return due
+
+
+def count_log_files(uri):
+    """Files in a local table's _delta_log ('?' on an object store)."""
+    if "://" in uri:
+        return "?"
+    log_dir = os.path.join(uri, "_delta_log")
+    return len(os.listdir(log_dir)) if os.path.isdir(log_dir) else 0
+
+
+def count_data_files(uri):
+    """Parquet files stored under a local table ('?' on an object store)."""
+    if "://" in uri:
+        return "?"
+    return sum(name.endswith(".parquet") for top, _, names in os.walk(uri)
+               if "_delta_log" not in top for name in names)
+
+
+def fleet_counts(found, table):
+    """{node: (rows in the table, newest _uploaded_at)} by _source_id."""
+    from deltalake import QueryBuilder
+    reader = QueryBuilder().register("t", found).execute(
+        'SELECT "_source_id", count(*), max("_uploaded_at") FROM t GROUP BY "_source_id"')
+    counts = {}
+    for batch in reader:
+        nodes, rows, newest = (c.to_pylist() for c in batch.columns)
+        counts.update((n, (r, u)) for n, r, u in zip(nodes, rows, newest))
+    return counts
+
+
+def fleet_line(node, commit, rows, newest):
+    """One node of --fleet-status: its last commit's report and its rows in the table."""
+    commit = commit or {}
+    at = (dt.datetime.fromtimestamp(commit["timestamp"] / 1000, dt.timezone.utc)
+          if "timestamp" in commit else newest)
+    cursor = commit.get("uploader.cursor_end")
+    return {"node": node, "rows": rows, "last_batch": commit.get("uploader.batch_id"),
+            "last_commit_at": at, "cursor": json.loads(cursor) if cursor else None,
+            "pending_rows": reported(commit, "uploader.pending", int),
+            "lag_seconds": reported(commit, "uploader.lag_seconds", float),
+            "interval": reported(commit, "uploader.interval", float)}
+
+
+def reported(commit, key, kind):
+    """A number a node put in its commit's metadata, or None."""
+    return kind(commit[key]) if commit.get(key) is not None else None
+
+
+def probe_conditional_writes(uri, environ):
+    """On an S3-compatible store, create a scratch object twice with If-None-Match: *;
+    the second must fail, or two nodes' commits could overwrite each other."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("s3", "s3a"):
+        return  # local files: link without replace; Azure, GCS: enforced by the service
+    target = s3_target(environ)
+    if not (target["key"] and target["secret"]):
+        log.info("target: not checking that %s enforces conditional writes: no "
+                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment", uri)
+        return
+    key = f"{parts.path.strip('/')}/_uploader_probe/{uuid.uuid4().hex}"
+    try:
+        first = s3_request(target, "PUT", parts.netloc, key, b"probe", {"If-None-Match": "*"})
+        second = s3_request(target, "PUT", parts.netloc, key, b"again", {"If-None-Match": "*"})
+        s3_request(target, "DELETE", parts.netloc, key)
+    except OSError as exc:
+        raise SinkError(f"sink: checking {uri} for conditional writes failed: {exc}",
+                        transient=True) from None
+    if first[0] >= 300 or second[0] not in (200, 201, 409, 412):
+        status, text = first if first[0] >= 300 else second
+        code = re.search(r"<Code>([^<]*)</Code>", text)
+        raise SinkError(f"sink: checking {uri} for conditional writes: a scratch PUT got "
+                        f"HTTP {status} {code.group(1) if code else ''}",
+                        transient=status >= 500)
+    if second[0] < 300:
+        raise ConfigError(
+            f"target: {uri}: the store ignores conditional writes (a second PUT with "
+            "If-None-Match: * replaced the object instead of failing with 412), so nodes "
+            "committing at once would overwrite each other's commits and lose rows; fix: "
+            "enable conditional writes on the store or use one that enforces them (AWS S3 "
+            "does)")
+
+
+def s3_target(environ):
+    """Endpoint, region and keys of S3, from the variables deltalake reads too."""
+    endpoint = next((environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+                                          "AWS_ENDPOINT") if environ.get(k)), None)
+    return {"endpoint": endpoint,
+            "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
+            "key": environ.get("AWS_ACCESS_KEY_ID"),
+            "secret": environ.get("AWS_SECRET_ACCESS_KEY"),
+            "token": environ.get("AWS_SESSION_TOKEN"),
+            "virtual": environ.get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "").lower()
+            in ("true", "1", "yes")}
+
+
+def s3_request(target, method, bucket, key, body=b"", headers=None):
+    """One request signed with AWS Signature V4; return (status, response text)."""
+    import hashlib
+    import hmac
+    import http.client
+    region = target["region"]
+    if target["endpoint"]:
+        url = urllib.parse.urlsplit(target["endpoint"])
+        scheme, host, path = url.scheme, url.netloc, f"/{bucket}/{key}"
+        if target["virtual"]:
+            host, path = f"{bucket}.{url.netloc}", f"/{key}"
+    else:
+        scheme, host, path = "https", f"{bucket}.s3.{region}.amazonaws.com", f"/{key}"
+    path = urllib.parse.quote(path, safe="/-_.~")
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    digest = hashlib.sha256(body).hexdigest()
+    signed = {"host": host, "x-amz-date": stamp, "x-amz-content-sha256": digest,
+              **{k.lower(): v for k, v in (headers or {}).items()}}
+    if target["token"]:
+        signed["x-amz-security-token"] = target["token"]
+    names = sorted(signed)
+    request = "\n".join([method, path, "", *(f"{n}:{signed[n].strip()}" for n in names), "",
+                         ";".join(names), digest])
+    scope = f"{day}/{region}/s3/aws4_request"
+    text = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
+                      hashlib.sha256(request.encode()).hexdigest()])
+    secret = ("AWS4" + target["secret"]).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        secret = hmac.new(secret, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
+    signed["authorization"] = (f"AWS4-HMAC-SHA256 Credential={target['key']}/{scope}, "
+                               f"SignedHeaders={';'.join(names)}, Signature={signature}")
+    kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    conn = kind(host, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=signed)
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
 
 
 def first_line(exc):
@@ -2633,14 +2998,22 @@ def first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Lost races deltalake does not retry itself: another node created the table (or changed
+# its schema) between this node's read and its commit. Sent again, the write succeeds.
+COMMIT_RACES = ("protocol changed", "metadata changed", "concurrent", "already exists",
+                "max commit attempts")
+
+
 def is_transient_delta_error(exc):
-    """Commit conflicts and storage hiccups are retried; schema errors are not."""
+    """Commit races and storage hiccups are retried; schema errors are not."""
     text = f"{type(exc).__name__} {exc}".lower()
+    if any(race in text for race in COMMIT_RACES):
+        return True
     if any(word in text for word in ("schema", "protocol", "permission", "invalid")):
         return False
     return any(word in text for word in ("commit", "conflict", "timeout", "timed out",
                                          "connection", "temporar", "throttl", "503",
-                                         "version", "already exists", "io error"))
+                                         "version", "io error"))
 
 
 DELTA_TO_KIND = {"long": BIGINT, "integer": BIGINT, "short": BIGINT, "byte": BIGINT,
@@ -4240,6 +4613,7 @@ def upload_pending(job):
                            refresh=lambda source: refresh_job_source(job, source))
     mark, progress = started, current_progress()
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
+        batch.pending = max(pending - read - batch.source_count, 0)  # for --fleet-status
         receipt = write_batch(job, batch)
         gc.collect(0)  # the batch's few reference cycles (see gc_paused)
         done, read = done + batch.count, read + batch.source_count
@@ -4328,12 +4702,15 @@ def report_null_timestamps(conn, source):
     return count
 
 
-def run_forever(job, sleep_backoff=None):
+def run_forever(job, sleep_backoff=None, rng=random):
     """Cycle every interval until stopped; with --once, one cycle and its exit code."""
     failures = 0
+    if job.config.jitter and not job.config.once:  # a fleet started at once spreads out
+        job.stop.wait(rng.uniform(0, job.config.interval))
     while not job.stop.is_set():
         try:
             run_cycle(job)
+            job.sink.upkeep(job.table)
             failures = 0
         except (SinkError, SourceError, StateError) as exc:
             if job.config.once:
@@ -4646,6 +5023,97 @@ def with_recorded_source(config):
     return dataclasses.replace(
         config, sqlite=sqlite, sqlite_table_name=config.sqlite_table_name or table,
         sources={**config.sources, "sqlite": origin, "sqlite_table_name": origin})
+
+
+def named_tables(config, sink):
+    """The target tables --maintain and --fleet-status look at: the routed table of the
+    source (--sqlite) or of --databricks-table, else every table the sink can list."""
+    if config.sqlite or config.databricks_table:
+        name = config.databricks_table
+        if config.sqlite:
+            conn = open_source(config.sqlite, config.busy_timeout, config.origin("sqlite"))
+            try:
+                name = describe_table(conn, config.sqlite_table_name, config.timestamp_col,
+                                      config.sqlite).name
+            finally:
+                conn.close()
+        return [target_table(config, SourceTable(name, (), None, None, False, False))]
+    found = sink.list_tables()
+    if found is not None:
+        return found
+    raise ConfigError("config: name the target table: set --sqlite (its routed table) or "
+                      "--databricks-table")
+
+
+def target_sink(config):
+    """The configured sink, for the actions that read or tend the target."""
+    config = check_target(config)
+    return sink_class(config).for_actions(config)
+
+
+def maintain(config):
+    """--maintain: compact, checkpoint and vacuum each named Delta table."""
+    sink = target_sink(config)
+    try:
+        for table in named_tables(config, sink):
+            try:
+                sink.maintain(table)
+            except UploaderError:
+                raise
+            except Exception as exc:  # deltalake raises several unrelated types
+                raise SinkError(f"maintain: {table}: {first_line(exc)}") from exc
+    finally:
+        sink.close()
+    return EXIT_OK
+
+
+SILENT_INTERVALS = 3
+
+
+def fleet_status(config, now=None):
+    """--fleet-status: each node's last report, from the target; silent nodes flagged."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    sink = target_sink(config)
+    lines = []
+    try:
+        for table in named_tables(config, sink):
+            for line in sink.fleet(table):
+                interval = line.pop("interval") or config.interval
+                age = (now - line["last_commit_at"]).total_seconds() \
+                    if line["last_commit_at"] else None
+                line.update(table=table, silent_seconds=age,
+                            silent=age is None or age > SILENT_INTERVALS * interval)
+                lines.append(line)
+    finally:
+        sink.close()
+    return lines
+
+
+def format_fleet(lines):
+    """--fleet-status as a table, one line per node."""
+    if not lines:
+        return "fleet: no node has written to the target table yet"
+    rows = [(x["table"], x["node"], f"{x['rows']:,}", x["last_batch"] or "-",
+             x["last_commit_at"].isoformat(timespec="seconds") if x["last_commit_at"] else "-",
+             json.dumps(x["cursor"]) if x["cursor"] is not None else "-",
+             "-" if x["pending_rows"] is None else f"{x['pending_rows']:,}",
+             "-" if x["lag_seconds"] is None else f"{x['lag_seconds']:.0f} s",
+             f"SILENT {x['silent_seconds'] or 0:.0f} s" if x["silent"] else "ok")
+            for x in lines]
+    return format_rows(["table", "node", "rows", "last batch", "last commit", "cursor",
+                        "pending", "lag", "state"], rows)
+
+
+def warn_upkeep(config, report):
+    """--status: warn when the target table needs upkeep (so many files commits slow)."""
+    with contextlib.suppress(UploaderError):
+        sink = target_sink(config)
+        try:
+            warning = sink.upkeep_warning(report["target_table"])
+        finally:
+            sink.close()
+        if warning:
+            log.warning("status: %s", warning)
 
 
 def status_report(config):
@@ -4991,8 +5459,15 @@ def build_parser():
     actions.add_argument("--status", action="store_true",
                          help="print where the upload stands (cursor, pending rows, last "
                               "upload, target); no upload")
+    actions.add_argument("--fleet-status", action="store_true",
+                         help="print one line per node that writes to the target table "
+                              "(last batch, rows, cursor, pending, lag; silent nodes "
+                              "flagged), read from the Delta log")
+    actions.add_argument("--maintain", action="store_true",
+                         help="Delta: compact small files, checkpoint the log and vacuum "
+                              "the target table; run it on one node or as a scheduled job")
     actions.add_argument("--json", action="store_true",
-                         help="with --status or --print-config: print JSON")
+                         help="with --status, --fleet-status or --print-config: print JSON")
     actions.add_argument("--print-ddl", action="store_true",
                          help="print the CREATE TABLE for the target table; no connection")
     actions.add_argument("--test-upload", action="store_true",
@@ -5039,7 +5514,15 @@ def main(argv=None, environ=None):
             report = status_report(config)
             print(json.dumps(report, indent=1, default=str) if args.json
                   else format_status(report))
+            warn_upkeep(config, report)
             return EXIT_OK
+        if args.fleet_status:
+            lines = fleet_status(config)
+            print(json.dumps(lines, indent=1, default=str) if args.json
+                  else format_fleet(lines))
+            return EXIT_OK
+        if args.maintain:
+            return maintain(config)
         if args.print_ddl:
             if not config.sqlite:
                 raise ConfigError("config: --print-ddl reads the source table's columns: "

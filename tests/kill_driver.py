@@ -147,6 +147,53 @@ def fail_delta_write(k):
     plant(k, deltalake, "write_deltalake", "before", action=fail)
 
 
+def after_landed(k, action):
+    """Run `action` after the k-th Delta write that returned (a commit that landed;
+    writes that lost a race and raised are not counted, so contention does not move
+    the point)."""
+    original, landed = deltalake.write_deltalake, [0]
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        landed[0] += 1
+        if landed[0] == k:
+            action()
+        return result
+
+    deltalake.write_deltalake = wrapper
+
+
+def lose_reply(k):
+    """The k-th Delta commit lands, then its reply is lost (the call raises)."""
+    def fail():
+        raise ConnectionResetError("injected: connection reset before the reply")
+    after_landed(k, fail)
+
+
+def vanish_commit(k):
+    """The k-th Delta commit lands, then another writer replaces its log entry (what a
+    store that ignores If-None-Match allows): only a commitInfo line is left."""
+    def replace(table_or_uri, *args, **kwargs):
+        uri = table_or_uri if isinstance(table_or_uri, str) else table_or_uri.table_uri
+        log_dir = os.path.join(uri.removeprefix("file://"), "_delta_log")
+        newest = max(n for n in os.listdir(log_dir) if n.endswith(".json"))
+        with open(os.path.join(log_dir, newest), encoding="utf-8") as fh:
+            kept = [line for line in fh if line.startswith('{"commitInfo"')]
+        with open(os.path.join(log_dir, newest), "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+
+    original, calls = deltalake.write_deltalake, [0]
+
+    def wrapper(table_or_uri, *args, **kwargs):
+        result = original(table_or_uri, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == k:
+            replace(table_or_uri)
+        return result
+
+    deltalake.write_deltalake = wrapper
+
+
 def wal_probe(k, side, hold):
     """After every DRIVER_PROBE_EVERY-th checkpoint commit (the main thread between two
     batches), pause so the read-ahead thread finishes its read, then try
@@ -229,6 +276,9 @@ def hooks(k, side):
                                               action=signal_self(signal.SIGTERM)),
         "sigint-delta-before": lambda: plant(k, deltalake, "write_deltalake", "before",
                                              action=signal_self(signal.SIGINT)),
+        "lost-reply": lambda: lose_reply(k),
+        "delta-landed": lambda: after_landed(k, die),
+        "vanish-commit": lambda: vanish_commit(k),
         "wal-probe": lambda: wal_probe(k, side, hold=False),
         "wal-probe-held-read": lambda: wal_probe(k, side, hold=True),
         "none": lambda: None,

@@ -1,0 +1,497 @@
+"""Fleets on the Delta path (issue 14): object stores, contention, upkeep, one view.
+
+1. A store that ignores conditional writes is refused at start; a commit that vanished
+   after it landed stops the cycle (exit 1) and the rows land at the next run.
+2. Nodes that start together on a new table all succeed (creation races retried with
+   jittered backoff); the loop's first wait is jittered.
+3. --maintain compacts, checkpoints and vacuums; MAINTAIN_EVERY runs it in the loop;
+   --status warns about a table with too many files.
+4. --fleet-status: one line per node from the commit metadata; silent nodes flagged.
+5. A fleet on an S3-compatible server (moto's, on loopback) with kills and lost replies.
+
+The S3 tests need moto (`uv run --with 'moto[server]'`, as README's test command).
+
+Run: uv run -q --with-requirements sqlite_to_databricks_uploader.py --with sqlglot \\
+         --with duckdb --with 'moto[server]' python -m unittest tests.test_fleet -v
+"""
+
+import collections
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import unittest
+from unittest import mock
+
+from tests.helpers import (PipelineTestCase, delta_rows, read_delta, run_driver, run_main,
+                           run_script, slow, start_driver, up)
+
+HAS_MOTO = importlib.util.find_spec("moto") is not None
+needs_moto = unittest.skipUnless(HAS_MOTO, "needs moto: uv run --with 'moto[server]'")
+SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+          "timestamp TEXT NOT NULL, node TEXT, v INTEGER)")
+
+
+class Fleet(PipelineTestCase):
+    """Nodes with their own SQLite file, state dir and SOURCE_ID, one target base."""
+
+    base = None  # DELTA_URI of the fleet; default: a local directory
+
+    def setUp(self):
+        super().setUp()
+        self.counts = collections.Counter()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # main() installs its own
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+
+    def db(self, n):
+        return self.path(f"node-{n:02d}.db")
+
+    def add(self, n, count):
+        """Node n's sensor writes `count` more rows (ids continue)."""
+        if not os.path.exists(self.db(n)):
+            self.make(SCHEMA, name=f"node-{n:02d}.db")
+        start = self.counts[n]
+        self.insert(self.db(n), [(f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
+                                  f"node-{n:02d}", n * 100_000 + i)
+                                 for i in range(start, start + count)],
+                    ["timestamp", "node", "v"])
+        self.counts[n] += count
+
+    def node_env(self, n, **extra):
+        return self.base_env(STATE_DIR=self.path(f"state-{n:02d}"), SOURCE_ID=f"node-{n:02d}",
+                             DELTA_URI=self.base or self.path("lake"), **extra)
+
+    def table_uri(self):
+        return (self.base or self.path("lake")).rstrip("/") + "/raw_readings"
+
+    def rows(self):
+        if self.base:
+            return read_delta(self.table_uri(), table="raw_readings")
+        return delta_rows(self.table_uri())
+
+    def run_fleet(self, plan=None, argv=(), nodes=8, expect=None):
+        """Start `nodes` nodes at once (node n under kill plan[n] = (hook, k)); wait; return
+        {n: (exit code, log)}."""
+        plan, procs = plan or {}, {}
+        for n in range(nodes):
+            hook, k = plan.get(n, ("none", 0))
+            procs[n] = start_driver(hook, k, ["--sqlite", self.db(n), "--once",
+                                              "--batch-size", "9", *argv],
+                                    self.node_env(n), self.path(f"node-{n:02d}.log"))
+        out = {}
+        for n, proc in procs.items():
+            code = proc.wait(timeout=600)
+            with open(self.path(f"node-{n:02d}.log"), encoding="utf-8") as fh:
+                out[n] = (code, fh.read())
+            if expect is not None:
+                self.assertEqual(code, expect(n), f"node {n}:\n{out[n][1][-3000:]}")
+                self.assertNotIn("Traceback", out[n][1])
+        return out
+
+    def assert_every_row_once(self, nodes):
+        rows = self.rows()
+        by_node = collections.defaultdict(list)
+        for r in rows:
+            by_node[r["_source_id"]].append(r)
+        for n in range(nodes):
+            got = by_node[f"node-{n:02d}"]
+            self.assertEqual(sorted(r["id"] for r in got), list(range(1, self.counts[n] + 1)),
+                             f"node {n}: rows lost or doubled")
+            self.assertEqual(sorted(r["v"] for r in got),
+                             [n * 100_000 + i for i in range(self.counts[n])])
+        self.assertEqual(len(rows), sum(self.counts.values()))
+
+    def one_error_line(self, log):
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(errors), 1, log[-3000:])
+        self.assertNotIn("Traceback", log)
+        return errors[0]
+
+
+class S3Fleet(Fleet):
+    """The fleet's base is s3://fleet-bucket/lake on moto's server (a child process)."""
+
+    enforcing = True
+
+    def setUp(self):
+        super().setUp()
+        from tests.object_store import S3Server
+        self.s3 = S3Server(enforcing=self.enforcing).start()
+        self.addCleanup(self.s3.stop)
+        self.base = "s3://fleet-bucket/lake"
+        patcher = mock.patch.dict(os.environ, self.s3.env())  # deltalake reads os.environ
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def node_env(self, n, **extra):
+        return {**super().node_env(n, **extra), **self.s3.env()}
+
+
+# === 1. Stores that lose commits =====================================================
+
+@needs_moto
+class NonEnforcingStoreTest(S3Fleet):
+    enforcing = False
+
+    def test_a_store_that_ignores_if_none_match_is_refused_at_start(self):
+        self.add(0, 20)
+        result = run_script(["--sqlite", self.db(0), "--once"], self.node_env(0))
+        self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+        line = self.one_error_line(result.stderr)
+        self.assertIn("ignores conditional writes", line)
+        self.assertIn("If-None-Match", line)
+        self.assertIn("s3://fleet-bucket/lake/raw_readings", line)
+        keys = self.s3.keys("lake/")
+        self.assertEqual(keys, [], "nothing may be written, the probe object is removed")
+
+    def test_test_upload_says_so(self):
+        result = run_script(["--test-upload"], self.node_env(0))
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        self.assertRegex(result.stdout, r"conditional writes +FAILED: target: .*ignores "
+                                        r"conditional writes")
+        self.assertNotIn("write s3://", result.stdout)
+
+    def test_the_same_store_enforcing_is_accepted(self):
+        # The control: the same server without the proxy takes the rows.
+        self.s3.port = self.s3.moto_port
+        self.add(0, 20)
+        result = run_script(["--sqlite", self.db(0), "--once", "--batch-size", "7"],
+                            self.node_env(0))
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assert_every_row_once(1)
+        self.assertFalse([k for k in self.s3.keys("lake/") if "_uploader_probe" in k])
+
+
+class VanishedCommitTest(Fleet):
+    def test_a_commit_replaced_after_it_landed_is_exit_1_then_sent_again(self):
+        self.add(0, 30)
+        done = run_driver("vanish-commit", 2, ["--sqlite", self.db(0), "--once",
+                                               "--batch-size", "10"], self.node_env(0))
+        self.assertEqual(done.returncode, 1, done.stderr[-3000:])
+        line = self.one_error_line(done.stderr)
+        self.assertIn("its commit is not in the table's log", line)
+        self.assertEqual(len(self.rows()), 10, "the second batch's commit was replaced")
+        again = run_script(["--sqlite", self.db(0), "--once", "--batch-size", "10"],
+                           self.node_env(0))
+        self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+        self.assert_every_row_once(1)
+
+
+# === 2. Contention ===================================================================
+
+class RetryTest(PipelineTestCase):
+    RACES = ["Failed to commit transaction: Protocol changed since last commit: protocol "
+             "changed", "Failed to commit transaction: Metadata changed since last commit."]
+
+    def sink(self, sleeps):
+        config = up.validate_config(up.Config(delta_uri=self.path("lake"), source_id="n1"))
+        sink = up.DeltaSink(config, up.Identity("n1", "readings", "s1"))
+        sink.sleep, sink.jitter = sleeps.append, lambda low, high: high
+        return sink
+
+    def batch(self, sink):
+        batch = up.Batch(["id"], [[1, 2, 3]], 3, [3], kinds=[up.BIGINT], seq=1,
+                         batch_id="s1-1")
+        batch.payload = [sink.prepare("t", batch)]
+        return batch
+
+    def test_races_on_a_new_table_are_retried_after_a_jittered_pause(self):
+        sleeps, calls = [], []
+        sink = self.sink(sleeps)
+        append = sink._append
+
+        def racing(table, batch):
+            calls.append(table)
+            if len(calls) <= len(self.RACES):
+                raise type("CommitFailedError", (Exception,), {})(self.RACES[len(calls) - 1])
+            return append(table, batch)
+
+        with mock.patch.object(sink, "_append", racing), \
+                mock.patch.object(sink, "has_committed", return_value=False):
+            receipt = sink.write("t", self.batch(sink))
+        self.assertEqual(receipt.rows, 3)
+        self.assertEqual(sleeps, [0.2 * 2 * 1.5, 0.2 * 4 * 1.5])
+        self.assertEqual(len(calls), 3)
+
+    def test_a_read_that_times_out_is_tried_again(self):
+        sleeps = []
+        sink = self.sink(sleeps)
+        sink.write("t", self.batch(sink))
+        sink._tables.clear()
+        from deltalake import DeltaTable
+        answers = [OSError("Generic S3 error: operation timed out"), None]
+
+        def flaky(uri, *args, **kwargs):
+            answer = answers.pop(0)
+            if answer:
+                raise answer
+            return DeltaTable(uri, *args, **kwargs)
+
+        with mock.patch("deltalake.DeltaTable", flaky):
+            self.assertTrue(sink.has_committed("t", 1, "s1-1"))
+        self.assertEqual(sleeps, [0.2 * 2 * 1.5])
+
+    def test_what_is_retried(self):
+        cases = [("Protocol changed since last commit", True),
+                 ("Metadata changed since last commit.", True),
+                 ("Version 3 already exists", True),
+                 ("Max commit attempts exceeded", True),
+                 ("Generic S3 error: connection reset", True),
+                 ("Schema error: cannot cast string to int64", False),
+                 ("Permission denied", False),
+                 ("Invalid table version", False)]
+        for text, transient in cases:
+            with self.subTest(text=text):
+                self.assertIs(up.is_transient_delta_error(Exception(text)), transient)
+
+
+class StopAt:
+    """A stop flag for run_forever that records its waits and stops after `cycles`."""
+
+    def __init__(self, cycles):
+        self.cycles, self.waits, self.stopped = cycles, [], False
+
+    def is_set(self):
+        return self.stopped
+
+    def wait(self, timeout):
+        self.waits.append(timeout)
+        return self.stopped
+
+
+class JitterTest(unittest.TestCase):
+    def job(self, once, jitter=True):
+        config = up.Config(interval=60.0, once=once, jitter=jitter)
+        job = mock.Mock(config=config)
+        return job
+
+    def run_loop(self, job, stop, cycles):
+        job.stop = stop
+
+        def cycle(_job):
+            stop.cycles -= 1
+            stop.stopped = stop.cycles == 0
+
+        with mock.patch.object(up, "run_cycle", cycle):
+            return up.run_forever(job, rng=mock.Mock(uniform=lambda a, b: (a + b) * 0.37))
+
+    def test_loop_mode_waits_a_random_part_of_the_interval_first(self):
+        stop = StopAt(2)
+        self.assertEqual(self.run_loop(self.job(once=False), stop, 2), 0)
+        self.assertEqual(stop.waits, [60.0 * 0.37, 60.0, 60.0])
+
+    def test_once_and_jitter_off_start_at_once(self):
+        for once, jitter in ((True, True), (False, False)):
+            with self.subTest(once=once, jitter=jitter):
+                stop = StopAt(1)
+                self.run_loop(self.job(once, jitter), stop, 1)
+                self.assertEqual(stop.waits, [] if once else [60.0])
+
+
+# === 3. Upkeep =======================================================================
+
+class UpkeepTest(Fleet):
+    def fill(self, batches=12):
+        self.add(0, 5 * batches)
+        self.upload_node(0, "--batch-size", "5")
+
+    def upload_node(self, n, *flags, expect=0, **env):
+        code, out, err = run_main(["--sqlite", self.db(n), "--once", *flags],
+                                  self.node_env(n, **env))
+        self.assertEqual(code, expect, err[-3000:])
+        return out, err
+
+    def files(self):
+        from deltalake import DeltaTable
+        return len(DeltaTable(self.table_uri()).file_uris())
+
+    def test_maintain_compacts_checkpoints_and_vacuums_keeping_every_row(self):
+        self.fill(12)
+        self.assertEqual(self.files(), 12)
+        orphan_old = os.path.join(self.table_uri(), "part-orphan-old.snappy.parquet")
+        orphan_new = os.path.join(self.table_uri(), "part-orphan-new.snappy.parquet")
+        for path in (orphan_old, orphan_new):
+            with open(path, "wb") as fh:
+                fh.write(b"PAR1 never committed")
+        two_hours_ago = time.time() - 7200
+        os.utime(orphan_old, (two_hours_ago, two_hours_ago))
+        before = sorted(r["id"] for r in self.rows())
+        code, _out, err = run_main(["--maintain", "--sqlite", self.db(0)],
+                                   self.node_env(0, RETENTION_HOURS=1))
+        self.assertEqual(code, 0, err)
+        self.assertIn("compact raw_readings: 12 data files before, 1 after", err)
+        self.assertIn("checkpoint raw_readings at version", err)
+        self.assertRegex(err, r"vacuum raw_readings: \d+ unreferenced files older than 1 h")
+        self.assertEqual(self.files(), 1)
+        self.assertEqual(sorted(r["id"] for r in self.rows()), before)
+        self.assertFalse(os.path.exists(orphan_old), "an old orphan is removed")
+        self.assertTrue(os.path.exists(orphan_new), "a file younger than the retention stays")
+        self.assertTrue(any(n.endswith(".checkpoint.parquet")
+                            for n in os.listdir(os.path.join(self.table_uri(), "_delta_log"))))
+
+    def test_maintain_every_n_cycles_in_the_loop(self):
+        clock = [0.0]
+        every = up.UpkeepSchedule("3", lambda: clock[0])
+        self.assertEqual([every() for _ in range(7)],
+                         [False, False, True, False, False, True, False])
+        timed = up.UpkeepSchedule("2h", lambda: clock[0])
+        due = []
+        for hour in (0.5, 1.0, 2.0, 2.5, 4.0):
+            clock[0] = hour * 3600
+            due.append(timed())
+        self.assertEqual(due, [False, False, True, False, True])
+        self.assertFalse(up.UpkeepSchedule(None, lambda: 0)())
+
+    def test_bad_maintain_every_is_a_config_error(self):
+        for bad in ("0", "often", "1.5", "-3h"):
+            with self.subTest(value=bad):
+                code, _, err = run_main(["--sqlite", "x.db", "--once"],
+                                        {"MAINTAIN_EVERY": bad})
+                self.assertEqual(code, 2)
+                self.assertIn("maintain_every", err)
+
+    def test_the_loops_upkeep_node_compacts_after_its_cycles(self):
+        self.add(0, 40)
+        sink_calls = []
+        original = up.DeltaSink.maintain
+
+        def spy(sink, table):
+            sink_calls.append(table)
+            original(sink, table)
+            raise KeyboardInterrupt  # leave the loop: the upkeep has run once
+
+        with mock.patch.object(up.DeltaSink, "maintain", spy):
+            with self.assertRaises(KeyboardInterrupt):
+                run_main(["--sqlite", self.db(0), "--batch-size", "5", "--interval", "0.01"],
+                         self.node_env(0, MAINTAIN_EVERY="1", JITTER="false"))
+        self.assertEqual(sink_calls, ["raw_readings"])
+        self.assertEqual(self.files(), 1)
+        self.assertEqual(sorted(r["id"] for r in self.rows()), list(range(1, 41)))
+
+    def test_edge_nodes_can_leave_checkpoints_out(self):
+        self.add(0, 101 * 2)
+        self.upload_node(0, "--batch-size", "2", WRITE_CHECKPOINTS="false")
+        names = os.listdir(os.path.join(self.table_uri(), "_delta_log"))
+        self.assertFalse([n for n in names if "checkpoint" in n], names)
+        self.add(1, 101 * 2)
+        self.upload_node(1, "--batch-size", "2")
+        names = os.listdir(os.path.join(self.table_uri(), "_delta_log"))
+        self.assertTrue([n for n in names if n.endswith(".checkpoint.parquet")], names)
+
+    def test_status_warns_when_the_table_has_too_many_files(self):
+        self.fill(6)
+        with mock.patch.object(up.DeltaSink, "MANY_FILES", 5):
+            code, _out, err = run_main(["--sqlite", self.db(0), "--status"],
+                                       self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertIn("holds 6 data files (over 5)", err)
+        self.assertIn("--maintain", err)
+        code, _out, err = run_main(["--sqlite", self.db(0), "--status"], self.node_env(0))
+        self.assertNotIn("data files", err)
+
+
+# === 4. One view of the fleet ========================================================
+
+class FleetStatusTest(Fleet):
+    def test_one_line_per_node_as_it_last_reported(self):
+        for n in range(3):
+            self.add(n, 10 * (n + 1) + 3)
+            code, _, err = run_main(["--sqlite", self.db(n), "--once", "--batch-size", "4"],
+                                    self.node_env(n, UPLOAD_INTERVAL=60))
+            self.assertEqual(code, 0, err)
+        self.add(2, 6)  # node 2 has rows it has not sent yet: its report says 0 pending
+        code, out, err = run_main(["--sqlite", self.db(0), "--fleet-status", "--json"],
+                                  self.node_env(0))
+        self.assertEqual(code, 0, err)
+        lines = {x["node"]: x for x in json.loads(out)}
+        self.assertEqual(sorted(lines), ["node-00", "node-01", "node-02"])
+        for n in range(3):
+            line = lines[f"node-{n:02d}"]
+            self.assertEqual(line["rows"], 10 * (n + 1) + 3)
+            self.assertEqual(line["cursor"], [10 * (n + 1) + 3])
+            self.assertEqual(line["pending_rows"], 0)
+            self.assertTrue(line["last_batch"].endswith(f"-{(10 * (n + 1) + 3 + 3) // 4}"))
+            self.assertFalse(line["silent"])
+            self.assertIsNotNone(line["lag_seconds"])
+        code, out, _ = run_main(["--sqlite", self.db(0), "--fleet-status"], self.node_env(0))
+        self.assertEqual(len([l for l in out.splitlines() if "node-0" in l]), 3)
+
+    def test_pending_rows_as_reported_with_the_batch(self):
+        self.add(0, 20)
+        seen = []
+        original = up.DeltaSink.metadata
+
+        def spy(sink, batch):
+            meta = original(sink, batch)
+            seen.append(int(meta["uploader.pending"]))
+            return meta
+
+        with mock.patch.object(up.DeltaSink, "metadata", spy):
+            self.upload_node(0)
+        self.assertEqual(seen, [14, 8, 2, 0])
+
+    def upload_node(self, n, expect=0):
+        code, _, err = run_main(["--sqlite", self.db(n), "--once", "--batch-size", "6"],
+                                self.node_env(n))
+        self.assertEqual(code, expect, err)
+
+    def test_nodes_silent_for_three_intervals_are_flagged(self):
+        self.add(0, 5)
+        self.add(1, 5)
+        self.upload_node(0)
+        self.upload_node(1)
+        import datetime as dt
+        config = up.validate_config(up.Config(sqlite=self.db(0), delta_uri=self.path("lake")))
+        now = dt.datetime.now(dt.timezone.utc)
+        fresh = up.fleet_status(config, now=now)
+        self.assertEqual([x["silent"] for x in fresh], [False, False])
+        later = up.fleet_status(config, now=now + dt.timedelta(seconds=3 * 300 + 60))
+        self.assertEqual([x["silent"] for x in later], [True, True])
+        self.assertIn("SILENT", up.format_fleet(later))
+
+
+# === 5. A fleet on an S3-compatible server ===========================================
+
+@needs_moto
+class S3FleetTest(S3Fleet):
+    NODES = 8
+
+    def test_creation_race_on_s3(self):
+        for n in range(self.NODES):
+            self.add(n, 12 + n)
+        self.run_fleet(nodes=self.NODES, expect=lambda n: 0)
+        self.assert_every_row_once(self.NODES)
+        # The fleet view and the upkeep, on the object store.
+        code, out, err = run_main(["--fleet-status", "--json", "--databricks-table",
+                                   "readings"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertEqual({x["node"]: x["rows"] for x in json.loads(out)},
+                         {f"node-{n:02d}": 12 + n for n in range(self.NODES)})
+        code, _, err = run_main(["--maintain", "--databricks-table", "readings"],
+                                self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertRegex(err, r"compact raw_readings: \d+ data files before, 1 after")
+        self.assert_every_row_once(self.NODES)
+
+    @slow
+    def test_kills_and_lost_replies_every_row_once(self):
+        kills = {1: ("delta-landed", 2), 4: ("delta-before", 3), 6: ("save-before", 4)}
+        lost = {2: ("lost-reply", 1), 5: ("lost-reply", 3)}
+        for n in range(16):
+            self.add(n, 30 + 3 * n)
+        first = self.run_fleet({**kills, **lost}, nodes=16,
+                               expect=lambda n: -signal.SIGKILL if n in kills else 0)
+        for n in lost:
+            self.assertIn("injected: connection reset before the reply", first[n][1])
+        for n in range(16):
+            self.add(n, 7)
+        self.run_fleet(nodes=16, expect=lambda n: 0)
+        self.assert_every_row_once(16)
+
+
+if __name__ == "__main__":
+    unittest.main()
