@@ -4702,7 +4702,7 @@ def report_null_timestamps(conn, source):
     return count
 
 
-def run_forever(job, sleep_backoff=None, rng=random):
+def run_forever(job, rng=random):
     """Cycle every interval until stopped; with --once, one cycle and its exit code."""
     failures = 0
     if job.config.jitter and not job.config.once:  # a fleet started at once spreads out
@@ -4718,7 +4718,7 @@ def run_forever(job, sleep_backoff=None, rng=random):
                 return EXIT_FAILED
             failures += 1
             delay = min(job.config.interval, 5 * 2 ** min(failures, 10))
-            delay *= random.uniform(0.8, 1.2)
+            delay *= rng.uniform(0.8, 1.2)
             log.error("%s; retrying in %.0f s", exc, delay)
             job.stop.wait(delay)
             continue

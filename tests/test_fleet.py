@@ -196,7 +196,7 @@ class RetryTest(PipelineTestCase):
     def batch(self, sink):
         batch = up.Batch(["id"], [[1, 2, 3]], 3, [3], kinds=[up.BIGINT], seq=1,
                          batch_id="s1-1")
-        batch.payload = [sink.prepare("t", batch)]
+        batch.payload = [sink.encode("t", batch)[0]]
         return batch
 
     def test_races_on_a_new_table_are_retried_after_a_jittered_pause(self):
