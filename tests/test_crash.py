@@ -180,6 +180,7 @@ def rising(hooks):
         yield hooks[(k - 1) % len(hooks)], k
 
 
+@slow
 class PlantedKillTest(CrashTestCase):
     """SIGKILL at the points that matter, each a different number of calls in."""
 

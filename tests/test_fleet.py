@@ -134,6 +134,7 @@ class S3Fleet(Fleet):
 # === 1. Stores that lose commits =====================================================
 
 @needs_moto
+@slow
 class NonEnforcingStoreTest(S3Fleet):
     enforcing = False
 
@@ -294,6 +295,7 @@ class JitterTest(unittest.TestCase):
 
 # === 3. Upkeep =======================================================================
 
+@slow
 class UpkeepTest(Fleet):
     def fill(self, batches=12):
         self.add(0, 5 * batches)
@@ -457,6 +459,7 @@ class FleetStatusTest(Fleet):
 # === 5. A fleet on an S3-compatible server ===========================================
 
 @needs_moto
+@slow
 class S3FleetTest(S3Fleet):
     NODES = 8
 

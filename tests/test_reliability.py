@@ -938,6 +938,7 @@ class HostileSourceTest(InProcessWarehouse, ReliabilityTestCase):
             self.assertEqual(row[ts], dt.datetime(2025, 1, 1, 0, 0, i, tzinfo=UTC))
 
 
+@slow
 class LockedSourceTest(ReliabilityTestCase):
     """A writer holds an EXCLUSIVE lock (rollback journal: it keeps readers out) for
     longer than --busy-timeout."""

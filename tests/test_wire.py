@@ -16,7 +16,7 @@ import sqlite3
 import time
 import unittest
 
-from .helpers import TempDirTestCase, insert_rows, make_db, run_main, up
+from .helpers import TempDirTestCase, insert_rows, make_db, run_main, slow, up
 
 try:
     from databricks.sql import exc as dbexc
@@ -168,6 +168,7 @@ class RowsTests(WireTestCase):
         self.assertLanded(self.upload(150), 150)
 
 
+@slow
 class StartingWarehouseTests(WireTestCase):
     """A warehouse that is starting answers 503 + Retry-After to new sessions."""
 
