@@ -37,7 +37,7 @@ OTHER_FLAGS = {
     "--now",                                                # systemctl enable
     "--container",                        # start-uploader.sh's own: run in the uv image
     "--rm", "--init", "--name",                             # docker run
-    "--dlt",                              # bench/bench.py: also run dlt
+    "--dlt", "--runs",                    # bench/bench.py: also run dlt; runs per figure
 }
 # Environment variables of other programs, named on purpose by the docs.
 OTHER_ENV = {
