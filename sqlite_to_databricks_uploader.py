@@ -1240,9 +1240,13 @@ def rows_to_batch(source, rows, first, final):
                  final=final)
 
 
-def count_source_rows(conn, source):
-    """Rows in the source table."""
-    return conn.execute(f"SELECT count(*) FROM {quote_ident(source.name)}").fetchone()[0]
+def count_passed(conn, source, pending, nulls=None):
+    """Rows at or before the cursor: all rows but the `pending` ones after it and those
+    a pair cursor cannot order (`nulls`, counted when not given)."""
+    if nulls is None:
+        nulls = count_null_timestamps(conn, source)[0]
+    total = conn.execute(f"SELECT count(*) FROM {quote_ident(source.name)}").fetchone()[0]
+    return total - pending - nulls
 
 
 def read_end_cursor(conn, source):
@@ -4644,7 +4648,7 @@ def check_source(job, pos, cursor):
     pending = count_pending(conn, source, cursor)
     if cursor is not None and time.monotonic() >= job.behind_due:
         started = time.monotonic()
-        report_behind(job, pos, count_source_rows(conn, source) - pending - nulls)
+        report_behind(job, pos, count_passed(conn, source, pending, nulls))
         # SQLite counts a table by walking a b-tree: on a big table keep it to about
         # 1% of the time, so an idle cycle stays cheap
         job.behind_due = started + 100 * (time.monotonic() - started)
@@ -4776,10 +4780,9 @@ def backfill(job):
             log_batch(run, batch, receipt, took, 0)
     if job.stop.is_set():
         return EXIT_OK
-    behind = reading_source(job.source, lambda: rows_behind(job.conn, job.source, {
-        "cursor": pos["cursor"], "behind": 0, "behind_base": 0}, count_pending(
-            job.conn, job.source, cursor)))
-    job.checkpoint.update(job.key, behind=0, behind_base=behind)
+    passed = reading_source(job.source, lambda: count_passed(
+        job.conn, job.source, count_pending(job.conn, job.source, cursor)))
+    job.checkpoint.update(job.key, behind=0, behind_base=passed)
     log.info("backfill: %d rows behind the cursor were missing from %s and are uploaded "
              "(%d rows sent); %d of this node's rows were already there", read, job.table,
              sent, len(held))
@@ -5156,7 +5159,7 @@ def rows_behind(conn, source, pos, pending):
     if pos.get("cursor") is None:
         return 0
     base = pos.get("behind_base")
-    now = count_source_rows(conn, source) - pending - count_null_timestamps(conn, source)[0]
+    now = count_passed(conn, source, pending)
     return pos.get("behind", 0) + (max(now - base, 0) if base is not None else 0)
 
 
