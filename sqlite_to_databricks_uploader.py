@@ -1505,8 +1505,8 @@ ISO_FORMAT = TimeFormat()
 
 
 def is_number(value):
-    """True for an int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Numbers (bool included, as SQLite stores it) compare with numbers only."""
+    return isinstance(value, (int, float))
 
 
 def julian_to_micros(number):
@@ -2137,11 +2137,6 @@ def condition_test(cond):
                "==": lambda a: a == operand, "!=": lambda a: a != operand}[op]
     return lambda v: v is not None and is_number(v) == numeric and (
         numeric or type(v) is type(operand)) and compare(v)
-
-
-def is_number(value):
-    """Numbers (bool included, as SQLite stores it) compare with numbers only."""
-    return isinstance(value, (int, float))
 
 
 def time_part(part, micros):
@@ -3776,19 +3771,14 @@ def table_layout(names):
 
 def render_insert(target, batch, identity, columns=None):
     """INSERT INTO t REPLACE WHERE <this batch> SELECT <the table's columns> FROM VALUES ...
+    for a batch as one statement.
 
     `columns` are the table's columns in table order (default: the table this batch
     would create); those the batch lacks are NULL."""
-    return inline_statement(batch, identity).assemble(target, columns)
-
-
-def inline_statement(batch, identity):
-    """The batch's rows rendered once as one statement, tagged with its lineage, ready
-    to assemble."""
     rows, names, _ = render_rows(batch)
-    now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    return InlineStatement.build(",".join(rows), names, identity.source_id,
-                                 batch.batch_id, sql_literal(now, TIMESTAMP))
+    (statement,) = inline_statements([InlineRows(rows, names)], math.inf,
+                                     identity.source_id, batch.batch_id)
+    return statement.assemble(target, columns)
 
 
 SCHEMA_CHANGE_MARKERS = ("INSERT_COLUMN_ARITY_MISMATCH", "DELTA_METADATA_CHANGED")
@@ -4815,8 +4805,7 @@ def key_value(key, stamps, fmt=None):
     out = []
     for value, stamp in zip(key, stamps):
         if stamp and fmt is None and isinstance(value, dt.datetime):
-            moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-            value = (moment - EPOCH) // ONE_MICROSECOND
+            value = moment_to_micros(value)
         elif stamp and fmt is not None:
             value = parse_timestamp(value if fmt.native else normalize_times([value], fmt)[0])
         out.append(value)
@@ -5128,6 +5117,7 @@ def status_report(config):
         path = find_state_file(config)
         checkpoint = Checkpoint(os.path.dirname(path))
         if os.path.exists(path):
+            source = recorded_cursor(conn, config, source, checkpoint.read_old())
             checkpoint.load(source_description(config.sqlite, source))
         else:
             checkpoint.data = new_state(source_description(config.sqlite, source))
@@ -5136,8 +5126,8 @@ def status_report(config):
         pos = checkpoint.position(position_key(destination, target_table(config, source)))
         cursor = decode_cursor(pos.get("cursor"))
         pending = count_pending(conn, source, cursor)
-        behind = rows_behind(conn, source, pos, pending)
         unordered = count_null_timestamps(conn, source)
+        behind = rows_behind(conn, source, pos, pending, unordered[0])
     finally:
         conn.close()
     return {"source": os.path.abspath(config.sqlite), "source_table": source.name,
@@ -5153,13 +5143,13 @@ def status_report(config):
             "state_file": os.path.abspath(path), "state_exists": os.path.exists(path)}
 
 
-def rows_behind(conn, source, pos, pending):
+def rows_behind(conn, source, pos, pending, nulls):
     """Rows behind the cursor and not uploaded: those counted by the cycles so far, and
     those that appeared since the last one."""
     if pos.get("cursor") is None:
         return 0
     base = pos.get("behind_base")
-    now = count_passed(conn, source, pending)
+    now = count_passed(conn, source, pending, nulls)
     return pos.get("behind", 0) + (max(now - base, 0) if base is not None else 0)
 
 

@@ -164,6 +164,9 @@ class HomeAssistantTest(ProducerTestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("cursor: keeping rowid (state_id), recorded in the state, over "
                       "today's choice pair (last_updated_ts, state_id)", err)
+        code, out, err = run_main(["--sqlite", db, "--status"], self.env())  # so does status
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"cursor\s+rowid \(state_id\)")
         # a cursor forced to another kind is refused in one line that names the fix
         code, _out, err = run_main(["--sqlite", db, "--once", "--cursor", "timestamp"],
                                    self.env())
