@@ -55,6 +55,8 @@ import uuid
 __version__ = "0.1.0"
 TOOL = "sqlite-to-databricks-uploader"
 
+TARGETS = ("delta", "databricks", "zerobus", "landing")
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -197,6 +199,12 @@ class Config:
         True, "--jitter", "JITTER", "bool",
         "in loop mode, wait a random part of the interval before the first cycle, so a "
         "fleet started together does not commit together (JITTER=false: no wait)", "loop")
+    target: str | None = option(
+        None, "--target", "TARGET", "choice",
+        "where rows go: delta (a Delta table at delta_uri), databricks (the SQL "
+        "warehouse), zerobus (Zerobus Ingest) or landing (files in a Unity Catalog "
+        "volume); default: databricks when a workspace is configured, else delta",
+        "target", choices=TARGETS)
     source_id: str | None = option(
         None, "--source-id", "SOURCE_ID", "str",
         "this node's identity in lineage columns (default: the host name)", "target")
@@ -290,11 +298,6 @@ class Config:
         "text, or json (one object per line) for log shippers", "logging",
         choices=("text", "json"))
     sources: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def target(self):
-        """'databricks' when a workspace is configured, else 'delta'."""
-        return "databricks" if self.databricks_host else "delta"
 
     def origin(self, name):
         """Where the value of `name` came from: a flag, an env var, a file, default."""
@@ -494,18 +497,25 @@ def validate_config(config):
         bad("retention_hours", "must be >= 1 (a commit in flight must keep its files)")
     if config.maintain_every is not None and parse_every(config.maintain_every) is None:
         bad("maintain_every", "must be a number of cycles (12) or a duration (30m, 6h, 1d)")
-    updates = {}
+    updates = {"target": config.target or ("databricks" if config.databricks_host
+                                           else "delta")}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
         if not updates["databricks_host"]:
             bad("databricks_host", "must name a workspace host")
-        if config.delta_uri:
+        if config.delta_uri and not config.target:
             raise ConfigError(
                 f"config: both databricks_host (from {config.origin('databricks_host')}) "
                 f"and delta_uri (from {config.origin('delta_uri')}) are set; "
-                "the uploader writes to one destination: unset one of them")
-    elif not config.delta_uri:
+                "the uploader writes to one destination: unset one of them, or choose "
+                "one with --target")
+    elif updates["target"] != "delta":
+        raise missing("databricks_host", f" for target {updates['target']}")
+    if updates["target"] == "delta" and not config.delta_uri:
         updates["delta_uri"] = DEFAULT_DELTA_URI
+    if updates["target"] not in SINKS:
+        raise ConfigError(f"config: target {updates['target']} (from "
+                          f"{config.origin('target')}) is not available in this version")
     if not config.source_id:
         updates["source_id"] = socket.gethostname() or "unknown-host"
         updates["sources"] = {**config.sources, "source_id": "default (host name)"}

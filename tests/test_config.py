@@ -428,6 +428,31 @@ class HostTest(ConfigTestCase):
         self.assertEqual(config.delta_uri, "./lakehouse")
 
 
+class TargetTest(ConfigTestCase):
+    """--target / TARGET / target chooses the sink; the default follows the host."""
+
+    def test_target_from_every_layer_wins_over_the_host_default(self):
+        path = self.write_yaml({"target": "delta"})
+        env = {"DATABRICKS_HOST": "example.cloud.databricks.com"}
+        for argv, extra in ((["--target", "delta"], {}), ([], {"TARGET": "delta"}),
+                            (["--config", path], {})):
+            with self.subTest(argv=argv, env=extra):
+                config = load(argv, {**env, **extra})
+                self.assertEqual(config.target, "delta")
+                self.assertEqual(config.delta_uri, "./lakehouse")
+
+    def test_a_workspace_target_without_a_host_is_one_line_naming_the_setting(self):
+        code, out, err = run_main(["--target", "databricks", "--print-config"], {})
+        self.assertEqual(code, 2)
+        self.assertIn("databricks_host is required for target databricks", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_an_unknown_target_is_refused(self):
+        code, out, err = run_main(["--print-config"], {"TARGET": "kafka"})
+        self.assertEqual(code, 2)
+        self.assertIn("TARGET", err)
+
+
 class SecretTest(ConfigTestCase):
     """The token never shows in repr, --print-config or parse errors."""
 
