@@ -2469,6 +2469,12 @@ class Sink:
     def upkeep(self, table):
         """After each cycle in loop mode: table upkeep when it is due (Delta)."""
 
+    def report_status(self, status):
+        """After each cycle, per target table: the node's status (a plain dict: source_id,
+        table, cursor, pending, behind, last_batch, last_upload, rows, version, last_error,
+        lag_seconds, interval) for --fleet-status. Never raises: the cycle's rows do not
+        depend on it. Nothing by default (a Delta commit carries it in its metadata)."""
+
     def maintain(self, table):
         """--maintain: compact, checkpoint and vacuum the table."""
         raise ConfigError(f"config: --maintain is for Delta tables; the {self.name} "
@@ -4410,6 +4416,7 @@ class Job:
     plan: Plan = Plan()
     kinds: dict = dataclasses.field(default_factory=dict)
     behind_due: float = 0.0  # monotonic time of the next count of rows behind the cursor
+    pending: int | None = None  # rows after the cursor at the end of the last cycle
     stream: str = ""  # "" for the cursor's batches; "backfill" for --backfill's
 
     @property
@@ -4630,6 +4637,7 @@ def upload_pending(job):
     progress.clear()
     if newer is not None and not job.stop.is_set() and pending > read:
         notes["rows_held_back_by_cursor_lag"] = pending - read
+    job.pending = max(pending - read, 0)
     log_cycle(job, read, done, time.monotonic() - started, notes)
     return done
 
@@ -4714,9 +4722,11 @@ def run_forever(job, rng=random):
     while not job.stop.is_set():
         try:
             run_cycle(job)
+            job.sink.report_status(node_status(job))
             job.sink.upkeep(job.table)
             failures = 0
         except (SinkError, SourceError, StateError) as exc:
+            job.sink.report_status(node_status(job, exc))
             if job.config.once:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_FAILED
@@ -4730,6 +4740,21 @@ def run_forever(job, rng=random):
             break
         job.stop.wait(job.config.interval)
     return EXIT_OK
+
+
+def node_status(job, error=None):
+    """What the node reports about its target table after a cycle (--fleet-status)."""
+    pos = job.checkpoint.position(job.key)
+    seq, landed = pos.get("seq", 0), parse_timestamp(pos.get("updated_at"))
+    newest = parse_timestamp(pos.get("last_upload"))
+    lag = (landed - newest) / 1e6 if landed is not None and newest is not None else None
+    return {"source_id": job.config.source_id, "table": job.table,
+            "cursor": pos.get("cursor"), "pending": job.pending,
+            "behind": pos.get("behind", 0), "last_batch": f"{job.batch_prefix}-{seq}" if seq
+            else None, "last_upload": pos.get("updated_at"), "rows": pos.get("rows", 0),
+            "version": __version__, "last_error": str(error) if error else None,
+            "lag_seconds": max(lag, 0.0) if lag is not None else None,
+            "interval": job.config.interval}
 
 
 def recover_state(job):

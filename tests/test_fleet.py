@@ -441,6 +441,31 @@ class FleetStatusTest(Fleet):
                                 self.node_env(n))
         self.assertEqual(code, expect, err)
 
+    def test_the_cycle_hands_the_sink_its_status_after_each_cycle(self):
+        self.add(0, 20)
+        reports = []
+        with mock.patch.object(up.DeltaSink, "report_status",
+                               lambda sink, status: reports.append(status)):
+            self.upload_node(0)
+            failing = mock.patch.object(up.DeltaSink, "write", side_effect=up.SinkError(
+                "sink: writing batch x failed: the store said no"))
+            self.add(0, 3)
+            with failing:
+                self.upload_node(0, expect=1)
+        self.assertEqual(len(reports), 2)
+        done, failed = reports
+        self.assertEqual({k: done[k] for k in ("source_id", "table", "cursor", "pending",
+                                               "behind", "rows", "last_error")},
+                         {"source_id": "node-00", "table": "raw_readings", "cursor": [20],
+                          "pending": 0, "behind": 0, "rows": 20, "last_error": None})
+        self.assertRegex(done["last_batch"], r"^[0-9a-f]{12}-4$")
+        self.assertEqual(done["version"], up.__version__)
+        self.assertIsNotNone(up.parse_timestamp(done["last_upload"]))
+        self.assertGreaterEqual(done["lag_seconds"], 0)
+        self.assertEqual(failed["last_error"], "sink: writing batch x failed: the store said no")
+        self.assertEqual((failed["rows"], failed["cursor"], failed["last_batch"]),
+                         (20, [20], done["last_batch"]))
+
     def test_nodes_silent_for_three_intervals_are_flagged(self):
         self.add(0, 5)
         self.add(1, 5)
