@@ -2747,7 +2747,8 @@ class DeltaSink(Sink):
                 "uploader.batch_id": batch.batch_id,
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end)),
                 "uploader.rows": str(batch.count),
-                "uploader.interval": str(self.config.interval)}
+                "uploader.interval": str(self.config.interval),
+                "uploader.version": __version__}
         if batch.carry is not None:  # open aggregate windows, for --recover-state
             meta["uploader.carry"] = json.dumps(batch.carry)
         pending = getattr(batch, "pending", None)  # set by the cycle when it knows
@@ -2847,7 +2848,7 @@ class DeltaSink(Sink):
             if node and node not in nodes:
                 nodes[node] = commit
         counts = fleet_counts(found, table)
-        return [fleet_line(node, nodes.get(node), *counts.get(node, (0, None)))
+        return [fleet_line(node, commit_report(nodes.get(node)), *counts.get(node, (0, None)))
                 for node in sorted(set(nodes) | set(counts))]
 
 
@@ -2898,17 +2899,46 @@ def fleet_counts(found, table):
     return counts
 
 
-def fleet_line(node, commit, rows, newest):
-    """One node of --fleet-status: its last commit's report and its rows in the table."""
-    commit = commit or {}
-    at = (dt.datetime.fromtimestamp(commit["timestamp"] / 1000, dt.timezone.utc)
-          if "timestamp" in commit else newest)
+def fleet_line(node, report, rows, newest):
+    """One node of --fleet-status: what it last reported (a dict of node_status's
+    names; None when it reported nothing) and its rows in the table (and the newest
+    _uploaded_at among them)."""
+    report = report or {}
+    at = as_utc(report.get("last_upload")) or newest
+    return {"node": node, "rows": rows, "last_batch": report.get("last_batch"),
+            "last_commit_at": at, "cursor": report.get("cursor"),
+            "pending_rows": report.get("pending"), "lag_seconds": report.get("lag_seconds"),
+            "version": report.get("version"), "last_error": report.get("last_error"),
+            "last_report_at": as_utc(report.get("reported_at")) or at,
+            "interval": report.get("interval")}
+
+
+def commit_report(commit):
+    """What a node said in a Delta commit's metadata, as fleet_line reads it."""
+    if commit is None:
+        return None
     cursor = commit.get("uploader.cursor_end")
-    return {"node": node, "rows": rows, "last_batch": commit.get("uploader.batch_id"),
-            "last_commit_at": at, "cursor": json.loads(cursor) if cursor else None,
-            "pending_rows": reported(commit, "uploader.pending", int),
+    return {"last_batch": commit.get("uploader.batch_id"),
+            "last_upload": dt.datetime.fromtimestamp(commit["timestamp"] / 1000,
+                                                     dt.timezone.utc)
+            if "timestamp" in commit else None,
+            "cursor": json.loads(cursor) if cursor else None,
+            "pending": reported(commit, "uploader.pending", int),
             "lag_seconds": reported(commit, "uploader.lag_seconds", float),
-            "interval": reported(commit, "uploader.interval", float)}
+            "interval": reported(commit, "uploader.interval", float),
+            "version": commit.get("uploader.version")}
+
+
+def as_utc(value):
+    """A moment (datetime, naive meaning UTC, or ISO text) as an aware UTC datetime."""
+    if isinstance(value, str):
+        micros = parse_iso_timestamp(value)
+        return EPOCH + dt.timedelta(microseconds=micros) if micros is not None else None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+    return None
 
 
 def reported(commit, key, kind):
@@ -3120,6 +3150,7 @@ class DatabricksSink(Sink):
 
     name = "databricks"
     RETRIES = 6
+    STATUS_TRIES = 5  # a status MERGE that met another node's commit: tries in all
     STARTUP_POLL = 30  # at most this many seconds between tries to reach a starting warehouse
     STARTUP_LOG = 30   # and a line this often while waiting
     connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
@@ -3144,6 +3175,7 @@ class DatabricksSink(Sink):
         self._learnt = False
         self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
         self._volume_lock = threading.Lock()
+        self._status = None  # the status table: None: not created yet, "ready", "off"
 
     @property
     def destination(self):
@@ -3524,30 +3556,94 @@ class DatabricksSink(Sink):
 
     def _select(self, table, source_id, what, doing):
         """Rows of `SELECT what` over node `source_id`'s rows ([] if no table)."""
+        return self._rows(f"SELECT {what} FROM {self.target(table)} WHERE "
+                          "`_source_id` = :source_id", {"source_id": source_id},
+                          f"{doing} in {table}")
+
+    def has_committed(self, table, seq, batch_id, source_id=None):
+        """The batch is in when its one statement is, or the last of its statements
+        (they are sent in order, each after the one before has landed)."""
+        rows = self._rows(
+            f"SELECT DISTINCT `_batch_id` FROM {self.target(table)} WHERE "
+            "`_source_id` = :source_id AND (`_batch_id` = :batch_id OR "
+            "`_batch_id` LIKE :parts)",
+            {"source_id": source_id or self.identity.source_id, "batch_id": batch_id,
+             "parts": batch_id + ".%"}, f"checking batch {batch_id}")
+        return any(is_whole_batch(row[0], batch_id) for row in rows)
+
+    def _rows(self, sql, params, doing):
+        """Rows of a query (retried); [] when its table does not exist."""
         try:
             return self.retrying(doing, lambda: self.execute(
-                f"SELECT {what} FROM {self.target(table)} WHERE `_source_id` = :source_id",
-                {"source_id": source_id}, fetch=True, what=f"{doing} in {table}"))
+                sql, params, fetch=True, what=doing)) or []
         except SinkError as exc:
             if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
                 return []
             raise
 
-    def has_committed(self, table, seq, batch_id, source_id=None):
-        """The batch is in when its one statement is, or the last of its statements
-        (they are sent in order, each after the one before has landed)."""
+    # --- node status (--fleet-status) ----------------------------------------------
+
+    def report_status(self, status):
+        """Upsert this node's row of the schema's status table (STATUS_TABLE). A failure
+        costs one log line, never the cycle: the next cycle reports again."""
+        if self._status == "off":
+            return
         try:
-            rows = self.retrying("checking a batch", lambda: self.execute(
-                f"SELECT DISTINCT `_batch_id` FROM {self.target(table)} WHERE "
-                "`_source_id` = :source_id AND (`_batch_id` = :batch_id OR "
-                "`_batch_id` LIKE :parts)",
-                {"source_id": source_id or self.identity.source_id, "batch_id": batch_id,
-                 "parts": batch_id + ".%"}, fetch=True, what=f"checking batch {batch_id}"))
+            if self._status is None:
+                self._create_status_table()
+            self._merge_status(status)
         except SinkError as exc:
-            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
-                return False
-            raise
-        return any(is_whole_batch(row[0], batch_id) for row in rows or [])
+            if exc.transient or is_conflict(exc):
+                log.warning("sink: this node's status for --fleet-status was not recorded "
+                            "(%s); the next cycle reports it", exc)
+                return
+            self._status = "off"
+            log.warning("sink: this node's status for --fleet-status cannot be recorded in "
+                        "%s (%s); its rows still go, and --fleet-status shows them without "
+                        "the node's report (where the token may not create tables, ask an "
+                        "admin to run: %s)", self.target(STATUS_TABLE), exc,
+                        status_table_sql(self.target(STATUS_TABLE)))
+
+    def _create_status_table(self):
+        """CREATE TABLE IF NOT EXISTS, once per run; a node that lost the race to
+        create it goes on with the table the winner made."""
+        try:
+            self.execute(status_table_sql(self.target(STATUS_TABLE)),
+                         what=f"creating {STATUS_TABLE}")
+        except SinkError as exc:
+            if not (is_conflict(exc) or "ALREADY_EXISTS" in str(exc)):
+                raise
+        self._status = "ready"
+
+    def _merge_status(self, status):
+        """One MERGE; a conflict with another node's commit goes again after a pause."""
+        sql = status_merge_sql(self.target(STATUS_TABLE), status_values(status))
+        for attempt in range(1, self.STATUS_TRIES + 1):
+            try:
+                return self.execute(sql, what=f"recording this node's status in {STATUS_TABLE}")
+            except SinkError as exc:
+                if not is_conflict(exc) or attempt == self.STATUS_TRIES:
+                    raise
+                if self.sleep(2 ** (attempt - 1) * self.jitter(0.5, 1.5)):  # stopping
+                    raise
+
+    def fleet(self, table):
+        """Each node's row of the status table for `table`, and its rows in `table`."""
+        counts = {node: (rows, as_utc(newest)) for node, rows, newest in self._rows(
+            f"SELECT `_source_id`, count(*), max(`_uploaded_at`) FROM {self.target(table)} "
+            "GROUP BY `_source_id`", None, f"counting each node's rows in {table}")}
+        names = ", ".join(quote_name(n) for n, _ in STATUS_COLUMNS)
+        reports = {row[0]: node_report(row) for row in self._rows(
+            f"SELECT {names} FROM {self.target(STATUS_TABLE)} "
+            "WHERE `target_table` = :target_table", {"target_table": table}, f"reading {STATUS_TABLE}")}
+        return [fleet_line(node, reports.get(node), *counts.get(node, (0, None)))
+                for node in sorted(set(counts) | set(reports))]
+
+    def list_tables(self):
+        """The target tables nodes report on in the status table (None: no report yet)."""
+        rows = self._rows(f"SELECT DISTINCT `target_table` FROM {self.target(STATUS_TABLE)}",
+                          None, f"reading {STATUS_TABLE}")
+        return sorted(row[0] for row in rows) or None
 
 
 @dataclasses.dataclass
@@ -3826,6 +3922,61 @@ def create_table_sql(target, names, kinds):
     props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in properties)
     return (f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(columns)}) USING DELTA "
             f"TBLPROPERTIES ({props})")
+
+
+# Each node's last report, one row per (node, target table), upserted after each cycle;
+# one table per schema, so --fleet-status reads a fleet's tables in one query. Deletion
+# vectors give it row-level concurrency on Databricks (DBR 14.3+): nodes upserting
+# their own rows at once do not conflict.
+STATUS_TABLE = "_uploader_nodes"
+STATUS_COLUMNS = (("source_id", STRING), ("target_table", STRING), ("last_batch", STRING),
+                  ("last_batch_at", TIMESTAMP), ("rows", BIGINT), ("cursor", STRING),
+                  ("pending_rows", BIGINT), ("behind_rows", BIGINT), ("lag_seconds", DOUBLE),
+                  ("interval_seconds", DOUBLE), ("version", STRING), ("last_error", STRING),
+                  ("reported_at", TIMESTAMP))
+STATUS_PROPERTIES = (("delta.enableDeletionVectors", "true"),)
+
+
+def status_table_sql(target):
+    """CREATE TABLE IF NOT EXISTS for the status table."""
+    columns = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in STATUS_COLUMNS)
+    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in STATUS_PROPERTIES)
+    return f"CREATE TABLE IF NOT EXISTS {target} ({columns}) USING DELTA TBLPROPERTIES ({props})"
+
+
+def status_values(status, now=None):
+    """A node_status dict as the status table's values, in STATUS_COLUMNS order."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    cursor = status.get("cursor")
+    error = status.get("last_error")
+    return (status["source_id"], status["table"], status.get("last_batch"),
+            parse_timestamp(status.get("last_upload")), status.get("rows"),
+            json.dumps(cursor) if cursor is not None else None, status.get("pending"),
+            status.get("behind"), status.get("lag_seconds"), status.get("interval"),
+            status.get("version"), error[:2000] if error else None, moment_to_micros(now))
+
+
+def status_merge_sql(target, values):
+    """Upsert one node's row: idempotent, and a copy that runs late (queued while its
+    node died) leaves a newer report in place."""
+    names = [quote_name(n) for n, _ in STATUS_COLUMNS]
+    select = ", ".join(f"{sql_literal(v, k)} AS {n}"
+                       for v, (_, k), n in zip(values, STATUS_COLUMNS, names))
+    updates = ", ".join(f"{n} = s.{n}" for n in names[2:])
+    return (f"MERGE INTO {target} AS t USING (SELECT {select}) AS s "
+            "ON t.`source_id` = s.`source_id` AND t.`target_table` = s.`target_table` "
+            f"WHEN MATCHED AND s.`reported_at` >= t.`reported_at` THEN UPDATE SET {updates} "
+            f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)}) "
+            f"VALUES ({', '.join('s.' + n for n in names)})")
+
+
+def node_report(row):
+    """A row of the status table as fleet_line reads it."""
+    report = dict(zip((n for n, _ in STATUS_COLUMNS), row))
+    cursor = report.pop("cursor")
+    return {**report, "cursor": json.loads(cursor) if cursor else None,
+            "last_upload": report.pop("last_batch_at"), "pending": report.pop("pending_rows"),
+            "interval": report.pop("interval_seconds")}
 
 
 def add_columns_sql(target, new):
@@ -4613,7 +4764,7 @@ def upload_pending(job):
     settle_inflight(job)  # a failed write of the previous cycle may have landed
     pos = job.checkpoint.position(job.key)
     cursor = decode_cursor(pos["cursor"])
-    pending = reading_source(job.source, lambda: check_source(job, pos, cursor))
+    pending = job.pending = reading_source(job.source, lambda: check_source(job, pos, cursor))
     started, done, read, notes = time.monotonic(), 0, 0, {}
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
@@ -4628,6 +4779,7 @@ def upload_pending(job):
         receipt = write_batch(job, batch)
         gc.collect(0)  # the batch's few reference cycles (see gc_paused)
         done, read = done + batch.count, read + batch.source_count
+        job.pending = max(pending - read, 0)
         for key, value in batch.notes.items():
             notes[key] = notes.get(key, 0) + value
         took, mark = max(time.monotonic() - mark, 1e-9), time.monotonic()
@@ -4637,7 +4789,6 @@ def upload_pending(job):
     progress.clear()
     if newer is not None and not job.stop.is_set() and pending > read:
         notes["rows_held_back_by_cursor_lag"] = pending - read
-    job.pending = max(pending - read, 0)
     log_cycle(job, read, done, time.monotonic() - started, notes)
     return done
 
@@ -5106,8 +5257,8 @@ def fleet_status(config, now=None):
         for table in named_tables(config, sink):
             for line in sink.fleet(table):
                 interval = line.pop("interval") or config.interval
-                age = (now - line["last_commit_at"]).total_seconds() \
-                    if line["last_commit_at"] else None
+                age = (now - line["last_report_at"]).total_seconds() \
+                    if line["last_report_at"] else None
                 line.update(table=table, silent_seconds=age,
                             silent=age is None or age > SILENT_INTERVALS * interval)
                 lines.append(line)
@@ -5125,10 +5276,18 @@ def format_fleet(lines):
              json.dumps(x["cursor"]) if x["cursor"] is not None else "-",
              "-" if x["pending_rows"] is None else f"{x['pending_rows']:,}",
              "-" if x["lag_seconds"] is None else f"{x['lag_seconds']:.0f} s",
-             f"SILENT {x['silent_seconds'] or 0:.0f} s" if x["silent"] else "ok")
-            for x in lines]
+             x["version"] or "-", fleet_state(x)) for x in lines]
     return format_rows(["table", "node", "rows", "last batch", "last commit", "cursor",
-                        "pending", "lag", "state"], rows)
+                        "pending", "lag", "version", "state"], rows)
+
+
+def fleet_state(line):
+    """ok, SILENT for how long, or the error of the node's last cycle."""
+    if line["silent"]:
+        return f"SILENT {line['silent_seconds'] or 0:.0f} s"
+    if line["last_error"]:
+        return "failing: " + line["last_error"].splitlines()[0][:100]
+    return "ok"
 
 
 def warn_upkeep(config, report):

@@ -7,6 +7,8 @@ uploader uses are given Databricks semantics:
 
 - CREATE TABLE ... USING DELTA TBLPROPERTIES, ALTER TABLE ... ADD COLUMNS, DESCRIBE
   TABLE (Databricks type names), SHOW TABLES IN, DROP TABLE, SELECT;
+- MERGE INTO t USING (SELECT ...) AS s ON ... WHEN MATCHED [AND c] THEN UPDATE SET ...
+  WHEN NOT MATCHED THEN INSERT (...) VALUES (...), run by DuckDB's MERGE (one commit);
 - INSERT INTO t REPLACE WHERE p <query>: delete where p, then insert, as one
   transaction (one Delta commit); the select list is positional and names every column
   of the table ([INSERT_COLUMN_ARITY_MISMATCH] otherwise), and `BY NAME` or a column
@@ -31,8 +33,11 @@ Writers on one table conflict as Delta's optimistic concurrency makes them (when
 `Warehouse.conflicts` is set; a statement's snapshot is taken when it arrives, and a
 statement waits for the one before it): an ALTER fails a concurrent writer with
 [DELTA_METADATA_CHANGED], an INSERT ... REPLACE WHERE (not blind: the table is not
-partitioned) fails when any file was added meanwhile with [DELTA_CONCURRENT_APPEND],
-blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
+partitioned) and a MERGE fail when any commit landed meanwhile with
+[DELTA_CONCURRENT_APPEND], except that on a table with deletion vectors
+('delta.enableDeletionVectors' = 'true': row-level concurrency, DBR 14.3+) a MERGE fails
+only when a concurrent MERGE changed one of its rows (the target rows its ON clause
+matches) with [DELTA_CONCURRENT_DELETE_READ]; blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
 CREATE TABLE IF NOT EXISTS gets [DELTA_PROTOCOL_CHANGED] or [TABLE_OR_VIEW_ALREADY_EXISTS],
 in turn.
 
@@ -115,10 +120,15 @@ PROTOCOL_CHANGED = (
     "protocol version of the Delta table has been changed by a concurrent update. This "
     "happens when multiple writers are writing to an empty directory. Creating the table "
     "ahead of time will avoid this conflict. SQLSTATE: 2D521")
+CONCURRENT_DELETE_READ = (
+    "[DELTA_CONCURRENT_DELETE_READ] ConcurrentDeleteReadException: This transaction "
+    "attempted to read one or more files that were deleted by a concurrent update. Please "
+    "try the operation again. SQLSTATE: 2D521")
 ALREADY_EXISTS = (
     "[TABLE_OR_VIEW_ALREADY_EXISTS] Cannot create table or view because it already "
     "exists. SQLSTATE: 42P07")
-WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|CREATE TABLE IF NOT EXISTS)"
+WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|MERGE INTO|"
+                             r"CREATE TABLE IF NOT EXISTS)"
                              r" ((?:`(?:[^`]|``)+`\.){2}`(?:[^`]|``)+`)")
 
 TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
@@ -150,6 +160,7 @@ class Warehouse:
         # Delta conflicts between writers (off unless a test turns them on)
         self.conflicts = False
         self.commits = {}  # "c.s.t" -> kinds of its commits: create, append, replace, metadata
+        self.merged = {}  # ("c.s.t", index of a merge commit) -> keys of the rows it matched
         self.create_races = itertools.cycle([PROTOCOL_CHANGED, ALREADY_EXISTS])
         self.lock = threading.Lock()
 
@@ -249,6 +260,8 @@ class Warehouse:
         result = self.run(sql, params, staging_paths)
         if write:
             kind, table = write
+            if kind == "merge":
+                self.merged[table, len(self.commits.get(table, []))] = merge_keys(sql, params)
             if kind != "create":
                 self.commits.setdefault(table, []).append(kind)
             elif table not in self.commits:  # IF NOT EXISTS on a table: no commit
@@ -271,11 +284,20 @@ class Warehouse:
             since = self.commits.get(table, [])[seen:]
             if "metadata" in since:
                 error = METADATA_CHANGED
-            elif kind == "replace" and since:  # not blind: unpartitioned, any append
+            elif kind == "merge" and self.has_row_concurrency(table):
+                mine = merge_keys(sql, params)
+                if any(mine & self.merged.get((table, i), set())
+                       for i in range(seen, seen + len(since))):
+                    error = CONCURRENT_DELETE_READ
+            elif kind in ("replace", "merge") and since:  # not blind: unpartitioned
                 error = CONCURRENT_APPEND
         if error:
             self.record(sql, params, "conflict: " + error.split("]")[0][1:])
             raise ServerOperationError(error)
+
+    def has_row_concurrency(self, table):
+        """Row-level concurrency: the table has deletion vectors (and no partitions)."""
+        return self.properties(table).get("delta.enableDeletionVectors") == "true"
 
     def authenticate(self, headers):
         """Check the Authorization header of one request (the connector sends one each)."""
@@ -552,7 +574,20 @@ def written_table(sql):
     verb = match.group(1)
     if verb == "INSERT INTO":
         return ("replace" if " REPLACE WHERE " in sql else "append"), table
-    return {"ALTER TABLE": "metadata", "COPY INTO": "append"}.get(verb, "create"), table
+    return {"ALTER TABLE": "metadata", "COPY INTO": "append",
+            "MERGE INTO": "merge"}.get(verb, "create"), table
+
+
+def merge_keys(sql, params):
+    """The keys (values of the ON clause's source columns) of the rows a MERGE matches."""
+    tree = sqlglot.parse_one(SPARK_VARIABLE.sub("", sql), read="databricks")
+    bind(tree, params or {})
+    using = tree.args["using"]
+    columns = [c for c in tree.args["on"].find_all(exp.Column)
+               if c.table == using.alias_or_name]
+    with duckdb.connect() as db:
+        return set(db.execute(f"SELECT {', '.join(c.sql('duckdb') for c in columns)} "
+                              f"FROM {using.sql('duckdb')}").fetchall())
 
 
 def unauthorized():

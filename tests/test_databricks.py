@@ -775,7 +775,7 @@ class TableTests(WarehouseTestCase):
 
     def test_created_with_inferred_schema_delta_and_properties(self):
         self.assertUploaded(self.upload(self.readings_db(5)))
-        create, = self.statements("CREATE")
+        create, = self.statements("CREATE TABLE IF NOT EXISTS `main`.`sensors`.`raw_readings`")
         self.assertIn(" USING DELTA ", create)
         self.assertEqual(self.warehouse.properties(TABLE), {
             "delta.enableChangeDataFeed": "true", "delta.autoOptimize.optimizeWrite": "true"})
@@ -831,7 +831,8 @@ class TableTests(WarehouseTestCase):
         self.assertIsInstance(parse(ddl.rstrip(";")), exp.Create)
         # what --print-ddl shows is what the uploader runs
         self.assertUploaded(self.upload(db))
-        self.assertEqual(self.statements("CREATE"), [ddl.rstrip(";")])
+        self.assertEqual(self.statements("CREATE TABLE IF NOT EXISTS `main`.`sensors`.`raw_"),
+                         [ddl.rstrip(";")])
 
     HOSTILE_COLUMNS = ("a`b", "it's", 'say"hi"', "ünï-cödé", "x--y", "$dollar", "back\\slash",
                        "``", "A`|`B")
@@ -936,9 +937,10 @@ class FleetTests(WarehouseTestCase):
                 thread.join(timeout=300)
         return codes
 
-    def conflicts(self):
+    def conflicts(self, prefix=""):
+        """Outcomes of the statements (starting with `prefix`) that met a conflict."""
         return [s["outcome"] for s in self.warehouse.statements()
-                if s["outcome"].startswith("conflict")]
+                if s["outcome"].startswith("conflict") and s["sql"].startswith(prefix)]
 
     def test_eight_nodes_one_adding_a_column_every_row_once(self):
         """Inline statements: each INSERT ... REPLACE WHERE meets many conflicts."""
@@ -957,7 +959,7 @@ class FleetTests(WarehouseTestCase):
         self.check_fleet("--batch-size", "400", "--max-statement-bytes", "10000",
                          DATABRICKS_VOLUME="auto")
         self.assertTrue(self.statements("COPY INTO"))
-        self.assertNotIn("conflict: DELTA_CONCURRENT_APPEND", self.conflicts())
+        self.assertNotIn("conflict: DELTA_CONCURRENT_APPEND", self.conflicts("COPY INTO"))
 
     def check_fleet(self, *flags, **env):
         """Two rounds of 8 nodes; node 0's source gains a column before the second."""
@@ -987,6 +989,12 @@ class FleetTests(WarehouseTestCase):
                 self.assertEqual(units, [None] * size + [("C" if n == 0 else None)] * size)
         self.assertEqual(self.statements("ALTER"), [
             "ALTER TABLE `main`.`sensors`.`raw_readings` ADD COLUMNS (`unit` STRING)"])
+        # every node's status upsert landed, its MERGEs' conflicts retried
+        config = up.load_config(up.build_parser().parse_args(["--sqlite", self.dbs[0]]),
+                                self.env())
+        lines = up.fleet_status(config)
+        self.assertEqual({x["node"]: (x["rows"], x["cursor"], x["pending_rows"]) for x in lines},
+                         {f"node-{n}": (2 * size, [2 * size], 0) for n in range(self.NODES)})
 
     def test_racing_creates_either_answer(self):
         """The loser of a CREATE race may hear TABLE_OR_VIEW_ALREADY_EXISTS (permanent)
@@ -1014,6 +1022,217 @@ class FleetTests(WarehouseTestCase):
                 self.assertEqual(list(sink.known_kinds("raw_readings"))[:3],
                                  ["id", "x", "_source_id"])
                 self.assertIn("value", sink.known_kinds("raw_readings"))
+
+
+# === 5c. One view of the fleet (--fleet-status) =====================================
+
+NODES_TABLE = "main.sensors._uploader_nodes"
+
+
+class NodeStatusTests(WarehouseTestCase):
+    """After each cycle a node upserts its row of `_uploader_nodes` (one MERGE, its
+    failure a log line); --fleet-status reads it with each node's rows in the table."""
+
+    def status(self):
+        """{source_id: row} of the status table."""
+        return {r["source_id"]: r for r in self.warehouse.rows(NODES_TABLE)}
+
+    def node_env(self, n):
+        return self.env(SOURCE_ID=f"node-{n}", STATE_DIR=self.path(f"state-{n}"))
+
+    def fleet(self, db, *flags, n=1):
+        code, out, err = run_main(["--sqlite", db, "--fleet-status", *flags], self.node_env(n))
+        self.assertEqual(code, 0, err)
+        return json.loads(out) if "--json" in flags else out
+
+    def test_each_cycle_upserts_the_nodes_row(self):
+        db = self.readings_db(100)
+        self.assertUploaded(self.upload(db, "--batch-size", "30"))
+        row = self.status()["node-1"]
+        with open(self.path("state", up.STATE_FILE), encoding="utf-8") as fh:
+            state_id = json.load(fh)["state_id"]
+        self.assertEqual({k: row[k] for k in ("target_table", "rows", "cursor", "pending_rows",
+                                               "behind_rows", "last_batch", "version",
+                                               "last_error")},
+                         {"target_table": "raw_readings", "rows": 100, "cursor": "[100]",
+                          "pending_rows": 0, "behind_rows": 0, "last_batch": f"{state_id}-4",
+                          "version": up.__version__, "last_error": None})
+        self.assertIsInstance(row["reported_at"], dt.datetime)
+        self.assertIsInstance(row["last_batch_at"], dt.datetime)
+        self.assertGreater(row["lag_seconds"], 0)  # the readings are from 2025-01-01
+        self.add_readings(db, 100, 5)
+        self.assertUploaded(self.upload(db, "--batch-size", "30"))
+        self.assertEqual(len(self.warehouse.rows(NODES_TABLE)), 1)
+        self.assertEqual((self.status()["node-1"]["rows"], self.status()["node-1"]["cursor"]),
+                         (105, "[105]"))
+        merges = self.statements("MERGE INTO `main`.`sensors`.`_uploader_nodes`")
+        self.assertEqual(len(merges), 2)
+        self.assertEqual(self.sleeps, [])
+
+    def test_fleet_status_one_line_per_node_silent_ones_flagged(self):
+        dbs = [self.readings_db(10 * (n + 1), name=f"node-{n}.db") for n in range(3)]
+        for n, db in enumerate(dbs):
+            self.assertUploaded(self.upload(db, "--batch-size", "7", env=self.node_env(n)))
+        self.add_readings(dbs[2], 30, 4)  # node 2 has not sent these: its report says 0
+        lines = {x["node"]: x for x in self.fleet(dbs[0], "--json")}
+        self.assertEqual(sorted(lines), ["node-0", "node-1", "node-2"])
+        for n in range(3):
+            line = lines[f"node-{n}"]
+            self.assertEqual((line["table"], line["rows"], line["cursor"], line["pending_rows"]),
+                             ("raw_readings", 10 * (n + 1), [10 * (n + 1)], 0))
+            self.assertRegex(line["last_batch"], rf"-{(10 * (n + 1) + 6) // 7}$")
+            self.assertFalse(line["silent"])
+            self.assertEqual(line["version"], up.__version__)
+            self.assertIsNone(line["last_error"])
+        text = self.fleet(dbs[0])
+        self.assertEqual(len([x for x in text.splitlines() if "node-" in x]), 3)
+        self.assertIn("version", text.splitlines()[0])
+        config = up.load_config(up.build_parser().parse_args(["--sqlite", dbs[0]]),
+                                self.node_env(0))
+        later = dt.datetime.now(UTC) + dt.timedelta(seconds=3 * 300 + 60)
+        silent = up.fleet_status(config, now=later)
+        self.assertEqual([x["silent"] for x in silent], [True] * 3)
+        self.assertIn("SILENT", up.format_fleet(silent))
+        # without --sqlite: the tables the status table names
+        code, out, err = run_main(["--fleet-status", "--json"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(json.loads(out)), 3)
+
+    def test_nodes_rows_without_a_report_are_shown(self):
+        """A node of an older version (no status row): its rows, no report."""
+        db = self.readings_db(12)
+        self.assertUploaded(self.upload(db))
+        self.warehouse.query(f'DELETE FROM "{NODES_TABLE}"')
+        line, = self.fleet(db, "--json")
+        self.assertEqual((line["node"], line["rows"], line["last_batch"], line["cursor"]),
+                         ("node-1", 12, None, None))
+
+    def test_a_status_upsert_that_fails_does_not_fail_the_cycle(self):
+        db = self.readings_db(40)
+        self.warehouse.plan("unavailable", "MERGE INTO")
+        code, _out, err = self.upload(db)
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 41))
+        self.assertEqual(len([x for x in err.splitlines() if "status" in x]), 1, err)
+        self.assertIn("not recorded", err)
+        self.assertEqual(self.status(), {})
+        self.assertUploaded(self.upload(db))  # the next cycle reports it
+        self.assertEqual(self.status()["node-1"]["rows"], 40)
+
+    def test_a_status_table_that_cannot_be_created_is_said_once(self):
+        db = self.readings_db(40)
+        self.warehouse.plan("forbidden", "CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_upl")
+        code, _out, err = self.upload(db)
+        self.assertEqual(code, 0, err)
+        self.assertRowsOnce(range(1, 41))
+        warning, = [x for x in err.splitlines() if "status" in x]
+        self.assertIn("ask an admin to run: CREATE TABLE IF NOT EXISTS "
+                      "`main`.`sensors`.`_uploader_nodes`", warning)
+        self.assertEqual(self.statements("MERGE"), [])
+        # in a loop: said once, then no more tries (a permission does not come back alone)
+        sink = up.DatabricksSink(up.check_target(up.load_config(
+            up.build_parser().parse_args([]), self.env())), up.Identity("node-1", "t", "s"))
+        self.addCleanup(sink.close)
+        status = {"source_id": "node-1", "table": "raw_readings", "rows": 40}
+        self.warehouse.plan("forbidden", "CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_upl")
+        with self.assertLogs("uploader", "WARNING") as logs:
+            for _ in range(3):
+                sink.report_status(status)
+        self.assertEqual(len(logs.output), 1)
+        self.assertEqual(len(self.statements("CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_u")), 2)
+
+    def test_a_failed_cycle_reports_its_error(self):
+        db = self.readings_db(20)
+        self.assertUploaded(self.upload(db))
+        self.add_readings(db, 20, 5)
+        self.warehouse.plan("forbidden", "INSERT INTO")
+        code, _out, err = self.upload(db)
+        self.assertEqual(code, 1, err)
+        row = self.status()["node-1"]
+        self.assertIn("INSUFFICIENT_PERMISSIONS", row["last_error"])
+        self.assertEqual((row["rows"], row["pending_rows"]), (20, 5))
+        text = self.fleet(db)
+        self.assertIn("failing: sink: ", text)
+        self.assertUploaded(self.upload(db))
+        self.assertIsNone(self.status()["node-1"]["last_error"])
+
+    def reporter(self, node):
+        sink = up.DatabricksSink(up.check_target(up.load_config(
+            up.build_parser().parse_args([]), self.env())), up.Identity(node, "t", "s"))
+        self.addCleanup(sink.close)
+        return sink
+
+    def report_stale(self, sink, rows, behind=1):
+        """Report as if another commit landed after this MERGE arrived: its snapshot is
+        `behind` commits old (once; a retry arrives afresh)."""
+        real, stale = self.warehouse.version, [True]
+
+        def version(table):
+            now = real(table)
+            if stale and table == NODES_TABLE and now is not None:
+                stale.pop()
+                return now - behind
+            return now
+
+        with mock.patch.object(self.warehouse, "version", version):
+            sink.report_status({"source_id": sink.identity.source_id, "table": "raw_readings",
+                                "rows": rows})
+
+    def conflicts(self):
+        return [s["outcome"] for s in self.warehouse.statements()
+                if s["outcome"].startswith("conflict")]
+
+    def test_nodes_upserting_at_once_conflict_only_on_their_own_row(self):
+        """The status table has deletion vectors (row-level concurrency): a MERGE that
+        meets another node's MERGE goes through; one that meets a change of its own row
+        conflicts, and is sent again after a pause."""
+        self.warehouse.conflicts = True
+        one, two = self.reporter("node-1"), self.reporter("node-2")
+        one.report_status({"source_id": "node-1", "table": "raw_readings", "rows": 1})
+        two.report_status({"source_id": "node-2", "table": "raw_readings", "rows": 2})
+        self.assertEqual(self.warehouse.properties(NODES_TABLE),
+                         {"delta.enableDeletionVectors": "true"})
+        self.report_stale(one, 3)  # met node-2's MERGE
+        self.assertEqual((self.conflicts(), self.sleeps), ([], []))
+        self.report_stale(one, 4)  # met its own
+        self.assertEqual(self.conflicts(), ["conflict: DELTA_CONCURRENT_DELETE_READ"])
+        self.assertEqual(self.sleeps, [1.5])
+        self.assertEqual({k: v["rows"] for k, v in self.status().items()},
+                         {"node-1": 4, "node-2": 2})
+
+    def test_without_deletion_vectors_any_concurrent_merge_conflicts(self):
+        """A status table made by hand without deletion vectors: every concurrent commit
+        fails a MERGE (DELTA_CONCURRENT_APPEND); the retries absorb it."""
+        self.warehouse.conflicts = True
+        conn = fake_warehouse.connect(server_hostname=HOST, http_path=HTTP_PATH,
+                                      access_token=TOKEN)
+        conn.cursor().execute(up.status_table_sql("`main`.`sensors`.`_uploader_nodes`")
+                              .split(" TBLPROPERTIES")[0])
+        one, two = self.reporter("node-1"), self.reporter("node-2")
+        one.report_status({"source_id": "node-1", "table": "raw_readings", "rows": 1})
+        two.report_status({"source_id": "node-2", "table": "raw_readings", "rows": 2})
+        self.report_stale(one, 3)
+        self.assertEqual(self.conflicts(), ["conflict: DELTA_CONCURRENT_APPEND"])
+        self.assertEqual({k: v["rows"] for k, v in self.status().items()},
+                         {"node-1": 3, "node-2": 2})
+
+    def test_a_late_copy_of_an_older_report_leaves_the_newer(self):
+        """The MERGE is idempotent (sent twice: one row), and one queued while its node
+        died and run after the node's next report changes nothing."""
+        db = self.readings_db(20)
+        self.warehouse.plan("resend", "MERGE INTO")
+        self.assertUploaded(self.upload(db))
+        self.assertEqual(len(self.statements("MERGE")), 2)
+        self.assertEqual(len(self.warehouse.rows(NODES_TABLE)), 1)
+        self.add_readings(db, 20, 5)
+        self.warehouse.plan("queue_crash", "MERGE INTO")
+        with self.assertRaises(fake_warehouse.Crash):
+            self.upload(db)
+        self.add_readings(db, 25, 5)
+        self.assertUploaded(self.upload(db))
+        self.warehouse.run_held()
+        row = self.status()["node-1"]
+        self.assertEqual((row["rows"], row["cursor"]), (30, "[30]"))
 
 
 # === 6. Errors =======================================================================

@@ -26,8 +26,8 @@ from .helpers import FULL_TESTS, insert_rows, make_db, run_main, up
 SPARK = None
 SPARK_UNKNOWN = ("COPY INTO", "CREATE VOLUME", "PUT", "REMOVE")
 KINDS = ("CREATE TABLE", "ALTER TABLE ADD COLUMNS", "ALTER TABLE SET TBLPROPERTIES",
-         "INSERT REPLACE WHERE", "INSERT VALUES", "SELECT", "DESCRIBE", "SHOW TABLES",
-         "DROP TABLE") + SPARK_UNKNOWN
+         "INSERT REPLACE WHERE", "INSERT VALUES", "MERGE INTO", "SELECT", "DESCRIBE",
+         "SHOW TABLES", "DROP TABLE") + SPARK_UNKNOWN
 
 
 def setUpModule():
@@ -113,8 +113,8 @@ class SparkParsesEveryStatement(unittest.TestCase):
     @classmethod
     def exercise(cls):
         """Every path that sends a statement: create, insert, add columns (with column
-        mapping), settle an in-flight batch, recover a cursor, stage in a volume,
-        --run-query INFO and --test-upload."""
+        mapping), settle an in-flight batch, recover a cursor, stage in a volume, the
+        node's status upsert, --run-query INFO, --fleet-status and --test-upload."""
         db = os.path.join(cls.tmp, "hostile.db")
         columns = HOSTILE[:2] + ["n", "r", "b", "at", "flag"]
         make_db(db, "CREATE TABLE \"r`';--\" (id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -150,6 +150,8 @@ class SparkParsesEveryStatement(unittest.TestCase):
         finally:
             sink.close()
         cls.upload("--sqlite", db, "--run-query", "INFO")
+        cls.upload("--sqlite", db, "--fleet-status")
+        cls.upload("--fleet-status")  # the tables named in the status table
         cls.upload("--test-upload")
 
     def test_every_kind_was_sent(self):
@@ -204,12 +206,22 @@ class SparkParsesEveryStatement(unittest.TestCase):
                 self.assertIn("'s-4.%s/3'" % k, sql)
                 parser.parsePlan(sql)
 
+    def test_merge_of_the_node_status(self):
+        """Each cycle's upsert of the node's row in _uploader_nodes (the node id is
+        node'1), and the status table's CREATE with deletion vectors."""
+        self.check_kind("MERGE INTO")
+        merges = [s for s in self.sent if kind_of(s) == "MERGE INTO"]
+        self.assertTrue([s for s in merges if "'node\\'1' AS `source_id`" in s])
+        self.assertTrue([s for s in self.sent if s.startswith(
+            "CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_uploader_nodes`")])
+
     def test_insert_values_of_test_upload(self):
         self.check_kind("INSERT VALUES")
 
     def test_select_to_settle_and_recover(self):
         self.check_kind("SELECT")
         selects = [s for s in self.sent if s.startswith("SELECT")]
+        self.assertTrue([s for s in selects if "`target_table` = :target_table" in s])  # --fleet-status
         self.assertTrue([s for s in selects if "`_batch_id` = :batch_id" in s])
         self.assertTrue([s for s in selects if s.startswith("SELECT max(")])
         self.assertTrue([s for s in selects if s.startswith("SELECT `id`, `it's` FROM")])
