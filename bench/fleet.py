@@ -203,8 +203,10 @@ def cycle_figures(work, nodes):
 
 # === Commit cost =====================================================================
 
-def commit_cost(commits, kind, every, block):
-    """Median commit time per block of `block` commits, upkeep every `every` (0: none)."""
+def commit_cost(commits, kind, every, block, progress=None):
+    """Median commit time per block of `block` commits, upkeep every `every` (0: none).
+    Each block's figure is written to `progress` (a file) as it is measured, so a run
+    stopped early still leaves its curve."""
     work, base, _env, server = store(kind)
     try:
         # Compressed time: log entries and removed files expire at once (RETENTION_HOURS
@@ -217,10 +219,14 @@ def commit_cost(commits, kind, every, block):
                                           [float(i) for i in range(100)]],
                              100, [seq * 100 + 99], kinds=[up.BIGINT, up.DOUBLE], seq=seq,
                              batch_id=f"bench-{seq}")
-            batch.payload = [sink.prepare("raw_readings", batch)]
+            batch.payload = [sink.encode("raw_readings", batch)[0]]
             started = time.perf_counter()
             sink.write("raw_readings", batch)
             times.append(time.perf_counter() - started)
+            if progress and seq % block == 0:
+                print(json.dumps({"store": kind, "upkeep_every": every, "block": seq - block + 1,
+                                  "median_ms": round(statistics.median(times[-block:]) * 1000, 1),
+                                  "at": time.strftime("%H:%M:%S")}), file=progress, flush=True)
             if every and seq % every == 0:
                 started = time.perf_counter()
                 sink.maintain("raw_readings")
@@ -278,13 +284,17 @@ def main(argv):
     parser.add_argument("--commits", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--block", type=int, default=100)
+    parser.add_argument("--upkeep", choices=["both", "none", "on"], default="both",
+                        help="commit-cost: without upkeep, with it, or both runs")
     args = parser.parse_args(argv)
     if args.what == "fleet":
         print(json.dumps(run_fleet(args.nodes, args.store, args.seconds, args.interval,
                                    args.rows), indent=1))
     elif args.what == "commit-cost":
-        for every in (0, args.every):
-            print(json.dumps(commit_cost(args.commits, args.store, every, args.block)))
+        variants = {"both": (0, args.every), "none": (0,), "on": (args.every,)}
+        for every in variants[args.upkeep]:
+            print(json.dumps(commit_cost(args.commits, args.store, every, args.block,
+                                         progress=sys.stderr)), flush=True)
     else:
         run_all(args)
     return 0
