@@ -165,6 +165,32 @@ class NonEnforcingStoreTest(S3Fleet):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assert_every_row_once(1)
         self.assertFalse([k for k in self.s3.keys("lake/") if "_uploader_probe" in k])
+        said = [x for x in result.stderr.splitlines() if "conditional writes" in x]
+        self.assertEqual(len(said), 1, result.stderr[-3000:])
+        self.assertRegex(said[0], r"s3://fleet-bucket/lake/raw_readings enforces conditional "
+                                  r"writes \(a second PUT with If-None-Match: \* got HTTP 412\)")
+
+
+class ProbeWordingTest(unittest.TestCase):
+    """The probe says in one line why it did not probe a store."""
+
+    def test_stores_that_are_not_probed_say_why(self):
+        cases = [("gs://bucket/lake/t", {}, "is on Google Cloud Storage, which refuses to "
+                  "create a file twice itself: not probed"),
+                 ("abfss://c@acct.dfs.core.windows.net/lake/t", {}, "is on Azure Storage"),
+                 ("s3://bucket/lake/t", {"AWS_REGION": "eu-west-1"},
+                  "not checking that s3://bucket/lake/t enforces conditional writes: no "
+                  "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")]
+        for uri, env, words in cases:
+            with self.subTest(uri=uri):
+                with self.assertLogs("uploader", "INFO") as logs:
+                    up.probe_conditional_writes(uri, env)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(words, logs.output[0])
+
+    def test_a_local_directory_is_not_probed_and_says_nothing(self):
+        with self.assertNoLogs("uploader", "INFO"):
+            up.probe_conditional_writes("/tmp/lake/t", {})
 
 
 class VanishedCommitTest(Fleet):
