@@ -3173,6 +3173,7 @@ class DatabricksSink(Sink):
     name = "databricks"
     RETRIES = 6
     STATUS_TRIES = 5  # a status MERGE that met another node's commit: tries in all
+    STATUS_HEARTBEAT = 3600  # seconds: an unchanged status is sent again after this
     STARTUP_POLL = 30  # at most this many seconds between tries to reach a starting warehouse
     STARTUP_LOG = 30   # and a line this often while waiting
     connector = None  # the DB-API module; None imports databricks.sql (tests set a double)
@@ -3198,6 +3199,7 @@ class DatabricksSink(Sink):
         self._volume = None  # the staging volume's path; "" for none; None: not chosen yet
         self._volume_lock = threading.Lock()
         self._status = None  # the status table: None: not created yet, "ready", "off"
+        self._sent = (None, 0.0)  # the last status recorded, and when (self.clock)
 
     @property
     def destination(self):
@@ -3607,13 +3609,17 @@ class DatabricksSink(Sink):
 
     def report_status(self, status):
         """Upsert this node's row of the schema's status table (STATUS_TABLE). A failure
-        costs one log line, never the cycle: the next cycle reports again."""
-        if self._status == "off":
+        costs one log line, never the cycle: the next cycle reports again. A status
+        like the last one sent goes only once an hour: idle nodes must not keep the
+        warehouse from stopping."""
+        if self._status == "off" or (status == self._sent[0] and
+                                     self.clock() - self._sent[1] < self.STATUS_HEARTBEAT):
             return
         try:
             if self._status is None:
                 self._create_status_table()
             self._merge_status(status)
+            self._sent = (status, self.clock())
         except SinkError as exc:
             if exc.transient or is_conflict(exc):
                 log.warning("sink: this node's status for --fleet-status was not recorded "

@@ -1098,6 +1098,26 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(len(json.loads(out)), 3)
 
+    def test_an_idle_node_reports_an_unchanged_status_once_an_hour(self):
+        """A MERGE after every idle cycle would keep the warehouse from ever stopping."""
+        sink = self.reporter("node-1")
+        now = [1000.0]
+        sink.clock = lambda: now[0]
+        idle = {"source_id": "node-1", "table": "raw_readings", "rows": 5, "pending": 0}
+        for minutes in (0, 5, 10, 59):
+            now[0] = 1000.0 + 60 * minutes
+            sink.report_status(dict(idle))
+        self.assertEqual(len(self.statements("MERGE")), 1)
+        sink.report_status({**idle, "pending": 3})  # a change goes at once
+        now[0] = 1000.0 + 60 * 120
+        sink.report_status({**idle, "pending": 3})  # an hour after the last: again
+        self.assertEqual(len(self.statements("MERGE")), 3)
+        self.warehouse.plan("unavailable", "MERGE INTO")
+        sink.report_status({**idle, "pending": 4})  # not recorded: the next cycle tries
+        sink.report_status({**idle, "pending": 4})
+        self.assertEqual(len(self.statements("MERGE")), 5)
+        self.assertEqual(self.status()["node-1"]["pending_rows"], 4)
+
     def test_nodes_rows_without_a_report_are_shown(self):
         """A node of an older version (no status row): its rows, no report."""
         db = self.readings_db(12)
