@@ -3661,11 +3661,19 @@ class DatabricksSink(Sink):
             f"SELECT `_source_id`, count(*), max(`_uploaded_at`) FROM {self.target(table)} "
             "GROUP BY `_source_id`", None, f"counting each node's rows in {table}")}
         names = ", ".join(quote_name(n) for n, _ in STATUS_COLUMNS)
-        reports = {row[0]: node_report(row) for row in self._rows(
+        reports = {row[0]: self._expecting(node_report(row)) for row in self._rows(
             f"SELECT {names} FROM {self.target(STATUS_TABLE)} "
             "WHERE `target_table` = :target_table", {"target_table": table}, f"reading {STATUS_TABLE}")}
         return [fleet_line(node, reports.get(node), *counts.get(node, (0, None)))
                 for node in sorted(set(counts) | set(reports))]
+
+    def _expecting(self, report):
+        """An idle node (nothing pending, no error) reports again within the hour: its
+        silence is judged on that, not on its interval."""
+        if not report.get("pending") and not report.get("last_error"):
+            report["interval"] = max(report.get("interval") or 0,
+                                     self.STATUS_HEARTBEAT / 2)
+        return report
 
     def list_tables(self):
         """The target tables nodes report on in the status table (None: no report yet)."""

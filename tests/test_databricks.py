@@ -1089,8 +1089,11 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertIn("version", text.splitlines()[0])
         config = up.load_config(up.build_parser().parse_args(["--sqlite", dbs[0]]),
                                 self.node_env(0))
-        later = dt.datetime.now(UTC) + dt.timedelta(seconds=3 * 300 + 60)
-        silent = up.fleet_status(config, now=later)
+        # idle at their last report: silent once the hourly report is missing
+        now = dt.datetime.now(UTC)
+        soon = up.fleet_status(config, now=now + dt.timedelta(seconds=3 * 300 + 60))
+        self.assertEqual([x["silent"] for x in soon], [False] * 3)
+        silent = up.fleet_status(config, now=now + dt.timedelta(seconds=5400 + 60))
         self.assertEqual([x["silent"] for x in silent], [True] * 3)
         self.assertIn("SILENT", up.format_fleet(silent))
         # without --sqlite: the tables the status table names
@@ -1173,6 +1176,10 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual((row["rows"], row["pending_rows"]), (20, 5))
         text = self.fleet(db)
         self.assertIn("failing: sink: ", text)
+        config = up.load_config(up.build_parser().parse_args(["--sqlite", db]), self.env())
+        later = dt.datetime.now(UTC) + dt.timedelta(seconds=3 * 300 + 60)
+        self.assertTrue(up.fleet_status(config, now=later)[0]["silent"],
+                        "a failing node is expected back within three intervals")
         self.assertUploaded(self.upload(db))
         self.assertIsNone(self.status()["node-1"]["last_error"])
 
