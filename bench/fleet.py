@@ -213,19 +213,21 @@ def commit_cost(commits, kind, every, block, progress=None):
         # 0, which the tool refuses), as they would after a real retention window.
         config = up.Config(delta_uri=base, source_id="bench-node", retention_hours=0.0)
         sink = up.DeltaSink(config, up.Identity("bench-node", "readings", "bench"))
-        times, upkeep = [], []
+        times, cpu, upkeep = [], [], []
         for seq in range(1, commits + 1):
             batch = up.Batch(["id", "v"], [list(range(seq * 100, seq * 100 + 100)),
                                           [float(i) for i in range(100)]],
                              100, [seq * 100 + 99], kinds=[up.BIGINT, up.DOUBLE], seq=seq,
                              batch_id=f"bench-{seq}")
             batch.payload = [sink.encode("raw_readings", batch)[0]]
-            started = time.perf_counter()
+            started, busy = time.perf_counter(), time.process_time()
             sink.write("raw_readings", batch)
             times.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - busy)  # all threads: deltalake's too
             if progress and seq % block == 0:
                 print(json.dumps({"store": kind, "upkeep_every": every, "block": seq - block + 1,
                                   "median_ms": round(statistics.median(times[-block:]) * 1000, 1),
+                                  "cpu_ms": round(statistics.median(cpu[-block:]) * 1000, 1),
                                   "at": time.strftime("%H:%M:%S")}), file=progress, flush=True)
             if every and seq % every == 0:
                 started = time.perf_counter()
@@ -234,7 +236,10 @@ def commit_cost(commits, kind, every, block, progress=None):
         blocks = [(i + 1, round(statistics.median(times[i:i + block]) * 1000, 1))
                   for i in range(0, commits, block)]
         files, log_bytes = stored(sink.table_uri("raw_readings"), server)
+        cpu_blocks = [(i + 1, round(statistics.median(cpu[i:i + block]) * 1000, 1))
+                      for i in range(0, commits, block)]
         return {"store": kind, "commits": commits, "upkeep_every": every, "blocks": blocks,
+                "cpu_blocks": cpu_blocks,
                 "upkeep_median_s": round(statistics.median(upkeep), 3) if upkeep else None,
                 "stored_files": files, "log_bytes": log_bytes,
                 "last_over_first": round(blocks[-1][1] / blocks[0][1], 2)}
@@ -269,9 +274,65 @@ def cost_table(results):
     return "\n".join([head, *lines])
 
 
+POINTS = (1, 1000, 2000, 5000, 10000)
+
+
+def block_at(blocks, commit):
+    """The median of the block holding commit number `commit` (None if not reached)."""
+    found = [ms for first, ms in blocks if first <= commit]
+    size = blocks[1][0] - blocks[0][0] if len(blocks) > 1 else 1
+    return found[-1] if found and commit < blocks[len(found) - 1][0] + size else None
+
+
+def curve_figures(result):
+    """Cost at commits 1, 1k, 2k, 5k, 10k; the median of the first and last 1,000
+    commits' block medians, and whether the last stays within 20 % of the first."""
+    blocks = result["blocks"]
+    size = blocks[1][0] - blocks[0][0]
+    per = max(1000 // size, 1)
+    first = statistics.median(ms for _, ms in blocks[:per])
+    last = statistics.median(ms for _, ms in blocks[-per:])
+    return {"at": {n: block_at(blocks, n) for n in POINTS}, "first_1000_ms": first,
+            "last_1000_ms": last, "last_over_first_1000": round(last / first, 2),
+            "within_20_percent": last <= 1.2 * first}
+
+
+def curve_table(results):
+    head = ("| store | upkeep | commits run | " + " | ".join(
+        f"ms at {n:,}" for n in POINTS) + " | first / last 1,000 (ms) | last/first | "
+        "flat (±20 %) |\n|---|---|---|" + "---|" * (len(POINTS) + 3))
+    lines = []
+    for r in results + [{**r, "blocks": r["cpu_blocks"], "store": r["store"] + " (CPU)"}
+                        for r in results if r.get("cpu_blocks")]:
+        f = curve_figures(r)
+        cells = " | ".join("-" if f["at"][n] is None else str(f["at"][n]) for n in POINTS)
+        lines.append(f"| {r['store']} | {'every ' + str(r['upkeep_every']) if r['upkeep_every'] else 'none'} | "
+                     f"{r['commits']:,}{' (stopped)' if r.get('stopped') else ''} | {cells} | "
+                     f"{f['first_1000_ms']} / {f['last_1000_ms']} | "
+                     f"{f['last_over_first_1000']} | {'yes' if f['within_20_percent'] else 'no'} |")
+    return "\n".join([head, *lines])
+
+
+def from_progress(path):
+    """A commit-cost result from the per-block lines of a run (stopped or not)."""
+    with open(path) as fh:
+        lines = [json.loads(line) for line in fh if line.startswith("{")]
+    blocks = [[x["block"], x["median_ms"]] for x in lines]
+    size = blocks[1][0] - blocks[0][0]
+    result = {"store": lines[0]["store"], "upkeep_every": lines[0]["upkeep_every"],
+              "commits": blocks[-1][0] + size - 1, "blocks": blocks, "stopped": True,
+              "last_block_at": lines[-1]["at"]}
+    if "cpu_ms" in lines[0]:
+        result["cpu_blocks"] = [[x["block"], x["cpu_ms"]] for x in lines]
+    return result
+
+
 def main(argv):
     if argv[:1] == ["node"]:
         return node_main(argv[1:])
+    if argv[:1] == ["progress"]:
+        print(json.dumps(from_progress(argv[1])))
+        return 0
     if argv[:1] == ["tables"]:
         return tables(argv[1])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -307,6 +368,9 @@ def tables(path):
     print(fleet_table(saved["fleets"]))
     print()
     print(cost_table(saved["costs"]))
+    if saved.get("curves"):
+        print()
+        print(curve_table(saved["curves"]))
 
 
 def run_all(args):
