@@ -3648,7 +3648,7 @@ class DatabricksSink(Sink):
         sql = status_merge_sql(self.target(STATUS_TABLE), status_values(status))
         for attempt in range(1, self.STATUS_TRIES + 1):
             try:
-                return self.execute(sql, what=f"recording this node's status in {STATUS_TABLE}")
+                return self.execute(sql, what=f"recording the node's status in {STATUS_TABLE}")
             except SinkError as exc:
                 if not is_conflict(exc) or attempt == self.STATUS_TRIES:
                     raise
@@ -3662,8 +3662,9 @@ class DatabricksSink(Sink):
             "GROUP BY `_source_id`", None, f"counting each node's rows in {table}")}
         names = ", ".join(quote_name(n) for n, _ in STATUS_COLUMNS)
         reports = {row[0]: self._expecting(node_report(row)) for row in self._rows(
-            f"SELECT {names} FROM {self.target(STATUS_TABLE)} "
-            "WHERE `target_table` = :target_table", {"target_table": table}, f"reading {STATUS_TABLE}")}
+            f"SELECT {names} FROM {self.target(STATUS_TABLE)} WHERE "
+            "`target_table` = :target_table", {"target_table": table},
+            f"reading {STATUS_TABLE}")}
         return [fleet_line(node, reports.get(node), *counts.get(node, (0, None)))
                 for node in sorted(set(counts) | set(reports))]
 
@@ -3977,7 +3978,8 @@ def status_table_sql(target):
     """CREATE TABLE IF NOT EXISTS for the status table."""
     columns = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in STATUS_COLUMNS)
     props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in STATUS_PROPERTIES)
-    return f"CREATE TABLE IF NOT EXISTS {target} ({columns}) USING DELTA TBLPROPERTIES ({props})"
+    return (f"CREATE TABLE IF NOT EXISTS {target} ({columns}) USING DELTA "
+            f"TBLPROPERTIES ({props})")
 
 
 def status_values(status, now=None):
@@ -5685,7 +5687,8 @@ def build_parser():
     actions.add_argument("--fleet-status", action="store_true",
                          help="print one line per node that writes to the target table "
                               "(last batch, rows, cursor, pending, lag; silent nodes "
-                              "flagged), read from the Delta log")
+                              "flagged), read from the Delta log or the warehouse's "
+                              "_uploader_nodes table")
     actions.add_argument("--maintain", action="store_true",
                          help="Delta: compact small files, checkpoint the log and vacuum "
                               "the target table; run it on one node or as a scheduled job")
