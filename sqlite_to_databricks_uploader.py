@@ -3998,8 +3998,9 @@ def status_merge_sql(target, values):
     """Upsert one node's row: idempotent, and a copy that runs late (queued while its
     node died) leaves a newer report in place."""
     names = [quote_name(n) for n, _ in STATUS_COLUMNS]
-    select = ", ".join(f"{sql_literal(v, k)} AS {n}"
-                       for v, (_, k), n in zip(values, STATUS_COLUMNS, names))
+    select = ", ".join(  # a typed NULL: the source's columns have the table's types
+        f"{sql_literal(v, k) if v is not None else f'CAST(NULL AS {SQL_TYPES[k]})'} AS {n}"
+        for v, (_, k), n in zip(values, STATUS_COLUMNS, names))
     updates = ", ".join(f"{n} = s.{n}" for n in names[2:])
     return (f"MERGE INTO {target} AS t USING (SELECT {select}) AS s "
             "ON t.`source_id` = s.`source_id` AND t.`target_table` = s.`target_table` "
