@@ -1447,7 +1447,7 @@ class RendererTests(WarehouseTestCase):
         self.assertEqual(copy.args["files"][0].name, "/Volumes/m/s/v/node-1/r`';--")
 
     def test_render_insert_replaces_its_own_batch(self):
-        batch = up.Batch(["a`b", "v"], [["x'1", None], [1.5, float("nan")]], 2, [2],
+        batch = up.Chunk(["a`b", "v"], [["x'1", None], [1.5, float("nan")]], 2, [2],
                          kinds=[up.STRING, up.DOUBLE], batch_id="state-7")
         sql = up.render_insert(up.qualified_name("main.sensors", "t"), batch,
                                up.Identity("node'1", "t", "state"))
@@ -1467,7 +1467,7 @@ class RendererTests(WarehouseTestCase):
     def test_select_list_follows_the_table_columns(self):
         """Positional: the table's order, NULL for columns the batch lacks, the lineage
         tags where the table has them, whatever the case of the names."""
-        batch = up.Batch(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
+        batch = up.Chunk(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
                          batch_id="state-1")
         columns = ["_SOURCE_ID", "A", "extra", "_batch_id", "V", "_uploaded_at",
                    "_rescued_data"]

@@ -479,7 +479,7 @@ class CarryTest(unittest.TestCase):
         plan = up.Plan(aggregate=spec)
 
         def batch(stamps, values):
-            return up.Batch(["ts", "sensor", "v"], [stamps, ["a"] * len(stamps), values],
+            return up.Chunk(["ts", "sensor", "v"], [stamps, ["a"] * len(stamps), values],
                             len(stamps), [len(stamps)],
                             kinds=[up.TIMESTAMP, up.STRING, up.DOUBLE])
 
