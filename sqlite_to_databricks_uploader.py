@@ -1065,8 +1065,10 @@ def key_positions(source):
 
 
 @dataclasses.dataclass
-class Batch:
-    """Rows read in one read transaction, column-major, with the cursor after them."""
+class Chunk:
+    """Rows read from the source in one go, column-major, with the cursor after them:
+    all or part of one read statement, whose rows make one batch. Processing returns a
+    chunk of the same shape; the cycle gives it its batch id and the sink encodes it."""
 
     columns: list
     values: list
@@ -1074,14 +1076,8 @@ class Batch:
     cursor_end: list
     last_timestamp: object = None
     kinds: list = dataclasses.field(default_factory=list)
-    seq: int = 0
-    batch_id: str = ""
-    rescued: int = 0
-    payload: object = None
-    carry: object = None
-    notes: dict = dataclasses.field(default_factory=dict)
-    keys: list = dataclasses.field(default_factory=list)  # cursor columns, per source row
-    stamps: object = None  # timestamp column, per source row
+    batch_id: str = ""  # of the batch it goes in (set by the cycle before encoding)
+    notes: dict = dataclasses.field(default_factory=dict)  # from processing
     first: bool = True  # the first chunk of its read statement
     final: bool = True  # the last chunk of its read statement
     resend: bool = False  # rows of a batch in flight that did not land: send as they are
@@ -1132,7 +1128,7 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
                 statement.close()  # ends the read transaction before the batch moves on
             if not rows:  # the first row is already too recent
                 return
-            chunk = rows_to_batch(source, rows, first, final=ahead is None)
+            chunk = rows_to_chunk(source, rows, first, final=ahead is None)
             chunk.resend = resend
             cursor, rows, first = chunk.cursor_end, None, False
             yield chunk
@@ -1172,7 +1168,7 @@ def read_missing(conn, source, until, names, batch_size, missing, chunk_rows=CHU
         done = len(found) < chunk_rows
         while rows and (len(rows) >= batch_size or done):
             part, rows = rows[:batch_size], rows[batch_size:]
-            yield rows_to_batch(source, part, True, final=True)
+            yield rows_to_chunk(source, part, True, final=True)
         if done:
             return
 
@@ -1232,8 +1228,8 @@ def reading_source(source, action):
         raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
 
 
-def rows_to_batch(source, rows, first, final):
-    """Row tuples as a column-major Batch, with the cursor after the last row."""
+def rows_to_chunk(source, rows, first, final):
+    """Row tuples as a column-major Chunk, with the cursor after the last row."""
     offset = 1 if source.cursor.hidden else 0
     positions = key_positions(source)
     ts_pos = stamp_position(source)
@@ -1244,10 +1240,9 @@ def rows_to_batch(source, rows, first, final):
         if not fmt.native:
             pos = source.column_names.index(name) + offset
             columns[pos] = normalize_times(columns[pos], fmt)
-    return Batch(source.column_names, columns[offset:], count, [last[p] for p in positions],
+    return Chunk(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
-                 keys=[columns[p] for p in positions], stamps=stamps, first=first,
-                 final=final)
+                 first=first, final=final)
 
 
 def count_passed(conn, source, pending, nulls=None):
@@ -1403,10 +1398,10 @@ def source_kinds(source):
             for c in source.columns]
 
 
-def resolve_kinds(batch, known):
-    """Delta types of the batch's columns: the target's own, else declared, else seen."""
+def resolve_kinds(chunk, known):
+    """Delta types of the chunk's columns: the target's own, else declared, else seen."""
     kinds = []
-    for name, kind, values in zip(batch.columns, batch.kinds, batch.values):
+    for name, kind, values in zip(chunk.columns, chunk.kinds, chunk.values):
         kind = known.get(name) or kind or infer_kind(values)
         known.setdefault(name, kind)
         kinds.append(kind)
@@ -2047,12 +2042,12 @@ def parse_duration(text, key, where):
     return int(match.group(1)) * WINDOW_UNITS[match.group(2)] * MICROS
 
 
-def process_batch(plan, batch, carry):
-    """Run the enabled stages over a batch; return (batch, carry after it)."""
+def process_batch(plan, chunk, carry):
+    """Run the enabled stages over a chunk; return (chunk, carry after it)."""
     if plan.is_raw:
-        return batch, carry
-    names, kinds, values = list(batch.columns), list(batch.kinds), list(batch.values)
-    count, notes = batch.count, {}
+        return chunk, carry
+    names, kinds, values = list(chunk.columns), list(chunk.kinds), list(chunk.values)
+    count, notes = chunk.count, {}
     if plan.sanitize:
         names, kinds, values = sanitize_columns(plan.sanitize, names, kinds, values,
                                                 plan.hash_key)
@@ -2064,7 +2059,7 @@ def process_batch(plan, batch, carry):
             plan.aggregate, names, kinds, values, count, carry)
         notes.update(agg_notes)
         count = len(values[0]) if values else 0
-    out = dataclasses.replace(batch, columns=names, kinds=kinds, values=values, count=count,
+    out = dataclasses.replace(chunk, columns=names, kinds=kinds, values=values, count=count,
                               notes=notes)
     return out, carry
 
@@ -2386,6 +2381,28 @@ class Identity:
 
 
 @dataclasses.dataclass
+class Batch:
+    """What the cycle writes and checkpoints: the chunks of one read statement, processed
+    and encoded by the sink (`payload`: one encoding per chunk that has rows, in order),
+    with the cursor after them."""
+
+    seq: int
+    batch_id: str
+    columns: list
+    kinds: list
+    count: int  # rows written
+    payload: list
+    cursor_end: list
+    last_timestamp: object = None
+    carry: object = None  # open aggregate windows after the batch
+    source_count: int = 0  # rows read from the source
+    rescued: int = 0  # rows with rescued values
+    notes: dict = dataclasses.field(default_factory=dict)
+    resend: bool = False  # the rows of a batch in flight that did not land
+    pending: int = None  # rows after it in the source, when the cycle knows
+
+
+@dataclasses.dataclass
 class Receipt:
     """What a sink did with a batch."""
 
@@ -2440,10 +2457,10 @@ class Sink:
         """{column: kind} of the target table's existing columns."""
         return {}
 
-    def encode(self, table, part):
-        """Encode one processed part of a batch; runs in the read-ahead thread, no I/O.
+    def encode(self, table, chunk):
+        """Encode one processed chunk of a batch; runs in the read-ahead thread, no I/O.
         Returns (payload, rows with rescued values); a batch's write gets the payloads
-        of its parts, in order, as `batch.payload`."""
+        of its chunks, in order, as `batch.payload`."""
         return None, 0
 
     def write(self, table, batch):
@@ -2516,10 +2533,10 @@ def make_sink(config, identity):
     return sink_class(config)(config, identity)
 
 
-def lineage_values(batch, identity, uploaded_micros, rescued):
-    """Values of the lineage columns for every row of the batch."""
-    n = batch.count
-    return [[identity.source_id] * n, [batch.batch_id] * n, [uploaded_micros] * n,
+def lineage_values(chunk, identity, uploaded_micros, rescued):
+    """Values of the lineage columns for every row of the chunk."""
+    n = chunk.count
+    return [[identity.source_id] * n, [chunk.batch_id] * n, [uploaded_micros] * n,
             rescued_json(rescued, n)]
 
 
@@ -2660,8 +2677,8 @@ class DeltaSink(Sink):
         version = found.transaction_version(app_id) if found else None
         return version is not None and version >= seq
 
-    def encode(self, table, part):
-        return to_record_batch(part, self.identity)
+    def encode(self, table, chunk):
+        return to_record_batch(chunk, self.identity)
 
     def count_rows(self, table, source_id):
         rows = self._select(table, source_id, "count(*)", "counting rows")
@@ -2752,9 +2769,8 @@ class DeltaSink(Sink):
                 "uploader.version": __version__}
         if batch.carry is not None:  # open aggregate windows, for --recover-state
             meta["uploader.carry"] = json.dumps(batch.carry)
-        pending = getattr(batch, "pending", None)  # set by the cycle when it knows
-        if pending is not None:
-            meta["uploader.pending"] = str(pending)
+        if batch.pending is not None:
+            meta["uploader.pending"] = str(batch.pending)
         stamp = parse_timestamp(batch.last_timestamp)
         if stamp is not None:
             now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
@@ -3142,19 +3158,19 @@ def checked_cast(text):
     return stamps
 
 
-def to_record_batch(batch, identity):
-    """The batch as an Arrow RecordBatch with typed columns and lineage columns, and the
+def to_record_batch(chunk, identity):
+    """The chunk as an Arrow RecordBatch with typed columns and lineage columns, and the
     number of rows with rescued values."""
     from arro3.core import Array, DataType, Field, RecordBatch, Schema
     rescued = {}
     arrays = [to_arrow_array(values, kind, name, rescued)
-              for name, kind, values in zip(batch.columns, batch.kinds, batch.values)]
+              for name, kind, values in zip(chunk.columns, chunk.kinds, chunk.values)]
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    source_id, batch_id, uploaded, rescue = lineage_values(batch, identity, now, rescued)
+    source_id, batch_id, uploaded, rescue = lineage_values(chunk, identity, now, rescued)
     arrays += [Array(source_id, DataType.string()), Array(batch_id, DataType.string()),
                Array(uploaded, DataType.int64()).cast(arrow_type(TIMESTAMP)),
                Array(rescue, DataType.string())]
-    names = list(batch.columns) + list(LINEAGE_COLUMNS)
+    names = list(chunk.columns) + list(LINEAGE_COLUMNS)
     schema = Schema([Field(n, a.type, nullable=True) for n, a in zip(names, arrays)])
     return RecordBatch(arrays, schema=schema), len(rescued)
 
@@ -3471,37 +3487,37 @@ class DatabricksSink(Sink):
         log.info("sink: staging batches as Parquet in %s", path)
         return path
 
-    def encode(self, table, part):
-        """A part as rendered rows, or as Arrow data when its batch goes as a Parquet
+    def encode(self, table, chunk):
+        """A chunk as rendered rows, or as Arrow data when its batch goes as a Parquet
         file: with a volume, every batch bigger than one statement is staged."""
-        if self.volume() and not (part.first and part.final and
-                                  part.count * self._bytes_per_row(part) <= self.budget()):
-            return to_record_batch(part, self.identity)
-        rows, names, rescued = render_rows(part)
+        if self.volume() and not (chunk.first and chunk.final and
+                                  chunk.count * self._bytes_per_row(chunk) <= self.budget()):
+            return to_record_batch(chunk, self.identity)
+        rows, names, rescued = render_rows(chunk)
         inline = InlineRows(rows, names)
         if self.volume() and inline.size > self.budget():
-            return to_record_batch(part, self.identity)
+            return to_record_batch(chunk, self.identity)
         return inline, rescued
 
     def budget(self):
         """Bytes of rows one statement may carry (the rest is its frame)."""
         return self.config.max_statement_bytes * 0.985 - 1000
 
-    def _bytes_per_row(self, part):
-        """Rendered bytes per row, from a sample of the first part seen."""
-        if self._row_size is None and part.count:
-            rows, _, _ = render_rows(sample_part(part, 200))
+    def _bytes_per_row(self, chunk):
+        """Rendered bytes per row, from a sample of the first chunk seen."""
+        if self._row_size is None and chunk.count:
+            rows, _, _ = render_rows(sample_chunk(chunk, 200))
             self._row_size = sum(len(r) + 1 for r in rows) / len(rows)
         return self._row_size or 1.0
 
     def write(self, table, batch):
-        parts = batch.payload
-        if any(not isinstance(p, InlineRows) for p in parts):
-            staged = [StagedFile(batch.batch_id, parquet_bytes(parts))]
+        chunks = batch.payload
+        if any(not isinstance(p, InlineRows) for p in chunks):
+            staged = [StagedFile(batch.batch_id, parquet_bytes(chunks))]
             self._send(table, batch, f"staging batch {batch.batch_id}",
                        lambda: self._load_staged(table, staged))
             return Receipt(batch.count)
-        statements = inline_statements(parts, self.budget(), self.identity.source_id,
+        statements = inline_statements(chunks, self.budget(), self.identity.source_id,
                                        batch.batch_id)
         for statement in statements:
             what = f"writing batch {batch.batch_id}" + (
@@ -3822,11 +3838,11 @@ def micros_to_sql(micros):
     return text + "Z"
 
 
-def render_columns(batch):
+def render_columns(chunk):
     """Literals column by column (typed, misfits rescued); and the rescued count."""
     rescued = {}
     columns = []
-    for name, kind, values in zip(batch.columns, batch.kinds, batch.values):
+    for name, kind, values in zip(chunk.columns, chunk.kinds, chunk.values):
         typed = coerce_column(values, kind, name, rescued)
         cache = {}
         out = []
@@ -3841,21 +3857,21 @@ def render_columns(batch):
     return columns, rescued
 
 
-def render_rows(batch):
-    """The batch as inline-table rows `(..)`, their column names (with `_rescued_data`
+def render_rows(chunk):
+    """The chunk as inline-table rows `(..)`, their column names (with `_rescued_data`
     when a value was rescued), and the number of rows with rescued values."""
-    columns, rescued = render_columns(batch)
-    names = list(batch.columns)
+    columns, rescued = render_columns(chunk)
+    names = list(chunk.columns)
     if rescued:
         columns.append([sql_string(v) if v else "NULL"
-                        for v in rescued_json(rescued, batch.count)])
+                        for v in rescued_json(rescued, chunk.count)])
         names.append("_rescued_data")
     return ["(" + ",".join(row) + ")" for row in zip(*columns)], names, len(rescued)
 
 
 @dataclasses.dataclass
 class InlineRows:
-    """A part of a batch rendered for an inline statement."""
+    """A chunk of a batch rendered for an inline statement."""
 
     rows: list
     names: list
@@ -3865,27 +3881,27 @@ class InlineRows:
         return sum(len(r) + 1 for r in self.rows)
 
 
-def sample_part(part, count):
-    """The first `count` rows of a part, to estimate the rest by."""
-    return dataclasses.replace(part, values=[v[:count] for v in part.values],
-                               count=min(part.count, count),
+def sample_chunk(chunk, count):
+    """The first `count` rows of a chunk, to estimate the rest by."""
+    return dataclasses.replace(chunk, values=[v[:count] for v in chunk.values],
+                               count=min(chunk.count, count),
                                kinds=[k or infer_kind(v) for k, v in
-                                      zip(part.kinds, part.values)])
+                                      zip(chunk.kinds, chunk.values)])
 
 
-def pack_rows(parts, budget):
-    """The rows of a batch's parts cut into statements of at most `budget` bytes (a
+def pack_rows(chunks, budget):
+    """The rows of a batch's chunks cut into statements of at most `budget` bytes (a
     row bigger than that alone), in order: [(rows, names)]. The cut depends only on the
     rows, so a batch sent again is cut the same way."""
     groups, rows, size, names = [], [], 0, None
-    for part in parts:
-        for row in part.rows:
-            if rows and (size + len(row) + 1 > budget or part.names != names):
+    for chunk in chunks:
+        for row in chunk.rows:
+            if rows and (size + len(row) + 1 > budget or chunk.names != names):
                 groups.append((rows, names))
                 rows, size = [], 0
             rows.append(row)
             size += len(row) + 1
-            names = part.names
+            names = chunk.names
     if rows:
         groups.append((rows, names))
     return groups
@@ -3904,9 +3920,9 @@ def is_whole_batch(found, batch_id):
     return found.startswith(batch_id + ".") and k == n and k.isdigit()
 
 
-def inline_statements(parts, budget, source_id, batch_id):
-    """The statements that carry a batch's rendered parts."""
-    groups = pack_rows(parts, budget)
+def inline_statements(chunks, budget, source_id, batch_id):
+    """The statements that carry a batch's rendered chunks."""
+    groups = pack_rows(chunks, budget)
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
     return [InlineStatement.build(",".join(rows), names, source_id, batch_id,
                                   sql_literal(now, TIMESTAMP), k, len(groups))
@@ -3918,15 +3934,15 @@ def table_layout(names):
     return [n for n in names if n != "_rescued_data"] + list(LINEAGE_COLUMNS)
 
 
-def render_insert(target, batch, identity, columns=None):
-    """INSERT INTO t REPLACE WHERE <this batch> SELECT <the table's columns> FROM VALUES ...
-    for a batch as one statement.
+def render_insert(target, chunk, identity, columns=None):
+    """INSERT INTO t REPLACE WHERE <its batch> SELECT <the table's columns> FROM VALUES ...
+    for the rows of a chunk (a batch of one chunk) as one statement.
 
     `columns` are the table's columns in table order (default: the table this batch
-    would create); those the batch lacks are NULL."""
-    rows, names, _ = render_rows(batch)
+    would create); those the chunk lacks are NULL."""
+    rows, names, _ = render_rows(chunk)
     (statement,) = inline_statements([InlineRows(rows, names)], math.inf,
-                                     identity.source_id, batch.batch_id)
+                                     identity.source_id, chunk.batch_id)
     return statement.assemble(target, columns)
 
 
@@ -4038,14 +4054,14 @@ def copy_into_sql(target, folder, names):
             "COPY_OPTIONS ('mergeSchema' = 'true')")
 
 
-def parquet_bytes(parts):
+def parquet_bytes(chunks):
     """Arrow record batches as one Parquet file (written by deltalake: no pyarrow)."""
     import glob
     import shutil
     import tempfile
     from arro3.core import RecordBatchReader
     from deltalake import write_deltalake
-    data = RecordBatchReader.from_batches(parts[0].schema, parts)
+    data = RecordBatchReader.from_batches(chunks[0].schema, chunks)
     folder = tempfile.mkdtemp(prefix="uploader-parquet-")
     try:
         write_deltalake(folder, data, mode="overwrite", target_file_size=2**40)
@@ -4693,56 +4709,61 @@ def prepare_batches(job, chunks, position):
     """
     prefix = job.batch_prefix
     seq, carry = position["seq"], position.get("carry")
-    parts = []
+    encoded = []
     for chunk in chunks:
-        out, carry = encode_part(job, chunk, carry, seq + 1, prefix)
-        forget_values(out, chunk)  # encoded: only one chunk's values live at a time
-        parts.append(out)
-        if chunk.final:
-            batch, parts = merge_parts(parts), []
+        batch_id = f"{prefix}-{seq + 1}"
+        encoded.append(encode_chunk(job, chunk, carry, batch_id))
+        carry = encoded[-1].carry
+        chunk = None  # encoded: only one chunk's values live at a time
+        if encoded[-1].chunk.final:
+            batch, encoded = merge_chunks(encoded, seq + 1), []
             seq += 1 if batch.count else 0
             yield batch
 
 
-def encode_part(job, part, carry, seq, prefix):
-    """Process and encode one part as batch `seq`; return (part, carry after it)."""
-    out, after = process_batch(job.plan, part, carry)
+@dataclasses.dataclass
+class Encoded:
+    """A processed chunk as the sink encoded it (its values let go)."""
+
+    chunk: Chunk
+    payload: object
+    rescued: int
+    carry: object  # open aggregate windows after it
+
+
+def encode_chunk(job, chunk, carry, batch_id):
+    """Process one chunk and have the sink encode it for batch `batch_id`."""
+    out, after = process_batch(job.plan, chunk, carry)
+    payload, rescued = None, 0
     if out.count:
-        out.seq, out.batch_id = seq, f"{prefix}-{seq}"
-        out.kinds = resolve_kinds(out, job.kinds)
-        out.payload, out.rescued = job.sink.encode(job.table, out)
-    out.carry = after
-    return out, after
+        out = dataclasses.replace(out, batch_id=batch_id, kinds=resolve_kinds(out, job.kinds))
+        payload, rescued = job.sink.encode(job.table, out)
+    return Encoded(dataclasses.replace(out, values=None), payload, rescued, after)
 
 
-def forget_values(*batches):
-    """Encoded: let the Python objects go."""
-    for batch in batches:
-        batch.values, batch.keys, batch.stamps = None, [], None
-
-
-def merged_notes(parts):
-    """The processing notes of a batch's parts, summed."""
+def merged_notes(chunks):
+    """The processing notes of a batch's chunks, summed."""
     notes = {}
-    for part in parts:
-        for key, value in part.notes.items():
+    for chunk in chunks:
+        for key, value in chunk.notes.items():
             notes[key] = notes.get(key, 0) + value
     return notes
 
 
-def merge_parts(parts):
-    """The encoded parts of one batch as one batch (one write, one checkpoint)."""
-    done = [p for p in parts if p.count]
-    last = parts[-1]
-    shape = done[-1] if done else last
-    unit = dataclasses.replace(
-        last, columns=shape.columns, kinds=shape.kinds, count=sum(p.count for p in done),
-        payload=[p.payload for p in done] if done else None,
-        seq=done[0].seq if done else 0, batch_id=done[0].batch_id if done else "",
-        values=None, keys=[], stamps=None, source_count=sum(p.source_count for p in parts),
-        rescued=sum(p.rescued for p in parts), notes=merged_notes(parts))
-    forget_values(*parts)
-    return unit
+def merge_chunks(encoded, seq):
+    """The encoded chunks of one read statement as batch `seq` (one write, one
+    checkpoint); a batch of no rows (all filtered out, windows still open) has seq 0."""
+    done = [e for e in encoded if e.chunk.count]
+    chunks = [e.chunk for e in encoded]
+    shape = done[-1].chunk if done else chunks[-1]
+    return Batch(
+        seq=seq if done else 0, batch_id=shape.batch_id if done else "",
+        columns=shape.columns, kinds=shape.kinds, count=sum(e.chunk.count for e in done),
+        payload=[e.payload for e in done], cursor_end=chunks[-1].cursor_end,
+        last_timestamp=chunks[-1].last_timestamp, carry=encoded[-1].carry,
+        source_count=sum(c.source_count for c in chunks),
+        rescued=sum(e.rescued for e in encoded), notes=merged_notes(chunks),
+        resend=chunks[-1].resend)
 
 
 def write_batch(job, batch):
@@ -5157,11 +5178,11 @@ def close_job(job):
 def sample_output(config, source, conn, environ):
     """Output column names and kinds of the routed table, from the first rows."""
     plan = compile_plan(config, source, {"SANITIZE_HASH_KEY": "ddl-only", **environ})
-    batch = next(read_batches(conn, source, None, 1000), None)
-    if batch is None:  # an empty table: declared types only
-        batch = Batch(source.column_names, [[] for _ in source.columns], 0, [], None,
+    chunk = next(read_batches(conn, source, None, 1000), None)
+    if chunk is None:  # an empty table: declared types only
+        chunk = Chunk(source.column_names, [[] for _ in source.columns], 0, [], None,
                       source_kinds(source))
-    out, _ = process_batch(plan, batch, None)
+    out, _ = process_batch(plan, chunk, None)
     return out.columns, resolve_kinds(out, {})
 
 

@@ -215,11 +215,12 @@ def commit_cost(commits, kind, every, block, progress=None):
         sink = up.DeltaSink(config, up.Identity("bench-node", "readings", "bench"))
         times, cpu, upkeep = [], [], []
         for seq in range(1, commits + 1):
-            batch = up.Batch(["id", "v"], [list(range(seq * 100, seq * 100 + 100)),
-                                          [float(i) for i in range(100)]],
-                             100, [seq * 100 + 99], kinds=[up.BIGINT, up.DOUBLE], seq=seq,
+            chunk = up.Chunk(["id", "v"], [list(range(seq * 100, seq * 100 + 100)),
+                                           [float(i) for i in range(100)]],
+                             100, [seq * 100 + 99], kinds=[up.BIGINT, up.DOUBLE],
                              batch_id=f"bench-{seq}")
-            batch.payload = [sink.encode("raw_readings", batch)[0]]
+            batch = up.Batch(seq, chunk.batch_id, chunk.columns, chunk.kinds, 100,
+                             [sink.encode("raw_readings", chunk)[0]], chunk.cursor_end)
             started, busy = time.perf_counter(), time.process_time()
             sink.write("raw_readings", batch)
             times.append(time.perf_counter() - started)

@@ -31,7 +31,8 @@ header factory, then the factory before every request (headers kept in `auth_hea
 
 Writers on one table conflict as Delta's optimistic concurrency makes them (when
 `Warehouse.conflicts` is set; a statement's snapshot is taken when it arrives, and a
-statement waits for the one before it): an ALTER fails a concurrent writer with
+statement waits for the one before it, and spends `Warehouse.work_seconds` between its
+snapshot and its commit, as a real statement scans and writes): an ALTER fails a concurrent writer with
 [DELTA_METADATA_CHANGED], an INSERT ... REPLACE WHERE (not blind: the table is not
 partitioned) and a MERGE fail when any commit landed meanwhile with
 [DELTA_CONCURRENT_APPEND], except that on a table with deletion vectors
@@ -66,6 +67,8 @@ import urllib.parse
 import duckdb
 import sqlglot
 from sqlglot import exp
+
+REAL_SLEEP = time.sleep  # some tests patch time.sleep; a statement's work takes real time
 
 apilevel = "2.0"
 threadsafety = 1
@@ -159,10 +162,31 @@ class Warehouse:
         self.may_create_volumes = True
         # Delta conflicts between writers (off unless a test turns them on)
         self.conflicts = False
+        self.work_seconds = 0.0  # between a statement's snapshot and its commit
         self.commits = {}  # "c.s.t" -> kinds of its commits: create, append, replace, metadata
         self.merged = {}  # ("c.s.t", index of a merge commit) -> keys of the rows it matched
         self.create_races = itertools.cycle([PROTOCOL_CHANGED, ALREADY_EXISTS])
         self.lock = threading.Lock()
+        self.database = None  # the DuckDB file, held open between statements
+        self.database_lock = threading.Lock()
+
+    def connect_db(self):
+        """A new connection to the warehouse's DuckDB file. The file stays open between
+        statements (opening a DuckDB database costs ~20 ms of CPU; a connection to an open
+        one, ~1 ms); release() closes it, so that another process can open it."""
+        with self.database_lock:
+            if self.database is None:
+                self.database = duckdb.connect(self.db_path)
+                # its log is enough for the next opener: no checkpoint at each release()
+                self.database.execute("PRAGMA disable_checkpoint_on_shutdown")
+            return self.database.cursor()
+
+    def release(self):
+        """Close the DuckDB file (before another process opens it; at the end)."""
+        with self.database_lock:
+            if self.database is not None:
+                self.database.close()
+                self.database = None
 
     # --- test-facing helpers -------------------------------------------------------
 
@@ -179,12 +203,12 @@ class Warehouse:
 
     def query(self, sql):
         """Rows of a DuckDB query on the warehouse (table names as `c.s.t`)."""
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             return db.execute(sql).fetchall()
 
     def rows(self, table, order_by=None):
         """All rows of a table as dicts."""
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             quoted = '"' + table.replace('"', '""') + '"'
             cursor = db.execute(f"SELECT * FROM {quoted}"
                                 + (f" ORDER BY {order_by}" if order_by else ""))
@@ -193,12 +217,12 @@ class Warehouse:
 
     def properties(self, table):
         """{key: value} of a table's TBLPROPERTIES."""
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             return table_properties(db, table)
 
     def columns(self, table):
         """{column: Databricks type name} of a table."""
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             rows = db.execute("SELECT column_name, data_type FROM information_schema.columns "
                               "WHERE table_name = ? ORDER BY ordinal_position",
                               [table]).fetchall()
@@ -216,6 +240,8 @@ class Warehouse:
     def execute(self, sql, params, staging_paths):
         write = written_table(sql)
         seen = self.version(write[1]) if write else None  # its snapshot: when it arrives
+        if write and self.work_seconds:
+            REAL_SLEEP(self.work_seconds)
         with self.lock:
             if write and self.conflicts:
                 self.check_conflict(sql, params, *write, seen)
@@ -355,7 +381,7 @@ class Warehouse:
         if isinstance(tree, exp.Create):
             self.check_create(tree)
         flatten_tables(tree)
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             try:
                 return self.dispatch(db, tree)
             except duckdb.CatalogException as exc:
@@ -557,7 +583,7 @@ class Warehouse:
         return [], None
 
     def show_tables(self, prefix):
-        with duckdb.connect(self.db_path) as db:
+        with self.connect_db() as db:
             names = [n for (n,) in db.execute("SELECT table_name FROM information_schema."
                                               "tables").fetchall() if n.startswith(prefix)]
         database = prefix.rstrip(".").split(".")[-1]

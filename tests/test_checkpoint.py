@@ -27,11 +27,15 @@ class CheckpointTestCase(UploadChecks, TempDirTestCase):
         self.db = sensor_db(self.path("sensors.db"), 30)  # 600 rows
         self.state_dir = self.path("state")
         self.state_file = os.path.join(self.state_dir, up.STATE_FILE)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # main() sets its own
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
 
     def upload(self, *extra, env=None, **env_extra):
-        """One --once run of the script; returns the CompletedProcess."""
-        return run_script(["--sqlite", self.db, "--once", "--batch-size", "250", *extra],
-                          env if env is not None else self.base_env(**env_extra))
+        """One --once run of main() in this process (a process costs ~0.2 s of CPU; the
+        runs across processes: LockTest, BadStateTest); returns a CompletedProcess."""
+        argv = ["--sqlite", self.db, "--once", "--batch-size", "250", *extra]
+        code, out, err = run_main(argv, env if env is not None else self.base_env(**env_extra))
+        return subprocess.CompletedProcess(argv, code, out, err)
 
     def assert_ok(self, done):
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -179,6 +183,11 @@ class RouteProgressTest(CheckpointTestCase):
 
 
 class LockTest(CheckpointTestCase):
+    """The lock is between processes: each uploader here is one."""
+
+    def upload(self, *extra, env=None, **env_extra):
+        return run_script(["--sqlite", self.db, "--once", "--batch-size", "250", *extra],
+                          env if env is not None else self.base_env(**env_extra))
 
     def test_second_uploader_fails_while_the_lock_is_held(self):
         os.makedirs(self.state_dir)

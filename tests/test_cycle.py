@@ -300,7 +300,7 @@ print("all stopped")
 class MemoryTest(CycleTestCase):
     """A batch is read in chunks; the Python values of one chunk live at a time."""
 
-    ROWS_SECONDS = 1200  # 24,000 rows
+    ROWS_SECONDS = 600  # 12,000 rows
 
     def python_peak(self, batch_size, name):
         """Peak of the Python heap (tracemalloc) over one --once upload, 1,000-row chunks."""
@@ -321,9 +321,9 @@ class MemoryTest(CycleTestCase):
 
     def test_a_big_batch_holds_no_more_python_values_than_a_small_one(self):
         self.python_peak(2_000, "warm-up")  # imports and caches are not the batch's
-        small = self.python_peak(2_000, "small")  # 12 batches of 2 chunks
-        big = self.python_peak(24_000, "big")  # 1 batch of 24 chunks
-        # Holding every chunk of the big batch until its write would be about 12x.
+        small = self.python_peak(2_000, "small")  # 6 batches of 2 chunks
+        big = self.python_peak(12_000, "big")  # 1 batch of 12 chunks
+        # Holding every chunk of the big batch until its write would be about 6x.
         self.assertLess(big, 2 * small, f"peak {big:,} B vs {small:,} B")
 
 

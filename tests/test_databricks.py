@@ -29,7 +29,7 @@ import sqlglot
 from sqlglot import exp
 
 from . import fake_warehouse
-from .helpers import ROOT, TempDirTestCase, insert_rows, make_db, run_main, up
+from .helpers import ROOT, TempDirTestCase, insert_rows, make_db, run_main, slow, up
 
 HOST = "adb-1234567890123456.7.azuredatabricks.net"
 HTTP_PATH = "/sql/1.0/warehouses/0123456789abcdef"
@@ -79,6 +79,7 @@ class WarehouseTestCase(TempDirTestCase):
     def open_warehouse(self):
         self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
             self.path("warehouse"))
+        self.addCleanup(self.warehouse.release)
         self.sleeps.clear()
 
     def fresh(self):
@@ -641,6 +642,7 @@ class IdempotenceTests(WarehouseTestCase):
                                 text=True, timeout=60, check=False)
         self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
         self.assertEqual(len(self.rows()), 100)
+        self.warehouse.release()  # the next run (a process) opens the file
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
                               check=False)
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -655,6 +657,7 @@ class VolumeTests(WarehouseTestCase):
 
     VOLUME = "/Volumes/main/sensors/landing"
     ROWS = 5000  # batches bigger than one statement (10,000 bytes here) are staged
+    INLINE_ROWS = 1000  # one such batch, sent inline (a dozen statements)
 
     def staged_upload(self, db, **env):
         return self.upload(db, "--batch-size", "2500", "--max-statement-bytes", "10000",
@@ -740,7 +743,7 @@ class VolumeTests(WarehouseTestCase):
 
     def test_auto_without_the_privilege_sends_inline_statements_said_once(self):
         self.warehouse.volume_names, self.warehouse.may_create_volumes = set(), False
-        code, out, err = self.staged_upload(self.readings_db(self.ROWS),
+        code, out, err = self.staged_upload(self.readings_db(self.INLINE_ROWS),
                                             DATABRICKS_VOLUME=None)
         self.assertEqual(code, 0, err)
         self.assertEqual(len(self.statements("CREATE VOLUME")), 1, "tried more than once")
@@ -752,14 +755,14 @@ class VolumeTests(WarehouseTestCase):
         self.assertFalse(self.statements("PUT") + self.statements("COPY INTO"))
         self.assertGreater(len(self.statements("INSERT")), 5)
         self.assertEqual(self.sleeps, [], "a refusal was retried")
-        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.assertRowsOnce(range(1, self.INLINE_ROWS + 1))
 
     def test_none_sends_inline_statements_without_asking(self):
-        self.assertUploaded(self.staged_upload(self.readings_db(self.ROWS),
+        self.assertUploaded(self.staged_upload(self.readings_db(self.INLINE_ROWS),
                                                DATABRICKS_VOLUME="none"))
         self.assertFalse([s for s in self.statements() if "VOLUME" in s or
                           s.startswith(("PUT", "COPY"))])
-        self.assertRowsOnce(range(1, self.ROWS + 1))
+        self.assertRowsOnce(range(1, self.INLINE_ROWS + 1))
 
     def test_bad_volume_setting_is_exit_2(self):
         code, out, err = self.upload(self.readings_db(3), env=self.env(
@@ -907,6 +910,7 @@ class FleetTests(WarehouseTestCase):
     def setUp(self):
         super().setUp()
         self.warehouse.conflicts = True
+        self.warehouse.work_seconds = 0.02  # writers overlap, as on a warehouse
         for patcher in (mock.patch.object(up.time, "sleep", lambda s: REAL_SLEEP(s / 100)),
                         mock.patch.object(up.random, "uniform", REAL_UNIFORM)):
             patcher.start()
@@ -942,6 +946,7 @@ class FleetTests(WarehouseTestCase):
         return [s["outcome"] for s in self.warehouse.statements()
                 if s["outcome"].startswith("conflict") and s["sql"].startswith(prefix)]
 
+    @slow  # the conflicts one by one, fast: test_wire.ErrorTests, test_racing_creates_...
     def test_eight_nodes_one_adding_a_column_every_row_once(self):
         """Inline statements: each INSERT ... REPLACE WHERE meets many conflicts."""
         self.check_fleet()
@@ -952,6 +957,7 @@ class FleetTests(WarehouseTestCase):
                          "conflict: TABLE_OR_VIEW_ALREADY_EXISTS"} & seen,
                         "no node lost the race to create the table")
 
+    @slow
     def test_eight_nodes_staging_in_the_auto_volume(self):
         """Staged Parquet: COPY INTO is a blind append, only the ALTER conflicts with it."""
         self.warehouse.volume_names = set()
@@ -1614,10 +1620,16 @@ class ValueTests(WarehouseTestCase):
 class RendererTests(WarehouseTestCase):
     """sql_string, sql_literal, quote_name and the statement builders, through sqlglot."""
 
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.duckdb = fake_warehouse.duckdb.connect()  # opening one costs ~20 ms of CPU
+        cls.addClassCleanup(cls.duckdb.close)
+
     def select(self, literal):
         """The value of `SELECT <literal>` parsed as Databricks SQL and run on DuckDB."""
         tree = parse(f"SELECT {literal}")
-        with contextlib.closing(fake_warehouse.duckdb.connect()) as db:
+        with contextlib.closing(self.duckdb.cursor()) as db:
             return db.execute(tree.sql("duckdb")).fetchone()[0]
 
     def test_sql_string_round_trips(self):
@@ -1681,7 +1693,7 @@ class RendererTests(WarehouseTestCase):
         self.assertEqual(copy.args["files"][0].name, "/Volumes/m/s/v/node-1/r`';--")
 
     def test_render_insert_replaces_its_own_batch(self):
-        batch = up.Batch(["a`b", "v"], [["x'1", None], [1.5, float("nan")]], 2, [2],
+        batch = up.Chunk(["a`b", "v"], [["x'1", None], [1.5, float("nan")]], 2, [2],
                          kinds=[up.STRING, up.DOUBLE], batch_id="state-7")
         sql = up.render_insert(up.qualified_name("main.sensors", "t"), batch,
                                up.Identity("node'1", "t", "state"))
@@ -1701,7 +1713,7 @@ class RendererTests(WarehouseTestCase):
     def test_select_list_follows_the_table_columns(self):
         """Positional: the table's order, NULL for columns the batch lacks, the lineage
         tags where the table has them, whatever the case of the names."""
-        batch = up.Batch(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
+        batch = up.Chunk(["v", "a"], [[1.5], ["x"]], 1, [1], kinds=[up.DOUBLE, up.STRING],
                          batch_id="state-1")
         columns = ["_SOURCE_ID", "A", "extra", "_batch_id", "V", "_uploaded_at",
                    "_rescued_data"]

@@ -221,10 +221,9 @@ class RetryTest(PipelineTestCase):
         return sink
 
     def batch(self, sink):
-        batch = up.Batch(["id"], [[1, 2, 3]], 3, [3], kinds=[up.BIGINT], seq=1,
-                         batch_id="s1-1")
-        batch.payload = [sink.encode("t", batch)[0]]
-        return batch
+        chunk = up.Chunk(["id"], [[1, 2, 3]], 3, [3], kinds=[up.BIGINT], batch_id="s1-1")
+        return up.Batch(1, "s1-1", chunk.columns, chunk.kinds, 3,
+                        [sink.encode("t", chunk)[0]], chunk.cursor_end)
 
     def test_races_on_a_new_table_are_retried_after_a_jittered_pause(self):
         sleeps, calls = [], []

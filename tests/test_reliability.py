@@ -166,6 +166,8 @@ def warehouse_rows(root, table):
         if "does not exist" in str(exc):
             return []
         raise
+    finally:
+        warehouse.release()  # the next node (a process) opens the file
 
 
 def duplicates(values):
@@ -477,7 +479,7 @@ class CarryTest(unittest.TestCase):
         plan = up.Plan(aggregate=spec)
 
         def batch(stamps, values):
-            return up.Batch(["ts", "sensor", "v"], [stamps, ["a"] * len(stamps), values],
+            return up.Chunk(["ts", "sensor", "v"], [stamps, ["a"] * len(stamps), values],
                             len(stamps), [len(stamps)],
                             kinds=[up.TIMESTAMP, up.STRING, up.DOUBLE])
 
@@ -803,6 +805,7 @@ class InProcessWarehouse:
         up.DatabricksSink.connector = fake_warehouse
         self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
             self.path("warehouse"), **kwargs)
+        self.addCleanup(self.warehouse.release)
         return self.warehouse
 
     def warehouse_env(self, **extra):

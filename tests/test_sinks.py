@@ -317,6 +317,7 @@ class WarehouseSinkTest(SinkContract, TempDirTestCase):
         super().setUp()
         self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
             self.path("warehouse"))
+        self.addCleanup(self.warehouse.release)
         up.DatabricksSink.connector = fake_warehouse
         for patcher in (mock.patch.object(up.time, "sleep", lambda s: None),):
             patcher.start()

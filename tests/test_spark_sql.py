@@ -185,7 +185,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
 
     def test_rendered_special_values(self):
         """What SQLite cannot hold (NaN) but an aggregate can produce, and the rest."""
-        batch = up.Batch(["r", "b", "at", "s"], [
+        batch = up.Chunk(["r", "b", "at", "s"], [
             [float("nan"), float("-inf"), -0.0, 5e-324], [b"\x00'", b"", None, bytes(range(256))],
             [-62135596800000000, 0, 253402300799999999, None], ["${x}", "\\", "'", None]],
             4, [4], kinds=[up.DOUBLE, up.BINARY, up.TIMESTAMP, up.STRING], batch_id="s-1")

@@ -103,6 +103,7 @@ class ThriftWarehouse:
     def close(self):
         self.http.shutdown()
         self.http.server_close()
+        self.engine.release()
 
     # --- test-facing ---------------------------------------------------------------
 
