@@ -29,12 +29,16 @@ file given by --config, then defaults. Exit codes: 0 done, 1 a cycle failed,
 import argparse
 import base64
 import bisect
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
 import difflib
 import fcntl
+import functools
+import fnmatch
 import gc
+import glob
 import json
 import logging
 import math
@@ -63,12 +67,14 @@ EXIT_BAD_INPUT = 2
 
 STATE_FILE = "last_upload.json"
 STATE_VERSION = 2  # 2: a position per target table (1: per destination)
+MANY_STATE_VERSION = 3  # 3: many sources: a position per (target table, file, table)
 DEFAULT_STATE_DIR = "/state"  # a mounted volume; never created by the tool
 FALLBACK_STATE_DIR = "./state"
 DEFAULT_DELTA_URI = "./lakehouse"
 AUTO_VOLUME = "uploader_staging"  # the staging volume databricks_volume=auto creates
 SCENARIO_PREFIXES = ("raw", "filtered", "secure", "aggregated")
-LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data")
+LINEAGE_COLUMNS = ("_source_id", "_batch_id", "_uploaded_at", "_rescued_data",
+                   "_source_file")
 
 log = logging.getLogger("uploader")
 REAL_SLEEP = time.sleep
@@ -155,9 +161,10 @@ class Config:
     sqlite: str | None = option(
         None, "--sqlite", "SQLITE_PATH", "path", "SQLite database file (read-only)",
         "source", yaml_aliases=("sqlite_path",))
-    sqlite_table_name: str | None = option(
-        None, "--table", "SQLITE_TABLE_NAME", "str",
-        "source table (default: the only table in the file)", "source")
+    sqlite_table_name: str | tuple | None = option(
+        None, "--table", "SQLITE_TABLE_NAME", "tables",
+        "source table; give --table more than once for several (default: the only "
+        "table in the file)", "source")
     timestamp_col: str | None = option(
         None, "--timestamp-col", "TIMESTAMP_COL", "str",
         "timestamp column (default: detected by name or declared type)", "source")
@@ -173,6 +180,15 @@ class Config:
     batch_size: int = option(
         50_000, "--batch-size", "BATCH_SIZE", "int",
         "rows per batch; each batch is one commit and one checkpoint", "source")
+    sources: tuple = option(
+        (), "--sources", "SOURCES", "sources",
+        "several sources: a list (JSON; native in YAML) of {sqlite: path or "
+        "glob, tables: [names] or all, and per-table timestamp_col, cursor, "
+        "databricks_table and processing settings}", "source")
+    forget_after: float = option(
+        86400.0, "--forget-after", "FORGET_AFTER", "float",
+        "seconds a file matched by a glob in sources may be gone before its position is "
+        "forgotten", "source")
     busy_timeout: float = option(
         30.0, "--busy-timeout", "BUSY_TIMEOUT", "float",
         "seconds to wait for a SQLite lock held by the writer", "source")
@@ -297,11 +313,11 @@ class Config:
         "text", "--log-format", "LOG_FORMAT", "choice",
         "text, or json (one object per line) for log shippers", "logging",
         choices=("text", "json"))
-    sources: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def origin(self, name):
         """Where the value of `name` came from: a flag, an env var, a file, default."""
-        return self.sources.get(name, "default")
+        return self.origins.get(name, "default")
 
 
 def config_fields():
@@ -320,6 +336,8 @@ def parse_value(name, raw, origin):
     setting = SETTINGS[name]
     if raw is None:
         return None
+    if setting.kind == "sources":
+        return parse_sources(raw, origin)
     try:
         return _PARSERS[setting.kind](raw, setting)
     except (ValueError, TypeError) as exc:
@@ -387,9 +405,95 @@ def _parse_choice(raw, setting):
     raise ValueError(f"must be one of {', '.join(setting.choices)}")
 
 
+def _parse_tables(raw, setting):
+    """One table name, or several (--table given more than once, a YAML list)."""
+    names = raw if isinstance(raw, (list, tuple)) else [raw]
+    if not names:
+        raise ValueError("must name a table")
+    names = tuple(dict.fromkeys(_parse_str(n, setting) for n in names))
+    return names[0] if len(names) == 1 else names
+
+
 _PARSERS = {"str": _parse_str, "path": _parse_str, "int": _parse_int,
             "float": _parse_float, "bool": _parse_bool, "json": _parse_json,
-            "choice": _parse_choice}
+            "choice": _parse_choice, "tables": _parse_tables}
+
+# what an item of `sources`, or one of its tables, may set for itself
+SOURCE_SETTINGS = ("timestamp_col", "timestamp_format", "cursor", "cursor_lag", "start_at",
+                   "databricks_table", "enable_sanitize", "sanitize_config", "enable_filter",
+                   "filter_config", "enable_aggregate", "aggregate_config")
+
+
+def parse_sources(raw, origin):
+    """The YAML `sources` list as a tuple of {sqlite, tables, settings, origins}."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config: sources is not valid JSON: {exc.msg} at column "
+                              f"{exc.colno} (from {origin})") from None
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"config: sources must be a list of sources, each with sqlite "
+                          f"and tables (from {origin})")
+    return tuple(parse_source(item, f"{origin}[{i}]") for i, item in enumerate(raw))
+
+
+def parse_source(item, where):
+    """One item of `sources`: a path or glob, its tables and its own settings."""
+    if isinstance(item, str):
+        item = {"sqlite": item}
+    if not isinstance(item, dict):
+        raise ConfigError(f"config: {where} must be a mapping with sqlite and tables")
+    item = {str(k).lower(): v for k, v in item.items()}
+    path = item.pop("sqlite", None) or item.pop("sqlite_path", None)
+    if path is None:
+        raise ConfigError(f"config: {where} has no sqlite (a file or a glob such as "
+                          "/data/sensor-*.db)")
+    tables = parse_table_list(item.pop("tables", None), f"{where}.tables")
+    settings, origins = parse_overrides(item, where)
+    return {"sqlite": parse_value("sqlite", path, f"{where}.sqlite"), "tables": tables,
+            "settings": settings, "origins": origins}
+
+
+def parse_table_list(raw, where):
+    """None (the only table), "all", or a tuple of {name, settings, origins}."""
+    if raw is None:
+        return None
+    if isinstance(raw, str) and raw.strip().lower() == "all":
+        return "all"
+    if isinstance(raw, (str, dict)):
+        raw = [raw] if isinstance(raw, str) else [{k: v} for k, v in raw.items()]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(f"config: {where} must be all or a list of table names")
+    tables = []
+    for i, entry in enumerate(raw):
+        name, extra = entry, {}
+        if isinstance(entry, dict) and "name" in entry:
+            name, extra = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+        elif isinstance(entry, dict) and len(entry) == 1:
+            (name, extra), = entry.items()
+        if not isinstance(name, str) or not name.strip() or not isinstance(
+                extra or {}, dict):
+            raise ConfigError(f"config: {where}[{i}] must be a table name, or a mapping "
+                              "of a table name to its settings")
+        settings, origins = parse_overrides(
+            {str(k).lower(): v for k, v in (extra or {}).items()}, f"{where}.{name}")
+        tables.append({"name": name.strip(), "settings": settings, "origins": origins})
+    return tuple(tables)
+
+
+def parse_overrides(mapping, where):
+    """({field: value}, {field: origin}) of the settings a source or table sets."""
+    settings, origins = {}, {}
+    for key, raw in mapping.items():
+        if key not in SOURCE_SETTINGS:
+            hint = difflib.get_close_matches(key, SOURCE_SETTINGS + ("tables", "sqlite"), n=1)
+            tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"config: unknown key '{key}' in {where}{tip}; a source "
+                              f"takes sqlite, tables and {', '.join(SOURCE_SETTINGS)}")
+        origins[key] = f"{where}.{key}"
+        settings[key] = parse_value(key, raw, origins[key])
+    return settings, origins
 
 
 def read_yaml_layer(path, origin="--config"):
@@ -474,7 +578,7 @@ def load_config(args, environ):
     if "databricks_token" in cli:
         log.warning("--databricks-token is visible to other users in `ps`; "
                     "prefer the DATABRICKS_TOKEN environment variable")
-    return validate_config(Config(**values, sources=sources))
+    return validate_config(Config(**values, origins=sources))
 
 
 def validate_config(config):
@@ -495,6 +599,11 @@ def validate_config(config):
         bad("startup_timeout", "must be >= 0 seconds")
     if config.retention_hours < 1:
         bad("retention_hours", "must be >= 1 (a commit in flight must keep its files)")
+    if config.sources and (config.sqlite or config.sqlite_table_name):
+        name = "sqlite" if config.sqlite else "sqlite_table_name"
+        raise ConfigError(f"config: {name} (from {config.origin(name)}) and sources (from "
+                          f"{config.origin('sources')}) are both set; list the file "
+                          "in sources instead")
     if config.maintain_every is not None and parse_every(config.maintain_every) is None:
         bad("maintain_every", "must be a number of cycles (12) or a duration (30m, 6h, 1d)")
     updates = {"target": config.target or ("databricks" if config.databricks_host
@@ -518,7 +627,7 @@ def validate_config(config):
                           f"{config.origin('target')}) is not available in this version")
     if not config.source_id:
         updates["source_id"] = socket.gethostname() or "unknown-host"
-        updates["sources"] = {**config.sources, "source_id": "default (host name)"}
+        updates["origins"] = {**config.origins, "source_id": "default (host name)"}
     return dataclasses.replace(config, **updates)
 
 
@@ -640,10 +749,10 @@ def format_config(config):
         value = getattr(config, name)
         if setting.secret:
             shown = "(set, redacted)" if value else "(not set)"
-        elif setting.kind == "json" and value is not None:
+        elif setting.kind in ("json", "sources") and value:
             shown = json.dumps(value, sort_keys=True)
         else:
-            shown = "(not set)" if value is None else str(value)
+            shown = "(not set)" if value in (None, ()) else str(value)
         lines.append(f"{name:<{width}} = {shown}  [{config.origin(name)}]")
     return "\n".join(lines)
 
@@ -1015,6 +1124,10 @@ def describe_table(conn, wanted_table, wanted_ts, path, mode="auto", pattern=Non
 
 def describe_source(conn, config):
     """describe_table() with the source settings of `config`."""
+    if isinstance(config.sqlite_table_name, tuple):
+        raise ConfigError(f"config: this action reads one source table; "
+                          f"sqlite_table_name names {len(config.sqlite_table_name)} (from "
+                          f"{config.origin('sqlite_table_name')}): give --table once")
     return describe_table(conn, config.sqlite_table_name, config.timestamp_col,
                           config.sqlite, config.cursor, config.timestamp_format)
 
@@ -1349,6 +1462,108 @@ def preflight(conn, source):
                      f"fix (on the writer's side): CREATE INDEX {index} ON "
                      f"{quote_ident(table)}({quote_ident(ts)})")
     return lines
+
+
+GLOB_CHARS = re.compile(r"[*?[]")
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's own files beside a database
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One configured source: a SQLite file or a glob of them, the tables wanted from
+    it (None: the only one; "all"; or {name, settings, origins} each) and the settings
+    it sets for its tables."""
+
+    pattern: str
+    tables: object
+    settings: dict
+    origins: dict
+    origin: str
+
+    @property
+    def is_glob(self):
+        return bool(GLOB_CHARS.search(self.pattern))
+
+    @functools.cached_property
+    def real_pattern(self):
+        """The glob with its folder as a real path (as files are kept in the state)."""
+        return os.path.join(os.path.realpath(os.path.dirname(self.pattern) or "."),
+                            os.path.basename(self.pattern))
+
+    def matches(self, path):
+        """True when `path` (a real path) is one of this glob's files."""
+        return self.is_glob and fnmatch.fnmatchcase(path, self.real_pattern)
+
+
+def source_specs(config):
+    """The configured sources: the `sources` list, or the single-source settings as one."""
+    if config.sources:
+        return [SourceSpec(item["sqlite"], item["tables"], item["settings"],
+                           item["origins"], config.origin("sources"))
+                for item in config.sources]
+    names = config.sqlite_table_name
+    names = (names,) if isinstance(names, str) else names
+    tables = tuple({"name": n, "settings": {}, "origins": {}} for n in names or ())
+    return [SourceSpec(config.sqlite, tables or None, {}, {}, config.origin("sqlite"))]
+
+
+def is_single(specs):
+    """One plain file and at most one table: the single-source run (and state) of before."""
+    spec, *more = specs
+    return not more and not spec.is_glob and (
+        spec.tables is None or spec.tables != "all" and len(spec.tables) == 1)
+
+
+def match_files(spec):
+    """The files a source names now: its path, or its glob's files, sorted (real paths)."""
+    if not spec.is_glob:
+        return [spec.pattern]
+    found = (os.path.realpath(p) for p in glob.glob(os.path.expanduser(spec.pattern)))
+    return sorted({p for p in found if os.path.isfile(p) and not p.endswith(SIDE_FILES)})
+
+
+def spec_tables(spec, conn, path):
+    """The tables wanted from one file ({name, settings, origins} each) and, for
+    `tables: all`, what was passed over: (tables, views, SQLite's internal tables)."""
+    if spec.tables is None:
+        return [{"name": choose_table(conn, None, path), "settings": {}, "origins": {}}], [], []
+    if spec.tables != "all":
+        return list(spec.tables), [], []
+    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE type IN ('table', "
+                        "'view') ORDER BY name").fetchall()
+    views = [name for kind, name in rows if kind == "view"]
+    internal = [name for kind, name in rows if kind == "table" and name.startswith("sqlite_")]
+    tables = [{"name": name, "settings": {}, "origins": {}} for name in list_tables(conn)]
+    return tables, views, internal
+
+
+def spec_config(config, spec, path, table=None):
+    """The settings of one source table: the config, then its source's settings, then
+    its own."""
+    table = table or {"name": None, "settings": {}, "origins": {}}
+    settings = {**spec.settings, **table["settings"]}
+    origins = {**spec.origins, **table["origins"], "sqlite": spec.origin,
+               "sqlite_table_name": table["origins"].get("name", spec.origin)}
+    return dataclasses.replace(config, sqlite=path, sqlite_table_name=table["name"],
+                               sources=(), origins={**config.origins, **origins},
+                               **settings)
+
+
+def unusable_cursor(source):
+    """Why no cursor can upload this table's rows exactly once ('' when one can): a
+    WITHOUT ROWID table with no timestamp to lead, keyed by anything but one integer,
+    takes new rows anywhere in its key order and changes rows in place."""
+    cur = source.cursor
+    if cur.kind != "key":
+        return ""
+    keys = [c for c in source.columns if c.name in cur.columns]
+    if len(keys) == 1 and re.match(r"(INT|BIGINT)", keys[0].decl_type, re.I):
+        return ""
+    if cur.columns[0] == source.timestamp_col and source.timestamp_format.sorts:
+        return ""  # keyed by its time
+    return (f"a WITHOUT ROWID table keyed by {cur.describe()} with no timestamp that "
+            "sorts as time: new rows sort anywhere in its key and rows change in place, "
+            "so no cursor uploads them exactly once")
 
 
 # === Types (SQLite -> Delta) ========================================================
@@ -2365,11 +2580,13 @@ def target_table(config, source):
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
-    """Who writes: node, source table and state generation (one app per state)."""
+    """Who writes: node, source table and state generation (one app per state; among
+    many sources, one per position), and the source file's base name."""
 
     source_id: str
     source_table: str
     state_id: str
+    source_file: str = ""
 
     @property
     def app_id(self):
@@ -2537,7 +2754,7 @@ def lineage_values(chunk, identity, uploaded_micros, rescued):
     """Values of the lineage columns for every row of the chunk."""
     n = chunk.count
     return [[identity.source_id] * n, [chunk.batch_id] * n, [uploaded_micros] * n,
-            rescued_json(rescued, n)]
+            rescued_json(rescued, n), [identity.source_file or None] * n]
 
 
 @register_sink
@@ -3166,10 +3383,11 @@ def to_record_batch(chunk, identity):
     arrays = [to_arrow_array(values, kind, name, rescued)
               for name, kind, values in zip(chunk.columns, chunk.kinds, chunk.values)]
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
-    source_id, batch_id, uploaded, rescue = lineage_values(chunk, identity, now, rescued)
+    source_id, batch_id, uploaded, rescue, source_file = lineage_values(
+        chunk, identity, now, rescued)
     arrays += [Array(source_id, DataType.string()), Array(batch_id, DataType.string()),
                Array(uploaded, DataType.int64()).cast(arrow_type(TIMESTAMP)),
-               Array(rescue, DataType.string())]
+               Array(rescue, DataType.string()), Array(source_file, DataType.string())]
     names = list(chunk.columns) + list(LINEAGE_COLUMNS)
     schema = Schema([Field(n, a.type, nullable=True) for n, a in zip(names, arrays)])
     return RecordBatch(arrays, schema=schema), len(rescued)
@@ -3399,10 +3617,12 @@ class DatabricksSink(Sink):
         return dict(self._columns[table])
 
     def ensure_table(self, table, names, kinds):
-        """Create the table when missing; add the batch's new columns."""
+        """Create the table when missing; add the batch's new columns (and lineage
+        columns a table made by an older version lacks)."""
         known = self.known_kinds(table) or self._create(table, names, kinds)
         lower = {n.lower() for n in known}
-        new = [(n, k) for n, k in zip(names, kinds) if n.lower() not in lower]
+        wanted = dict(zip(names, kinds)) | dict(zip(LINEAGE_COLUMNS, LINEAGE_KINDS))
+        new = [(n, k) for n, k in wanted.items() if n.lower() not in lower]
         if new:
             self._add_columns(table, new)
 
@@ -3518,7 +3738,7 @@ class DatabricksSink(Sink):
                        lambda: self._load_staged(table, staged))
             return Receipt(batch.count)
         statements = inline_statements(chunks, self.budget(), self.identity.source_id,
-                                       batch.batch_id)
+                                       batch.batch_id, self.identity.source_file)
         for statement in statements:
             what = f"writing batch {batch.batch_id}" + (
                 f" ({statement.part})" if len(statements) > 1 else "")
@@ -3718,7 +3938,7 @@ class InlineStatement:
     size: int = 0
 
     @classmethod
-    def build(cls, rows, names, source_id, batch_id, uploaded, k=1, n=1):
+    def build(cls, rows, names, source_id, batch_id, uploaded, k=1, n=1, source_file=""):
         """Rendered rows of statement k of n of batch `batch_id`, written by `source_id`
         at `uploaded`. Its REPLACE WHERE takes its own rows, so running it twice leaves
         them once; the first (or only) statement also clears what an earlier attempt cut
@@ -3734,7 +3954,8 @@ class InlineStatement:
         else:
             mine = f"`_batch_id` = {tag}"
         return cls(rows, names, f"`_source_id` = {source} AND ({mine})",
-                   {"_source_id": source, "_batch_id": tag, "_uploaded_at": uploaded},
+                   {"_source_id": source, "_batch_id": tag, "_uploaded_at": uploaded,
+                    "_source_file": sql_string(source_file) if source_file else "NULL"},
                    part=f"statement {k} of {n}")
 
     def assemble(self, target, columns=None):
@@ -3769,7 +3990,7 @@ SQL_TO_KIND = {"bigint": BIGINT, "int": BIGINT, "integer": BIGINT, "smallint": B
                "string": STRING, "varchar": STRING, "char": STRING, "binary": BINARY,
                "boolean": BOOLEAN, "timestamp": TIMESTAMP, "timestamp_ntz": TIMESTAMP,
                "date": TIMESTAMP}
-LINEAGE_KINDS = (STRING, STRING, TIMESTAMP, STRING)
+LINEAGE_KINDS = (STRING, STRING, TIMESTAMP, STRING, STRING)
 TABLE_PROPERTIES = (("delta.enableChangeDataFeed", "true"),
                     ("delta.autoOptimize.optimizeWrite", "true"))
 COLUMN_MAPPING = (("delta.columnMapping.mode", "name"), ("delta.minReaderVersion", "2"),
@@ -3920,12 +4141,12 @@ def is_whole_batch(found, batch_id):
     return found.startswith(batch_id + ".") and k == n and k.isdigit()
 
 
-def inline_statements(chunks, budget, source_id, batch_id):
+def inline_statements(chunks, budget, source_id, batch_id, source_file=""):
     """The statements that carry a batch's rendered chunks."""
     groups = pack_rows(chunks, budget)
     now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
     return [InlineStatement.build(",".join(rows), names, source_id, batch_id,
-                                  sql_literal(now, TIMESTAMP), k, len(groups))
+                                  sql_literal(now, TIMESTAMP), k, len(groups), source_file)
             for k, (rows, names) in enumerate(groups, start=1)]
 
 
@@ -3942,7 +4163,8 @@ def render_insert(target, chunk, identity, columns=None):
     would create); those the chunk lacks are NULL."""
     rows, names, _ = render_rows(chunk)
     (statement,) = inline_statements([InlineRows(rows, names)], math.inf,
-                                     identity.source_id, chunk.batch_id)
+                                     identity.source_id, chunk.batch_id,
+                                     identity.source_file)
     return statement.assemble(target, columns)
 
 
@@ -4369,6 +4591,16 @@ EMPTY_POSITION = {"cursor": None, "last_upload": None, "rows": 0, "seq": 0,
                   "inflight": None, "carry": None, "updated_at": None}
 
 
+def locked(method):
+    """Run a Checkpoint method under its lock: the jobs of many sources, each in its
+    worker, share one state."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._mutex:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Checkpoint:
     """Owns last_upload.json: a position (cursor, in-flight batch, ...) per target table.
 
@@ -4382,6 +4614,7 @@ class Checkpoint:
         self.data = None
         self._lock = None
         self._backup = False  # --reset-state: move the old file aside at the first save
+        self._mutex = threading.RLock()
 
     def lock(self):
         """Take the state lock, or fail naming the process that holds it."""
@@ -4432,6 +4665,27 @@ class Checkpoint:
         self.data = migrate_state(data, self.path)
         return self
 
+    def load_many(self, reset=False):
+        """Read the state of many sources (missing means first run). A state of one
+        source (version 1 or 2) becomes one: each position keeps its cursor, batch ids
+        and Delta app id, now keyed also by its file and table (said in one line)."""
+        if reset or not os.path.exists(self.path):
+            self.data, self._backup = new_state(None), reset and os.path.exists(self.path)
+            return self
+        data = self.read_old()
+        if data is None:
+            raise StateError(f"state: cannot read {self.path}; fix or move it, or use "
+                             "--reset-state to upload from the start")
+        self.data = to_many_state(data, self.path)
+        return self
+
+    @locked
+    def forget(self, keys):
+        """Remove positions (those of a file that is gone) and save."""
+        for key in keys:
+            self.data["destinations"].pop(key, None)
+        self.save()
+
     def read_old(self):
         """The state file on disk (before a reset), or None when there is none or it is
         unreadable."""
@@ -4443,15 +4697,18 @@ class Checkpoint:
             return None
         return migrate_state(data, self.path, quiet=True)
 
+    @locked
     def rename(self, old, new):
         """Give the position `old` the key `new` (a version 1 position, on first use)."""
         self.data["destinations"][new] = self.data["destinations"].pop(old)
         self.save()
 
+    @locked
     def has_position(self, key):
         """True when the target table `key` has a position in this state."""
         return key in self.data["destinations"]
 
+    @locked
     def position(self, key):
         """A copy of the position of one target table (an empty one if it has none)."""
         found = self.data["destinations"].get(key)
@@ -4460,11 +4717,13 @@ class Checkpoint:
     def _record(self, key):
         return self.data["destinations"].setdefault(key, dict(EMPTY_POSITION))
 
+    @locked
     def update(self, key, **fields):
         """Set fields of a position (creating it) and save."""
         self._record(key).update(fields)
         self.save()
 
+    @locked
     def begin(self, key, batch, table, source_id):
         """Record the batch as in flight before it is sent."""
         self.update(key, inflight={
@@ -4474,6 +4733,7 @@ class Checkpoint:
             "last_upload": batch.last_timestamp, "carry": batch.carry,
             "source_id": source_id})
 
+    @locked
     def commit(self, key):
         """The in-flight batch is in the target: advance the cursor past it."""
         pos = self._record(key)
@@ -4483,6 +4743,7 @@ class Checkpoint:
         self._move(pos, flight["cursor_end"], flight.get("carry"), flight.get("last_upload"),
                    flight.get("source_rows", flight["rows"]))
 
+    @locked
     def advance(self, key, batch):
         """A batch that left nothing to write (all filtered, windows still open)."""
         self._move(self._record(key), encode_cursor(batch.cursor_end), batch.carry,
@@ -4498,6 +4759,7 @@ class Checkpoint:
             pos["last_upload"] = last_upload
         self.save()
 
+    @locked
     def save(self):
         """Write atomically: temp file, fsync, rename, fsync the directory."""
         if self._backup:
@@ -4541,16 +4803,47 @@ class Checkpoint:
 
 
 def new_state(source_desc):
-    """An empty state for this source, with a fresh state id."""
-    return {"version": STATE_VERSION, "tool": TOOL, "state_id": uuid.uuid4().hex[:12],
-            "created_at": utc_now_text(), "source": source_desc, "destinations": {}}
+    """An empty state for this source (None: for many sources), with a fresh state id."""
+    return {"version": STATE_VERSION if source_desc else MANY_STATE_VERSION, "tool": TOOL,
+            "state_id": uuid.uuid4().hex[:12], "created_at": utc_now_text(),
+            "source": source_desc or {"many": True}, "destinations": {}}
+
+
+def source_scope(path, table):
+    """What a position's key adds among many sources: its file and source table."""
+    return f" <- {os.path.realpath(path)}:{table}"
+
+
+def to_many_state(data, path):
+    """A state of one source (version 1 or 2) as a state of many (version 3)."""
+    if data["version"] == MANY_STATE_VERSION:
+        return data
+    source, moved = data["source"], {}
+    scope = source_scope(source["path"], source["table"])
+    for key, pos in data["destinations"].items():
+        base, hash_, stream = key.partition("#")
+        moved[base + scope + hash_ + stream] = {**pos, "source": source, "tag": ""}
+    log.info("state: %s was written for one source (%s, table %s); it now keeps a "
+             "position per source, the old ones unchanged", path, source["path"],
+             source["table"])
+    return {**data, "version": MANY_STATE_VERSION, "source": {"many": True},
+            "destinations": moved}
+
+
+def is_many_state(path):
+    """True when the state file at `path` is one of many sources."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("version") == MANY_STATE_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_state_shape(data):
     """Raise ValueError unless `data` looks like our state file."""
     if not isinstance(data, dict) or data.get("tool") != TOOL:
         raise ValueError("not a state file of this tool")
-    if data.get("version") not in (1, STATE_VERSION):
+    if data.get("version") not in (1, STATE_VERSION, MANY_STATE_VERSION):
         raise ValueError(f"unsupported state version {data.get('version')!r}")
     if not isinstance(data.get("destinations"), dict) or not data.get("state_id"):
         raise ValueError("state file is incomplete")
@@ -4565,7 +4858,7 @@ def check_state_shape(data):
 
 def migrate_state(data, path, quiet=False):
     """Version 1 kept one position per destination: key each by the table it wrote."""
-    if data["version"] == STATE_VERSION:
+    if data["version"] in (STATE_VERSION, MANY_STATE_VERSION):
         return data
     moved = {}
     for dest, pos in data["destinations"].items():
@@ -4624,18 +4917,30 @@ class Job:
     behind_due: float = 0.0  # monotonic time of the next count of rows behind the cursor
     pending: int | None = None  # rows after the cursor at the end of the last cycle
     stream: str = ""  # "" for the cursor's batches; "backfill" for --backfill's
+    tag: str = ""  # among many sources, what sets this position's batch ids apart
+    scope: str = ""  # among many sources, the file and table in the position's key
+    recorded: dict = dataclasses.field(default_factory=dict)  # kept with a new position
 
     @property
     def key(self):
-        """The checkpoint position of this job's target table (and stream)."""
-        key = position_key(self.sink.destination, self.table)
+        """The checkpoint position of this job's target table (file and table among
+        many sources, and stream)."""
+        key = position_key(self.sink.destination, self.table) + self.scope
         return f"{key}#{self.stream}" if self.stream else key
 
     @property
+    def where(self):
+        """The target table for logs; among many sources, with the file and table."""
+        if not self.scope:
+            return self.table
+        return f"{self.table} (from {os.path.basename(self.config.sqlite)}:{self.source.name})"
+
+    @property
     def batch_prefix(self):
-        """Batch ids are <prefix>-<seq>: the state id, and the stream if not the cursor's."""
-        state_id = self.checkpoint.data["state_id"]
-        return f"{state_id}-{self.stream}" if self.stream else state_id
+        """Batch ids are <prefix>-<seq>: the state id, the position's tag among many
+        sources, and the stream if not the cursor's."""
+        return "-".join(filter(None, (self.checkpoint.data["state_id"], self.tag,
+                                      self.stream)))
 
 
 def prefetch(iterable, stop):
@@ -4898,7 +5203,7 @@ def log_batch(job, batch, receipt, took, pending):
     """One line per batch: rows, target table, rows/s, rows still pending."""
     log.log(logging.INFO if batch.count else logging.DEBUG,
             "batch %s: %d rows -> %s in %.2f s (%d rows/s)%s%s, pending %d",
-            batch.batch_id or "(none)", batch.count, job.table, took,
+            batch.batch_id or "(none)", batch.count, job.where, took,
             batch.source_count / took, ", already there" if receipt.skipped else "",
             f", {batch.rescued} rows with rescued values" if batch.rescued else "", pending)
 
@@ -4906,7 +5211,7 @@ def log_batch(job, batch, receipt, took, pending):
 def log_cycle(job, read, done, elapsed, notes):
     """One line per cycle, and a warning for rows an aggregate could not place."""
     log.info("cycle: %d rows read, %d rows uploaded to %s in %.2f s%s%s", read, done,
-             job.table, elapsed, "".join(f", {v} {k.replace('_', ' ')}"
+             job.where, elapsed, "".join(f", {v} {k.replace('_', ' ')}"
                                          for k, v in sorted(notes.items())),
              " (stopping)" if job.stop.is_set() else "")
     if notes.get("late") or notes.get("untimed"):
@@ -4935,9 +5240,11 @@ def run_forever(job, rng=random):
             run_cycle(job)
             job.sink.report_status(node_status(job))
             job.sink.upkeep(job.table)
+            record_error(job, None)
             failures = 0
         except (SinkError, SourceError, StateError) as exc:
             job.sink.report_status(node_status(job, exc))
+            record_error(job, exc)
             if job.config.once:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_FAILED
@@ -5076,7 +5383,10 @@ def start_route(job):
     if checkpoint.has_position(job.sink.destination):  # version 1, table never recorded
         checkpoint.rename(job.sink.destination, key)
         return
-    held = job.sink.count_rows(job.table, job.config.source_id)
+    shared = job.scope and any(k.startswith(position_key(job.sink.destination, job.table)
+                                            + " <- ") for k in checkpoint.data["destinations"])
+    # another file of this state already writes to the table: its rows are explained
+    held = 0 if shared else job.sink.count_rows(job.table, job.config.source_id)
     now = job.config.start_at == "now"
     if held and not now:
         raise StateError(
@@ -5088,7 +5398,7 @@ def start_route(job):
     cursor = reading_source(job.source, lambda: read_end_cursor(job.conn, job.source)) \
         if now else None
     checkpoint.update(job.key, cursor=encode_cursor(cursor), updated_at=utc_now_text(),
-                      behind_base=None if now else 0)
+                      behind_base=None if now else 0, **job.recorded)
     if now:
         log.info("checkpoint: %s is new to this state: starting at the current end of "
                  "the source, %s = %s (START_AT=now); rows before it are not uploaded "
@@ -5110,11 +5420,7 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
         if not reset_state:
             source = recorded_cursor(conn, config, source, checkpoint.read_old())
         checkpoint.load(source_description(config.sqlite, source), reset=reset_state)
-        identity = Identity(config.source_id, source.name, checkpoint.data["state_id"])
-        job = Job(config, conn, source, checkpoint, make_sink(config, identity),
-                  target_table(config, source), stop, plan)
-        if job.sink.sleep is REAL_SLEEP:  # (a test may have given the sink its own)
-            job.sink.sleep = stop.wait  # SIGTERM ends a wait for a starting warehouse
+        job = attach_job(config, conn, source, plan, checkpoint, stop)
         announce_job(job)
         if recover:
             recover_state(job)
@@ -5126,6 +5432,19 @@ def open_job(config, reset_state, stop, environ=None, recover=False):
             checkpoint.close()
         conn.close()
         raise
+    return job
+
+
+def attach_job(config, conn, source, plan, checkpoint, stop, tag="", scope=""):
+    """The Job of one source table, its sink writing as this node under the state id
+    (and, among many sources, the position's tag: its own Delta app id)."""
+    state_id = "-".join(filter(None, (checkpoint.data["state_id"], tag)))
+    identity = Identity(config.source_id, source.name, state_id,
+                        os.path.basename(config.sqlite))
+    job = Job(config, conn, source, checkpoint, make_sink(config, identity),
+              target_table(config, source), stop, plan, tag=tag, scope=scope)
+    if job.sink.sleep is REAL_SLEEP:  # (a test may have given the sink its own)
+        job.sink.sleep = stop.wait  # SIGTERM ends a wait for a starting warehouse
     return job
 
 
@@ -5161,7 +5480,7 @@ def announce_job(job):
         log.warning("source: cursor_lag has no effect: the cursor %s is not led by a "
                     "timestamp (a rowid cursor never passes a row committed late)",
                     source.cursor.describe())
-    log.info("target: %s table %s (node %s)", job.sink.describe(), job.table,
+    log.info("target: %s table %s (node %s)", job.sink.describe(), job.where,
              config.source_id)
     job.sink.announce()
 
@@ -5171,6 +5490,344 @@ def close_job(job):
     job.sink.close()
     job.checkpoint.close()
     job.conn.close()
+
+
+def open_source_job(config, conn, source, checkpoint, stop, environ):
+    """The Job of one (file, source table) among many sources: a position keyed by its
+    target table, file and table, with its own tag, so batch ids and Delta app ids of
+    two files never meet; a position kept from before keeps its cursor kind."""
+    plan = compile_plan(config, source, environ)
+    scope = source_scope(config.sqlite, source.name)
+    key = position_key(destination_of(config), target_table(config, source)) + scope
+    tag = new_tag(checkpoint)
+    if checkpoint.has_position(key):
+        pos = checkpoint.position(key)
+        recorded = pos.get("source")
+        if recorded:
+            source = recorded_cursor(conn, config, source, {"source": recorded})
+            now = source_description(config.sqlite, source)["cursor"]
+            if recorded["cursor"] != now:
+                raise StateError(cursor_changed(f"{checkpoint.path} ({key})",
+                                                recorded["cursor"], now))
+        tag = pos.get("tag", "")
+    job = attach_job(config, conn, source, plan, checkpoint, stop, tag, scope)
+    job.recorded = {"source": source_description(config.sqlite, source), "tag": tag}
+    announce_job(job)
+    start_route(job)
+    return job
+
+
+def destination_of(config):
+    """The destination system of the configured target (as position keys name it)."""
+    return make_sink(config, Identity(config.source_id, "", "")).destination
+
+
+def new_tag(checkpoint):
+    """A short id no position of the state has: it sets a new position's batch ids and
+    Delta app id apart (random, not from the file's name: a file renamed by rotation
+    keeps its tag, and the new file under the old name must not get the same)."""
+    taken = {pos.get("tag") for pos in checkpoint.data["destinations"].values()}
+    while True:
+        tag = uuid.uuid4().hex[:8]
+        if tag not in taken:
+            return tag
+
+
+def file_identity(path):
+    """(device, inode) of a file, None when it is gone: a new one means it was replaced."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+WORKERS = 2  # files read at once (one is read while another's batch is written)
+
+
+class Sources:
+    """Many sources in one process: a Job per (file, source table), one state file and
+    one lock. Each cycle looks for new files (globs) and tables (`tables: all`), runs
+    every job, and forgets files gone for FORGET_AFTER; a job that fails is logged and
+    runs again at the next cycle, without holding up the others."""
+
+    def __init__(self, config, specs, checkpoint, stop, environ, clock=time.time):
+        self.config, self.specs, self.checkpoint = config, specs, checkpoint
+        self.stop, self.environ, self.clock = stop, environ, clock
+        self.jobs = {}  # (file, source table) -> Job
+        self.files = {}  # file -> [connection, (device, inode)]
+        self.failed = {}  # (file, source table or "") -> what failed in this cycle
+        self.said = set()  # what is said once
+
+    def cycle(self):
+        """Find files and tables, run every job once; return {where: error} of failures.
+        Files are read by up to WORKERS workers at once, so that one file's rows are read
+        while another's batch is written (as a single source reads ahead); the tables of
+        one file go one after the other, on its connection."""
+        self.failed = {}
+        self.refresh()
+        files = {}
+        for where, job in self.jobs.items():
+            files.setdefault(where[0], []).append((where, job))
+        if len(files) > 1:
+            with concurrent.futures.ThreadPoolExecutor(
+                    min(WORKERS, len(files)), thread_name_prefix="source") as pool:
+                list(pool.map(self.run_jobs, files.values()))
+        else:
+            for jobs in files.values():
+                self.run_jobs(jobs)
+        self.forget_gone()
+        return self.failed
+
+    def run_jobs(self, jobs):
+        """One cycle of each job of one file; a failure is the job's own."""
+        for where, job in jobs:
+            if self.stop.is_set():
+                return
+            try:
+                run_cycle(job)
+                job.sink.report_status(node_status(job))
+                job.sink.upkeep(job.table)
+            except (SinkError, SourceError, StateError) as exc:
+                job.sink.report_status(node_status(job, exc))
+                self.fail(where, exc, job)
+            else:
+                self.clear_error(job)
+
+    def refresh(self):
+        """Open the jobs of files and tables that appeared since the last cycle."""
+        self.follow_renames()
+        for spec, path, conn, table, error in self.walk():
+            where = (os.path.realpath(path), table["name"] if table else "")
+            if error is not None:
+                self.fail(where, error)
+            elif where not in self.jobs:
+                self.open(spec, path, conn, table, where)
+
+    def walk(self):
+        """(spec, file, connection, table, None) for each wanted table of each file
+        now, or (spec, file, None, None, error) for a file that cannot be read."""
+        for spec in self.specs:
+            files = match_files(spec)
+            if spec.is_glob and not files:
+                self.once(f"none:{spec.pattern}", logging.WARNING, "source: no file matches "
+                          "%s yet (from %s); looking again each cycle", spec.pattern,
+                          spec.origin)
+            for path in files:
+                try:
+                    conn = self.connect(path, spec)
+                    tables, views, internal = spec_tables(spec, conn, path)
+                except sqlite3.Error as exc:
+                    yield spec, path, None, None, SourceError(f"source: reading {path} "
+                                                              f"failed: {exc}")
+                    continue
+                except SourceError as exc:
+                    yield spec, path, None, None, exc
+                    continue
+                if spec.tables == "all":
+                    self.say_skipped(path, views, internal)
+                for table in tables:
+                    yield spec, path, conn, table, None
+
+    def follow_renames(self):
+        """A file held open that a glob now finds under another name (rotation by
+        rename) keeps its positions: they move to the new name, said in one line. Only
+        a file held open is followed: its inode cannot be another file's meanwhile."""
+        held = {found[1]: path for path, found in self.files.items()
+                if found[1] and file_identity(path) != found[1]}
+        if not held:
+            return
+        for spec in self.specs:
+            for path in match_files(spec) if spec.is_glob else ():
+                old = held.get(file_identity(path))
+                if old and old != path and old in self.files:
+                    self.move_file(old, path)
+
+    def move_file(self, old, new):
+        """Give the positions and connection of file `old` to its new name `new`."""
+        for where in [w for w in self.jobs if w[0] == old]:
+            self.jobs.pop(where).sink.close()  # opened again under the new name
+        self.files[new] = self.files.pop(old)
+        for key, pos in list(self.checkpoint.data["destinations"].items()):
+            src = pos.get("source") or {}
+            if src.get("path") == old:
+                scope = f" <- {old}:{src['table']}"
+                moved = key.replace(scope, f" <- {new}:{src['table']}")
+                self.checkpoint.rename(key, moved)
+                self.checkpoint.update(moved, source={**src, "path": new})
+        log.info("source: %s is now %s (renamed: the same file); its positions move with "
+                 "it", old, new)
+
+    def connect(self, path, spec):
+        """The file's connection, opened again when another file took its name."""
+        real = os.path.realpath(path)
+        found, now = self.files.get(real), file_identity(path)
+        if found and (found[1] == now or now is None):  # gone: read what is held open
+            return found[0]
+        if found:
+            log.warning("source: %s is another file than before (replaced); reading it "
+                        "again", path)
+            self.close_file(real)
+        conn = open_source(path, self.config.busy_timeout, spec.origin)
+        self.files[real] = [conn, now]
+        return conn
+
+    def open(self, spec, path, conn, table, where):
+        """Open the job of one file's table; one with no usable cursor is named once."""
+        config = spec_config(self.config, spec, where[0], table)
+        try:
+            source = describe_source(conn, config)
+            problem = unusable_cursor(source)
+            if problem:
+                unusable = SourceError(f"source: table {source.name!r} in {path} is not "
+                                       f"uploaded: {problem}")
+                if spec.tables != "all":
+                    raise unusable
+                self.once(f"unusable:{where}", logging.WARNING, "%s", unusable)
+                return
+            self.jobs[where] = open_source_job(config, conn, source, self.checkpoint,
+                                               self.stop, self.environ)
+        except SourceError as exc:
+            if spec.tables != "all" or isinstance(exc, SourceBusyError):
+                self.fail(where, exc)
+            else:  # a table of `all` no cursor can read (its rowid unreachable, ...)
+                self.once(f"unusable:{where}", logging.WARNING, "%s; it is not uploaded",
+                          exc)
+        except (SinkError, StateError) as exc:
+            self.fail(where, exc)
+
+    def say_skipped(self, path, views, internal):
+        """tables: all passes over views and SQLite's own tables: said once a file."""
+        if views or internal:
+            self.once(f"skipped:{path}:{views}:{internal}", logging.INFO,
+                      "source: %s: tables: all skips views (%s) and SQLite's internal "
+                      "tables (%s)", path, ", ".join(views) or "none",
+                      ", ".join(internal) or "none")
+
+    def once(self, what, level, message, *args):
+        if what not in self.said:
+            self.said.add(what)
+            log.log(level, message, *args)
+
+    def fail(self, where, exc, job=None):
+        """Log a failed source and keep its error in its position for --status."""
+        self.failed[where] = str(exc)
+        log.error("%s (file %s%s); trying again at the next cycle", exc, where[0],
+                  f", table {where[1]}" if where[1] else "")
+        if job is not None:
+            record_error(job, exc)
+
+    def clear_error(self, job):
+        record_error(job, None)
+
+    def forget_gone(self):
+        """Files a glob matched that are gone: a job still open finishes the rows it can
+        read; then, after FORGET_AFTER seconds, the positions go (one line a file)."""
+        gone, back = {}, []
+        for key, pos in self.checkpoint.data["destinations"].items():
+            path = (pos.get("source") or {}).get("path")
+            if not path or not any(s.matches(path) for s in self.specs):
+                continue
+            if file_identity(path) is None:
+                gone.setdefault(path, []).append(key)
+            elif pos.get("gone_at") is not None:  # it came back
+                back.append(key)
+        for key in back:
+            self.checkpoint.update(key, gone_at=None, drained=None)
+        for path, keys in gone.items():
+            self.settle_gone(path, keys)
+
+    def settle_gone(self, path, keys):
+        """Mark a gone file's positions once drained; forget them after the grace."""
+        jobs = [(w, j) for w, j in self.jobs.items() if w[0] == path]
+        try:
+            if any(not is_drained(job) for _, job in jobs):
+                return  # still rows to read from the file held open
+        except SourceError as exc:
+            log.warning("%s; %s is gone, its positions are kept", exc, path)
+            return
+        for where, job in jobs:
+            del self.jobs[where]
+            job.sink.close()
+        self.close_file(path)
+        positions = [self.checkpoint.position(k) for k in keys]
+        since = min((p["gone_at"] for p in positions if p.get("gone_at")), default=None)
+        if since is None:
+            for key in keys:
+                self.checkpoint.update(key, gone_at=self.clock(), drained=bool(jobs))
+            return
+        if self.clock() - since < self.config.forget_after:
+            return
+        self.checkpoint.forget(keys)
+        drained = all(p.get("drained") for p in positions)
+        log.info("source: %s is gone for %.0f s %s; its positions are forgotten (%s)", path,
+                 self.clock() - since, "after all its rows were uploaded" if drained else
+                 "(it went while no uploader was reading it: rows added after its last "
+                 "upload were not uploaded)",
+                 ", ".join(sorted(k.split(" <- ")[0] for k in keys)))
+
+    def close_file(self, path):
+        """Close a file's connection and the jobs reading it."""
+        for where in [w for w in self.jobs if w[0] == path]:
+            self.jobs.pop(where).sink.close()
+        found = self.files.pop(path, None)
+        if found:
+            found[0].close()
+
+    def close(self):
+        for path in list(self.files):
+            self.close_file(path)
+        self.checkpoint.close()
+
+
+def record_error(job, exc):
+    """Keep the error of a failed cycle in the job's position for --status (None: the
+    cycle went well, clear it); the state is written only when this changes it."""
+    if not job.checkpoint.has_position(job.key):
+        return
+    if exc is None and not job.checkpoint.position(job.key).get("last_error"):
+        return
+    with contextlib.suppress(UploaderError):  # (a state that cannot be written said so)
+        job.checkpoint.update(job.key, last_error=str(exc) if exc else None,
+                              last_error_at=utc_now_text() if exc else None)
+
+
+def is_drained(job):
+    """True when the job's position has nothing in flight and no row after its cursor."""
+    pos = job.checkpoint.position(job.key)
+    if pos["inflight"]:
+        return False
+    return not reading_source(job.source, lambda: count_pending(
+        job.conn, job.source, decode_cursor(pos["cursor"])))
+
+
+def open_sources(config, specs, reset_state, stop, environ):
+    """Lock the state dir and read the state of many sources; no job is opened yet."""
+    checkpoint = Checkpoint(resolve_state_dir(config))
+    checkpoint.lock()
+    try:
+        checkpoint.load_many(reset=reset_state)
+    except BaseException:
+        checkpoint.close()
+        raise
+    return Sources(config, specs, checkpoint, stop, environ)
+
+
+def run_sources(sources, rng=random):
+    """Cycle every interval until stopped; with --once, one cycle, exit 1 if a source
+    failed."""
+    config = sources.config
+    if config.jitter and not config.once:
+        sources.stop.wait(rng.uniform(0, config.interval))
+    while not sources.stop.is_set():
+        failed = sources.cycle()
+        if config.once:
+            for (path, table), error in failed.items():
+                print(f"error: {path}{' table ' + table if table else ''}: {error}",
+                      file=sys.stderr)
+            return EXIT_FAILED if failed else EXIT_OK
+        sources.stop.wait(config.interval)
+    return EXIT_OK
 
 
 # === Actions: DDL, queries, self-test ================================================
@@ -5260,7 +5917,7 @@ def with_recorded_source(config):
     origin = f"state file {os.path.abspath(path)}"
     return dataclasses.replace(
         config, sqlite=sqlite, sqlite_table_name=config.sqlite_table_name or table,
-        sources={**config.sources, "sqlite": origin, "sqlite_table_name": origin})
+        origins={**config.origins, "sqlite": origin, "sqlite_table_name": origin})
 
 
 def named_tables(config, sink):
@@ -5392,9 +6049,104 @@ def status_report(config):
             "cursor": pos.get("cursor"), "pending_rows": pending, "behind_rows": behind,
             "uploaded_rows": pos.get("rows", 0), "batches": pos.get("seq", 0),
             "last_upload_at": pos.get("updated_at"), "last_timestamp": pos.get("last_upload"),
-            "in_flight": pos.get("inflight"), "destination": destination,
+            "in_flight": pos.get("inflight"), "last_error": pos.get("last_error"),
+            "last_error_at": pos.get("last_error_at"), "destination": destination,
             "target_table": target_table(config, source), "source_id": config.source_id,
             "state_file": os.path.abspath(path), "state_exists": os.path.exists(path)}
+
+
+def sources_status(config, specs):
+    """--status of many sources: one record per (file, source table), read-only."""
+    config = check_target(config)
+    path = find_state_file(config)
+    checkpoint = Checkpoint(os.path.dirname(path))
+    data = checkpoint.read_old() if os.path.exists(path) else None
+    checkpoint.data = to_many_state(data, path) if data else new_state(None)
+    if not config.sqlite and not config.sources:  # the sources the state names
+        specs = recorded_specs(checkpoint.data)
+    sources = Sources(config, specs, checkpoint, None, os.environ)
+    destination = destination_of(config)
+    try:
+        lines = [source_status(sources, destination, *found) for found in sources.walk()]
+    finally:
+        for where in list(sources.files):
+            sources.close_file(where)
+    seen = {(x["file"], x["source_table"]) for x in lines}
+    lines += [gone_status(pos) for key, pos in checkpoint.data["destinations"].items()
+              if pos.get("source") and "#" not in key and file_identity(
+                  pos["source"]["path"]) is None and
+              (pos["source"]["path"], pos["source"]["table"]) not in seen]
+    return {"state_file": os.path.abspath(path), "state_exists": os.path.exists(path),
+            "destination": destination, "source_id": config.source_id, "sources": lines}
+
+
+def recorded_specs(state):
+    """One source per position of a state of many sources (its file, source table and
+    target table, as the settings that routed it are not at hand)."""
+    found = {(p["source"]["path"], p["source"]["table"], key.split(" <- ")[0].rsplit("/", 1)[1])
+             for key, p in state["destinations"].items() if p.get("source") and "#" not in key}
+    if not found:
+        raise ConfigError("config: --status reads the sources: set sources, --sqlite or "
+                          "SQLITE_PATH (the state file names none)")
+    return [SourceSpec(path, ({"name": table, "settings": {}, "origins": {}, "target": target},),
+                       {}, {}, "state file") for path, table, target in sorted(found)]
+
+
+def source_status(sources, destination, spec, path, conn, table, error):
+    """The --status record of one file's table (or why it cannot be read)."""
+    real = os.path.realpath(path)
+    record = {"file": real, "source_table": table["name"] if table else None,
+              "target_table": None, "cursor_kind": None, "cursor": None,
+              "pending_rows": None, "behind_rows": None, "uploaded_rows": 0,
+              "last_upload_at": None, "in_flight": None, "last_error": None}
+    if error is not None:
+        return {**record, "last_error": str(error)}
+    config = spec_config(sources.config, spec, real, table)
+    try:
+        source = describe_source(conn, config)
+        target = table.get("target") or target_table(config, source)
+        pos = sources.checkpoint.position(position_key(destination, target) +
+                                          source_scope(real, source.name))
+        if pos.get("source"):
+            source = recorded_cursor(conn, config, source, {"source": pos["source"]})
+        pending = count_pending(conn, source, decode_cursor(pos["cursor"]))
+        nulls = count_null_timestamps(conn, source)[0]
+        behind = rows_behind(conn, source, pos, pending, nulls)
+    except (UploaderError, sqlite3.Error) as exc:
+        return {**record, "last_error": str(exc)}
+    problem = unusable_cursor(source)
+    return {**record, "source_table": source.name, "target_table": target,
+            "cursor_kind": source.cursor.kind, "cursor": pos["cursor"],
+            "pending_rows": pending, "behind_rows": behind, "uploaded_rows": pos["rows"],
+            "last_upload_at": pos["updated_at"], "in_flight": pos["inflight"],
+            "last_error": pos.get("last_error") or (f"not uploaded: {problem}"
+                                                    if problem else None)}
+
+
+def gone_status(pos):
+    """The --status record of a position whose file is not there now."""
+    return {"file": pos["source"]["path"], "source_table": pos["source"]["table"],
+            "target_table": pos.get("table"), "cursor_kind": pos["source"]["cursor"]["kind"],
+            "cursor": pos["cursor"], "pending_rows": None, "behind_rows": None,
+            "uploaded_rows": pos["rows"], "last_upload_at": pos["updated_at"],
+            "in_flight": pos["inflight"],
+            "last_error": pos.get("last_error") or "the file is gone"}
+
+
+def format_sources_status(report):
+    """--status of many sources: one line each."""
+    def shown(value):
+        return "-" if value is None else f"{value:,}" if isinstance(value, int) else value
+    rows = [(os.path.basename(x["file"]), x["source_table"] or "-", x["target_table"] or "-",
+             json.dumps(x["cursor"]) if x["cursor"] is not None else "start",
+             shown(x["pending_rows"]), shown(x["behind_rows"]), shown(x["uploaded_rows"]),
+             x["last_upload_at"] or "never", (x["last_error"] or "-")[:100])
+            for x in report["sources"]]
+    table = format_rows(["file", "table", "target table", "cursor", "pending", "behind",
+                         "uploaded", "last upload", "last error"], rows)
+    return (f"{table}\n\ndestination {report['destination']}  node {report['source_id']}"
+            f"\nstate file  {report['state_file']}"
+            + ("" if report["state_exists"] else " (not yet written)"))
 
 
 def rows_behind(conn, source, pos, pending, nulls):
@@ -5430,6 +6182,8 @@ def format_status(report):
                                 if report["last_timestamp"] is not None else "")),
              ("in flight", f"batch {flight['batch_id']} ({flight['rows']} rows)"
                            if flight else "none"),
+             ("last error", f"{report['last_error']} (at {report['last_error_at']})"
+                            if report["last_error"] else "none"),
              ("destination", report["destination"]),
              ("target table", report["target_table"]),
              ("node", report["source_id"]),
@@ -5730,6 +6484,9 @@ def build_parser():
         if setting.kind == "bool":
             group.add_argument(setting.flag, dest=name, action="store_const", const="true",
                                help=f"{setting.help}{extra} [env {env}]")
+        elif setting.kind == "tables":
+            group.add_argument(setting.flag, dest=name, action="append", metavar="TABLE",
+                               help=f"{setting.help}{extra} [env {env}]")
         else:
             group.add_argument(setting.flag, dest=name, metavar=name.upper().split("_")[-1],
                                help=f"{setting.help}{extra} [env {env}]")
@@ -5755,6 +6512,11 @@ def main(argv=None, environ=None):
         if args.print_config:
             print(json.dumps(config_as_dict(config), indent=1) if args.json
                   else format_config(config))
+            return EXIT_OK
+        if args.status and is_many(config):
+            report = sources_status(config, source_specs(config))
+            print(json.dumps(report, indent=1, default=str) if args.json
+                  else format_sources_status(report))
             return EXIT_OK
         if args.status:
             if not config.sqlite:
@@ -5832,10 +6594,16 @@ def apply_demo_defaults(args, environ):
 
 def run_job(config, args, environ):
     """Open the job, run it until done or stopped, close it."""
-    if not config.sqlite:
+    if not config.sqlite and not config.sources:
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
     config = check_target(config)
+    specs = source_specs(config)
+    if is_many(config):
+        return run_many(config, specs, args, environ)
+    if config.sources:  # a list of one source: the single-source run
+        spec = specs[0]
+        config = spec_config(config, spec, spec.pattern, (spec.tables or (None,))[0])
     if args.reset_state and args.recover_state:
         raise ConfigError("config: --reset-state and --recover-state contradict each "
                           "other: the first forgets the cursor, the second rebuilds it")
@@ -5856,6 +6624,36 @@ def run_job(config, args, environ):
             return code
         finally:
             close_job(job)
+    finally:
+        stop.close()
+
+
+def is_many(config):
+    """Many sources configured, or a state of many sources in the state dir."""
+    return (bool(config.sqlite or config.sources) and not is_single(source_specs(config))
+            or is_many_state(find_state_file(config)))
+
+
+def run_many(config, specs, args, environ):
+    """Many sources (or a state of many): one Job per file and table, one state."""
+    for flag, asked in (("--recover-state", args.recover_state),
+                        ("--backfill", args.backfill)):
+        if asked:
+            raise ConfigError(f"config: {flag} works on one source table; run it with "
+                              "--sqlite FILE --table TABLE and a state dir of its own")
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    try:
+        sources = open_sources(config, specs, args.reset_state, stop, environ)
+        try:
+            if args.reset_state and not config.once:
+                sources.refresh()
+                log.info("state: --reset-state done; the next run uploads every source "
+                         "from the positions above (add --once to run a cycle right away)")
+                return EXIT_FAILED if sources.failed else EXIT_OK
+            return run_sources(sources)
+        finally:
+            sources.close()
     finally:
         stop.close()
 

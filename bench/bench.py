@@ -11,6 +11,9 @@ hits all of them, and reported as a ratio to the baseline plus the absolute medi
     python bench/bench.py memory       [--sizes 100000,1000000,5000000]
     python bench/bench.py processing   [--rows 1000000]
     python bench/bench.py warehouse    [--rows 1000000]
+    python bench/bench.py many-first   [--rows 1000000] [--runs 3]
+                                       (20 tables of rows/20 in 5 files vs one table)
+    python bench/bench.py many-idle    [--rows 50000]  (idle cycle over those 20 tables)
     python bench/bench.py all [--dlt]  (each of the above, results to bench/RESULTS.md)
     python bench/bench.py report       (RESULTS.md again from the last `all`)
 
@@ -188,6 +191,16 @@ def median(values):
     return statistics.median(values)
 
 
+def summary(results, base, ratio, digits):
+    """Median, min and max seconds of a job's runs, its median over `base` (as `ratio`)
+    and its median peak RSS."""
+    seconds = [r[0] for r in results]
+    t = median(seconds)
+    return {"seconds": round(t, digits), "min_s": round(min(seconds), digits),
+            "max_s": round(max(seconds), digits), ratio: round(t / base, 3),
+            "peak_rss_mb": round(median([r[1] for r in results]))}
+
+
 def timed_rounds(jobs, runs, before=None):
     """Run every job once per round, alternating; return {name: [(s, peak, out)]}."""
     results = {name: [] for name in jobs}
@@ -301,13 +314,8 @@ def bench_incremental(rows, new, runs, with_dlt):
             jobs[name] = (lambda b=backend: cycle("dlt_" + b))
     done = timed_rounds(jobs, runs)
     tool = median([r[0] for r in done[names["uploader"]]])
-    result = {"rows": rows, "new_rows": new, "runs": runs, "jobs": {}}
-    for name, rs in done.items():
-        t = median([r[0] for r in rs])
-        result["jobs"][name] = {"seconds": round(t, 3), "min_s": round(min(r[0] for r in rs), 3),
-                                "max_s": round(max(r[0] for r in rs), 3),
-                                "vs_uploader": round(t / tool, 2),
-                                "peak_rss_mb": round(median([r[1] for r in rs]))}
+    result = {"rows": rows, "new_rows": new, "runs": runs,
+              "jobs": {name: summary(rs, tool, "vs_uploader", 3) for name, rs in done.items()}}
     result["seconds"] = result["jobs"][names["uploader"]]["seconds"]
     return result
 
@@ -347,6 +355,117 @@ def idle_inprocess(rows, cycles):
     finally:
         up.close_job(job)
     return {"rows": rows, "cycles": cycles, "median_ms": round(median(times) * 1000, 2),
+            "first_ms": round(times[0] * 1000, 2), "max_ms": round(max(times) * 1000, 2)}
+
+
+# --- many sources ---------------------------------------------------------------
+
+MANY_FILES, MANY_TABLES = 5, 4
+
+
+def many_dbs(rows_per_table):
+    """A folder of MANY_FILES sensor databases of MANY_TABLES tables (readings_0, ...)
+    of `rows_per_table` readings each, made once."""
+    folder = os.path.join(DATA, f"many_{MANY_FILES}x{MANY_TABLES}x{rows_per_table}")
+    if os.path.isdir(folder):
+        return folder
+    readings, tmp = sensor_db(rows_per_table), folder + ".part"
+    fresh(tmp)
+    os.makedirs(tmp)
+    for f in range(MANY_FILES):
+        conn = sqlite3.connect(os.path.join(tmp, f"sensor-{f}.db"))
+        conn.execute("ATTACH ? AS src", (readings,))
+        for t in range(MANY_TABLES):
+            name = f"readings_{t}"
+            conn.execute(up.DEMO_SCHEMA.replace("sensor_readings", name))
+            conn.execute(f"INSERT INTO {name} SELECT * FROM src.sensor_readings")
+            conn.execute(f"CREATE INDEX idx_{name}_timestamp ON {name}(timestamp)")
+        conn.commit()
+        conn.execute("DETACH src")
+        conn.close()
+    os.replace(tmp, folder)
+    return folder
+
+
+def many_config(folder):
+    """A config of one source: every table of the folder's files."""
+    path = os.path.join(WORK, "many.yaml")
+    with open(path, "w") as fh:  # JSON is YAML
+        json.dump({"sources": [{"sqlite": os.path.join(folder, "sensor-*.db"),
+                                "tables": "all"}]}, fh)
+    return path
+
+
+def many_cmd(config, lake, state):
+    """The uploader over many sources, as a user runs it."""
+    return ["uv", "run", "-q", SCRIPT, "--config", config, "--once", "--state-dir", state,
+            "--delta-uri", lake, "--log-level", "WARNING"]
+
+
+def state_rows(state):
+    """Rows uploaded, summed over the state file's positions."""
+    with open(os.path.join(state, up.STATE_FILE)) as fh:
+        return sum(p["rows"] for p in json.load(fh)["destinations"].values())
+
+
+def bench_many_first(rows, runs):
+    """First upload of MANY_FILES x MANY_TABLES tables of rows/20 each vs one table of
+    `rows`, whole process, alternating."""
+    per = rows // (MANY_FILES * MANY_TABLES)
+    one, config = sensor_db(rows), many_config(many_dbs(per))
+    lake, state = os.path.join(WORK, "lake_many"), os.path.join(WORK, "state_many")
+    names = {"one": f"one table of {rows:,} rows",
+             "many": f"{MANY_FILES * MANY_TABLES} tables of {per:,} rows in {MANY_FILES} files"}
+
+    def counted(result):
+        if state_rows(state) != rows:
+            raise SystemExit(f"bench: uploaded {state_rows(state)} rows, not {rows}")
+        return result
+    jobs = {names["one"]: lambda: counted(run(tool_cmd(one, lake, state))),
+            names["many"]: lambda: counted(run(many_cmd(config, lake, state)))}
+    done = timed_rounds(jobs, runs, before=lambda _: fresh(lake, state))
+    base = median([r[0] for r in done[names["one"]]])
+    result = {"rows": rows, "runs": runs,
+              "jobs": {name: summary(rs, base, "vs_one_table", 2) for name, rs in done.items()}}
+    result["ratio"] = result["jobs"][names["many"]]["vs_one_table"]
+    return result
+
+
+def bench_many_idle(per, cycles):
+    """A cycle with nothing new over MANY_FILES x MANY_TABLES tables, in a running loop."""
+    config = many_config(many_dbs(per))
+    lake, state = os.path.join(WORK, "lake_many_idle"), os.path.join(WORK, "state_many_idle")
+    fresh(lake, state)
+    run(many_cmd(config, lake, state))  # upload everything first
+    return run_json([*IN_SCRIPT_ENV, os.path.abspath(__file__), "many-idle-inprocess",
+                     "--rows", str(per), "--runs", str(cycles)])
+
+
+def many_idle_inprocess(per, cycles):
+    """The timed part of bench_many_idle (runs with the uploader's dependencies)."""
+    config_path = many_config(many_dbs(per))
+    lake, state = os.path.join(WORK, "lake_many_idle"), os.path.join(WORK, "state_many_idle")
+    up.setup_logging("WARNING")
+    args = up.build_parser().parse_args(["--config", config_path, "--state-dir", state,
+                                         "--delta-uri", lake])
+    config = up.load_config(args, {})
+    stop, before = up.StopFlag(), state_rows(state)
+    sources = up.open_sources(config, up.source_specs(config), False, stop, {})
+    times = []
+    try:
+        sources.refresh()  # opening the jobs is the start, not a cycle
+        tables = len(sources.jobs)
+        for _ in range(cycles):
+            began = time.perf_counter()
+            failed = sources.cycle()
+            times.append(time.perf_counter() - began)
+            assert not failed, failed
+    finally:
+        sources.close()
+        stop.close()
+    assert state_rows(state) == before, "an idle cycle uploaded rows"
+    return {"files": MANY_FILES, "tables": tables, "rows_per_table": per, "cycles": cycles,
+            "median_ms": round(median(times) * 1000, 2),
             "first_ms": round(times[0] * 1000, 2), "max_ms": round(max(times) * 1000, 2)}
 
 
@@ -469,6 +588,17 @@ def targets(out):
                      f"{inline['vs_baseline']}x", inline["vs_baseline"] <= 1.3))
         rows.append(("warehouse staging: bytes <= 1.3x the Parquet",
                      f"{staging['vs_baseline']}x", staging["vs_baseline"] <= 1.3))
+    many = out.get("many_first")
+    if many:
+        rows.append((f"first upload of {MANY_FILES * MANY_TABLES} tables of "
+                     f"{many['rows'] // (MANY_FILES * MANY_TABLES):,} rows within 1.2x of one "
+                     f"table of {many['rows']:,}", f"{many['ratio']}x", many["ratio"] <= 1.2))
+    many_idle = out.get("many_idle")
+    if many_idle:
+        rows.append((f"cycle with nothing new over {many_idle['tables']} tables in "
+                     f"{many_idle['files']} files < 50 ms",
+                     f"{many_idle['median_ms']} ms (median), {many_idle['max_ms']} ms (max)",
+                     many_idle["median_ms"] < 50))
     mem = out.get("memory")
     if mem:
         peaks = ", ".join(f"{int(k):,}: {v['peak_rss_mb']} MB"
@@ -773,7 +903,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("first-upload", "incremental", "idle-cycle",
                                          "memory", "processing", "warehouse", "all",
-                                         "report", "idle-inprocess", "profile-inprocess"))
+                                         "report", "idle-inprocess", "profile-inprocess",
+                                         "many-first", "many-idle", "many-idle-inprocess"))
     parser.add_argument("--rows", type=int)
     parser.add_argument("--new", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=5)
@@ -789,6 +920,9 @@ def main(argv=None):
     os.makedirs(WORK, exist_ok=True)
     if args.what == "idle-inprocess":
         print(json.dumps(idle_inprocess(args.rows, args.runs)))
+        return
+    if args.what == "many-idle-inprocess":
+        print(json.dumps(many_idle_inprocess(args.rows, args.runs)))
         return
     if args.what == "profile-inprocess":
         print(json.dumps(profile_inprocess(args.profile_what, args.rows, args.stage)))
@@ -813,6 +947,10 @@ def main(argv=None):
     if args.what in ("idle-cycle", "all"):
         out["idle_cycle"] = bench_idle_cycle(
             args.rows if args.what == "idle-cycle" and args.rows else args.idle_rows, 20)
+    if args.what == "many-first":
+        out["many_first"] = bench_many_first(rows, args.runs)
+    if args.what == "many-idle":
+        out["many_idle"] = bench_many_idle(args.rows or 50_000, 20)
     if args.what in ("memory", "all"):
         out["memory"] = bench_memory([int(s) for s in args.sizes.split(",")],
                                      args.memory_runs)

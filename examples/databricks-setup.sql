@@ -36,8 +36,9 @@
 -- Run the same commands against your own SQLite file and processing configs when they
 -- differ: the raw_, filtered_ and secure_ tables have the source's columns (minus any
 -- column sanitize drops), and the aggregated_ table's columns follow aggregate_config.
--- Every table ends with the lineage columns _source_id, _batch_id, _uploaded_at and
--- _rescued_data, which the uploader needs (exactly-once writes and rescued values).
+-- Every table ends with the lineage columns _source_id, _batch_id, _uploaded_at,
+-- _rescued_data and _source_file, which the uploader needs (exactly-once writes,
+-- rescued values, the SQLite file of each row).
 
 
 -- 1. Catalog and schema ------------------------------------------------------------
@@ -78,7 +79,8 @@ CREATE TABLE IF NOT EXISTS `sensors`.`edge`.`raw_sensor_readings` (
     `_source_id` STRING,
     `_batch_id` STRING,
     `_uploaded_at` TIMESTAMP,
-    `_rescued_data` STRING
+    `_rescued_data` STRING,
+    `_source_file` STRING
 )
 USING DELTA
 TBLPROPERTIES (
@@ -112,7 +114,8 @@ CREATE TABLE IF NOT EXISTS `sensors`.`edge`.`filtered_sensor_readings` (
     `_source_id` STRING,
     `_batch_id` STRING,
     `_uploaded_at` TIMESTAMP,
-    `_rescued_data` STRING
+    `_rescued_data` STRING,
+    `_source_file` STRING
 )
 USING DELTA
 TBLPROPERTIES (
@@ -147,7 +150,8 @@ CREATE TABLE IF NOT EXISTS `sensors`.`edge`.`secure_sensor_readings` (
     `_source_id` STRING,
     `_batch_id` STRING,
     `_uploaded_at` TIMESTAMP,
-    `_rescued_data` STRING
+    `_rescued_data` STRING,
+    `_source_file` STRING
 )
 USING DELTA
 TBLPROPERTIES (
@@ -173,7 +177,8 @@ CREATE TABLE IF NOT EXISTS `sensors`.`edge`.`aggregated_sensor_readings` (
     `_source_id` STRING,
     `_batch_id` STRING,
     `_uploaded_at` TIMESTAMP,
-    `_rescued_data` STRING
+    `_rescued_data` STRING,
+    `_source_file` STRING
 )
 USING DELTA
 TBLPROPERTIES (

@@ -150,6 +150,83 @@ def make_ha_events(path, rows, start=0):
                  [ha_event_row(i) for i in range(start, start + rows)])
 
 
+# The recorder's other tables an upload of states needs (db_schema.py, schema 42, as
+# SQLAlchemy compiles them for SQLite; the MariaDB dump of the same schema in
+# JacobsenKim/ha2mariadb a0_homeassistant_schema_42_tables.sql lists the same columns):
+# states_meta names the entity of states.metadata_id; statistics holds an hourly
+# mean/min/max per statistics_meta row, unique on (metadata_id, start_ts); FLOAT is
+# SQLAlchemy's Float on SQLite, BOOLEAN its Boolean. No table has AUTOINCREMENT.
+HA_STATES_META_DDL = """CREATE TABLE states_meta (
+\tmetadata_id INTEGER NOT NULL, 
+\tentity_id VARCHAR(255), 
+\tPRIMARY KEY (metadata_id)
+);
+CREATE UNIQUE INDEX ix_states_meta_entity_id ON states_meta (entity_id);
+"""
+HA_STATISTICS_META_DDL = """CREATE TABLE statistics_meta (
+\tid INTEGER NOT NULL, 
+\tstatistic_id VARCHAR(255), 
+\tsource VARCHAR(32), 
+\tunit_of_measurement VARCHAR(255), 
+\thas_mean BOOLEAN, 
+\thas_sum BOOLEAN, 
+\tname VARCHAR(255), 
+\tPRIMARY KEY (id)
+);
+CREATE UNIQUE INDEX ix_statistics_meta_statistic_id ON statistics_meta (statistic_id);
+"""
+HA_STATISTICS_DDL = """CREATE TABLE statistics (
+\tid INTEGER NOT NULL, 
+\tcreated CHAR(0), 
+\tcreated_ts FLOAT, 
+\tmetadata_id INTEGER, 
+\tstart CHAR(0), 
+\tstart_ts FLOAT, 
+\tmean FLOAT, 
+\tmin FLOAT, 
+\tmax FLOAT, 
+\tlast_reset CHAR(0), 
+\tlast_reset_ts FLOAT, 
+\tstate FLOAT, 
+\tsum FLOAT, 
+\tPRIMARY KEY (id), 
+\tFOREIGN KEY(metadata_id) REFERENCES statistics_meta (id) ON DELETE CASCADE
+);
+CREATE UNIQUE INDEX ix_statistics_statistic_id_start_ts ON statistics (metadata_id, start_ts);
+"""
+HA_ENTITIES = 5  # states.metadata_id is 1 + i % 5 (ha_state_row)
+HA_RECORDER_TABLES = ("states", "states_meta", "statistics", "statistics_meta")
+
+
+def ha_statistic_row(i):
+    """Hour i's statistics of sensor 1 + i % 2, written 10 s after the hour closed."""
+    start = HA_START + 3600 * (i // 2)
+    return (i + 1, None, start + 3610.0, 1 + i % 2, None, start, 20.0 + i % 5,
+            18.0 + i % 5, 23.0 + i % 5, None, None, None, None)
+
+
+def make_ha_recorder(path, rows, start=0):
+    """home-assistant_v2.db with the four tables an analysis of states needs: `rows`
+    states (and the statistics of rows // 10 hours) from `start` on; the meta tables
+    are written with the file, as the recorder registers entities before their states."""
+    new = not os.path.exists(path)
+    make_ha_states(path, rows, start, legacy=False)
+    if new:
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.executescript(HA_STATES_META_DDL + HA_STATISTICS_META_DDL +
+                               HA_STATISTICS_DDL)
+            conn.executemany("INSERT INTO states_meta VALUES (?, ?)", [
+                (k, f"sensor.room_{k}_temperature") for k in range(1, HA_ENTITIES + 1)])
+            conn.executemany("INSERT INTO statistics_meta VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (k, f"sensor.room_{k}_temperature", "recorder", "°C", 1, 0, None)
+                for k in (1, 2)])
+        conn.close()
+    first, count = start // 10, (start + rows) // 10 - start // 10
+    return build(path, "", "statistics",
+                 [ha_statistic_row(i) for i in range(first, first + count)])
+
+
 # The sqlite3 shell's `.import --csv data.csv readings` into a new table: every column
 # TEXT, named from the CSV header (sqlite src/shell.c.in, do_meta_command ".import";
 # the exact text checked with sqlite3 3.40.1). Dates as a US spreadsheet writes them.

@@ -387,7 +387,7 @@ class StateDirTest(CheckpointTestCase):
         self.addCleanup(os.chdir, os.getcwd())
         os.chdir(cwd)
         unusable = os.path.join(blocker, "state")
-        config = dataclasses.replace(up.Config(), state_dir=unusable, sources={})
+        config = dataclasses.replace(up.Config(), state_dir=unusable, origins={})
         self.assertEqual(config.origin("state_dir"), "default")
         with self.assertLogs("uploader", "INFO") as logs:
             chosen = up.resolve_state_dir(config)
@@ -398,7 +398,7 @@ class StateDirTest(CheckpointTestCase):
     def test_default_state_dir_when_writable_is_used(self):
         os.makedirs(self.path("default-state"))
         config = dataclasses.replace(up.Config(), state_dir=self.path("default-state"),
-                                     sources={})
+                                     origins={})
         self.assertEqual(up.resolve_state_dir(config), self.path("default-state"))
 
 

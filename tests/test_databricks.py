@@ -785,7 +785,7 @@ class TableTests(WarehouseTestCase):
         self.assertEqual(self.warehouse.columns(TABLE), {
             "id": "bigint", "timestamp": "timestamp", "sensor": "string", "value": "double",
             "_source_id": "string", "_batch_id": "string", "_uploaded_at": "timestamp",
-            "_rescued_data": "string"})
+            "_rescued_data": "string", "_source_file": "string"})
         self.assertEqual(self.rows()[0]["timestamp"], utc(2025, 1, 1))
 
     def test_new_source_column_is_added(self):
@@ -1564,7 +1564,8 @@ class ValueTests(WarehouseTestCase):
         self.assertEqual(self.warehouse.columns(target), {
             "id": "bigint", "s": "string", "r": "double", "i": "bigint", "b": "binary",
             "flag": "boolean", "at": "timestamp", "u": "string", "_source_id": "string",
-            "_batch_id": "string", "_uploaded_at": "timestamp", "_rescued_data": "string"})
+            "_batch_id": "string", "_uploaded_at": "timestamp", "_rescued_data": "string",
+            "_source_file": "string"})
         got = self.rows(target)
         self.assertEqual(len(got), count)
         # the source as SQLite returns it (type affinity has had its say: NaN is NULL,
@@ -1708,7 +1709,7 @@ class RendererTests(WarehouseTestCase):
         self.assertFalse(tree.args.get("by_name"), "Spark 4.0 refuses BY NAME REPLACE WHERE")
         self.assertEqual([e.sql("databricks") for e in tree.expression.expressions],
                          ["`a``b`", "`v`", "'node\\'1'", "'state-7'",
-                          tree.expression.expressions[4].sql("databricks"), "NULL"])
+                          tree.expression.expressions[4].sql("databricks"), "NULL", "NULL"])
 
     def test_select_list_follows_the_table_columns(self):
         """Positional: the table's order, NULL for columns the batch lacks, the lineage

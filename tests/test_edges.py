@@ -313,7 +313,7 @@ class StateDirDefaultTest(EdgeTestCase):
         self.fallback = os.path.join(self.path("cwd"), "state")
 
     def default_config(self, volume):
-        config = dataclasses.replace(up.Config(), state_dir=volume, sources={})
+        config = dataclasses.replace(up.Config(), state_dir=volume, origins={})
         self.assertEqual(config.origin("state_dir"), "default")
         return config
 
@@ -395,7 +395,7 @@ class LakehouseInfoTest(EdgeTestCase):
                          [["id", "bigint"], ["ts", "timestamp"], ["sensor", "string"],
                           ["temp", "double"], ["_source_id", "string"],
                           ["_batch_id", "string"], ["_uploaded_at", "timestamp"],
-                          ["_rescued_data", "string"]])
+                          ["_rescued_data", "string"], ["_source_file", "string"]])
         self.assertEqual({row[0] for row in columns[1:]}, {"raw_readings"})
         self.assertEqual(count, [["table", "row_count"], ["raw_readings", "7"]])
 

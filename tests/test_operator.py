@@ -20,7 +20,7 @@ class DemoTest(TempDirTestCase):
         rows = read_delta(self.path("lakehouse", "raw_sensor_readings"))
         self.assertEqual(len(rows), 72_000)
         self.assertEqual(len({r["id"] for r in rows}), 72_000)
-        self.assertEqual(len(rows[0]), 21 + 4)  # the Bacalhau schema and the lineage
+        self.assertEqual(len(rows[0]), 21 + 5)  # the Bacalhau schema and the lineage
         second = run_script(["--demo"], {}, cwd=self.tmp)
         self.assertEqual(second.returncode, 0, second.stderr)
         self.assertIn("raw_sensor_readings: 84,000 rows", second.stdout)

@@ -296,7 +296,8 @@ class DeltaTypesTest(PipelineTestCase):
                     "tsp": "timestamp", "d": "timestamp", "timestamp": "timestamp",
                     "u_int": "long", "u_real": "double", "u_text": "string",
                     "u_blob": "binary", "_source_id": "string", "_batch_id": "string",
-                    "_uploaded_at": "timestamp", "_rescued_data": "string"}
+                    "_uploaded_at": "timestamp", "_rescued_data": "string",
+                    "_source_file": "string"}
         self.assertEqual(helpers.delta_schema(uri), expected)
         first, second, nulls = self.landed("raw_typed", key="id")
         new_year = dt.datetime(2025, 1, 1, tzinfo=UTC)

@@ -1,0 +1,597 @@
+"""Many sources per node (issue 15): several files and tables under one state and one
+lock, rotated files found by a glob, `tables: all`, and --status of every source."""
+
+import collections
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import unittest
+
+from tests import producers
+from tests.helpers import (PipelineTestCase, delta_rows, read_state, run_driver, run_main,
+                           slow, up)
+
+READINGS = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "timestamp TEXT NOT NULL, sensor TEXT, value REAL);"
+            "CREATE INDEX idx_readings_timestamp ON readings(timestamp);")
+EVENTS = "CREATE TABLE events (id INTEGER PRIMARY KEY, at TEXT NOT NULL, what TEXT);"
+
+
+def readings(start, count):
+    return [(f"2025-01-01T00:{(i // 60) % 60:02d}:{i % 60:02d}Z", f"s{i % 3}", i * 0.5)
+            for i in range(start, start + count)]
+
+
+def events(start, count, tag="e"):
+    return [(f"2025-01-01T01:00:{i % 60:02d}Z", f"{tag}{i}") for i in range(start, start + count)]
+
+
+class SourcesTestCase(PipelineTestCase):
+    """Sensor files with two tables; runs of a YAML `sources` config."""
+
+    def logger_file(self, name, count=10, more_events=4):
+        db = self.make(READINGS + EVENTS, name=name)
+        self.insert(db, readings(0, count), ["timestamp", "sensor", "value"], "readings")
+        self.insert(db, events(0, more_events, name[:-3]), ["at", "what"], "events")
+        return db
+
+    def config(self, sources, **settings):
+        path = self.path("uploader.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"sources": sources, **settings}, fh)  # JSON is YAML
+        return path
+
+    def run_once(self, config, *flags, expect=0, **env):
+        code, out, err = run_main(["--config", config, "--once", *flags], self.env(**env))
+        self.assertEqual(code, expect, f"exit code {code}; stderr:\n{err}")
+        return err
+
+    def rows(self, table, *columns):
+        return delta_rows(self.lake(table), list(columns) or "*")
+
+    def state(self):
+        return read_state(self.env()["STATE_DIR"])
+
+    def assertOnce(self, table, key_columns, expected):
+        """`table` holds exactly the rows `expected` (tuples of key_columns), each once."""
+        got = collections.Counter(tuple(r[c] for c in key_columns)
+                                  for r in self.rows(table, *key_columns))
+        self.assertEqual(got, collections.Counter(expected))
+
+
+class ConfigTest(SourcesTestCase):
+    """The `sources` list and --table given more than once."""
+
+    def test_sources_list_with_per_table_settings(self):
+        path = self.config([{"sqlite": "/data/a.db", "tables": [
+            "readings", {"events": {"databricks_table": "log_events", "cursor": "rowid"}}]},
+            {"sqlite": "/data/sensor-*.db", "tables": "all", "enable_filter": True,
+             "filter_config": {"value": {">": 1}}}])
+        config = up.load_config(up.build_parser().parse_args(["--config", path]), {})
+        specs = up.source_specs(config)
+        self.assertEqual([s.pattern for s in specs], ["/data/a.db", "/data/sensor-*.db"])
+        self.assertEqual(specs[0].tables[1]["settings"],
+                         {"databricks_table": "log_events", "cursor": "rowid"})
+        self.assertEqual(specs[1].tables, "all")
+        self.assertTrue(specs[1].is_glob)
+        table = up.spec_config(config, specs[0], "/data/a.db", specs[0].tables[1])
+        self.assertEqual((table.sqlite_table_name, table.databricks_table, table.cursor),
+                         ("events", "log_events", "rowid"))
+        self.assertIn("sources[0].tables.events.cursor", table.origin("cursor"))
+        self.assertFalse(up.is_single(specs))
+
+    def test_bad_sources_are_one_line_errors(self):
+        cases = {"unknown key": ([{"sqlite": "a.db", "tabels": "all"}], "did you mean 'tables'"),
+                 "no file": ([{"tables": ["t"]}], "has no sqlite"),
+                 "bad value": ([{"sqlite": "a.db", "tables": [{"t": {"cursor": "fast"}}]}],
+                               "cursor must be one of auto, rowid, timestamp"),
+                 "not a list": ({"sqlite": "a.db"}, "sources must be a list")}
+        for name, (sources, words) in cases.items():
+            with self.subTest(name):
+                code, _, err = run_main(["--config", self.config(sources), "--once"],
+                                        self.env())
+                self.assertEqual(code, 2, err)
+                self.assertIn(words, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_sqlite_and_sources_together_are_refused(self):
+        code, _, err = run_main(["--config", self.config([{"sqlite": "a.db"}]), "--sqlite",
+                                 "b.db", "--once"], self.env())
+        self.assertEqual(code, 2)
+        self.assertIn("sqlite (from --sqlite) and sources", err)
+
+    def test_table_flag_given_twice_uploads_both_tables(self):
+        db = self.logger_file("logger.db")
+        err = self.upload(db, "--table", "readings", "--table", "events")
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+        self.assertOnce("raw_events", ["id"], [(i,) for i in range(1, 5)])
+        self.assertEqual(self.state()["version"], up.MANY_STATE_VERSION, err)
+
+    def test_one_source_keeps_the_single_source_state(self):
+        # a one-item list (and --sqlite alone) run as before: version 2, the old keys
+        db = self.logger_file("logger.db")
+        self.run_once(self.config([{"sqlite": db, "tables": ["readings"]}]))
+        state = self.state()
+        self.assertEqual(state["version"], up.STATE_VERSION)
+        self.assertEqual([k.rsplit("/", 1)[1] for k in state["destinations"]],
+                         ["raw_readings"])
+        self.assertEqual(state["source"]["table"], "readings")
+
+
+class ManySourcesTest(SourcesTestCase):
+    """Several files and tables in one process, one state, one lock."""
+
+    def test_three_files_two_tables_each_land_once_and_traceable(self):
+        for name in ("sensor-a.db", "sensor-b.db", "sensor-c.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("sensor-*.db"),
+                               "tables": ["readings", {"events": {
+                                   "databricks_table": "logger_events"}}]}])
+        self.run_once(config)
+        files = ["sensor-a.db", "sensor-b.db", "sensor-c.db"]
+        expected = [(f, i) for f in files for i in range(1, 11)]
+        self.assertOnce("raw_readings", ["_source_file", "id"], expected)
+        self.assertOnce("raw_logger_events", ["_source_file", "id"],
+                        [(f, i) for f in files for i in range(1, 5)])
+        # the batch ids of two files never meet (each position has its own tag)
+        batches = {r["_batch_id"] for r in self.rows("raw_readings", "_batch_id")}
+        self.assertEqual(len(batches), 3, batches)
+        self.assertEqual(len(self.state()["destinations"]), 6)
+        # new rows in one file: only they go, and an idle run sends nothing
+        self.insert(self.path("sensor-b.db"), readings(10, 5),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.run_once(config)
+        self.run_once(config)
+        expected += [("sensor-b.db", i) for i in range(11, 16)]
+        self.assertOnce("raw_readings", ["_source_file", "id"], expected)
+        values = {(r["_source_file"], r["id"]): r["value"]
+                  for r in self.rows("raw_readings", "_source_file", "id", "value")}
+        self.assertEqual(values[("sensor-b.db", 15)], 7.0)
+
+    def test_rotated_file_is_picked_up_at_the_next_cycle(self):
+        self.logger_file("sensor-2026-11-29.db")
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        self.run_once(config)
+        self.logger_file("sensor-2026-11-30.db", count=7)
+        err = self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-2026-11-29.db", i) for i in range(1, 11)] +
+                        [("sensor-2026-11-30.db", i) for i in range(1, 8)])
+        self.assertNotIn("sensor-2026-11-29.db:readings", err.split("cycle:")[-1])
+
+    def test_failing_source_does_not_hold_up_the_others(self):
+        good, locked = self.logger_file("good.db"), self.logger_file("locked.db")
+        config = self.config([{"sqlite": good, "tables": ["readings"]},
+                              {"sqlite": locked, "tables": ["readings"]}])
+        writer = sqlite3.connect(locked, isolation_level=None)
+        writer.execute("BEGIN EXCLUSIVE")  # the sensor holds a write lock
+        try:
+            code, _, err = run_main(["--config", config, "--once"],
+                                    self.env(BUSY_TIMEOUT=0))
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"error: {os.path.realpath(locked)}", err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("good.db", i) for i in range(1, 11)])
+        self.run_once(config)  # retried: the locked file goes, the good one not again
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("good.db", "locked.db") for i in range(1, 11)])
+
+    def test_file_replaced_by_an_older_copy_is_an_error_for_that_file(self):
+        a, b = self.logger_file("a.db"), self.logger_file("b.db")
+        shutil.copyfile(a, self.path("a-old.db"))
+        self.insert(a, readings(10, 5), ["timestamp", "sensor", "value"], "readings")
+        config = self.config([{"sqlite": self.path("[ab].db"), "tables": ["readings"]}])
+        self.run_once(config)
+        os.replace(self.path("a-old.db"), a)  # put back in place: an older copy
+        self.insert(b, readings(10, 2), ["timestamp", "sensor", "value"], "readings")
+        err = self.run_once(config, expect=1)
+        self.assertIn("ends before the saved cursor", err)
+        self.assertIn("--reset-state", err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("a.db", i) for i in range(1, 16)] +
+                        [("b.db", i) for i in range(1, 13)])
+
+    def test_state_of_one_source_becomes_one_of_many_without_replay(self):
+        db = self.logger_file("logger.db")
+        self.upload(db, "--table", "readings")
+        before = self.state()
+        self.assertEqual(before["version"], up.STATE_VERSION)
+        (old_key, old_pos), = before["destinations"].items()
+        self.insert(db, readings(10, 3), ["timestamp", "sensor", "value"], "readings")
+        err = self.upload(db, "--table", "readings", "--table", "events")
+        self.assertIn("it now keeps a position per source", err)
+        after = self.state()
+        self.assertEqual(after["version"], up.MANY_STATE_VERSION)
+        self.assertEqual(after["state_id"], before["state_id"])
+        moved = after["destinations"][f"{old_key} <- {os.path.realpath(db)}:readings"]
+        self.assertEqual(moved["tag"], "")  # its batch ids and app id go on as they were
+        self.assertEqual(moved["seq"], old_pos["seq"] + 1)
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 14)])
+        self.assertOnce("raw_events", ["id"], [(i,) for i in range(1, 5)])
+        batches = sorted({r["_batch_id"] for r in self.rows("raw_readings", "_batch_id")})
+        self.assertEqual(batches, [f"{before['state_id']}-1", f"{before['state_id']}-2"])
+        # a later run with --sqlite alone keeps the state of many
+        self.upload(db, "--table", "readings")
+        self.assertEqual(self.state()["version"], up.MANY_STATE_VERSION)
+
+    def test_reset_state_of_many_sources(self):
+        for name in ("a.db", "b.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("?.db"), "tables": ["readings"]}])
+        self.run_once(config)
+        err = self.run_once(config, "--reset-state", expect=1)  # the rows would go twice
+        self.assertIn("--start-at now", err)
+        self.run_once(config, "--reset-state", "--start-at", "now")
+        self.assertEqual(len(os.listdir(self.env()["STATE_DIR"])), 3, "state, lock, backup")
+        self.insert(self.path("b.db"), readings(10, 2), ["timestamp", "sensor", "value"],
+                    "readings")
+        self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("a.db", "b.db") for i in range(1, 11)] +
+                        [("b.db", 11), ("b.db", 12)])
+
+    def test_home_assistant_recorder_four_tables(self):
+        db = producers.make_ha_recorder(self.path("home-assistant_v2.db"), 300)
+        config = self.config([{"sqlite": db, "tables": list(producers.HA_RECORDER_TABLES)}])
+        err = self.run_once(config)
+        producers.make_ha_recorder(db, 200, start=300)
+        self.run_once(config)
+        self.assertOnce("raw_states", ["state_id"], [(i,) for i in range(1, 501)])
+        self.assertOnce("raw_states_meta", ["metadata_id"], [(i,) for i in range(1, 6)])
+        self.assertOnce("raw_statistics", ["id"], [(i,) for i in range(1, 51)])
+        self.assertOnce("raw_statistics_meta", ["id"], [(1,), (2,)])
+        # the states' entity names come from states_meta, as a user would join them
+        names = {r["metadata_id"]: r["entity_id"]
+                 for r in self.rows("raw_states_meta", "metadata_id", "entity_id")}
+        states = self.rows("raw_states", "state_id", "metadata_id", "last_updated_ts")
+        self.assertEqual(names[states[0]["metadata_id"]], "sensor.room_1_temperature")
+        self.assertIn("cursor: pair (last_updated_ts, state_id) on table 'states'", err)
+        self.assertIn("cursor: pair (created_ts, id) on table 'statistics'", err)
+        self.assertIn("cursor: rowid (metadata_id) on table 'states_meta'", err)
+
+
+class WholeDatabaseTest(SourcesTestCase):
+    """tables: all."""
+
+    def make_station(self):
+        db = self.logger_file("station.db")
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.executescript(
+                "CREATE VIEW warm AS SELECT * FROM readings WHERE value > 2;"
+                "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;"
+                "INSERT INTO settings VALUES ('unit', 'C');"
+                "CREATE TABLE daily (date TEXT PRIMARY KEY, high REAL) WITHOUT ROWID;"
+                "INSERT INTO daily VALUES ('2025-01-01', 3.5);"
+                "ANALYZE;")
+        conn.close()
+        return db
+
+    def test_every_user_table_and_tables_created_later(self):
+        db = self.make_station()
+        config = self.config([{"sqlite": db, "tables": "all"}])
+        err = self.run_once(config)
+        skipped = [line for line in err.splitlines() if "tables: all skips" in line]
+        self.assertEqual(len(skipped), 1, err)
+        self.assertIn("views (warm)", skipped[0])
+        self.assertIn("sqlite_sequence", skipped[0])
+        self.assertIn("sqlite_stat1", skipped[0])
+        # a key that does not follow time and no timestamp: named, not uploaded wrongly
+        self.assertIn("table 'settings' in", err)
+        self.assertIn("is not uploaded: a WITHOUT ROWID table keyed by (name)", err)
+        self.assertFalse(os.path.exists(self.lake("raw_settings")))
+        # a WITHOUT ROWID table keyed by a date that sorts as time is uploaded
+        self.assertOnce("raw_daily", ["high"], [(3.5,)])
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+        self.assertOnce("raw_events", ["id"], [(i,) for i in range(1, 5)])
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.executescript("CREATE TABLE alarms (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                               "raised_at TEXT, level INTEGER);"
+                               "INSERT INTO alarms (raised_at, level) VALUES "
+                               "('2025-01-02T00:00:00Z', 3);")
+        conn.close()
+        self.run_once(config)
+        self.assertOnce("raw_alarms", ["id", "level"], [(1, 3)])
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+
+    def test_unusable_table_named_in_the_list_is_an_error(self):
+        db = self.make_station()
+        err = self.run_once(self.config([{"sqlite": db, "tables": ["readings", "settings"]}]),
+                            expect=1)
+        self.assertIn("table 'settings'", err)
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+
+
+class GoneFileTest(SourcesTestCase):
+    """A file a glob matched that disappears is forgotten after FORGET_AFTER."""
+
+    def open_sources(self, clock):
+        config = up.load_config(up.build_parser().parse_args(
+            ["--config", self.config([{"sqlite": self.path("sensor-*.db"),
+                                       "tables": ["readings"]}]), "--forget-after", "60"]),
+            self.env())
+        stop = up.StopFlag()
+        self.addCleanup(stop.close)
+        sources = up.open_sources(config, up.source_specs(config), False, stop, {})
+        sources.clock = clock
+        self.addCleanup(sources.close)
+        return sources
+
+    def test_fully_uploaded_file_forgotten_after_the_grace_in_one_line(self):
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0])
+        self.assertEqual(sources.cycle(), {})
+        # the sensor adds rows, then the file is removed before the next cycle: the
+        # rows are read from the file still open, then the position waits
+        self.insert(self.path("sensor-1.db"), readings(10, 3),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.remove(self.path("sensor-1.db"))
+        self.assertEqual(sources.cycle(), {})
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-1.db", i) for i in range(1, 14)] +
+                        [("sensor-2.db", i) for i in range(1, 11)])
+        self.assertEqual(len(self.state()["destinations"]), 2)
+        now[0] += 59
+        sources.cycle()
+        self.assertEqual(len(self.state()["destinations"]), 2)
+        now[0] += 2
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            sources.cycle()
+        said = [line for line in logs.output if "is gone" in line]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertIn("after all its rows were uploaded", said[0])
+        keys = list(self.state()["destinations"])
+        self.assertEqual(len(keys), 1)
+        self.assertIn("sensor-2.db", keys[0])
+
+    def test_file_renamed_while_running_keeps_its_position(self):
+        # logrotate's way: sensor-0.db becomes sensor-1.db and a new sensor-0.db starts
+        self.logger_file("sensor-0.db")
+        sources = self.open_sources(lambda: 0.0)
+        sources.cycle()
+        self.insert(self.path("sensor-0.db"), readings(10, 3),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        self.logger_file("sensor-0.db", count=4)
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            self.assertEqual(sources.cycle(), {})
+        said = [line for line in logs.output if "renamed" in line]
+        self.assertEqual(len(said), 1, logs.output)
+        got = collections.Counter((r["_batch_id"].rsplit("-", 1)[0], r["id"])
+                                  for r in self.rows("raw_readings", "_batch_id", "id"))
+        self.assertEqual(sorted(n for n in got.values()), [1] * 17, got)  # none twice
+        self.assertEqual(len(got), 17)
+        files = collections.Counter(r["_source_file"]
+                                    for r in self.rows("raw_readings", "_source_file"))
+        self.assertEqual(files, {"sensor-0.db": 10 + 4, "sensor-1.db": 3})
+        self.assertEqual(len(self.state()["destinations"]), 2)
+
+    def test_file_back_within_the_grace_is_kept(self):
+        self.logger_file("sensor-1.db")
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0])
+        sources.cycle()
+        os.rename(self.path("sensor-1.db"), self.path("elsewhere.db"))
+        sources.cycle()
+        sources.cycle()  # gone and read to its end: the grace starts
+        os.rename(self.path("elsewhere.db"), self.path("sensor-1.db"))
+        now[0] += 30
+        sources.cycle()  # back: the grace is off
+        os.rename(self.path("sensor-1.db"), self.path("elsewhere.db"))
+        now[0] += 40  # 70 s after it first went, 0 s after it went again
+        sources.cycle()
+        sources.cycle()
+        self.assertEqual(len(self.state()["destinations"]), 1)
+        os.rename(self.path("elsewhere.db"), self.path("sensor-1.db"))
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.assertEqual(sources.cycle(), {})
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 13)])
+
+    def test_file_gone_while_stopped_is_forgotten_with_a_warning_word(self):
+        self.logger_file("sensor-1.db")
+        self.run_once(self.config([{"sqlite": self.path("sensor-*.db"),
+                                    "tables": ["readings"]}]))
+        os.remove(self.path("sensor-1.db"))
+        now = [5000.0]
+        sources = self.open_sources(lambda: now[0])
+        sources.cycle()
+        now[0] += 61
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            sources.cycle()
+        self.assertIn("went while no uploader was reading it", "\n".join(logs.output))
+        self.assertEqual(self.state()["destinations"], {})
+
+
+class StatusTest(SourcesTestCase):
+    """--status and --status --json: one line per source."""
+
+    def test_status_lists_every_source(self):
+        for name in ("a.db", "b.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("?.db"), "tables": ["readings", "events"]}])
+        self.run_once(config)
+        self.insert(self.path("b.db"), readings(10, 6), ["timestamp", "sensor", "value"],
+                    "readings")
+        code, out, err = run_main(["--config", config, "--status", "--json"], self.env())
+        self.assertEqual(code, 0, err)
+        report = json.loads(out)
+        got = {(os.path.basename(x["file"]), x["source_table"]):
+               (x["pending_rows"], x["uploaded_rows"], x["cursor"], x["last_error"])
+               for x in report["sources"]}
+        self.assertEqual(got, {("a.db", "readings"): (0, 10, [10], None),
+                               ("a.db", "events"): (0, 4, [4], None),
+                               ("b.db", "readings"): (6, 10, [10], None),
+                               ("b.db", "events"): (0, 4, [4], None)})
+        self.assertTrue(all(x["last_upload_at"] for x in report["sources"]))
+        code, out, _ = run_main(["--config", config, "--status"], self.env())
+        lines = [line for line in out.splitlines() if line.startswith(("a.db", "b.db"))]
+        self.assertEqual(len(lines), 4, out)
+        self.assertRegex(next(x for x in lines if "b.db" in x and "readings" in x),
+                         r"b\.db\s+readings\s+raw_readings\s+\[10\]\s+6\s+0\s+10\s")
+
+    def test_status_without_the_config_reads_the_sources_from_the_state(self):
+        for name in ("a.db", "b.db"):
+            self.logger_file(name)
+        self.run_once(self.config([{"sqlite": self.path("?.db"), "tables": [
+            {"readings": {"databricks_table": "logger"}}]}]))
+        code, out, err = run_main(["--status", "--json"], self.env())
+        self.assertEqual(code, 0, err)
+        got = [(os.path.basename(x["file"]), x["target_table"], x["uploaded_rows"],
+                x["pending_rows"]) for x in json.loads(out)["sources"]]
+        self.assertEqual(got, [("a.db", "raw_logger", 10, 0), ("b.db", "raw_logger", 10, 0)])
+
+    def test_status_shows_the_last_error_of_a_failing_source(self):
+        a = self.logger_file("a.db")
+        config = self.config([{"sqlite": a, "tables": ["readings", "events"]}])
+        self.run_once(config)
+        conn = sqlite3.connect(a)
+        with conn:  # rows deleted behind the cursor: the table now ends before it
+            conn.execute("DELETE FROM events WHERE id > 1")
+        self.run_once(config, expect=1)
+        code, out, _ = run_main(["--config", config, "--status", "--json"], self.env())
+        errors = {x["source_table"]: x["last_error"] for x in json.loads(out)["sources"]}
+        self.assertIsNone(errors["readings"])
+        self.assertIn("ends before the saved cursor", errors["events"])
+
+
+class SingleSourceStatusTest(SourcesTestCase):
+    """One source keeps its --status block, which now names the last error."""
+
+    def test_last_error_shown_and_cleared(self):
+        db = self.logger_file("logger.db")
+        self.upload(db, "--table", "events")
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("DELETE FROM events WHERE id > 1")
+        self.upload(db, "--table", "events", expect=1)
+        code, out, err = run_main(["--sqlite", db, "--table", "events", "--status"],
+                                  self.env())
+        self.assertEqual(code, 0, err)
+        line = next(x for x in out.splitlines() if x.startswith("last error"))
+        self.assertIn("ends before the saved cursor", line)
+        self.insert(db, events(10, 5), ["at", "what"], "events")  # past the cursor again
+        self.upload(db, "--table", "events")
+        code, out, _ = run_main(["--sqlite", db, "--table", "events", "--status", "--json"],
+                                self.env())
+        self.assertIsNone(json.loads(out)["last_error"])
+
+    def test_an_action_on_one_table_refuses_two(self):
+        db = self.logger_file("logger.db")
+        code, _, err = run_main(["--sqlite", db, "--table", "readings", "--table", "events",
+                                 "--print-ddl"], self.env())
+        self.assertEqual(code, 2)
+        self.assertIn("give --table once", err)
+
+
+class WarehouseTest(SourcesTestCase):
+    """Many sources into the SQL warehouse (tests/fake_warehouse.py)."""
+
+    def setUp(self):
+        super().setUp()
+        from tests import fake_warehouse
+        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
+        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
+        up.DatabricksSink.connector = fake_warehouse
+        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
+            self.path("warehouse"))
+
+    def warehouse_env(self, **extra):
+        return {"DATABRICKS_HOST": "dbc-1.cloud.databricks.com", "DATABRICKS_TOKEN": "t0k",
+                "DATABRICKS_HTTP_PATH": "/sql/1.0/warehouses/w1",
+                "DATABRICKS_DATABASE": "main.sensors", "STATE_DIR": self.path("state"),
+                "SOURCE_ID": "node-1", **extra}
+
+    def test_rows_of_two_files_land_once_with_their_file(self):
+        for name in ("sensor-1.db", "sensor-2.db"):
+            self.logger_file(name)
+        # a table made by an older version, without _source_file: it gains the column
+        self.warehouse.query(
+            'CREATE TABLE "main.sensors.raw_events" (id BIGINT, "at" VARCHAR, what VARCHAR, '
+            "_source_id VARCHAR, _batch_id VARCHAR, _uploaded_at TIMESTAMP WITH TIME ZONE, "
+            "_rescued_data VARCHAR)")
+        config = self.config([{"sqlite": self.path("sensor-*.db"),
+                               "tables": ["readings", "events"]}])
+        for volume in ("none", "none"):  # the second run finds nothing new
+            code, _, err = run_main(["--config", config, "--once"],
+                                    self.warehouse_env(DATABRICKS_VOLUME=volume))
+            self.assertEqual(code, 0, err)
+        for table, count in (("raw_readings", 10), ("raw_events", 4)):
+            got = collections.Counter((r["_source_file"], r["id"]) for r in
+                                      self.warehouse.rows(f"main.sensors.{table}", "id"))
+            self.assertEqual(got, collections.Counter(
+                (f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, count + 1)))
+        batches = {r["_batch_id"] for r in self.warehouse.rows("main.sensors.raw_readings",
+                                                               "id")}
+        self.assertEqual(len(batches), 2)
+
+
+@slow
+class CrashTest(SourcesTestCase):
+    """A kill in one source's batch never replays another's."""
+
+    def test_kill_in_one_source_replays_nothing_of_another(self):
+        # a.db and b.db are read by two workers at once, each file's readings (5 batches
+        # of 7) then events: each kill falls in some source's batch while positions of
+        # other files write to the same target tables; a Delta app id or batch ids shared
+        # between files would settle a batch that did not land as landed (rows lost) or
+        # one that did as not (rows twice)
+        for hook, k in (("delta-before", 1), ("delta-after", 2), ("delta-before", 4),
+                        ("delta-after", 6), ("delta-before", 7), ("delta-after", 9)):
+            with self.subTest(hook=hook, k=k):
+                self.setUp()
+                for name in ("a.db", "b.db"):
+                    self.logger_file(name, count=30)
+                config = self.config([{"sqlite": self.path("?.db"),
+                                       "tables": ["readings", "events"]}], batch_size=7)
+                env = self.env()
+                died = run_driver(hook, k, ["--config", config, "--once"], env)
+                self.assertEqual(died.returncode, -9, died.stderr)
+                done = run_driver("none", 0, ["--config", config, "--once"], env)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertOnce("raw_readings", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
+                self.assertOnce("raw_events", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
+                # (two files are read at once: a kill may leave a batch of each in flight)
+                settled = [line for line in done.stderr.splitlines()
+                           if "checkpoint: in-flight batch" in line]
+                self.assertIn(len(settled), (1, 2), done.stderr)
+
+    def test_signal_mid_cycle_exits_0_and_the_next_run_goes_on(self):
+        # the signal lands while the main thread waits for the two workers: each
+        # finishes the batch it has, no new one starts, nothing is left in flight
+        for signame in ("SIGTERM", "SIGINT"):
+            with self.subTest(signal=signame):
+                self.setUp()
+                for name in ("a.db", "b.db"):
+                    self.logger_file(name, count=30)
+                config = self.config([{"sqlite": self.path("?.db"),
+                                       "tables": ["readings", "events"]}], batch_size=7)
+                stopped = run_driver(f"{signame.lower()}-delta-before", 3,
+                                     ["--config", config, "--interval", "0.2"], self.env(),
+                                     timeout=60)
+                self.assertEqual(stopped.returncode, 0, stopped.stderr)
+                self.assertIn(f"signal {signame}", stopped.stderr)
+                self.assertNotIn("Traceback", stopped.stderr)
+                positions = self.state()["destinations"].values()
+                self.assertEqual([p["inflight"] for p in positions], [None] * len(positions))
+                self.assertLess(sum(p["rows"] for p in positions), 68)
+                done = run_driver("none", 0, ["--config", config, "--once"], self.env())
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertOnce("raw_readings", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
+                self.assertOnce("raw_events", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
+
+
+if __name__ == "__main__":
+    unittest.main()
