@@ -54,6 +54,7 @@ class ZerobusFake:
         self.requests = []  # (path, status, bytes of body)
         self.token_requests = []  # parsed forms of the token requests
         self.lock = threading.Lock()
+        self.catalog = None  # table -> {column: type} or None: tables made elsewhere
         self._serial = 0
         self.server = None
 
@@ -178,6 +179,9 @@ class ZerobusFake:
         if scope != table or table not in (self.grants.get(client) or [table]):
             return 403, error("PERMISSION_DENIED", f"The token may not write {table}"), \
                 {}, False
+        found = self.catalog(table) if self.catalog and table not in self.tables else None
+        if found:  # created in Unity Catalog (through a warehouse) since
+            self.create_table(table, found)
         if table not in self.tables:
             return 404, error("NOT_FOUND", f'Table "{table}" cannot be found.'), {}, False
         if len(body) > self.max_request_bytes:

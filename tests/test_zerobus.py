@@ -1,0 +1,354 @@
+"""The Zerobus Ingest sink against tests/zerobus_fake.py: the token per table, requests
+under the size limit, the service's faults (429 with Retry-After, 503, a reply lost
+after the commit, an expired token), refusals at start, settings, the warehouse path
+(table and view made through the SQL warehouse double, batches settled by asking it),
+and whole runs through main()."""
+
+import json
+import sqlite3
+import threading
+import unittest
+from unittest import mock
+
+from tests.helpers import TempDirTestCase, make_db, run_main, up
+from tests.zerobus_fake import ZerobusFake
+
+SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
+          "sensor TEXT, value REAL)")
+ROWS = [(f"2025-01-01T00:00:{i % 60:02d}Z", f"s-{i % 7}", i / 4) for i in range(1, 301)]
+DATABASE = "main.sensors"
+TABLE = "raw_readings"
+FQN = f"{DATABASE}.{TABLE}"
+
+
+class ZerobusCase(TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.db = make_db(self.path("src.db"), SCHEMA, ROWS, ["ts", "sensor", "value"])
+        self.fake = ZerobusFake()
+        self.address = self.fake.start()
+        self.addCleanup(self.fake.stop)
+
+    def settings(self, **extra):
+        return dict(dict(sqlite=self.db, target="zerobus", databricks_host=self.address,
+                         zerobus_endpoint=f"http://{self.address}",
+                         zerobus_workspace_id=self.fake.workspace_id,
+                         databricks_client_id="sp-id", databricks_client_secret="sp-secret",
+                         databricks_database=DATABASE, state_dir=self.path("state")),
+                    **extra)
+
+    def config(self, **extra):
+        return up.check_target(up.validate_config(up.Config(**self.settings(**extra))))
+
+    def create(self, **extra):
+        """The table as --print-ddl makes it."""
+        ddl = up.print_ddl(self.config(**extra), {})
+        self.fake.create_table(FQN, ddl.split(";\n")[0])
+
+    def sink(self, sleeps=None, **extra):
+        sink = up.make_sink(self.config(**extra), up.Identity("node-a", "readings", "s1"))
+        sink.sleep = (sleeps.append if sleeps is not None else (lambda s: None))
+        sink.jitter = lambda low, high: high
+        self.addCleanup(sink.close)
+        return sink
+
+    def batches(self, sink, batch_size=1000):
+        conn = up.open_source(self.db, 5)
+        self.addCleanup(conn.close)
+        source = up.describe_table(conn, None, None, self.db)
+        checkpoint = up.Checkpoint(self.path("state"))
+        checkpoint.data = dict(up.new_state({}), state_id="s1")
+        job = up.Job(sink.config, conn, source, checkpoint, sink, TABLE,
+                     threading.Event(), up.compile_plan(sink.config, source, {}))
+        return list(up.prepare_batches(job, up.read_batches(conn, source, None, batch_size),
+                                       {"seq": 0, "carry": None}))
+
+    def write(self, sink):
+        for batch in self.batches(sink):
+            sink.write(TABLE, batch)
+
+    def ids(self):
+        return sorted(r["id"] for r in self.fake.deduped(FQN))
+
+    def stored(self):
+        return sorted(r["id"] for r in self.fake.rows[FQN])
+
+    def env(self, **extra):
+        env = {k.upper() if k != "sqlite" else "SQLITE_PATH": str(v)
+               for k, v in self.settings(**extra).items()}
+        env["SQLITE_TABLE_NAME"] = "readings"
+        return env
+
+
+class TokenAndRequests(ZerobusCase):
+    def test_each_table_gets_its_own_scoped_token(self):
+        self.create()
+        self.fake.create_table(f"{DATABASE}.other", {"id": "BIGINT"})
+        sink = self.sink()
+        self.write(sink)
+        self.assertEqual(len(self.fake.token_requests), 1)
+        form = self.fake.token_requests[0]
+        self.assertEqual(form["resource"], "api://databricks/workspaces/1234567890123456/"
+                                           "zerobusDirectWriteApi")
+        details = json.loads(form["authorization_details"])
+        self.assertIn({"type": "unity_catalog_privileges", "privileges": ["SELECT", "MODIFY"],
+                       "object_type": "TABLE", "object_full_path": FQN}, details)
+        # that token is good for its table only: the fake answers 403 elsewhere
+        sink._tokens["other"] = sink._tokens[TABLE]
+        with self.assertRaisesRegex(up.SinkError, "HTTP 403 PERMISSION_DENIED.*grant"):
+            sink.check_table("other")
+        del sink._tokens["other"]
+        sink.check_table("other")
+        self.assertEqual(len(self.fake.token_requests), 2)
+
+    def test_a_batch_goes_in_requests_under_the_limit_and_lands_once(self):
+        self.create(zerobus_max_request_bytes=10_000)
+        self.fake.max_request_bytes = 10_000
+        sink = self.sink(zerobus_max_request_bytes=10_000)
+        (batch,) = self.batches(sink)
+        sink.write(TABLE, batch)
+        inserts = [r for r in self.fake.inserts(FQN) if r[2] > 2]
+        self.assertGreater(len(inserts), 3)
+        self.assertTrue(all(size <= 10_000 for _, _, size in inserts))
+        self.assertEqual(self.ids(), list(range(1, 301)))
+        ids = {r["_batch_id"] for r in self.fake.rows[FQN]}
+        n = len(inserts)
+        self.assertEqual(ids, {f"{batch.batch_id}.{k}/{n}" for k in range(1, n + 1)})
+        first = min(self.fake.rows[FQN], key=lambda r: r["id"])
+        self.assertEqual(json.loads(first["_row_key"]), [1])
+        self.assertEqual((first["sensor"], first["value"], first["_source_id"]),
+                         ("s-1", 0.25, "node-a"))
+
+    def test_a_row_key_follows_its_row_through_the_filter(self):
+        self.create(enable_filter=True, filter_config={"value": {">": 70}})
+        sink = self.sink(enable_filter=True, filter_config={"value": {">": 70}})
+        table = up.target_table(sink.config, up.describe_table(
+            up.open_source(self.db, 5), None, None, self.db))
+        self.assertEqual(table, "filtered_readings")
+        self.fake.create_table(f"{DATABASE}.{table}", self.fake.tables.pop(FQN))
+        for batch in self.batches(sink):
+            sink.write(table, batch)
+        rows = self.fake.rows[f"{DATABASE}.{table}"]
+        self.assertEqual(sorted(r["id"] for r in rows), list(range(281, 301)))
+        self.assertTrue(all(json.loads(r["_row_key"]) == [r["id"]] for r in rows))
+
+
+class Faults(ZerobusCase):
+    def setUp(self):
+        super().setUp()
+        self.create()
+
+    def test_429_waits_as_retry_after_says(self):
+        sleeps = []
+        sink = self.sink(sleeps)
+        sink.check_table(TABLE)
+        self.fake.plan("429", retry_after=7)
+        self.write(sink)
+        self.assertEqual(sleeps, [7.0])
+        self.assertEqual(self.stored(), list(range(1, 301)))
+
+    def test_503_is_retried_with_capped_backoff(self):
+        sleeps = []
+        sink = self.sink(sleeps)
+        sink.check_table(TABLE)
+        self.fake.plan("503", count=3)
+        self.write(sink)
+        self.assertEqual(sleeps, [2, 4, 8])
+        self.assertEqual(self.stored(), list(range(1, 301)))
+
+    def test_503_without_end_fails_the_write_as_transient(self):
+        sink = self.sink()
+        sink.check_table(TABLE)
+        self.fake.plan("503", count=up.ZerobusSink.RETRIES)
+        with self.assertRaisesRegex(up.SinkError, "HTTP 503 TEMPORARILY_UNAVAILABLE") as caught:
+            self.write(sink)
+        self.assertTrue(caught.exception.transient)
+        self.assertEqual(self.stored(), [])
+
+    def test_a_reply_lost_after_the_commit_is_a_duplicate_the_view_drops(self):
+        sink = self.sink()
+        self.fake.plan("drop_reply")
+        self.write(sink)
+        self.assertEqual(len(self.stored()), 600)  # sent again: at least once
+        self.assertEqual(self.ids(), list(range(1, 301)))  # once in the view
+
+    def test_an_expired_token_is_replaced_once(self):
+        sink = self.sink()
+        sink.check_table(TABLE)
+        self.fake.plan("expire")
+        with self.assertLogs("uploader", "INFO") as logs:
+            self.write(sink)
+        self.assertEqual(len(self.fake.token_requests), 2)
+        self.assertIn("refused the token", "\n".join(logs.output))
+        self.assertEqual(self.stored(), list(range(1, 301)))
+
+    def test_a_token_is_renewed_before_it_expires(self):
+        self.fake.token_lifetime = 120
+        now = [0.0]
+        sink = self.sink()
+        sink.clock = lambda: now[0]
+        sink.check_table(TABLE)
+        now[0] = 59.0
+        sink.check_table.__self__._checked.clear()
+        sink.check_table(TABLE)
+        self.assertEqual(len(self.fake.token_requests), 1)
+        now[0] = 61.0
+        sink._checked.clear()
+        sink.check_table(TABLE)
+        self.assertEqual(len(self.fake.token_requests), 2)
+
+    def test_a_row_of_the_wrong_type_is_refused_with_the_reason(self):
+        self.fake.tables[FQN]["value"] = "BIGINT"  # the table is not what the rows are
+        sink = self.sink()
+        with self.assertRaisesRegex(up.SinkError, r"HTTP 400 INVALID_PARAMETER_VALUE: "
+                                    r"column 'value' \(BIGINT\) cannot take 0.25") as caught:
+            self.write(sink)
+        self.assertFalse(caught.exception.transient)
+        self.assertEqual(self.stored(), [])
+
+
+class AtStart(ZerobusCase):
+    def test_a_missing_table_is_refused_at_start_with_the_fix(self):
+        with self.assertRaisesRegex(up.SinkError, r"NOT_FOUND: Table \"main.sensors."
+                                    r"raw_readings\" cannot be found.*--print-ddl"):
+            self.sink().known_kinds(TABLE)
+
+    def test_bad_credentials_are_refused_without_the_secret(self):
+        sink = self.sink(databricks_client_secret="wrong-secret")
+        with self.assertRaises(up.SinkError) as caught:
+            sink.known_kinds(TABLE)
+        self.assertIn("HTTP 401 invalid_client", str(caught.exception))
+        self.assertNotIn("wrong-secret", str(caught.exception))
+        self.assertFalse(caught.exception.transient)
+
+    def test_a_run_reports_the_refused_table_and_fails(self):
+        code, out, err = run_main(["--once"], self.env())
+        self.assertEqual(code, up.EXIT_FAILED)
+        self.assertIn("NOT_FOUND", err)
+        self.assertNotIn("sp-secret", out + err)
+
+
+class Settings(ZerobusCase):
+    def test_settings_are_checked(self):
+        cases = [
+            (dict(zerobus_endpoint=None), "zerobus_endpoint is required"),
+            (dict(databricks_client_secret=None), "databricks_client_secret is required"),
+            (dict(zerobus_endpoint="http://1234.zerobus.us-west-2.cloud.databricks.com"),
+             "must use https://"),
+            (dict(zerobus_endpoint="zerobus.example.com", zerobus_workspace_id=None),
+             "zerobus_workspace_id is required"),
+            (dict(databricks_database="main"), "catalog.schema"),
+            (dict(zerobus_max_request_bytes=100), "at least 10000"),
+        ]
+        for extra, message in cases:
+            with self.subTest(**{k: str(v) for k, v in extra.items()}):
+                with self.assertRaisesRegex(up.ConfigError, message):
+                    self.config(**extra)
+
+    def test_the_workspace_id_comes_from_the_endpoint(self):
+        config = self.config(zerobus_endpoint="1234567.zerobus.us-west-2.cloud.databricks.com",
+                             zerobus_workspace_id=None)
+        self.assertEqual(config.zerobus_workspace_id, "1234567")
+        sink = up.make_sink(config, up.Identity("n", "readings", "s"))
+        self.assertEqual(sink.endpoint, "https://1234567.zerobus.us-west-2.cloud.databricks.com")
+
+    def test_print_ddl_prints_the_table_and_its_view(self):
+        code, out, _ = run_main(["--print-ddl"], self.env())
+        self.assertEqual(code, 0)
+        self.assertIn("`_row_key` STRING", out)
+        self.assertIn("CREATE OR REPLACE VIEW `main`.`sensors`.`raw_readings_deduped`", out)
+        self.assertIn("PARTITION BY `_source_id`, `_row_key`", out)
+
+
+class Runs(ZerobusCase):
+    def test_runs_land_every_row_once_in_the_view(self):
+        self.create()
+        code, _, err = run_main(["--once"], self.env())
+        self.assertEqual(code, 0, err)
+        conn = sqlite3.connect(self.db)
+        conn.executemany("INSERT INTO readings (ts, sensor, value) VALUES (?, ?, ?)",
+                         [("2025-01-02T00:00:00Z", "s-9", 9.0)])
+        conn.commit()
+        conn.close()
+        code, _, err = run_main(["--once"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.ids(), list(range(1, 302)))
+        self.assertEqual(self.stored(), list(range(1, 302)))
+
+    def test_a_batch_in_flight_is_sent_again_and_the_view_has_it_once(self):
+        self.create()
+        original = up.Checkpoint.commit
+        calls = [0]
+
+        def crash_after_the_ack(checkpoint, key):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise up.UploaderError("crashed after the ack")  # the state keeps inflight
+            return original(checkpoint, key)
+        with mock.patch.object(up.Checkpoint, "commit", crash_after_the_ack):
+            run_main(["--once"], self.env())
+        code, _, err = run_main(["--once"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertIn("sent again", err)
+        self.assertEqual(len(self.stored()), 600)
+        self.assertEqual(self.ids(), list(range(1, 301)))
+
+
+class ThroughTheWarehouse(ZerobusCase):
+    """With DATABRICKS_HTTP_PATH the table and view are made through the warehouse (the
+    DB-API double); here the Zerobus fake also puts what it takes into that warehouse,
+    as the service materializes rows into the Delta table."""
+
+    def setUp(self):
+        from tests import fake_warehouse
+        super().setUp()
+        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
+        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
+        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
+            self.path("warehouse"))
+        up.DatabricksSink.connector = fake_warehouse
+        self.fake.catalog = lambda table: {name: kind.upper() for name, kind in
+                                           self.warehouse.columns(table).items()}
+
+    def settings(self, **extra):
+        return super().settings(**dict(dict(databricks_http_path="/sql/1.0/warehouses/x",
+                                            databricks_token="dapi-warehouse"), **extra))
+
+    def mirror(self):
+        """The fake's rows so far, into the warehouse table the sink created."""
+        import duckdb
+        columns = list(self.fake.tables[FQN])
+        with duckdb.connect(self.warehouse.db_path) as db:
+            db.execute(f'DELETE FROM "{FQN}"')
+            for row in self.fake.rows[FQN]:
+                db.execute(f'INSERT INTO "{FQN}" ({", ".join(map(json.dumps, columns))}) '
+                           f'VALUES ({", ".join("?" * len(columns))})',
+                           [row.get(c) for c in columns])
+
+    def test_the_table_and_view_are_created_and_batches_settled_by_asking(self):
+        sink = self.sink()
+        self.assertEqual(sink.known_kinds(TABLE), {})  # no table yet: made at first write
+        (batch,) = self.batches(sink)
+        statements = [s["sql"] for s in self.warehouse.statements()]
+        sink.prepare(TABLE, batch)  # CREATE TABLE, CREATE VIEW through the warehouse
+        statements = [s["sql"] for s in self.warehouse.statements()][len(statements):]
+        self.assertTrue(any(s.startswith("CREATE TABLE") for s in statements))
+        self.assertTrue(any(s.startswith("CREATE OR REPLACE VIEW") for s in statements))
+        self.assertIn("_row_key", self.fake.tables[FQN])  # the service sees that table
+        self.assertFalse(sink.has_committed(TABLE, batch.seq, batch.batch_id))
+        sink.write(TABLE, batch)
+        self.assertFalse(sink.has_committed(TABLE, batch.seq, batch.batch_id))  # not seen yet
+        self.mirror()
+        self.assertTrue(self.sink().has_committed(TABLE, batch.seq, batch.batch_id))
+        self.assertFalse(self.sink().has_committed(TABLE, batch.seq, batch.batch_id, "node-b"))
+        sink.write(TABLE, batch)  # a second copy: the view keeps one
+        self.mirror()
+        view = self.warehouse.query(f'SELECT count(*), count(DISTINCT id) FROM '
+                                    f'"{FQN}_deduped"')
+        self.assertEqual(view, [(300, 300)])
+        self.assertEqual(self.sink().count_rows(TABLE, "node-a"), 300)
+        self.assertEqual(len(self.sink().read_keys(TABLE, "node-a", ["id"])), 300)
+
+
+if __name__ == "__main__":
+    unittest.main()
