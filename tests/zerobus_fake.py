@@ -54,7 +54,8 @@ class ZerobusFake:
         self.requests = []  # (path, status, bytes of body)
         self.token_requests = []  # parsed forms of the token requests
         self.lock = threading.Lock()
-        self.catalog = None  # table -> {column: type} or None: tables made elsewhere
+        self.catalog = None  # table -> {column: type} or None: the schemas of tables
+        # made or altered elsewhere (through a warehouse), read on each insert
         self._serial = 0
         self.server = None
 
@@ -179,8 +180,8 @@ class ZerobusFake:
         if scope != table or table not in (self.grants.get(client) or [table]):
             return 403, error("PERMISSION_DENIED", f"The token may not write {table}"), \
                 {}, False
-        found = self.catalog(table) if self.catalog and table not in self.tables else None
-        if found:  # created in Unity Catalog (through a warehouse) since
+        found = self.catalog(table) if self.catalog else None
+        if found:  # the table as Unity Catalog has it now (made or altered elsewhere)
             self.create_table(table, found)
         if table not in self.tables:
             return 404, error("NOT_FOUND", f'Table "{table}" cannot be found.'), {}, False
