@@ -251,6 +251,13 @@ def plant_statement(k, prefix, when):
           lambda self, sql, *a, **kw: sql.lstrip().startswith(prefix))
 
 
+def plant_zerobus(k, when):
+    """Die before or after the k-th Zerobus insert request that carries rows (after:
+    the service took the rows and answered; the state still says in flight)."""
+    plant(k, up, "http_request", when,
+          lambda url, body, *a, **kw: url.endswith("/insert") and body != b"[]")
+
+
 def hooks(k, side):
     """Hook name -> what plants it."""
     return {
@@ -281,6 +288,8 @@ def hooks(k, side):
         "vanish-commit": lambda: vanish_commit(k),
         "wal-probe": lambda: wal_probe(k, side, hold=False),
         "wal-probe-held-read": lambda: wal_probe(k, side, hold=True),
+        "zerobus-before": lambda: plant_zerobus(k, "before"),
+        "zerobus-after": lambda: plant_zerobus(k, "after"),
         "none": lambda: None,
     }
 

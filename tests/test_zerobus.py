@@ -4,13 +4,17 @@ after the commit, an expired token), refusals at start, settings, the warehouse 
 (table and view made through the SQL warehouse double, batches settled by asking it),
 and whole runs through main()."""
 
+import collections
+import itertools
 import json
+import signal
 import sqlite3
 import threading
 import unittest
 from unittest import mock
 
-from tests.helpers import TempDirTestCase, make_db, run_main, up
+from tests.helpers import (slow, TempDirTestCase, destination_of, make_db, read_state,
+                           run_driver, run_main, sensor_db, up)
 from tests.zerobus_fake import ZerobusFake
 
 SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
@@ -348,6 +352,108 @@ class ThroughTheWarehouse(ZerobusCase):
         self.assertEqual(view, [(300, 300)])
         self.assertEqual(self.sink().count_rows(TABLE, "node-a"), 300)
         self.assertEqual(len(self.sink().read_keys(TABLE, "node-a", ["id"])), 300)
+
+
+@slow
+class KillTest(TempDirTestCase):
+    """SIGKILL the uploader (tests/kill_driver.py) around its Zerobus requests and its
+    checkpoint, restarting until a run completes: every source row is exactly once in
+    the deduplicated view (computed on the rows the fake service stored), with its
+    values; the table itself may hold copies (at least once)."""
+
+    ROWS_SECONDS, SENSORS, BATCH = 60, 20, 100  # 1,200 rows in 12 batches
+    TABLE = "raw_sensor_readings"
+
+    def setUp(self):
+        super().setUp()
+        self.db = sensor_db(self.path("sensors.db"), self.ROWS_SECONDS, self.SENSORS)
+        self.fake = ZerobusFake()
+        address = self.fake.start()
+        self.addCleanup(self.fake.stop)
+        self.fqn = f"{DATABASE}.{self.TABLE}"
+        self.env = {"STATE_DIR": self.path("state"), "SOURCE_ID": "node-k",
+                    "TARGET": "zerobus", "DATABRICKS_HOST": address,
+                    "ZEROBUS_ENDPOINT": f"http://{address}",
+                    "ZEROBUS_WORKSPACE_ID": self.fake.workspace_id,
+                    "DATABRICKS_CLIENT_ID": "sp-id", "DATABRICKS_CLIENT_SECRET": "sp-secret",
+                    "DATABRICKS_DATABASE": DATABASE}
+        code, ddl, err = run_main(["--sqlite", self.db, "--print-ddl"], self.env)
+        self.assertEqual(code, 0, err)
+        self.fake.create_table(self.fqn, ddl.split(";\n")[0])
+        self.argv = ["--sqlite", self.db, "--once", "--batch-size", str(self.BATCH)]
+
+    def source(self):
+        conn = sqlite3.connect(self.db)
+        try:
+            return {r[0]: r[1:] for r in conn.execute(
+                "SELECT id, timestamp, sensor_id, temperature FROM sensor_readings")}
+        finally:
+            conn.close()
+
+    def position(self):
+        state = read_state(self.path("state"))
+        return next(iter(v for k, v in state["destinations"].items()
+                         if self.TABLE in k), None)
+
+    def check_after_kill(self, where):
+        """The view has no copies and no gaps, and ends where the state says the
+        upload got (its cursor, or the end of the batch in flight)."""
+        ids = [r["id"] for r in self.fake.deduped(self.fqn)]
+        self.assertEqual(sorted(ids), list(range(1, max(ids, default=0) + 1)),
+                         f"the view has gaps or copies after a kill {where}")
+        pos = self.position()
+        cursor = pos["cursor"][0] if pos and pos["cursor"] else 0
+        flight = pos and pos["inflight"]
+        ends = {cursor} | ({flight["cursor_end"][0]} if flight else set())
+        if ids:  # rows a request delivered before the kill: up to the batch in flight
+            self.assertLessEqual(max(ids), max(ends), f"after a kill {where}")
+            self.assertGreaterEqual(max(ids), cursor, f"after a kill {where}")
+
+    def crash_loop(self, plan, limit=40):
+        kills = []
+        for hook, k in itertools.islice(plan, limit):
+            done = run_driver(hook, k, self.argv, self.env)
+            if done.returncode == 0:
+                break
+            self.assertEqual(done.returncode, -signal.SIGKILL,
+                             f"{hook} #{k}: exit {done.returncode}\n{done.stderr}")
+            kills.append((hook, k))
+            self.check_after_kill(f"{hook} #{k}")
+        else:
+            self.fail(f"no run completed after {limit} kills: {kills}")
+        self.assertTrue(kills, f"the planted hooks never fired: {plan}")
+        source = self.source()
+        view = self.fake.deduped(self.fqn)
+        counts = collections.Counter(r["id"] for r in view)
+        self.assertEqual(set(counts), set(source))
+        self.assertEqual(max(counts.values()), 1)
+        wrong = [r["id"] for r in view if (
+            r["timestamp"].isoformat().replace("+00:00", "Z"), r["sensor_id"],
+            r["temperature"]) != (up.dt.datetime.fromisoformat(
+                source[r["id"]][0]).replace(tzinfo=up.dt.timezone.utc).isoformat()
+                .replace("+00:00", "Z"), *source[r["id"]][1:])]
+        self.assertEqual(wrong, [])
+        pos = self.position()
+        self.assertEqual(pos["cursor"], [max(source)])
+        self.assertIsNone(pos["inflight"])
+        stored = len(self.fake.rows[self.fqn])
+        print(f"\n  zerobus kills {kills[0][0]}..: {len(kills)} kills, {len(source)} rows "
+              f"once in the view, {stored - len(source)} copies in the table")
+        return kills, stored - len(source)
+
+    def test_kill_before_a_request(self):
+        kills, _ = self.crash_loop((("zerobus-before", k) for k in itertools.count(1)))
+        self.assertGreaterEqual(len(kills), 3)
+
+    def test_kill_after_the_service_took_the_rows(self):
+        """The rows are in the table and the state says in flight: without a warehouse
+        the batch is sent again, and the view keeps one copy of each row."""
+        kills, copies = self.crash_loop((("zerobus-after", k) for k in itertools.count(1)))
+        self.assertGreater(copies, 0)
+
+    def test_kill_around_the_checkpoint(self):
+        self.crash_loop(("begin-after" if k % 2 else "commit-after", k)
+                        for k in itertools.count(1))
 
 
 if __name__ == "__main__":
