@@ -5,16 +5,14 @@ after the commit, an expired token), refusals at start, settings, the warehouse 
 and whole runs through main()."""
 
 import collections
-import itertools
 import json
-import signal
 import sqlite3
 import threading
 import unittest
 from unittest import mock
 
-from tests.helpers import (slow, TempDirTestCase, destination_of, make_db, read_state,
-                           run_driver, run_main, sensor_db, up)
+from tests.helpers import slow, TempDirTestCase, make_db, read_state, run_main, up
+from tests.test_crash import CrashTestCase, parse_ts, rising, source_rows
 from tests.zerobus_fake import ZerobusFake
 
 SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
@@ -355,47 +353,35 @@ class ThroughTheWarehouse(ZerobusCase):
 
 
 @slow
-class KillTest(TempDirTestCase):
+class KillTest(CrashTestCase):
     """SIGKILL the uploader (tests/kill_driver.py) around its Zerobus requests and its
-    checkpoint, restarting until a run completes: every source row is exactly once in
-    the deduplicated view (computed on the rows the fake service stored), with its
-    values; the table itself may hold copies (at least once)."""
+    checkpoint, restarting until a run completes (the crash tests' loop): every source
+    row is exactly once in the deduplicated view (computed on the rows the fake service
+    stored), with its values; the table itself may hold copies (at least once)."""
 
     ROWS_SECONDS, SENSORS, BATCH = 60, 20, 100  # 1,200 rows in 12 batches
-    TABLE = "raw_sensor_readings"
 
     def setUp(self):
         super().setUp()
-        self.db = sensor_db(self.path("sensors.db"), self.ROWS_SECONDS, self.SENSORS)
         self.fake = ZerobusFake()
         address = self.fake.start()
         self.addCleanup(self.fake.stop)
-        self.fqn = f"{DATABASE}.{self.TABLE}"
-        self.env = {"STATE_DIR": self.path("state"), "SOURCE_ID": "node-k",
-                    "TARGET": "zerobus", "DATABRICKS_HOST": address,
-                    "ZEROBUS_ENDPOINT": f"http://{address}",
-                    "ZEROBUS_WORKSPACE_ID": self.fake.workspace_id,
-                    "DATABRICKS_CLIENT_ID": "sp-id", "DATABRICKS_CLIENT_SECRET": "sp-secret",
-                    "DATABRICKS_DATABASE": DATABASE}
+        self.fqn = f"{DATABASE}.{self.table}"
+        self.env.update({"TARGET": "zerobus", "DATABRICKS_HOST": address,
+                         "ZEROBUS_ENDPOINT": f"http://{address}",
+                         "ZEROBUS_WORKSPACE_ID": self.fake.workspace_id,
+                         "DATABRICKS_CLIENT_ID": "sp-id",
+                         "DATABRICKS_CLIENT_SECRET": "sp-secret",
+                         "DATABRICKS_DATABASE": DATABASE})
         code, ddl, err = run_main(["--sqlite", self.db, "--print-ddl"], self.env)
         self.assertEqual(code, 0, err)
         self.fake.create_table(self.fqn, ddl.split(";\n")[0])
-        self.argv = ["--sqlite", self.db, "--once", "--batch-size", str(self.BATCH)]
-
-    def source(self):
-        conn = sqlite3.connect(self.db)
-        try:
-            return {r[0]: r[1:] for r in conn.execute(
-                "SELECT id, timestamp, sensor_id, temperature FROM sensor_readings")}
-        finally:
-            conn.close()
 
     def position(self):
         state = read_state(self.path("state"))
-        return next(iter(v for k, v in state["destinations"].items()
-                         if self.TABLE in k), None)
+        return next((v for k, v in state["destinations"].items() if self.table in k), None)
 
-    def check_after_kill(self, where):
+    def check_after_kill(self, where, at_batch_boundary=True):
         """The view has no copies and no gaps, and ends where the state says the
         upload got (its cursor, or the end of the batch in flight)."""
         ids = [r["id"] for r in self.fake.deduped(self.fqn)]
@@ -404,57 +390,43 @@ class KillTest(TempDirTestCase):
         pos = self.position()
         cursor = pos["cursor"][0] if pos and pos["cursor"] else 0
         flight = pos and pos["inflight"]
-        ends = {cursor} | ({flight["cursor_end"][0]} if flight else set())
-        if ids:  # rows a request delivered before the kill: up to the batch in flight
-            self.assertLessEqual(max(ids), max(ends), f"after a kill {where}")
-            self.assertGreaterEqual(max(ids), cursor, f"after a kill {where}")
+        end = flight["cursor_end"][0] if flight else cursor
+        self.assertTrue(cursor <= max(ids, default=0) <= end, f"view up to "
+                        f"{max(ids, default=0)}, cursor {cursor}, in flight up to {end} "
+                        f"after a kill {where}")
 
-    def crash_loop(self, plan, limit=40):
-        kills = []
-        for hook, k in itertools.islice(plan, limit):
-            done = run_driver(hook, k, self.argv, self.env)
-            if done.returncode == 0:
-                break
-            self.assertEqual(done.returncode, -signal.SIGKILL,
-                             f"{hook} #{k}: exit {done.returncode}\n{done.stderr}")
-            kills.append((hook, k))
-            self.check_after_kill(f"{hook} #{k}")
-        else:
-            self.fail(f"no run completed after {limit} kills: {kills}")
-        self.assertTrue(kills, f"the planted hooks never fired: {plan}")
-        source = self.source()
+    def assert_exactly_once(self, db, lake=None, state_dir=None, label=""):
+        source = source_rows(db)
         view = self.fake.deduped(self.fqn)
         counts = collections.Counter(r["id"] for r in view)
-        self.assertEqual(set(counts), set(source))
-        self.assertEqual(max(counts.values()), 1)
-        wrong = [r["id"] for r in view if (
-            r["timestamp"].isoformat().replace("+00:00", "Z"), r["sensor_id"],
-            r["temperature"]) != (up.dt.datetime.fromisoformat(
-                source[r["id"]][0]).replace(tzinfo=up.dt.timezone.utc).isoformat()
-                .replace("+00:00", "Z"), *source[r["id"]][1:])]
-        self.assertEqual(wrong, [])
+        wrong = [r["id"] for r in view if r["id"] in source and (
+            r["timestamp"], r["sensor_id"], r["temperature"]) != (
+            parse_ts(source[r["id"]][0]), *source[r["id"]][1:])]
+        copies = len(self.fake.rows[self.fqn]) - len(view)
+        figures = (f"{label}{len(source)} rows, {sum(counts.values()) - len(counts)} "
+                   f"duplicates and {len(set(source) - set(counts))} missing in the view, "
+                   f"{len(wrong)} with wrong values; {copies} copies in the table")
+        self.assertEqual((set(counts), max(counts.values()), wrong),
+                         (set(source), 1, []), figures)
         pos = self.position()
         self.assertEqual(pos["cursor"], [max(source)])
         self.assertIsNone(pos["inflight"])
-        stored = len(self.fake.rows[self.fqn])
-        print(f"\n  zerobus kills {kills[0][0]}..: {len(kills)} kills, {len(source)} rows "
-              f"once in the view, {stored - len(source)} copies in the table")
-        return kills, stored - len(source)
+        self.copies = copies
+        return figures
 
     def test_kill_before_a_request(self):
-        kills, _ = self.crash_loop((("zerobus-before", k) for k in itertools.count(1)))
+        kills = self.crash_loop(rising(["zerobus-before"]))
         self.assertGreaterEqual(len(kills), 3)
+        self.assertEqual(self.copies, 0)
 
     def test_kill_after_the_service_took_the_rows(self):
         """The rows are in the table and the state says in flight: without a warehouse
         the batch is sent again, and the view keeps one copy of each row."""
-        kills, copies = self.crash_loop((("zerobus-after", k) for k in itertools.count(1)))
-        self.assertGreater(copies, 0)
+        self.crash_loop(rising(["zerobus-after"]))
+        self.assertGreater(self.copies, 0)
 
     def test_kill_around_the_checkpoint(self):
-        self.crash_loop(("begin-after" if k % 2 else "commit-after", k)
-                        for k in itertools.count(1))
-
+        self.crash_loop(rising(["begin-after", "commit-after", "save-before"]))
 
 if __name__ == "__main__":
     unittest.main()
