@@ -4732,6 +4732,7 @@ def zerobus_reason(reply):
         return text[:300]
     code = found.get("error_code") or found.get("error")
     message = found.get("message") or found.get("error_description") or ""
+    message = message.strip().rstrip(".")
     return f"{code}: {message}" if code else (message or text[:300])
 
 

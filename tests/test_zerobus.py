@@ -54,13 +54,13 @@ class ZerobusCase(TempDirTestCase):
         self.addCleanup(sink.close)
         return sink
 
-    def batches(self, sink, batch_size=1000):
+    def batches(self, sink, batch_size=1000, table=TABLE):
         conn = up.open_source(self.db, 5)
         self.addCleanup(conn.close)
         source = up.describe_table(conn, None, None, self.db)
         checkpoint = up.Checkpoint(self.path("state"))
         checkpoint.data = dict(up.new_state({}), state_id="s1")
-        job = up.Job(sink.config, conn, source, checkpoint, sink, TABLE,
+        job = up.Job(sink.config, conn, source, checkpoint, sink, table,
                      threading.Event(), up.compile_plan(sink.config, source, {}))
         return list(up.prepare_batches(job, up.read_batches(conn, source, None, batch_size),
                                        {"seq": 0, "carry": None}))
@@ -128,11 +128,37 @@ class TokenAndRequests(ZerobusCase):
             up.open_source(self.db, 5), None, None, self.db))
         self.assertEqual(table, "filtered_readings")
         self.fake.create_table(f"{DATABASE}.{table}", self.fake.tables.pop(FQN))
-        for batch in self.batches(sink):
+        for batch in self.batches(sink, table=table):
             sink.write(table, batch)
         rows = self.fake.rows[f"{DATABASE}.{table}"]
         self.assertEqual(sorted(r["id"] for r in rows), list(range(281, 301)))
         self.assertTrue(all(json.loads(r["_row_key"]) == [r["id"]] for r in rows))
+
+    def test_a_pair_cursor_keys_rows_by_timestamp_and_rowid(self):
+        self.db = make_db(self.path("pair.db"), "CREATE TABLE readings (ts TEXT, v REAL)",
+                          [("2025-01-01T00:00:01Z", 1.0), ("2025-01-01T00:00:01Z", 2.0),
+                           ("2025-01-01T00:00:00Z", 3.0)], ["ts", "v"])
+        self.create()
+        self.write(self.sink())
+        keys = {r["v"]: json.loads(r["_row_key"]) for r in self.fake.rows[FQN]}
+        self.assertEqual(keys, {1.0: ["2025-01-01T00:00:01Z", 1],
+                                2.0: ["2025-01-01T00:00:01Z", 2],
+                                3.0: ["2025-01-01T00:00:00Z", 3]})
+
+    def test_aggregated_rows_are_keyed_by_batch_and_row_number(self):
+        spec = {"group_by": ["sensor"], "aggregations": {"value": ["max"]}}
+        sink = self.sink(enable_aggregate=True, aggregate_config=spec)
+        table = "aggregated_readings"
+        ddl = up.print_ddl(sink.config, {})
+        self.fake.create_table(f"{DATABASE}.{table}", ddl.split(";\n")[0])
+        batches = self.batches(sink, batch_size=100, table=table)
+        for batch in batches:
+            sink.write(table, batch)
+        rows = self.fake.rows[f"{DATABASE}.{table}"]
+        self.assertEqual(len(rows), 3 * 7)  # 7 sensors in each of 3 batches
+        self.assertEqual(sorted(r["_row_key"] for r in rows),
+                         sorted(f"{b.batch_id}:{i}" for b in batches[:3] for i in range(7)))
+        self.assertEqual(len(self.fake.deduped(f"{DATABASE}.{table}")), 21)
 
 
 class Faults(ZerobusCase):
@@ -212,7 +238,7 @@ class Faults(ZerobusCase):
 class AtStart(ZerobusCase):
     def test_a_missing_table_is_refused_at_start_with_the_fix(self):
         with self.assertRaisesRegex(up.SinkError, r"NOT_FOUND: Table \"main.sensors."
-                                    r"raw_readings\" cannot be found.*--print-ddl"):
+                                    r"raw_readings\" cannot be found; create it.*--print-ddl"):
             self.sink().known_kinds(TABLE)
 
     def test_bad_credentials_are_refused_without_the_secret(self):
