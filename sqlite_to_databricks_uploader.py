@@ -4459,13 +4459,16 @@ class ZerobusSink(Sink):
         self._checked.add(table)
 
     def prepare(self, table, batch):
-        """Through the warehouse: the table with the batch's columns, and its view."""
+        """Through the warehouse: the table with the batch's columns, and its view (made
+        when missing or when its columns are not the table's: a fleet restarting does
+        not replace it a thousand times)."""
         if self.warehouse is not None:
             warehouse, names = self.through_warehouse(), list(batch.columns) + ["_row_key"]
             warehouse.ensure_table(table, names, list(batch.kinds) + [STRING])
             columns = list(warehouse.known_kinds(table))
-            if self._views.get(table) != columns:
-                warehouse._ddl(deduped_view_sql(self.database, table, columns), table)
+            if self._views.get(table) != columns:  # once per process and new column
+                if list(warehouse._describe_again(table + DEDUPED_SUFFIX)) != columns:
+                    warehouse._ddl(deduped_view_sql(self.database, table, columns), table)
                 self._views[table] = columns
         self.check_table(table)
 

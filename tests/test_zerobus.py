@@ -369,6 +369,9 @@ class ThroughTheWarehouse(ZerobusCase):
         self.mirror()
         self.assertTrue(self.sink().has_committed(TABLE, batch.seq, batch.batch_id))
         self.assertFalse(self.sink().has_committed(TABLE, batch.seq, batch.batch_id, "node-b"))
+        self.sink().prepare(TABLE, batch)  # another process: the view is as it should be
+        self.assertEqual(sum(s["sql"].startswith("CREATE OR REPLACE VIEW")
+                             for s in self.warehouse.statements()), 1)
         sink.write(TABLE, batch)  # a second copy: the view keeps one
         self.mirror()
         view = self.warehouse.query(f'SELECT count(*), count(DISTINCT id) FROM '
