@@ -4421,6 +4421,22 @@ class ZerobusSink(Sink):
             return super().query(sql, info_table)
         return self.through_warehouse().query(sql, info_table)
 
+    def self_test(self, name):
+        """--test-upload: a scratch table made through the warehouse, a token for it, a
+        row sent to Zerobus Ingest, the table dropped. (The row is not read back: rows
+        become visible seconds after the service acknowledges them.)"""
+        warehouse = self.through_warehouse("--test-upload")
+        target = warehouse.target(name)
+        row = json.dumps([{"id": 1, "note": "it works", "at": 0}]).encode()
+        steps = [(f"create {name}", lambda: warehouse.execute(
+                     f"CREATE TABLE {target} (id BIGINT, note STRING, at TIMESTAMP) "
+                     "USING DELTA", what="creating a scratch table")),
+                 (f"get a token for {self.fqn(name)}", lambda: self.token(name)),
+                 ("send a row", lambda: self._post(name, row, "sending a row")),
+                 (f"drop {name}", lambda: warehouse.execute(
+                     f"DROP TABLE {target}", what="dropping the scratch table"))]
+        yield from run_steps(steps)
+
     def close(self):
         if self.warehouse is not None:
             self.warehouse.close()
@@ -4608,9 +4624,9 @@ class ZerobusSink(Sink):
 
     def through_warehouse(self, doing=""):
         """The warehouse sink, waiting as this sink waits (a test's clock, a stop)."""
-        if self.warehouse is None:
-            raise SinkError(f"sink: {doing} reads the table through a SQL warehouse: set "
-                            "DATABRICKS_HTTP_PATH (Zerobus Ingest only takes rows)")
+        if self.warehouse is None:  # (only actions get here: a setting is missing)
+            raise ConfigError(f"config: {doing} reads the table through a SQL warehouse: "
+                              "set DATABRICKS_HTTP_PATH (Zerobus Ingest only takes rows)")
         warehouse = self.warehouse
         warehouse.sleep, warehouse.clock, warehouse.jitter = self.sleep, self.clock, self.jitter
         return warehouse

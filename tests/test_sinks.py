@@ -568,7 +568,7 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
         count_rows is 0 with a line saying it could not count (a table new to the state
         then starts from the beginning: what it already holds is once in the view)."""
         self.write_all(self.sink())
-        with self.assertRaisesRegex(up.SinkError, "DATABRICKS_HTTP_PATH"):
+        with self.assertRaisesRegex(up.ConfigError, "DATABRICKS_HTTP_PATH"):
             self.sink().read_keys(self.TABLE, "node-a", ["id"])
         with self.assertLogs("uploader", "INFO") as logs:
             self.assertEqual(self.sink().count_rows(self.TABLE, "node-a"), 0)
@@ -577,5 +577,5 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
     def test_recover_position_after_the_last_batch(self):
         """--recover-state reads the table too: refused without a warehouse."""
         self.write_all(self.sink())
-        with self.assertRaisesRegex(up.SinkError, "--recover-state.*DATABRICKS_HTTP_PATH"):
+        with self.assertRaisesRegex(up.ConfigError, "--recover-state.*DATABRICKS_HTTP_PATH"):
             self.sink().recover_position(self.TABLE, self.source)

@@ -380,6 +380,23 @@ class ThroughTheWarehouse(ZerobusCase):
         self.assertEqual(self.sink().count_rows(TABLE, "node-a"), 300)
         self.assertEqual(len(self.sink().read_keys(TABLE, "node-a", ["id"])), 300)
 
+    def test_test_upload_sends_a_row_to_a_scratch_table(self):
+        code, out, err = run_main(["--test-upload"], self.env())
+        self.assertEqual(code, 0, out + err)
+        lines = out.splitlines()
+        self.assertEqual([line.split()[-1] for line in lines], ["ok"] * 4, out)
+        (scratch,) = [t for t in self.fake.rows if "_uploader_selftest_" in t]
+        self.assertEqual([r["note"] for r in self.fake.rows[scratch]], ["it works"])
+        self.assertNotIn(scratch.split(".")[-1], str(self.warehouse.query(
+            "SELECT table_name FROM information_schema.tables")))
+
+    def test_test_upload_without_a_warehouse_says_what_it_needs(self):
+        env = self.env()
+        del env["DATABRICKS_HTTP_PATH"]
+        code, _, err = run_main(["--test-upload"], env)
+        self.assertEqual(code, up.EXIT_BAD_INPUT)
+        self.assertIn("--test-upload reads the table through a SQL warehouse", err)
+
 
 @slow
 class KillTest(CrashTestCase):
