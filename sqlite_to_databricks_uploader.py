@@ -4469,7 +4469,8 @@ class ZerobusSink(Sink):
                 hint = "" if self.warehouse else (
                     "; create it and its view (--print-ddl prints them) or set "
                     "DATABRICKS_HTTP_PATH so the uploader creates them")
-                raise SinkError(f"{exc}{hint if 'NOT_FOUND' in str(exc) else ''}") from None
+                raise SinkError(f"{exc}{hint if 'NOT_FOUND' in str(exc) else ''}",
+                                transient=exc.transient) from None
             log.debug("sink: the empty probe of %s was refused (%s); rows will tell",
                       table, exc)
         self._checked.add(table)
@@ -4531,23 +4532,36 @@ class ZerobusSink(Sink):
         return Receipt(batch.count)
 
     def _post(self, table, body, what):
-        """POST one insert; retry 429/503/5xx/network failures with capped, jittered
-        backoff (a Retry-After is obeyed), and a refused token once with a new one."""
+        """POST one insert with the table's token; a token refused (401) is replaced
+        once."""
         url = (f"{self.endpoint}/zerobus/v1/tables/"
                f"{urllib.parse.quote(self.fqn(table), safe='.')}/insert")
-        failures, refreshed = 0, False
+        refreshed = []
+
+        def refresh(reply):
+            if refreshed:
+                return False
+            log.info("sink: Zerobus Ingest refused the token for %s (%s); getting a new "
+                     "one", table, zerobus_reason(reply))
+            self._tokens.pop(table, None)
+            refreshed.append(True)
+            return True
+
+        self._request(url, body, lambda: {
+            "Authorization": f"Bearer {self.token(table)}",
+            "Content-Type": "application/json", "User-Agent": f"{TOOL}/{__version__}"},
+            what, refresh)
+
+    def _request(self, url, body, headers, what, on_401=None):
+        """POST until the answer is 2xx (its body): 429, 5xx and network failures are
+        retried with capped, jittered backoff (a Retry-After is obeyed); a 401 is tried
+        again when `on_401(reply)` says so; anything else fails with the reason."""
+        failures = 0
         while True:
-            headers = {"Authorization": f"Bearer {self.token(table)}",
-                       "Content-Type": "application/json",
-                       "User-Agent": f"{TOOL}/{__version__}"}
-            status, reply, wait = http_request(url, body, headers, self.TIMEOUT)
+            status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
             if status is not None and 200 <= status < 300:
-                return
-            if status == 401 and not refreshed:
-                log.info("sink: Zerobus Ingest refused the token for %s (%s); getting a "
-                         "new one", table, zerobus_reason(reply))
-                self._tokens.pop(table, None)
-                refreshed = True
+                return reply
+            if status == 401 and on_401 is not None and on_401(reply):
                 continue
             error = zerobus_error(what, status, reply, self.config)
             failures += 1
@@ -4586,27 +4600,16 @@ class ZerobusSink(Sink):
             "authorization_details": json.dumps(details)}).encode()
         basic = base64.b64encode(f"{cfg.databricks_client_id}:"
                                  f"{cfg.databricks_client_secret}".encode()).decode()
-        headers = {"Authorization": f"Basic {basic}",
-                   "Content-Type": "application/x-www-form-urlencoded"}
         what = f"getting a Zerobus token for {self.fqn(table)}"
-        for failures in range(1, self.RETRIES + 1):
-            status, reply, wait = http_request(self.token_url, form, headers, self.TIMEOUT)
-            if status == 200:
-                try:
-                    found = json.loads(reply)
-                    return found["access_token"], float(found.get("expires_in") or 3600)
-                except (ValueError, KeyError, TypeError):
-                    raise SinkError(f"sink: {what}: the token endpoint answered without "
-                                    "an access_token") from None
-            error = zerobus_error(what, status, reply, cfg)
-            if not error.transient or failures == self.RETRIES:
-                raise error
-            delay = (min(wait, self.RETRY_AFTER_MAX) if wait is not None
-                     else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
-            log.warning("%s; retry %d in %.0f s", error, failures, delay)
-            if self.sleep(delay):
-                raise error
-        raise AssertionError("unreachable")
+        reply = self._request(self.token_url, form, lambda: {
+            "Authorization": f"Basic {basic}",
+            "Content-Type": "application/x-www-form-urlencoded"}, what)
+        try:
+            found = json.loads(reply)
+            return found["access_token"], float(found.get("expires_in") or 3600)
+        except (ValueError, KeyError, TypeError):
+            raise SinkError(f"sink: {what}: the token endpoint answered without an "
+                            "access_token") from None
 
     # --- what the table holds (through the warehouse) ---------------------------------
 

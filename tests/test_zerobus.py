@@ -210,6 +210,25 @@ class Faults(ZerobusCase):
         self.assertIn("refused the token", "\n".join(logs.output))
         self.assertEqual(self.stored(), list(range(1, 301)))
 
+    def test_a_token_endpoint_503_is_retried(self):
+        sleeps = []
+        self.fake.plan("token_503")
+        self.write(self.sink(sleeps))
+        self.assertEqual(sleeps, [2])
+        self.assertEqual(self.stored(), list(range(1, 301)))
+
+    def test_an_unreachable_endpoint_is_transient_and_retried(self):
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]  # nothing listens there once closed
+        sleeps = []
+        sink = self.sink(sleeps, zerobus_endpoint=f"http://127.0.0.1:{closed}")
+        with self.assertRaisesRegex(up.SinkError, "refused") as caught:
+            self.write(sink)
+        self.assertTrue(caught.exception.transient)
+        self.assertEqual(sleeps, [2, 4, 8, 16, 32, 60, 60])
+
     def test_a_token_is_renewed_before_it_expires(self):
         self.fake.token_lifetime = 120
         now = [0.0]

@@ -20,8 +20,9 @@ zerobus-limits, zerobus-errors) and the token request the public Zerobus SDKs ma
   TEMPORARILY_UNAVAILABLE.
 
 Faults are planned with `plan(fault, ...)` and fire on the next insert: "drop_reply"
-(the rows are stored, the connection closes without an answer), "429", "503" and
-"expire" (every token expires: the insert gets 401 and a new token works).
+(the rows are stored, the connection closes without an answer; an empty insert does
+not take it), "429", "503" and "expire" (every token expires: the insert gets 401 and a
+new token works); "token_503" fires on the next token request.
 """
 
 import base64
@@ -115,6 +116,11 @@ class ZerobusFake:
 
     def issue(self, headers, body):
         """The token endpoint: (status, reply)."""
+        with self.lock:
+            if self.faults and self.faults[0][0] == "token_503":
+                self.faults.pop(0)
+                return 503, {"error": "temporarily_unavailable",
+                             "error_description": "try again"}
         auth = headers.get("Authorization", "")
         try:
             client, _, secret = base64.b64decode(auth.removeprefix("Basic ")).decode() \
