@@ -4368,7 +4368,7 @@ class ZerobusSink(Sink):
         self._tokens = {}  # table -> (token, monotonic expiry)
         self._checked = set()  # tables the service took a probe for
         self._views = {}  # table -> columns of its deduped view as last created
-        self._offset = 0  # rows of the batch encoded before this part (aggregated rows)
+        self._offset = ("", 0)  # (batch id, its rows encoded before this part)
 
     @property
     def destination(self):
@@ -4498,9 +4498,10 @@ class ZerobusSink(Sink):
         columns = [coerce_column(values, kind, name, rescued)
                    for name, kind, values in zip(part.columns, part.kinds, part.values)]
         encoders = [ZEROBUS_VALUES.get(kind, ZEROBUS_VALUES[STRING]) for kind in part.kinds]
-        self._offset = 0 if part.first else self._offset
-        keys = row_keys(part, table, self._offset)
-        self._offset += part.count
+        batch, offset = self._offset
+        offset = offset if batch == part.batch_id else 0  # parts of a batch come in order
+        keys = row_keys(part, table, offset)
+        self._offset = (part.batch_id, offset + part.count)
         now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
         extra = rescued_json(rescued, part.count)
         rows, dumps = [], json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),

@@ -54,7 +54,7 @@ class ZerobusCase(TempDirTestCase):
         self.addCleanup(sink.close)
         return sink
 
-    def batches(self, sink, batch_size=1000, table=TABLE):
+    def batches(self, sink, batch_size=1000, table=TABLE, chunk_rows=up.CHUNK_ROWS):
         conn = up.open_source(self.db, 5)
         self.addCleanup(conn.close)
         source = up.describe_table(conn, None, None, self.db)
@@ -62,7 +62,8 @@ class ZerobusCase(TempDirTestCase):
         checkpoint.data = dict(up.new_state({}), state_id="s1")
         job = up.Job(sink.config, conn, source, checkpoint, sink, table,
                      threading.Event(), up.compile_plan(sink.config, source, {}))
-        return list(up.prepare_batches(job, up.read_batches(conn, source, None, batch_size),
+        return list(up.prepare_batches(job, up.read_batches(conn, source, None, batch_size,
+                                                            chunk_rows),
                                        {"seq": 0, "carry": None}))
 
     def write(self, sink):
@@ -159,6 +160,22 @@ class TokenAndRequests(ZerobusCase):
         self.assertEqual(sorted(r["_row_key"] for r in rows),
                          sorted(f"{b.batch_id}:{i}" for b in batches[:3] for i in range(7)))
         self.assertEqual(len(self.fake.deduped(f"{DATABASE}.{table}")), 21)
+
+    def test_aggregated_rows_of_a_batch_read_in_parts_keep_their_keys(self):
+        """A batch read in several chunks: row numbers run on across its parts, and a
+        new process numbers the same batch the same way (a re-send is recognised)."""
+        spec = {"group_by": ["sensor"], "aggregations": {"value": ["max"]}}
+        table = "aggregated_readings"
+
+        def keys():
+            sink = self.sink(enable_aggregate=True, aggregate_config=spec)
+            (batch, *_) = self.batches(sink, batch_size=300, table=table, chunk_rows=100)
+            return [json.loads(b"[" + b",".join(part) + b"]") for part in batch.payload]
+        first, again = keys(), keys()
+        numbers = [r["_row_key"] for part in first for r in part]
+        self.assertEqual(len(first), 3)
+        self.assertEqual(numbers, [f"s1-1:{i}" for i in range(len(numbers))])
+        self.assertEqual(numbers, [r["_row_key"] for part in again for r in part])
 
 
 class Faults(ZerobusCase):
