@@ -4636,20 +4636,19 @@ class ZerobusSink(Sink):
         return warehouse
 
     def count_rows(self, table, source_id):
-        """Rows of the node in the deduplicated view (each row once); without a
-        warehouse 0, said in a line: a table used for the first time then starts from
-        the beginning, and rows it already holds appear once in the view all the same
-        (their `_row_key`s are the same)."""
+        """Rows of the node in the table, copies included (any says the table holds
+        the node's rows); without a warehouse 0, said in a line: a table new to the
+        state then starts from the beginning, and rows it already holds from this
+        target appear once in the view all the same (their `_row_key`s are the same)."""
         if self.warehouse is None:
             log.info("sink: without a SQL warehouse the rows of node %s in %s cannot be "
                      "counted; taken as 0 (rows sent again appear once in %s%s)",
                      source_id, table, table, DEDUPED_SUFFIX)
             return 0
-        return self.through_warehouse().count_rows(table + DEDUPED_SUFFIX, source_id)
+        return self.through_warehouse().count_rows(table, source_id)
 
     def read_keys(self, table, source_id, names):
-        return self.through_warehouse("reading keys").read_keys(
-            table + DEDUPED_SUFFIX, source_id, names)
+        return self.through_warehouse("reading keys").read_keys(table, source_id, names)
 
     def recover_position(self, table, source):
         return self.through_warehouse("--recover-state").recover_position(table, source)
@@ -4660,12 +4659,14 @@ DEDUPED_SUFFIX = "_deduped"
 
 def deduped_view_sql(database, table, columns):
     """CREATE OR REPLACE VIEW <table>_deduped: one row per (_source_id, _row_key), the
-    first copy uploaded (a batch sent again repeats its rows with a later _uploaded_at)."""
+    first copy uploaded (a batch sent again repeats its rows with a later _uploaded_at).
+    Rows without a `_row_key` (written by another target) are all kept."""
     cols = ", ".join(quote_name(c) for c in columns)
     return (f"CREATE OR REPLACE VIEW {qualified_name(database, table + DEDUPED_SUFFIX)} "
             f"AS SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY "
             "`_source_id`, `_row_key` ORDER BY `_uploaded_at`, `_batch_id`) AS "
-            f"`_copy_number` FROM {qualified_name(database, table)}) WHERE `_copy_number` = 1")
+            f"`_copy_number` FROM {qualified_name(database, table)}) WHERE `_copy_number` = 1 "
+            "OR `_row_key` IS NULL")
 
 
 def row_keys(part, table, offset):

@@ -413,8 +413,12 @@ class ThroughTheWarehouse(ZerobusCase):
         view = self.warehouse.query(f'SELECT count(*), count(DISTINCT id) FROM '
                                     f'"{FQN}_deduped"')
         self.assertEqual(view, [(300, 300)])
-        self.assertEqual(self.sink().count_rows(TABLE, "node-a"), 300)
+        self.assertEqual(self.sink().count_rows(TABLE, "node-a"), 600)  # copies and all
         self.assertEqual(len(self.sink().read_keys(TABLE, "node-a", ["id"])), 300)
+        self.warehouse.query(f'INSERT INTO "{FQN}" (id, _source_id) VALUES (900, \'old\'), '
+                             f'(901, \'old\')')  # rows another target wrote: no _row_key
+        self.assertEqual(self.warehouse.query(f'SELECT count(*) FROM "{FQN}_deduped" '
+                                              f"WHERE _source_id = 'old'"), [(2,)])
 
     def test_test_upload_sends_a_row_to_a_scratch_table(self):
         code, out, err = run_main(["--test-upload"], self.env())
