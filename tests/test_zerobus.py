@@ -122,6 +122,15 @@ class TokenAndRequests(ZerobusCase):
         self.assertEqual((first["sensor"], first["value"], first["_source_id"]),
                          ("s-1", 0.25, "node-a"))
 
+    def test_a_request_over_the_service_limit_is_refused_with_the_fix(self):
+        self.create()
+        self.fake.max_request_bytes = 10_000  # the service takes less than configured
+        with self.assertRaisesRegex(up.SinkError, "HTTP 413 .*lower zerobus_max_request_"
+                                    "bytes") as caught:
+            self.write(self.sink())
+        self.assertFalse(caught.exception.transient)
+        self.assertEqual(self.fake.rows[FQN], [])
+
     def test_a_row_key_follows_its_row_through_the_filter(self):
         self.create(enable_filter=True, filter_config={"value": {">": 70}})
         sink = self.sink(enable_filter=True, filter_config={"value": {">": 70}})
