@@ -4449,19 +4449,23 @@ class ZerobusSink(Sink):
     def known_kinds(self, table):
         """The table's columns (through the warehouse); and, at start, the service's
         word on the table: one it refuses fails here, with its reason."""
+        self.check_name(table)
         kinds = self.through_warehouse().known_kinds(table) if self.warehouse else {}
         if kinds or self.warehouse is None:
             self.check_table(table)
         return kinds
 
-    def check_table(self, table):
-        """Once per table: a token for it and an empty insert; a refusal says why."""
-        if table in self._checked:
-            return
+    def check_name(self, table):
         if not self.TABLE_NAME.fullmatch(table):
             raise SinkError(f"sink: Zerobus Ingest takes only table names of ASCII "
                             f"letters, digits and underscores, not {table!r}; set "
                             "DATABRICKS_TABLE to such a name")
+
+    def check_table(self, table):
+        """Once per table: a token for it and an empty insert; a refusal says why."""
+        if table in self._checked:
+            return
+        self.check_name(table)
         try:
             self._post(table, b"[]", f"checking table {self.fqn(table)}")
         except SinkError as exc:
@@ -4479,6 +4483,7 @@ class ZerobusSink(Sink):
         """Through the warehouse: the table with the batch's columns, and its view (made
         when missing or when its columns are not the table's: a fleet restarting does
         not replace it a thousand times)."""
+        self.check_name(table)  # before the warehouse makes a table the service refuses
         if self.warehouse is not None:
             warehouse, names = self.through_warehouse(), list(batch.columns) + ["_row_key"]
             warehouse.ensure_table(table, names, list(batch.kinds) + [STRING])

@@ -20,7 +20,7 @@ import threading
 import unittest
 from unittest import mock
 
-from tests.helpers import TempDirTestCase, delta_rows, make_db, up
+from tests.helpers import TempDirTestCase, delta_rows, make_db, up, use_fake_warehouse
 
 SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
           "sensor TEXT, value REAL, raw BLOB)")
@@ -317,13 +317,8 @@ class WarehouseSinkTest(SinkContract, TempDirTestCase):
     def setUp(self):
         from tests import fake_warehouse
         self.fake = fake_warehouse
-        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
-        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
         super().setUp()
-        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
-            self.path("warehouse"))
-        self.addCleanup(self.warehouse.release)
-        up.DatabricksSink.connector = fake_warehouse
+        self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
         for patcher in (mock.patch.object(up.time, "sleep", lambda s: None),):
             patcher.start()
             self.addCleanup(patcher.stop)
@@ -446,13 +441,13 @@ def decode(value, kind):
     return value
 
 
-class ZerobusSinkTest(SinkContract, TempDirTestCase):
-    """Zerobus Ingest through tests/zerobus_fake.py, with no SQL warehouse: the table is
-    made beforehand from --print-ddl's statements, as an admin would. Where Zerobus'
-    semantics differ (at least once in the table, no way to ask whether a batch landed,
-    no reads), the contract test is replaced below by one that says how, and checks it."""
+class ZerobusContract(SinkContract):
+    """The contract on Zerobus Ingest through tests/zerobus_fake.py; read through the
+    deduplicated view, which is what users query. Where Zerobus' semantics differ the
+    test is replaced by one that says how, and checks it."""
 
     DATABASE = "main.sensors"
+    WAREHOUSE = False
 
     def setUp(self):
         from tests.zerobus_fake import ZerobusFake
@@ -460,10 +455,12 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
         self.fake = ZerobusFake()
         self.address = self.fake.start()
         self.addCleanup(self.fake.stop)
-        self.create(self.TABLE, self.db)
 
     def make_config(self, **settings):
         settings.setdefault("sqlite", self.db)
+        if self.WAREHOUSE:
+            settings.update(databricks_http_path="/sql/1.0/warehouses/abc",
+                            databricks_token="dapi-contract")
         config = up.Config(target="zerobus", databricks_host=self.address,
                            zerobus_endpoint=f"http://{self.address}",
                            zerobus_workspace_id=self.fake.workspace_id,
@@ -484,15 +481,49 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
         sink.sleep = lambda seconds: None
         return sink
 
+    def lose_next_reply(self):
+        self.fake.plan("drop_reply")
+
+    def test_hostile_names(self):
+        """Zerobus takes table names of ASCII letters, digits and underscores only (its
+        documented limit): a hostile table name is refused before anything is sent or
+        made; hostile column names travel as JSON keys."""
+        db = make_db(self.path("hostile.db"), 'CREATE TABLE "we`ird t\u00e4ble" (id INTEGER '
+                     'PRIMARY KEY AUTOINCREMENT, "a`b" TEXT, "c\'d" INTEGER, "\u00fcml" REAL)',
+                     [("x`'\"", 1, 0.5)], ["a`b", "c'd", "\u00fcml"])
+        conn = up.open_source(db, 5)
+        self.addCleanup(conn.close)
+        source = up.describe_table(conn, None, None, db)
+        sink = self.sink()
+        with self.assertRaisesRegex(up.SinkError, "ASCII letters, digits and underscores"):
+            sink.known_kinds(up.route_table(source.name))
+        self.assertEqual(self.fake.requests, [])
+        job = self.job(sink, "raw_plain")
+        job.conn, job.source = conn, source
+        self.create("raw_plain", db, databricks_table="plain")
+        for batch in up.prepare_batches(job, up.read_batches(conn, source, None, 10),
+                                        {"seq": 0, "carry": None}):
+            sink.write("raw_plain", batch)
+        (row,) = self.landed("raw_plain")
+        self.assertEqual((row["a`b"], row["c'd"], row["\u00fcml"]), ("x`'\"", 1, 0.5))
+
+
+class ZerobusSinkTest(ZerobusContract, TempDirTestCase):
+    """Zerobus with no SQL warehouse: the table is made beforehand from --print-ddl's
+    statements, as an admin would; the view is computed on the fake's stored rows.
+    Without a warehouse nothing reads the table, so has_committed, count_rows,
+    read_keys and recover_position differ (below)."""
+
+    def setUp(self):
+        super().setUp()
+        self.create(self.TABLE, self.db)
+
     def landed(self, table):
         """What users read: the deduplicated view."""
         return self.fake.deduped(f"{self.DATABASE}.{table}")
 
     def stored(self, table=None):
         return sorted(r["id"] for r in self.fake.rows[f"{self.DATABASE}.{table or self.TABLE}"])
-
-    def lose_next_reply(self):
-        self.fake.plan("drop_reply")
 
     # --- where Zerobus differs ----------------------------------------------------
 
@@ -539,30 +570,6 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
         self.assertEqual(rows[4]["unit"], "C")
         self.assertIsNone(rows[1]["unit"])
 
-    def test_hostile_names(self):
-        """Zerobus takes table names of ASCII letters, digits and underscores only (its
-        documented limit): a hostile table name is refused before anything is sent;
-        hostile column names travel as JSON keys."""
-        db = make_db(self.path("hostile.db"), 'CREATE TABLE "we`ird t\u00e4ble" (id INTEGER '
-                     'PRIMARY KEY AUTOINCREMENT, "a`b" TEXT, "c\'d" INTEGER, "\u00fcml" REAL)',
-                     [("x`'\"", 1, 0.5)], ["a`b", "c'd", "\u00fcml"])
-        conn = up.open_source(db, 5)
-        self.addCleanup(conn.close)
-        source = up.describe_table(conn, None, None, db)
-        sink = self.sink()
-        with self.assertRaisesRegex(up.SinkError, "ASCII letters, digits and underscores"):
-            sink.known_kinds(up.route_table(source.name))
-        sent = len(self.fake.requests)
-        job = self.job(sink, "raw_plain")
-        job.conn, job.source = conn, source
-        self.create("raw_plain", db, databricks_table="plain")
-        for batch in up.prepare_batches(job, up.read_batches(conn, source, None, 10),
-                                        {"seq": 0, "carry": None}):
-            sink.write("raw_plain", batch)
-        (row,) = self.landed("raw_plain")
-        self.assertEqual((row["a`b"], row["c'd"], row["\u00fcml"]), ("x`'\"", 1, 0.5))
-        self.assertGreater(len(self.fake.requests), sent)
-
     def test_count_rows_and_read_keys_per_node(self):
         """Reading the table needs a SQL warehouse. Without one, read_keys says so, and
         count_rows is 0 with a line saying it could not count (a table new to the state
@@ -579,3 +586,33 @@ class ZerobusSinkTest(SinkContract, TempDirTestCase):
         self.write_all(self.sink())
         with self.assertRaisesRegex(up.ConfigError, "--recover-state.*DATABRICKS_HTTP_PATH"):
             self.sink().recover_position(self.TABLE, self.source)
+
+
+class ZerobusWarehouseSinkTest(ZerobusContract, TempDirTestCase):
+    """Zerobus with a SQL warehouse (the DB-API double): the warehouse makes the table
+    and its view, and the fake service materializes what it takes into that table at
+    once (the real one takes seconds). Then the contract holds as it is, read through
+    the view: a batch written twice is once in it, has_committed finds the batch's last
+    request, a new source column is added through the warehouse, count_rows, read_keys
+    and recover_position read the table. Only hostile table names differ (above)."""
+
+    WAREHOUSE = True
+
+    def setUp(self):
+        super().setUp()
+        self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
+        self.fake.catalog = lambda table: {n: k.upper() for n, k in
+                                           self.warehouse.columns(table).items()}
+        self.fake.materialize = self.materialize
+
+    def materialize(self, table, records):
+        import duckdb
+        with duckdb.connect(self.warehouse.db_path) as db:
+            for record in records:
+                names = ", ".join('"' + n.replace('"', '""') + '"' for n in record)
+                db.execute(f'INSERT INTO "{table}" ({names}) VALUES '
+                           f'({", ".join("?" * len(record))})', list(record.values()))
+
+    def landed(self, table):
+        """What users read: the deduplicated view, through the warehouse."""
+        return self.warehouse.rows(f"{self.DATABASE}.{table}_deduped")

@@ -11,7 +11,8 @@ import threading
 import unittest
 from unittest import mock
 
-from tests.helpers import slow, TempDirTestCase, make_db, read_state, run_main, up
+from tests.helpers import (slow, TempDirTestCase, make_db, read_state, run_main, up,
+                           use_fake_warehouse)
 from tests.test_crash import CrashTestCase, parse_ts, rising, source_rows
 from tests.zerobus_fake import ZerobusFake
 
@@ -373,13 +374,8 @@ class ThroughTheWarehouse(ZerobusCase):
     as the service materializes rows into the Delta table."""
 
     def setUp(self):
-        from tests import fake_warehouse
         super().setUp()
-        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
-        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
-        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
-            self.path("warehouse"))
-        up.DatabricksSink.connector = fake_warehouse
+        self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
         self.fake.catalog = lambda table: {name: kind.upper() for name, kind in
                                            self.warehouse.columns(table).items()}
 

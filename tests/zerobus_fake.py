@@ -57,6 +57,7 @@ class ZerobusFake:
         self.lock = threading.Lock()
         self.catalog = None  # table -> {column: type} or None: the schemas of tables
         # made or altered elsewhere (through a warehouse), read on each insert
+        self.materialize = None  # (table, records): where taken rows become queryable
         self._serial = 0
         self.server = None
 
@@ -203,6 +204,8 @@ class ZerobusFake:
             return 400, error("INVALID_PARAMETER_VALUE", str(exc)), {}, False
         with self.lock:
             self.rows[table].extend(records)
+            if self.materialize and records:
+                self.materialize(table, records)
         return 200, {}, {}, fault == "drop_reply"
 
     def decode_record(self, table, record):
