@@ -4560,8 +4560,9 @@ class ZerobusSink(Sink):
 
     def _request(self, url, body, headers, what, on_401=None):
         """POST until the answer is 2xx (its body): 429, 5xx and network failures are
-        retried with capped, jittered backoff (a Retry-After is obeyed); a 401 is tried
-        again when `on_401(reply)` says so; anything else fails with the reason."""
+        retried with capped, jittered backoff (a Retry-After is obeyed, plus up to 20%);
+        a 401 is tried again when `on_401(reply)` says so; anything else fails with the
+        reason."""
         failures = 0
         while True:
             status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
@@ -4573,8 +4574,10 @@ class ZerobusSink(Sink):
             failures += 1
             if not error.transient or failures >= self.RETRIES:
                 raise error
-            delay = (min(wait, self.RETRY_AFTER_MAX) if wait is not None
-                     else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
+            # a Retry-After is obeyed, plus a little: a fleet told the same wait does not
+            # come back in the same instant
+            delay = (min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
+                     if wait is not None else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
             log.warning("%s; retry %d in %.0f s", error, failures, delay)
             if self.sleep(delay):  # stopping: the failure stands
                 raise error

@@ -199,7 +199,7 @@ class Faults(ZerobusCase):
         sink.check_table(TABLE)
         self.fake.plan("429", retry_after=7)
         self.write(sink)
-        self.assertEqual(sleeps, [7.0])
+        self.assertEqual(sleeps, [7 * 1.2])  # Retry-After, and up to 20% more (the jitter)
         self.assertEqual(self.stored(), list(range(1, 301)))
 
     def test_503_is_retried_with_capped_backoff(self):
