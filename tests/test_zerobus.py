@@ -287,6 +287,14 @@ class AtStart(ZerobusCase):
                                     r"raw_readings\" cannot be found; create it.*--print-ddl"):
             self.sink().known_kinds(TABLE)
 
+    def test_a_table_the_principal_may_not_write_is_refused_at_start(self):
+        self.create()
+        self.fake.grants["sp-id"] = [f"{DATABASE}.other"]
+        with self.assertRaisesRegex(up.SinkError, "HTTP 403 PERMISSION_DENIED.*grant the "
+                                    "service principal USE CATALOG") as caught:
+            self.sink().known_kinds(TABLE)
+        self.assertFalse(caught.exception.transient)
+
     def test_bad_credentials_are_refused_without_the_secret(self):
         sink = self.sink(databricks_client_secret="wrong-secret")
         with self.assertRaises(up.SinkError) as caught:
