@@ -2,8 +2,11 @@
 
 As Litestream runs one replica-client suite against each implementation, every sink
 passes `SinkContract` before it is wired in: the Delta path on a local directory, the
-Delta path on an S3-compatible server on loopback (moto's, when installed), and the SQL
-warehouse through tests/fake_warehouse.py. Batches are made by the cycle's own code
+Delta path on an S3-compatible server on loopback (moto's, when installed), the SQL
+warehouse through tests/fake_warehouse.py, and Zerobus Ingest through
+tests/zerobus_fake.py, without and with a warehouse (read through its deduplicated view:
+at least once in the table, exactly once in the view; where that changes a contract
+test, the Zerobus class replaces it with one that says how). Batches are made by the cycle's own code
 (read from a real SQLite file, processed and encoded by `prepare_batches`), so what a
 sink sees here is what it sees in a run.
 """
