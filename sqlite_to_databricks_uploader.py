@@ -4368,6 +4368,7 @@ class ZerobusSink(Sink):
         self._tokens = {}  # table -> (token, monotonic expiry)
         self._checked = set()  # tables the service took a probe for
         self._views = {}  # table -> columns of its deduped view as last created
+        self._odd_warned = set()  # tables whose column names were warned about
         self._offset = ("", 0)  # (batch id, its rows encoded before this part)
 
     @property
@@ -4484,6 +4485,12 @@ class ZerobusSink(Sink):
         when missing or when its columns are not the table's: a fleet restarting does
         not replace it a thousand times)."""
         self.check_name(table)  # before the warehouse makes a table the service refuses
+        odd = [n for n in batch.columns if not self.TABLE_NAME.fullmatch(n)]
+        if odd and table not in self._odd_warned:  # said once per table
+            self._odd_warned.add(table)
+            log.warning("sink: Zerobus Ingest's documentation (of its preview) allowed only "
+                        "ASCII letters, digits and underscores in column names: the service "
+                        "may refuse %s", ", ".join(map(repr, odd)))
         if self.warehouse is not None:
             warehouse, names = self.through_warehouse(), list(batch.columns) + ["_row_key"]
             warehouse.ensure_table(table, names, list(batch.kinds) + [STRING])
