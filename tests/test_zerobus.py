@@ -357,6 +357,22 @@ class Runs(ZerobusCase):
         self.assertEqual(self.ids(), list(range(1, 302)))
         self.assertEqual(self.stored(), list(range(1, 302)))
 
+    def test_a_run_needs_only_the_standard_library(self):
+        """No gRPC, no SDK, nothing outside Python's standard library: a run in a child
+        process where every installed package is hidden lands the rows."""
+        import subprocess
+        import sys
+        from tests.helpers import SCRIPT, child_env
+        self.create()
+        hide = ("import sys\n"
+                "sys.path = [p for p in sys.path if 'site-packages' not in p]\n"
+                f"sys.argv = [{SCRIPT!r}, '--once']\n"
+                f"exec(compile(open({SCRIPT!r}).read(), {SCRIPT!r}, 'exec'))\n")
+        done = subprocess.run([sys.executable, "-S", "-c", hide], env=child_env(self.env()),
+                              capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.ids(), list(range(1, 301)))
+
     def test_a_batch_in_flight_is_sent_again_and_the_view_has_it_once(self):
         self.create()
         original = up.Checkpoint.commit
