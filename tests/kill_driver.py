@@ -9,10 +9,10 @@ crash tests restart it until a run completes). Environment:
   DRIVER_ADD_DB, DRIVER_ADD_ROWS, DRIVER_DB, DRIVER_PROBE_EVERY, DRIVER_PROBE_TIMEOUT
                      for the hooks that name them
 
-up.http_request is one request to Zerobus Ingest (the zerobus-* hooks count only
-inserts that carry rows); deltalake.write_deltalake is the Delta commit itself (the sink imports it at call
-time, so wrapping the module attribute reaches it); the state-file hooks wrap json.dump,
-os.fsync and os.replace as Checkpoint.save uses them.
+deltalake.write_deltalake is the Delta commit itself (the sink imports it at call
+time, so wrapping the module attribute reaches it); up.http_request is one request to
+Zerobus Ingest (the zerobus-* hooks count only inserts that carry rows); the state-file
+hooks wrap json.dump, os.fsync and os.replace as Checkpoint.save uses them.
 """
 
 import json
