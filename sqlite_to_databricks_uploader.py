@@ -4668,8 +4668,32 @@ class ZerobusSink(Sink):
     def recover_position(self, table, source):
         return self.through_warehouse("--recover-state").recover_position(table, source)
 
+    def fleet(self, table):
+        """--fleet-status through the warehouse: per node, its rows in the view, its
+        newest batch and when it was uploaded (Zerobus carries no node reports)."""
+        warehouse = self.through_warehouse("--fleet-status")
+        view = warehouse.target(table + DEDUPED_SUFFIX)
+        try:
+            rows = warehouse.retrying("reading the fleet", lambda: warehouse.execute(
+                "SELECT `_source_id`, count(*), max_by(`_batch_id`, `_uploaded_at`), "
+                f"max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`", fetch=True,
+                what=f"reading the fleet in {table}"))
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
+                return []
+            raise
+        return [fleet_line(node, {"uploader.batch_id": batch}, count, utc_moment(newest))
+                for node, count, batch, newest in sorted(rows, key=lambda r: str(r[0]))]
+
 
 DEDUPED_SUFFIX = "_deduped"
+
+
+def utc_moment(value):
+    """A timestamp the warehouse returned, as an aware UTC datetime (None stays None)."""
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
 
 
 def deduped_view_sql(database, table, columns):

@@ -158,7 +158,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
     @classmethod
     def zerobus(cls, db):
         """The Zerobus sink with a warehouse: its table and deduplicating view (made
-        again when a column is added), and the SELECT that settles a batch."""
+        again when a column is added), and its SELECTs (settling a batch, the fleet)."""
         from .zerobus_fake import ZerobusFake
         fake = ZerobusFake()
         fake.catalog = lambda table: {n: k.upper() for n, k in
@@ -177,6 +177,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
             conn.commit()
             conn.close()
             cls.upload("--sqlite", db, "--once", **env)
+            cls.upload("--sqlite", db, "--fleet-status", **env)  # a SELECT ... max_by
         finally:
             fake.stop()
 
@@ -264,6 +265,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
         self.assertTrue([s for s in selects if "`_batch_id` = :batch_id" in s])
         self.assertTrue([s for s in selects if s.startswith("SELECT max(")])
         self.assertTrue([s for s in selects if s.startswith("SELECT `id`, `it's` FROM")])
+        self.assertTrue([s for s in selects if "max_by(`_batch_id`" in s])  # Zerobus fleet
 
     def test_describe_show_tables_and_drop(self):
         for kind in ("DESCRIBE", "SHOW TABLES", "DROP TABLE"):

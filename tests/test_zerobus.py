@@ -449,6 +449,22 @@ class ThroughTheWarehouse(ZerobusCase):
         self.assertEqual(self.warehouse.query(f'SELECT count(*) FROM "{FQN}_deduped" '
                                               f"WHERE _source_id = 'old'"), [(2,)])
 
+    def test_fleet_status_reads_the_view(self):
+        self.fake.materialize = lambda table, records: self.mirror()
+        sink = self.sink()
+        for batch in self.batches(sink, batch_size=100):
+            sink.write(TABLE, batch)
+        code, out, err = run_main(["--fleet-status", "--json"], self.env())
+        self.assertEqual(code, 0, err)
+        (line,) = json.loads(out)
+        self.assertEqual((line["node"], line["rows"], line["last_batch"], line["silent"]),
+                         ("node-a", 300, "s1-3", False))
+        env = self.env()
+        del env["DATABRICKS_HTTP_PATH"]
+        code, _, err = run_main(["--fleet-status"], env)
+        self.assertEqual(code, up.EXIT_BAD_INPUT)
+        self.assertIn("--fleet-status reads the table through a SQL warehouse", err)
+
     def test_test_upload_sends_a_row_to_a_scratch_table(self):
         code, out, err = run_main(["--test-upload"], self.env())
         self.assertEqual(code, 0, out + err)
