@@ -4418,9 +4418,7 @@ class ZerobusSink(Sink):
                      "in flight at a crash is sent again")
 
     def query(self, sql, info_table=None):
-        if self.warehouse is None:
-            return super().query(sql, info_table)
-        return self.through_warehouse().query(sql, info_table)
+        return self.through_warehouse("--run-query").query(sql, info_table)
 
     def self_test(self, name):
         """--test-upload: a scratch table made through the warehouse, a token for it, a

@@ -449,7 +449,7 @@ class ThroughTheWarehouse(ZerobusCase):
         self.assertEqual(self.warehouse.query(f'SELECT count(*) FROM "{FQN}_deduped" '
                                               f"WHERE _source_id = 'old'"), [(2,)])
 
-    def test_fleet_status_reads_the_view(self):
+    def test_fleet_status_and_queries_go_through_the_warehouse(self):
         self.fake.materialize = lambda table, records: self.mirror()
         sink = self.sink()
         for batch in self.batches(sink, batch_size=100):
@@ -459,11 +459,16 @@ class ThroughTheWarehouse(ZerobusCase):
         (line,) = json.loads(out)
         self.assertEqual((line["node"], line["rows"], line["last_batch"], line["silent"]),
                          ("node-a", 300, "s1-3", False))
+        code, out, err = run_main(["--run-query", f"SELECT count(*) AS n FROM "
+                                   f"{FQN}_deduped"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertIn("300", out)
         env = self.env()
         del env["DATABRICKS_HTTP_PATH"]
-        code, _, err = run_main(["--fleet-status"], env)
-        self.assertEqual(code, up.EXIT_BAD_INPUT)
-        self.assertIn("--fleet-status reads the table through a SQL warehouse", err)
+        for action in ("--fleet-status", "--run-query"):
+            code, _, err = run_main([action] + ["INFO"] * (action == "--run-query"), env)
+            self.assertEqual(code, up.EXIT_BAD_INPUT)
+            self.assertIn(f"{action} reads the table through a SQL warehouse", err)
 
     def test_test_upload_sends_a_row_to_a_scratch_table(self):
         code, out, err = run_main(["--test-upload"], self.env())
