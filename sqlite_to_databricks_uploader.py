@@ -4668,7 +4668,9 @@ class ZerobusSink(Sink):
 
     def fleet(self, table):
         """--fleet-status through the warehouse: per node, its rows in the view, its
-        newest batch and when it was uploaded (Zerobus carries no node reports)."""
+        newest batch and when it was uploaded. No node reports (pending rows, errors):
+        they would cost a warehouse statement per node and cycle, which this target
+        exists to avoid."""
         warehouse = self.through_warehouse("--fleet-status")
         view = warehouse.target(table + DEDUPED_SUFFIX)
         try:
@@ -4680,18 +4682,11 @@ class ZerobusSink(Sink):
             if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
                 return []
             raise
-        return [fleet_line(node, {"uploader.batch_id": batch}, count, utc_moment(newest))
+        return [fleet_line(node, {"last_batch": batch}, count, as_utc(newest))
                 for node, count, batch, newest in sorted(rows, key=lambda r: str(r[0]))]
 
 
 DEDUPED_SUFFIX = "_deduped"
-
-
-def utc_moment(value):
-    """A timestamp the warehouse returned, as an aware UTC datetime (None stays None)."""
-    if isinstance(value, dt.datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 def deduped_view_sql(database, table, columns):

@@ -613,8 +613,7 @@ class ZerobusWarehouseSinkTest(ZerobusContract, TempDirTestCase):
         self.fake.materialize = self.materialize
 
     def materialize(self, table, records):
-        import duckdb
-        with duckdb.connect(self.warehouse.db_path) as db:
+        with self.warehouse.connect_db() as db:
             for record in records:
                 names = ", ".join('"' + n.replace('"', '""') + '"' for n in record)
                 db.execute(f'INSERT INTO "{table}" ({names}) VALUES '

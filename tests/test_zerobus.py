@@ -409,9 +409,8 @@ class ThroughTheWarehouse(ZerobusCase):
 
     def mirror(self):
         """The fake's rows so far, into the warehouse table the sink created."""
-        import duckdb
         columns = list(self.fake.tables[FQN])
-        with duckdb.connect(self.warehouse.db_path) as db:
+        with self.warehouse.connect_db() as db:
             db.execute(f'DELETE FROM "{FQN}"')
             for row in self.fake.rows[FQN]:
                 db.execute(f'INSERT INTO "{FQN}" ({", ".join(map(json.dumps, columns))}) '
