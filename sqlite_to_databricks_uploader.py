@@ -284,6 +284,18 @@ class Config:
         600.0, "--startup-timeout", "STARTUP_TIMEOUT", "float",
         "seconds to wait for a warehouse that is starting (503) before a cycle fails",
         "databricks")
+    zerobus_endpoint: str | None = option(
+        None, "--zerobus-endpoint", "ZEROBUS_ENDPOINT", "str",
+        "Zerobus Ingest endpoint of the workspace (<workspace-id>.zerobus.<region>."
+        "cloud.databricks.com, or a full https:// URL); for target zerobus", "zerobus")
+    zerobus_workspace_id: str | None = option(
+        None, "--zerobus-workspace-id", "ZEROBUS_WORKSPACE_ID", "str",
+        "workspace id the Zerobus token is asked for (default: the first label of the "
+        "endpoint's host name)", "zerobus")
+    zerobus_max_request_bytes: int = option(
+        4_194_304, "--zerobus-max-request-bytes", "ZEROBUS_MAX_REQUEST_BYTES", "int",
+        "largest Zerobus Ingest request body, in bytes (a batch goes as several requests)",
+        "zerobus")
     databricks_table: str | None = option(
         None, "--databricks-table", "DATABRICKS_TABLE", "str",
         "base name of the target table (default: the source table's name)", "target",
@@ -673,16 +685,7 @@ def validate_workspace(config):
         for name in ("databricks_client_id", "databricks_client_secret"):
             if not getattr(config, name):
                 raise missing(name, " for OAuth machine-to-machine")
-    database = config.databricks_database
-    if not database:
-        if not (config.databricks_catalog and config.databricks_schema):
-            raise missing("databricks_database", need + " (or both databricks_catalog "
-                          "and databricks_schema)")
-        database = f"{config.databricks_catalog}.{config.databricks_schema}"
-    parts = database.split(".")
-    if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise ConfigError(f"config: databricks_database must be catalog.schema (got "
-                          f"{database!r} from {config.origin('databricks_database')})")
+    database = workspace_database(config, need)
     volume = config.databricks_volume or "auto"
     if volume.lower() not in ("auto", "none") and not re.fullmatch(
             r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
@@ -693,6 +696,22 @@ def validate_workspace(config):
         raise ConfigError(f"config: max_statement_bytes must be at least 10000 (got "
                           f"{config.max_statement_bytes} from "
                           f"{config.origin('max_statement_bytes')})")
+    return database
+
+
+def workspace_database(config, need):
+    """The target catalog.schema: databricks_database, or databricks_catalog and
+    databricks_schema."""
+    database = config.databricks_database
+    if not database:
+        if not (config.databricks_catalog and config.databricks_schema):
+            raise missing("databricks_database", need + " (or both databricks_catalog "
+                          "and databricks_schema)")
+        database = f"{config.databricks_catalog}.{config.databricks_schema}"
+    parts = database.split(".")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"config: databricks_database must be catalog.schema (got "
+                          f"{database!r} from {config.origin('databricks_database')})")
     return database
 
 
@@ -1195,6 +1214,8 @@ class Chunk:
     final: bool = True  # the last chunk of its read statement
     resend: bool = False  # rows of a batch in flight that did not land: send as they are
     source_count: int = None  # rows read from the source, before processing (default count)
+    keys: list = dataclasses.field(default_factory=list)  # cursor columns, per row (a
+    # sink's row key; filtering keeps them with their rows, aggregating does not)
 
     def __post_init__(self):
         if self.source_count is None:
@@ -1355,7 +1376,7 @@ def rows_to_chunk(source, rows, first, final):
             columns[pos] = normalize_times(columns[pos], fmt)
     return Chunk(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
-                 first=first, final=final)
+                 first=first, final=final, keys=[columns[p] for p in positions])
 
 
 def count_passed(conn, source, pending, nulls=None):
@@ -2262,12 +2283,14 @@ def process_batch(plan, chunk, carry):
     if plan.is_raw:
         return chunk, carry
     names, kinds, values = list(chunk.columns), list(chunk.kinds), list(chunk.values)
-    count, notes = chunk.count, {}
+    count, notes, keys = chunk.count, {}, chunk.keys
     if plan.sanitize:
         names, kinds, values = sanitize_columns(plan.sanitize, names, kinds, values,
                                                 plan.hash_key)
-    if plan.filter:
-        values, kept = filter_columns(plan.filter, names, values, count)
+    if plan.filter:  # the rows' cursor keys are filtered with them (a sink's lineage)
+        width = len(values)
+        values, kept = filter_columns(plan.filter, names, values + list(keys), count)
+        values, keys = values[:width], values[width:]
         notes["filtered_out"], count = count - kept, kept
     if plan.aggregate:
         names, kinds, values, carry, agg_notes = aggregate_columns(
@@ -2275,7 +2298,7 @@ def process_batch(plan, chunk, carry):
         notes.update(agg_notes)
         count = len(values[0]) if values else 0
     out = dataclasses.replace(chunk, columns=names, kinds=kinds, values=values, count=count,
-                              notes=notes)
+                              notes=notes, keys=keys)
     return out, carry
 
 
@@ -2648,6 +2671,11 @@ class Sink:
     def for_actions(cls, config):
         """A sink for actions that write no batches (queries, self-test)."""
         return cls(config, Identity(config.source_id, "", ""))
+
+    @classmethod
+    def ddl(cls, database, table, names, kinds):
+        """--print-ddl: the statements that make the routed table for these columns."""
+        return [create_table_sql(qualified_name(database, table), names, kinds)]
 
     def announce(self):
         """Log what a user should know about this target at start (nothing by default)."""
@@ -4526,6 +4554,483 @@ class RefreshingCursor:
         return getattr(self._cursor, name)
 
 
+@register_sink
+class ZerobusSink(Sink):
+    """Push rows to Zerobus Ingest over its REST interface (standard library only).
+
+    Each request is `POST <endpoint>/zerobus/v1/tables/<catalog.schema.table>/insert`
+    with a JSON array of records and a bearer token the workspace's OAuth endpoint issues
+    to the service principal for that one table (client credentials, with
+    `authorization_details` naming the table). The service acknowledges a request once
+    it is durable; rows become queryable seconds later. It is at least once and has no
+    idempotency key, so: a batch is encoded once and every retry sends the same bytes;
+    a batch in flight at a crash is sent again with exactly its rows; every row carries
+    `_source_id`, `_batch_id` and `_row_key` (its source row's cursor key), and the view
+    `<table>_deduped` keeps one row per (`_source_id`, `_row_key`). With a SQL warehouse
+    configured (DATABRICKS_HTTP_PATH) the warehouse sink's own DDL creates the table and
+    the view, and `has_committed` looks for the batch's last request there; without one,
+    a batch in flight is always sent again (its duplicates are the view's to drop).
+    """
+
+    name = "zerobus"
+    RETRIES = 8
+    TOKEN_EARLY = 60  # seconds before its expiry a token is replaced
+    TIMEOUT = 60  # seconds for one request
+    RETRY_AFTER_MAX = 300  # longest wait a 429/503 Retry-After is obeyed for
+    TABLE_NAME = re.compile(r"[A-Za-z0-9_]+")  # what the service takes (its docs)
+
+    def __init__(self, config, identity):
+        super().__init__(config, identity)
+        self.database = config.databricks_database
+        self.endpoint = zerobus_url(config)
+        host = config.databricks_host
+        self.token_url = f"{'http' if is_loopback(host) else 'https'}://{host}/oidc/v1/token"
+        self.warehouse = (DatabricksSink(config, identity) if config.databricks_http_path
+                          else None)
+        self._tokens = {}  # table -> (token, monotonic expiry)
+        self._checked = set()  # tables the service took a probe for
+        self._views = {}  # table -> columns of its deduped view as last created
+        self._odd_warned = set()  # tables whose column names were warned about
+        self._offset = ("", 0)  # (batch id, its rows encoded before this part)
+
+    @property
+    def destination(self):
+        return f"zerobus:{self.endpoint}/{self.database}"
+
+    def describe(self):
+        return f"Zerobus Ingest {self.endpoint} {self.database}"
+
+    @classmethod
+    def check_settings(cls, config):
+        cfg = config
+        for name in ("databricks_client_id", "databricks_client_secret"):
+            if not getattr(cfg, name):
+                raise missing(name, " for target zerobus (Zerobus Ingest takes the OAuth "
+                              "token of a service principal)")
+        if not cfg.zerobus_endpoint:
+            raise missing("zerobus_endpoint", " for target zerobus")
+        if cfg.zerobus_max_request_bytes < 10_000:
+            raise ConfigError(f"config: zerobus_max_request_bytes must be at least 10000 "
+                              f"(got {cfg.zerobus_max_request_bytes} from "
+                              f"{cfg.origin('zerobus_max_request_bytes')})")
+        endpoint = zerobus_url(cfg)
+        workspace = cfg.zerobus_workspace_id or urllib.parse.urlsplit(
+            endpoint).hostname.split(".")[0]
+        if not workspace.isdigit():
+            raise missing("zerobus_workspace_id", f": the endpoint {endpoint} does not "
+                          "start with the workspace id (<workspace-id>.zerobus.<region>...)")
+        database = (validate_workspace(cfg) if cfg.databricks_http_path else
+                    workspace_database(cfg, " for target zerobus"))
+        return dataclasses.replace(cfg, databricks_database=database,
+                                   zerobus_workspace_id=workspace)
+
+    @classmethod
+    def ddl(cls, database, table, names, kinds):
+        """The table (with `_row_key`) and its deduplicating view."""
+        names, kinds = list(names) + ["_row_key"], list(kinds) + [STRING]
+        return [create_table_sql(qualified_name(database, table), names, kinds),
+                deduped_view_sql(database, table, table_layout(names))]
+
+    def announce(self):
+        log.info("target: Zerobus Ingest %s into %s: at least once in each table, exactly "
+                 "once in its <table>_deduped view", self.endpoint, self.database)
+        if self.warehouse is None:
+            log.info("target: no SQL warehouse configured (DATABRICKS_HTTP_PATH): the "
+                     "tables and views must exist (--print-ddl prints them), and a batch "
+                     "in flight at a crash is sent again")
+
+    def query(self, sql, info_table=None):
+        return self.through_warehouse("--run-query").query(sql, info_table)
+
+    def self_test(self, name):
+        """--test-upload: a scratch table made through the warehouse, a token for it, a
+        row sent to Zerobus Ingest, the table dropped. (The row is not read back: rows
+        become visible seconds after the service acknowledges them.)"""
+        warehouse = self.through_warehouse("--test-upload")
+        target = warehouse.target(name)
+        row = json.dumps([{"id": 1, "note": "it works", "at": 0}]).encode()
+        steps = [(f"create {name}", lambda: warehouse.execute(
+                     f"CREATE TABLE {target} (id BIGINT, note STRING, at TIMESTAMP) "
+                     "USING DELTA", what="creating a scratch table")),
+                 (f"get a token for {self.fqn(name)}", lambda: self.token(name)),
+                 ("send a row", lambda: self._post(name, row, "sending a row")),
+                 (f"drop {name}", lambda: warehouse.execute(
+                     f"DROP TABLE {target}", what="dropping the scratch table"))]
+        yield from run_steps(steps)
+
+    def close(self):
+        if self.warehouse is not None:
+            self.warehouse.close()
+
+    def fqn(self, table):
+        return f"{self.database}.{table}"
+
+    # --- tables --------------------------------------------------------------------
+
+    def known_kinds(self, table):
+        """The table's columns (through the warehouse); and, at start, the service's
+        word on the table: one it refuses fails here, with its reason."""
+        self.check_name(table)
+        kinds = self.through_warehouse().known_kinds(table) if self.warehouse else {}
+        if kinds or self.warehouse is None:
+            self.check_table(table)
+        return kinds
+
+    def check_name(self, table):
+        if not self.TABLE_NAME.fullmatch(table):
+            raise SinkError(f"sink: Zerobus Ingest takes only table names of ASCII "
+                            f"letters, digits and underscores, not {table!r}; set "
+                            "DATABRICKS_TABLE to such a name")
+
+    def check_table(self, table):
+        """Once per table: a token for it and an empty insert; a refusal says why."""
+        if table in self._checked:
+            return
+        self.check_name(table)
+        try:
+            self._post(table, b"[]", f"checking table {self.fqn(table)}")
+        except SinkError as exc:
+            if "HTTP 400" not in str(exc):  # an empty array may be refused as such
+                hint = "" if self.warehouse else (
+                    "; create it and its view (--print-ddl prints them) or set "
+                    "DATABRICKS_HTTP_PATH so the uploader creates them")
+                raise SinkError(f"{exc}{hint if 'NOT_FOUND' in str(exc) else ''}",
+                                transient=exc.transient) from None
+            log.debug("sink: the empty probe of %s was refused (%s); rows will tell",
+                      table, exc)
+        self._checked.add(table)
+
+    def prepare(self, table, batch):
+        """Through the warehouse: the table with the batch's columns, and its view (made
+        when missing or when its columns are not the table's: a fleet restarting does
+        not replace it a thousand times)."""
+        self.check_name(table)  # before the warehouse makes a table the service refuses
+        odd = [n for n in batch.columns if not self.TABLE_NAME.fullmatch(n)]
+        if odd and table not in self._odd_warned:  # said once per table
+            self._odd_warned.add(table)
+            log.warning("sink: Zerobus Ingest's documentation (of its preview) allowed only "
+                        "ASCII letters, digits and underscores in column names: the service "
+                        "may refuse %s", ", ".join(map(repr, odd)))
+        if self.warehouse is not None:
+            warehouse, names = self.through_warehouse(), list(batch.columns) + ["_row_key"]
+            warehouse.ensure_table(table, names, list(batch.kinds) + [STRING])
+            columns = list(warehouse.known_kinds(table))
+            if self._views.get(table) != columns:  # once per process and new column
+                if list(warehouse._describe_again(table + DEDUPED_SUFFIX)) != columns:
+                    warehouse._ddl(deduped_view_sql(self.database, table, columns), table)
+                self._views[table] = columns
+        self.check_table(table)
+
+    # --- writes --------------------------------------------------------------------
+
+    def encode(self, table, part):
+        """Each row as a JSON record without its `_batch_id` (added per request: the
+        last request of a batch is told apart), frozen: retries send these bytes."""
+        rescued = {}
+        columns = [coerce_column(values, kind, name, rescued)
+                   for name, kind, values in zip(part.columns, part.kinds, part.values)]
+        encoders = [ZEROBUS_VALUES.get(kind, ZEROBUS_VALUES[STRING]) for kind in part.kinds]
+        batch, offset = self._offset
+        offset = offset if batch == part.batch_id else 0  # parts of a batch come in order
+        keys = row_keys(part, table, offset)
+        self._offset = (part.batch_id, offset + part.count)
+        now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
+        extra = rescued_json(rescued, part.count)
+        rows, dumps = [], json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                           allow_nan=False).encode
+        for i, row in enumerate(zip(*columns)):
+            record = {name: encode(value) for name, encode, value
+                      in zip(part.columns, encoders, row) if value is not None}
+            record.update(_row_key=keys[i], _source_id=self.identity.source_id,
+                          _uploaded_at=now)
+            if extra[i]:
+                record["_rescued_data"] = extra[i]
+            rows.append(dumps(record).encode("utf-8"))
+        return rows, len(rescued)
+
+    def write(self, table, batch):
+        """The batch in requests under zerobus_max_request_bytes, in order, each sent
+        until the service acknowledges it."""
+        self.prepare(table, batch)
+        rows = [row for part in batch.payload for row in part]
+        tag = len(batch.batch_id) + 40  # `,"_batch_id":"<id>.k/n"` at most
+        groups = pack_requests(rows, self.config.zerobus_max_request_bytes - 2, tag)
+        for k, group in enumerate(groups, 1):
+            batch_id = part_id(batch.batch_id, k, len(groups))
+            field = b',"_batch_id":' + json.dumps(batch_id).encode() + b"}"
+            body = b"[" + b",".join(row[:-1] + field for row in group) + b"]"
+            what = f"sending batch {batch.batch_id}" + (
+                f" (request {k}/{len(groups)})" if len(groups) > 1 else "")
+            self._post(table, body, what)
+        return Receipt(batch.count)
+
+    def _post(self, table, body, what):
+        """POST one insert with the table's token; a token refused (401) is replaced
+        once."""
+        url = (f"{self.endpoint}/zerobus/v1/tables/"
+               f"{urllib.parse.quote(self.fqn(table), safe='.')}/insert")
+        refreshed = []
+
+        def refresh(reply):
+            if refreshed:
+                return False
+            log.info("sink: Zerobus Ingest refused the token for %s (%s); getting a new "
+                     "one", table, zerobus_reason(reply))
+            self._tokens.pop(table, None)
+            refreshed.append(True)
+            return True
+
+        self._request(url, body, lambda: {
+            "Authorization": f"Bearer {self.token(table)}",
+            "Content-Type": "application/json", "User-Agent": f"{TOOL}/{__version__}"},
+            what, refresh)
+
+    def _request(self, url, body, headers, what, on_401=None):
+        """POST until the answer is 2xx (its body): 429, 5xx and network failures are
+        retried with capped, jittered backoff (a Retry-After is obeyed, plus up to 20%);
+        a 401 is tried again when `on_401(reply)` says so; anything else fails with the
+        reason."""
+        failures = 0
+        while True:
+            status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
+            if status is not None and 200 <= status < 300:
+                return reply
+            if status == 401 and on_401 is not None and on_401(reply):
+                continue
+            error = zerobus_error(what, status, reply, self.config)
+            failures += 1
+            if not error.transient or failures >= self.RETRIES:
+                raise error
+            # a Retry-After is obeyed, plus a little: a fleet told the same wait does not
+            # come back in the same instant
+            delay = (min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
+                     if wait is not None else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
+            log.warning("%s; retry %d in %.0f s", error, failures, delay)
+            if self.sleep(delay):  # stopping: the failure stands
+                raise error
+
+    def token(self, table):
+        """The OAuth token for `table` (one per table: the service checks the scope)."""
+        token, expiry = self._tokens.get(table, (None, 0.0))
+        if token is None or self.clock() >= expiry:
+            token, lifetime = self._fetch_token(table)
+            expiry = self.clock() + max(lifetime - self.TOKEN_EARLY, lifetime / 2)
+            self._tokens[table] = (token, expiry)
+        return token
+
+    def _fetch_token(self, table):
+        """Client credentials with `authorization_details` for the one table; a
+        refusal is permanent and says why; (token, seconds it lives)."""
+        cfg = self.config
+        catalog, schema = self.database.split(".")
+        details = [{"type": "unity_catalog_privileges", "privileges": privileges,
+                    "object_type": kind, "object_full_path": path}
+                   for privileges, kind, path in (
+                       (["USE CATALOG"], "CATALOG", catalog),
+                       (["USE SCHEMA"], "SCHEMA", self.database),
+                       (["SELECT", "MODIFY"], "TABLE", self.fqn(table)))]
+        form = urllib.parse.urlencode({
+            "grant_type": "client_credentials", "scope": "all-apis",
+            "resource": f"api://databricks/workspaces/{cfg.zerobus_workspace_id}/"
+                        "zerobusDirectWriteApi",
+            "authorization_details": json.dumps(details)}).encode()
+        basic = base64.b64encode(f"{cfg.databricks_client_id}:"
+                                 f"{cfg.databricks_client_secret}".encode()).decode()
+        what = f"getting a Zerobus token for {self.fqn(table)}"
+        reply = self._request(self.token_url, form, lambda: {
+            "Authorization": f"Basic {basic}",
+            "Content-Type": "application/x-www-form-urlencoded"}, what)
+        try:
+            found = json.loads(reply)
+            return found["access_token"], float(found.get("expires_in") or 3600)
+        except (ValueError, KeyError, TypeError):
+            raise SinkError(f"sink: {what}: the token endpoint answered without an "
+                            "access_token") from None
+
+    # --- what the table holds (through the warehouse) ---------------------------------
+
+    def has_committed(self, table, seq, batch_id, source_id=None):
+        """With a warehouse: the batch's only or last request is in the table (its
+        requests go in order, each once the one before is durable). A row not visible
+        yet proves nothing (they appear seconds later), so absence means: send again."""
+        if self.warehouse is not None and self.through_warehouse().has_committed(
+                table, seq, batch_id, source_id):
+            return True
+        log.info("sink: batch %s is not seen in %s; Zerobus Ingest cannot say whether it "
+                 "landed, so it is sent again (%s_deduped keeps one copy of each row)",
+                 batch_id, table, table)
+        return False
+
+    def through_warehouse(self, doing=""):
+        """The warehouse sink, waiting as this sink waits (a test's clock, a stop)."""
+        if self.warehouse is None:  # (only actions get here: a setting is missing)
+            raise ConfigError(f"config: {doing} reads the table through a SQL warehouse: "
+                              "set DATABRICKS_HTTP_PATH (Zerobus Ingest only takes rows)")
+        warehouse = self.warehouse
+        warehouse.sleep, warehouse.clock, warehouse.jitter = self.sleep, self.clock, self.jitter
+        return warehouse
+
+    def count_rows(self, table, source_id):
+        """Rows of the node in the table, copies included (any says the table holds
+        the node's rows); without a warehouse 0, said in a line: a table new to the
+        state then starts from the beginning, and rows it already holds from this
+        target appear once in the view all the same (their `_row_key`s are the same)."""
+        if self.warehouse is None:
+            log.info("sink: without a SQL warehouse the rows of node %s in %s cannot be "
+                     "counted; taken as 0 (rows sent again appear once in %s%s)",
+                     source_id, table, table, DEDUPED_SUFFIX)
+            return 0
+        return self.through_warehouse().count_rows(table, source_id)
+
+    def read_keys(self, table, source_id, names):
+        return self.through_warehouse("reading keys").read_keys(table, source_id, names)
+
+    def recover_position(self, table, source):
+        return self.through_warehouse("--recover-state").recover_position(table, source)
+
+    def fleet(self, table):
+        """--fleet-status through the warehouse: per node, its rows in the view, its
+        newest batch and when it was uploaded. No node reports (pending rows, errors):
+        they would cost a warehouse statement per node and cycle, which this target
+        exists to avoid."""
+        warehouse = self.through_warehouse("--fleet-status")
+        view = warehouse.target(table + DEDUPED_SUFFIX)
+        try:
+            rows = warehouse.retrying("reading the fleet", lambda: warehouse.execute(
+                "SELECT `_source_id`, count(*), max_by(`_batch_id`, `_uploaded_at`), "
+                f"max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`", fetch=True,
+                what=f"reading the fleet in {table}"))
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
+                return []
+            raise
+        return [fleet_line(node, {"last_batch": batch}, count, as_utc(newest))
+                for node, count, batch, newest in sorted(rows, key=lambda r: str(r[0]))]
+
+
+DEDUPED_SUFFIX = "_deduped"
+
+
+def deduped_view_sql(database, table, columns):
+    """CREATE OR REPLACE VIEW <table>_deduped: one row per (_source_id, _row_key), the
+    first copy uploaded (a batch sent again repeats its rows with a later _uploaded_at).
+    Rows without a `_row_key` (written by another target) are all kept."""
+    cols = ", ".join(quote_name(c) for c in columns)
+    return (f"CREATE OR REPLACE VIEW {qualified_name(database, table + DEDUPED_SUFFIX)} "
+            f"AS SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY "
+            "`_source_id`, `_row_key` ORDER BY `_uploaded_at`, `_batch_id`) AS "
+            f"`_copy_number` FROM {qualified_name(database, table)}) WHERE `_copy_number` = 1 "
+            "OR `_row_key` IS NULL")
+
+
+def row_keys(part, table, offset):
+    """`_row_key` of each row: its source row's cursor key as JSON; for aggregated rows
+    (no one source row) '<batch id>:<row number in the batch>'."""
+    keys = part.keys
+    if table.startswith("aggregated_") or not keys or len(keys[0]) != part.count:
+        return [f"{part.batch_id}:{offset + i}" for i in range(part.count)]
+    return [json.dumps([jsonable(v) for v in key], separators=(",", ":"))
+            for key in zip(*keys)]
+
+
+def zerobus_double(value):
+    if math.isfinite(value):
+        return value
+    return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+
+
+# How a typed value travels in a Zerobus JSON record (the protobuf JSON mapping the
+# service's JSON records follow: TIMESTAMP as microseconds since the epoch, bytes base64)
+ZEROBUS_VALUES = {BIGINT: int, DOUBLE: zerobus_double, STRING: str, BOOLEAN: bool,
+                  BINARY: lambda v: base64.b64encode(v).decode("ascii"), TIMESTAMP: int}
+
+
+def pack_requests(rows, budget, tag):
+    """Encoded rows cut into request bodies of at most `budget` bytes (each row grows
+    by `tag` bytes when sent; a row bigger than that goes alone), in order."""
+    groups, group, size = [], [], 0
+    for row in rows:
+        if group and size + len(row) + tag + 1 > budget:
+            groups.append(group)
+            group, size = [], 0
+        group.append(row)
+        size += len(row) + tag + 1
+    if group:
+        groups.append(group)
+    return groups
+
+
+def zerobus_url(config):
+    """The endpoint as a URL: https://, or http:// for a loopback host (a test double)."""
+    text = config.zerobus_endpoint.strip().rstrip("/")
+    if "://" not in text:
+        text = ("http://" if is_loopback(text.split("/")[0]) else "https://") + text
+    parts = urllib.parse.urlsplit(text)
+    where = f"(got {config.zerobus_endpoint!r} from {config.origin('zerobus_endpoint')})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"config: zerobus_endpoint must be a host name or an https:// "
+                          f"URL {where}")
+    if parts.scheme == "http" and not is_loopback(parts.netloc):
+        raise ConfigError(f"config: zerobus_endpoint must use https:// (plain http:// only "
+                          f"for a loopback host) {where}")
+    return text
+
+
+def http_request(url, body, headers, timeout):
+    """POST; (status, reply bytes, Retry-After seconds or None). A network failure is
+    (None, its description, None): the request may or may not have been taken."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.read(), None
+    except urllib.error.HTTPError as exc:
+        with exc:
+            reply = exc.read()
+        wait = exc.headers.get("Retry-After") if exc.headers else None
+        try:
+            wait = float(wait) if wait is not None else None
+        except ValueError:
+            wait = None
+        return exc.code, reply, wait
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        return None, first_line(exc).encode(), None
+
+
+def zerobus_reason(reply):
+    """`ERROR_CODE: message` of a Zerobus or OAuth error reply, else its first line."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return text.strip().splitlines()[0][:300] if text.strip() else "no details"
+    if not isinstance(found, dict):
+        return text[:300]
+    code = found.get("error_code") or found.get("error")
+    message = found.get("message") or found.get("error_description") or ""
+    message = message.strip().rstrip(".")
+    return f"{code}: {message}" if code else (message or text[:300])
+
+
+def zerobus_error(what, status, reply, config):
+    """A SinkError for a failed request: 429, 5xx and network failures are transient;
+    the rest are permanent (the request must change), with the service's reason."""
+    reason = zerobus_reason(reply)
+    for secret in (config.databricks_client_secret, config.databricks_token):
+        if secret:
+            reason = reason.replace(secret, "[REDACTED]")
+    if status is None:
+        return SinkError(f"sink: {what} failed: {reason}", transient=True)
+    hint = {401: "; check the service principal's id and secret",
+            403: "; grant the service principal USE CATALOG, USE SCHEMA, SELECT and "
+                 "MODIFY on the table",
+            413: "; lower zerobus_max_request_bytes"}.get(status, "")
+    return SinkError(f"sink: {what} failed: HTTP {status} {reason}{hint}",
+                     transient=status == 429 or status >= 500 and status != 501)
+
+
 # === Checkpoint ======================================================================
 
 def encode_cursor(values):
@@ -5043,7 +5548,7 @@ def encode_chunk(job, chunk, carry, batch_id):
     if out.count:
         out = dataclasses.replace(out, batch_id=batch_id, kinds=resolve_kinds(out, job.kinds))
         payload, rescued = job.sink.encode(job.table, out)
-    return Encoded(dataclasses.replace(out, values=None), payload, rescued, after)
+    return Encoded(dataclasses.replace(out, values=None, keys=[]), payload, rescued, after)
 
 
 def merged_notes(chunks):
@@ -5855,7 +6360,7 @@ def print_ddl(config, environ):
     database = config.databricks_database or (
         f"{config.databricks_catalog}.{config.databricks_schema}"
         if config.databricks_catalog and config.databricks_schema else None)
-    return create_table_sql(qualified_name(database, table), names, kinds) + ";"
+    return ";\n".join(sink_class(config).ddl(database, table, names, kinds)) + ";"
 
 
 def self_test(config):
@@ -6414,6 +6919,7 @@ def setup_logging(level="INFO", json_lines=False, secrets=()):
 
 GROUP_TITLES = {"source": "source (SQLite)", "state": "state", "loop": "schedule",
                 "target": "target", "databricks": "Databricks SQL warehouse",
+                "zerobus": "Zerobus Ingest",
                 "processing": "processing", "logging": "logging"}
 
 

@@ -432,6 +432,9 @@ class Warehouse:
         return cursor_result(cursor)
 
     def create(self, db, tree):
+        if str(tree.args.get("kind")).upper() == "VIEW":  # (the Zerobus sink's view)
+            db.execute(tree.sql("duckdb"))
+            return [], None
         properties = tree.args.get("properties")
         text = properties.sql("databricks") if properties else ""
         if "USING DELTA" not in text.upper():

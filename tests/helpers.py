@@ -101,6 +101,18 @@ def run_main(argv, env):
     return code, out.getvalue(), err.getvalue()
 
 
+def use_fake_warehouse(case, root):
+    """The warehouse sink talks to a new tests/fake_warehouse.py Warehouse at `root`
+    until `case` ends; the Warehouse."""
+    from tests import fake_warehouse
+    case.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
+    case.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
+    warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(root)
+    case.addCleanup(warehouse.release)
+    up.DatabricksSink.connector = fake_warehouse
+    return warehouse
+
+
 def child_env(env):
     """A minimal environment for a child process, plus `env`."""
     full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}

@@ -10,8 +10,9 @@ crash tests restart it until a run completes). Environment:
                      for the hooks that name them
 
 deltalake.write_deltalake is the Delta commit itself (the sink imports it at call
-time, so wrapping the module attribute reaches it); the state-file hooks wrap json.dump,
-os.fsync and os.replace as Checkpoint.save uses them.
+time, so wrapping the module attribute reaches it); up.http_request is one request to
+Zerobus Ingest (the zerobus-* hooks count only inserts that carry rows); the state-file
+hooks wrap json.dump, os.fsync and os.replace as Checkpoint.save uses them.
 """
 
 import json
@@ -251,6 +252,13 @@ def plant_statement(k, prefix, when):
           lambda self, sql, *a, **kw: sql.lstrip().startswith(prefix))
 
 
+def plant_zerobus(k, when):
+    """Die before or after the k-th Zerobus insert request that carries rows (after:
+    the service took the rows and answered; the state still says in flight)."""
+    plant(k, up, "http_request", when,
+          lambda url, body, *a, **kw: url.endswith("/insert") and body != b"[]")
+
+
 def hooks(k, side):
     """Hook name -> what plants it."""
     return {
@@ -281,6 +289,8 @@ def hooks(k, side):
         "vanish-commit": lambda: vanish_commit(k),
         "wal-probe": lambda: wal_probe(k, side, hold=False),
         "wal-probe-held-read": lambda: wal_probe(k, side, hold=True),
+        "zerobus-before": lambda: plant_zerobus(k, "before"),
+        "zerobus-after": lambda: plant_zerobus(k, "after"),
         "none": lambda: None,
     }
 

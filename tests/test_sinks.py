@@ -2,8 +2,11 @@
 
 As Litestream runs one replica-client suite against each implementation, every sink
 passes `SinkContract` before it is wired in: the Delta path on a local directory, the
-Delta path on an S3-compatible server on loopback (moto's, when installed), and the SQL
-warehouse through tests/fake_warehouse.py. Batches are made by the cycle's own code
+Delta path on an S3-compatible server on loopback (moto's, when installed), the SQL
+warehouse through tests/fake_warehouse.py, and Zerobus Ingest through
+tests/zerobus_fake.py, without and with a warehouse (read through its deduplicated view:
+at least once in the table, exactly once in the view; where that changes a contract
+test, the Zerobus class replaces it with one that says how). Batches are made by the cycle's own code
 (read from a real SQLite file, processed and encoded by `prepare_batches`), so what a
 sink sees here is what it sees in a run.
 """
@@ -20,7 +23,7 @@ import threading
 import unittest
 from unittest import mock
 
-from tests.helpers import TempDirTestCase, delta_rows, make_db, up
+from tests.helpers import TempDirTestCase, delta_rows, make_db, up, use_fake_warehouse
 
 SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
           "sensor TEXT, value REAL, raw BLOB)")
@@ -80,6 +83,20 @@ class SinkContract:
                          f"({', '.join('?' * len(columns))})", rows)
         conn.commit()
         conn.close()
+
+    def add_unit_column(self):
+        """The source gains a column `unit` and a row with it; the source as it is now."""
+        self.conn.close()
+        conn = sqlite3.connect(self.db)
+        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
+        conn.commit()
+        conn.close()
+        self.add([("2025-01-02T00:00:00Z", "s-4", 4.0, None, "C")],
+                 ("ts", "sensor", "value", "raw", "unit"))
+        self.conn = up.open_source(self.db, 5)
+        self.addCleanup(self.conn.close)
+        source = up.describe_table(self.conn, None, None, self.db)
+        return source
 
     def ids(self, table=None):
         return sorted(r["id"] for r in self.landed(table or self.TABLE))
@@ -141,16 +158,7 @@ class SinkContract:
     def test_a_new_source_column_becomes_a_target_column(self):
         sink = self.sink()
         self.write_all(sink)
-        self.conn.close()
-        conn = sqlite3.connect(self.db)
-        conn.execute("ALTER TABLE readings ADD COLUMN unit TEXT")
-        conn.commit()
-        conn.close()
-        self.add([("2025-01-02T00:00:00Z", "s-4", 4.0, None, "C")],
-                 ("ts", "sensor", "value", "raw", "unit"))
-        self.conn = up.open_source(self.db, 5)
-        self.addCleanup(self.conn.close)
-        source = up.describe_table(self.conn, None, None, self.db)
+        source = self.add_unit_column()
         self.write_all(sink, after=[3], seq=1, source=source)
         rows = {r["id"]: r for r in self.landed(self.TABLE)}
         self.assertEqual(rows[4]["unit"], "C")
@@ -312,13 +320,8 @@ class WarehouseSinkTest(SinkContract, TempDirTestCase):
     def setUp(self):
         from tests import fake_warehouse
         self.fake = fake_warehouse
-        self.addCleanup(setattr, fake_warehouse, "WAREHOUSE", fake_warehouse.WAREHOUSE)
-        self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
         super().setUp()
-        self.warehouse = fake_warehouse.WAREHOUSE = fake_warehouse.Warehouse(
-            self.path("warehouse"))
-        self.addCleanup(self.warehouse.release)
-        up.DatabricksSink.connector = fake_warehouse
+        self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
         for patcher in (mock.patch.object(up.time, "sleep", lambda s: None),):
             patcher.start()
             self.addCleanup(patcher.stop)
@@ -439,3 +442,183 @@ def decode(value, kind):
     if kind == up.BINARY:
         return base64.b64decode(value["$binary"])
     return value
+
+
+class ZerobusContract(SinkContract):
+    """The contract on Zerobus Ingest through tests/zerobus_fake.py; read through the
+    deduplicated view, which is what users query. Where Zerobus' semantics differ the
+    test is replaced by one that says how, and checks it."""
+
+    DATABASE = "main.sensors"
+    WAREHOUSE = False
+
+    def setUp(self):
+        from tests.zerobus_fake import ZerobusFake
+        super().setUp()
+        self.fake = ZerobusFake()
+        self.address = self.fake.start()
+        self.addCleanup(self.fake.stop)
+
+    def make_config(self, **settings):
+        settings.setdefault("sqlite", self.db)
+        if self.WAREHOUSE:
+            settings.update(databricks_http_path="/sql/1.0/warehouses/abc",
+                            databricks_token="dapi-contract")
+        config = up.Config(target="zerobus", databricks_host=self.address,
+                           zerobus_endpoint=f"http://{self.address}",
+                           zerobus_workspace_id=self.fake.workspace_id,
+                           databricks_client_id="sp-id", databricks_client_secret="sp-secret",
+                           databricks_database=self.DATABASE, state_dir=self.path("state"),
+                           **settings)
+        return up.check_target(up.validate_config(config))
+
+    def create(self, table, db, **settings):
+        """The table as --print-ddl makes it (the view is the fake's `deduped`)."""
+        config = self.make_config(sqlite=db, **settings)
+        ddl = up.print_ddl(config, {})
+        self.assertIn(f"VIEW `main`.`sensors`.`{table}_deduped`", ddl)
+        self.fake.create_table(f"{self.DATABASE}.{table}", ddl.split(";\n")[0])
+
+    def sink(self, source_id="node-a", state_id="s1"):
+        sink = super().sink(source_id, state_id)
+        sink.sleep = lambda seconds: None
+        return sink
+
+    def lose_next_reply(self):
+        self.fake.plan("drop_reply")
+
+    def test_hostile_names(self):
+        """Zerobus takes table names of ASCII letters, digits and underscores only (its
+        documented limit): a hostile table name is refused before anything is sent or
+        made. Hostile column names travel as JSON keys (the fake takes them; the preview
+        documentation allowed only the same characters in column names, so the sink
+        warns that the service may refuse them)."""
+        db = make_db(self.path("hostile.db"), 'CREATE TABLE "we`ird t\u00e4ble" (id INTEGER '
+                     'PRIMARY KEY AUTOINCREMENT, "a`b" TEXT, "c\'d" INTEGER, "\u00fcml" REAL)',
+                     [("x`'\"", 1, 0.5)], ["a`b", "c'd", "\u00fcml"])
+        conn = up.open_source(db, 5)
+        self.addCleanup(conn.close)
+        source = up.describe_table(conn, None, None, db)
+        sink = self.sink()
+        with self.assertRaisesRegex(up.SinkError, "ASCII letters, digits and underscores"):
+            sink.known_kinds(up.route_table(source.name))
+        self.assertEqual(self.fake.requests, [])
+        job = self.job(sink, "raw_plain")
+        job.conn, job.source = conn, source
+        self.create("raw_plain", db, databricks_table="plain")
+        with self.assertLogs("uploader", "WARNING") as logs:
+            for batch in up.prepare_batches(job, up.read_batches(conn, source, None, 10),
+                                            {"seq": 0, "carry": None}):
+                sink.write("raw_plain", batch)
+        self.assertIn("may refuse 'a`b', \"c'd\", 'üml'", "\n".join(logs.output))
+        (row,) = self.landed("raw_plain")
+        self.assertEqual((row["a`b"], row["c'd"], row["\u00fcml"]), ("x`'\"", 1, 0.5))
+
+
+class ZerobusSinkTest(ZerobusContract, TempDirTestCase):
+    """Zerobus with no SQL warehouse: the table is made beforehand from --print-ddl's
+    statements, as an admin would; the view is computed on the fake's stored rows.
+    Without a warehouse nothing reads the table, so has_committed, count_rows,
+    read_keys and recover_position differ (below)."""
+
+    def setUp(self):
+        super().setUp()
+        self.create(self.TABLE, self.db)
+
+    def landed(self, table):
+        """What users read: the deduplicated view."""
+        return self.fake.deduped(f"{self.DATABASE}.{table}")
+
+    def stored(self, table=None):
+        return sorted(r["id"] for r in self.fake.rows[f"{self.DATABASE}.{table or self.TABLE}"])
+
+    # --- where Zerobus differs ----------------------------------------------------
+
+    def test_write_again_leaves_the_rows_once(self):
+        """Zerobus has no idempotency key: a batch written again is in the table twice,
+        and once in the deduplicated view (one row per _source_id and _row_key)."""
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        sink.write(self.TABLE, batch)
+        sink.write(self.TABLE, batch)
+        (again,) = self.batches(self.sink())  # a new process, the same batch
+        self.sink().write(self.TABLE, again)
+        self.assertEqual(self.stored(), [1, 1, 1, 2, 2, 2, 3, 3, 3])
+        self.assertEqual(self.ids(), [1, 2, 3])
+
+    def test_has_committed_before_and_after_and_per_node(self):
+        """Without a warehouse nothing can read the table: no batch is ever known to
+        have landed, so a batch in flight is always sent again (the view drops the
+        copies); the contract's 'True after the write' does not hold here."""
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        self.assertFalse(sink.has_committed(self.TABLE, batch.seq, batch.batch_id))
+        sink.write(self.TABLE, batch)
+        fresh = self.sink()
+        with self.assertLogs("uploader", "INFO") as logs:
+            self.assertFalse(fresh.has_committed(self.TABLE, batch.seq, batch.batch_id))
+        self.assertIn("sent again", "\n".join(logs.output))
+        fresh.write(self.TABLE, batch)
+        self.assertEqual(self.ids(), [1, 2, 3])
+
+    def test_a_new_source_column_becomes_a_target_column(self):
+        """Zerobus never changes a table's schema and there is no warehouse here: a new
+        source column is refused with the reason, and lands once an admin adds it."""
+        sink = self.sink()
+        self.write_all(sink)
+        source = self.add_unit_column()
+        with self.assertRaisesRegex(up.SinkError, r"HTTP 400 INVALID_PARAMETER_VALUE.*"
+                                    r"'unit' is not in table") as caught:
+            self.write_all(sink, after=[3], seq=1, source=source)
+        self.assertFalse(caught.exception.transient)
+        self.fake.add_column(f"{self.DATABASE}.{self.TABLE}", "unit", "STRING")
+        self.write_all(sink, after=[3], seq=1, source=source)
+        rows = {r["id"]: r for r in self.landed(self.TABLE)}
+        self.assertEqual(rows[4]["unit"], "C")
+        self.assertIsNone(rows[1]["unit"])
+
+    def test_count_rows_and_read_keys_per_node(self):
+        """Reading the table needs a SQL warehouse. Without one, read_keys says so, and
+        count_rows is 0 with a line saying it could not count (a table new to the state
+        then starts from the beginning: what it already holds is once in the view)."""
+        self.write_all(self.sink())
+        with self.assertRaisesRegex(up.ConfigError, "DATABRICKS_HTTP_PATH"):
+            self.sink().read_keys(self.TABLE, "node-a", ["id"])
+        with self.assertLogs("uploader", "INFO") as logs:
+            self.assertEqual(self.sink().count_rows(self.TABLE, "node-a"), 0)
+        self.assertIn("cannot be counted", "\n".join(logs.output))
+
+    def test_recover_position_after_the_last_batch(self):
+        """--recover-state reads the table too: refused without a warehouse."""
+        self.write_all(self.sink())
+        with self.assertRaisesRegex(up.ConfigError, "--recover-state.*DATABRICKS_HTTP_PATH"):
+            self.sink().recover_position(self.TABLE, self.source)
+
+
+class ZerobusWarehouseSinkTest(ZerobusContract, TempDirTestCase):
+    """Zerobus with a SQL warehouse (the DB-API double): the warehouse makes the table
+    and its view, and the fake service materializes what it takes into that table at
+    once (the real one takes seconds). Then the contract holds as it is, read through
+    the view: a batch written twice is once in it, has_committed finds the batch's last
+    request, a new source column is added through the warehouse, count_rows, read_keys
+    and recover_position read the table. Only hostile table names differ (above)."""
+
+    WAREHOUSE = True
+
+    def setUp(self):
+        super().setUp()
+        self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
+        self.fake.catalog = lambda table: {n: k.upper() for n, k in
+                                           self.warehouse.columns(table).items()}
+        self.fake.materialize = self.materialize
+
+    def materialize(self, table, records):
+        with self.warehouse.connect_db() as db:
+            for record in records:
+                names = ", ".join('"' + n.replace('"', '""') + '"' for n in record)
+                db.execute(f'INSERT INTO "{table}" ({names}) VALUES '
+                           f'({", ".join("?" * len(record))})', list(record.values()))
+
+    def landed(self, table):
+        """What users read: the deduplicated view, through the warehouse."""
+        return self.warehouse.rows(f"{self.DATABASE}.{table}_deduped")

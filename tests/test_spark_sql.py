@@ -25,9 +25,9 @@ from .helpers import FULL_TESTS, insert_rows, make_db, run_main, up
 
 SPARK = None
 SPARK_UNKNOWN = ("COPY INTO", "CREATE VOLUME", "PUT", "REMOVE")
-KINDS = ("CREATE TABLE", "ALTER TABLE ADD COLUMNS", "ALTER TABLE SET TBLPROPERTIES",
-         "INSERT REPLACE WHERE", "INSERT VALUES", "MERGE INTO", "SELECT", "DESCRIBE",
-         "SHOW TABLES", "DROP TABLE") + SPARK_UNKNOWN
+KINDS = ("CREATE TABLE", "CREATE OR REPLACE VIEW", "ALTER TABLE ADD COLUMNS",
+         "ALTER TABLE SET TBLPROPERTIES", "INSERT REPLACE WHERE", "INSERT VALUES",
+         "MERGE INTO", "SELECT", "DESCRIBE", "SHOW TABLES", "DROP TABLE") + SPARK_UNKNOWN
 
 
 def setUpModule():
@@ -153,6 +153,33 @@ class SparkParsesEveryStatement(unittest.TestCase):
         cls.upload("--sqlite", db, "--fleet-status")
         cls.upload("--fleet-status")  # the tables named in the status table
         cls.upload("--test-upload")
+        cls.zerobus(db)
+
+    @classmethod
+    def zerobus(cls, db):
+        """The Zerobus sink with a warehouse: its table and deduplicating view (made
+        again when a column is added), and its SELECTs (settling a batch, the fleet)."""
+        from .zerobus_fake import ZerobusFake
+        fake = ZerobusFake()
+        fake.catalog = lambda table: {n: k.upper() for n, k in
+                                      cls.warehouse.columns(table).items()}
+        address = fake.start()
+        try:
+            env = dict(TARGET="zerobus", ZEROBUS_ENDPOINT=f"http://{address}",
+                       DATABRICKS_HOST=address, ZEROBUS_WORKSPACE_ID=fake.workspace_id,
+                       DATABRICKS_CLIENT_ID="sp-id", DATABRICKS_CLIENT_SECRET="sp-secret",
+                       DATABRICKS_TABLE="zerobus_t",
+                       STATE_DIR=os.path.join(cls.tmp, "state-zerobus"))
+            cls.upload("--sqlite", db, "--once", **env)
+            conn = sqlite3.connect(db)
+            conn.execute("ALTER TABLE \"r`';--\" ADD COLUMN \"late, col\" TEXT")
+            insert_rows(conn, [("late",)], ["late, col"])
+            conn.commit()
+            conn.close()
+            cls.upload("--sqlite", db, "--once", **env)
+            cls.upload("--sqlite", db, "--fleet-status", **env)  # a SELECT ... max_by
+        finally:
+            fake.stop()
 
     def test_every_kind_was_sent(self):
         self.assertEqual(sorted({kind_of(s) for s in self.sent}), sorted(KINDS))
@@ -168,6 +195,19 @@ class SparkParsesEveryStatement(unittest.TestCase):
     def test_create_table_with_tblproperties(self):
         self.check_kind("CREATE TABLE")
         self.assertTrue([s for s in self.sent if "'delta.columnMapping.mode' = 'name'" in s])
+
+    def test_create_or_replace_view_of_zerobus(self):
+        self.check_kind("CREATE OR REPLACE VIEW")
+        views = [s for s in self.sent if kind_of(s) == "CREATE OR REPLACE VIEW"]
+        self.assertEqual(len(views), 2)  # made, and made again with the new column
+        self.assertIn("`late, col`", views[1])
+
+    def test_print_ddl_of_zerobus(self):
+        """--print-ddl's statements for the Zerobus target (not sent: printed)."""
+        parser = SPARK._jsparkSession.sessionState().sqlParser()
+        for sql in up.ZerobusSink.ddl("main.sensors", "raw_t", HOSTILE, [up.STRING] * 7):
+            with self.subTest(sql=sql[:60]):
+                parser.parsePlan(sql)
 
     def test_alter_table_add_columns(self):
         self.check_kind("ALTER TABLE ADD COLUMNS")
@@ -225,6 +265,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
         self.assertTrue([s for s in selects if "`_batch_id` = :batch_id" in s])
         self.assertTrue([s for s in selects if s.startswith("SELECT max(")])
         self.assertTrue([s for s in selects if s.startswith("SELECT `id`, `it's` FROM")])
+        self.assertTrue([s for s in selects if "max_by(`_batch_id`" in s])  # Zerobus fleet
 
     def test_describe_show_tables_and_drop(self):
         for kind in ("DESCRIBE", "SHOW TABLES", "DROP TABLE"):
