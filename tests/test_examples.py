@@ -47,6 +47,7 @@ OTHER_ENV = {
     "RELIABILITY_SEED",                 # read by tests/test_reliability.py, not the tool
     "UPLOADER_FULL_TESTS",              # read by tests/helpers.py: run the slow suites
     "DATA_DIR", "STATE_HOST_DIR",       # start-uploader.sh --container: host directories
+    "DELTA_DYNAMO_TABLE_NAME",          # README: deltalake's old DynamoDB lock, ignored
 }
 OTHER_ENV_PREFIXES = (
     "AWS_", "AZURE_", "GOOGLE_",  # object-store credentials, read by deltalake itself
