@@ -3942,14 +3942,11 @@ class DatabricksSink(Sink):
     def _merge_status(self, status):
         """One MERGE; a conflict with another node's commit goes again after a pause."""
         sql = status_merge_sql(self.target(STATUS_TABLE), status_values(status))
-        for attempt in range(1, self.STATUS_TRIES + 1):
-            try:
-                return self.execute(sql, what=f"recording the node's status in {STATUS_TABLE}")
-            except SinkError as exc:
-                if not is_conflict(exc) or attempt == self.STATUS_TRIES:
-                    raise
-                if self.sleep(2 ** (attempt - 1) * self.jitter(0.5, 1.5)):  # stopping
-                    raise
+        what = f"recording the node's status in {STATUS_TABLE}"
+        return self.retry(lambda: self.execute(sql, what=what), what=what,
+                          attempts=self.STATUS_TRIES, cap=math.inf, spread=(0.5, 1.5),
+                          is_transient=lambda exc: isinstance(exc, SinkError)
+                          and is_conflict(exc), on_retry=lambda exc, n, delay: None)
 
     def fleet(self, table):
         """Each node's row of the status table for `table`, and its rows in `table`."""
