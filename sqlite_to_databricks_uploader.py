@@ -2650,16 +2650,70 @@ class Receipt:
     skipped: bool = False
 
 
+def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
+          deadline=None, first=1.0, cap=60.0, spread=(0.5, 1.0), on_retry=None):
+    """Run `action()` and return what it returns; when it raises an exception that
+    `is_transient(exc)` says may pass, wait and run it again.
+
+    The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`.
+    The retrying ends, and the last error stands, after `attempts` runs in all or once
+    `deadline` seconds (by `clock`) have passed since the first failure (the last wait
+    is cut to fit). `sleep(seconds)` waits; a true return (a stop was asked for) ends
+    the retrying at once. Before each wait `on_retry(exc, retry, delay)` is called; by
+    default one warning line says what failed (`what`: "writing batch 7f3a-12") and when
+    it goes again. A sink passes its own sleep, clock and jitter (see Sink.retry).
+    """
+    failures, started = 0, None
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            failures += 1
+            started = clock() if started is None else started
+            waited = clock() - started
+            if (attempts is not None and failures >= attempts) or (
+                    deadline is not None and waited >= deadline):
+                raise
+            delay = min(first * 2 ** (failures - 1), cap) * jitter(*spread)
+            if deadline is not None:
+                delay = min(delay, deadline - waited)
+            (on_retry or log_retry(what))(exc, failures, delay)
+            if sleep(delay):
+                raise
+
+
+def log_retry(what):
+    """retry()'s default on_retry: one warning line per retry."""
+    def say(exc, attempt, delay):
+        said = str(exc) if isinstance(exc, UploaderError) else \
+            f"sink: {what} failed: {first_line(exc)}"
+        log.warning("%s; retry %d in %.1f s", said, attempt, delay)
+    return say
+
+
+def is_transient_sink_error(exc):
+    """retry()'s test for errors the sinks raise: a SinkError marked transient."""
+    return isinstance(exc, SinkError) and exc.transient
+
+
 class Sink:
     """Where batches go. Implementations register in SINKS by name."""
 
     name = ""
+    # Waits between retries, as retry() takes them. The cycle gives a sink its StopFlag's
+    # wait (a stop ends the waiting); a test gives a sink class its own, as a connector.
+    sleep = staticmethod(time.sleep)
+    clock = staticmethod(time.monotonic)
+    jitter = staticmethod(random.uniform)
 
     def __init__(self, config, identity):
         self.config, self.identity = config, identity
-        # waits between retries; the cycle gives a StopFlag.wait, whose true return
-        # (a stop was asked for) ends the waiting
-        self.sleep, self.clock, self.jitter = time.sleep, time.monotonic, random.uniform
+
+    def retry(self, action, **how):
+        """retry(action, **how) with this sink's sleep, clock and jitter."""
+        return retry(action, sleep=self.sleep, clock=self.clock, jitter=self.jitter, **how)
 
     @classmethod
     def check_settings(cls, config):
@@ -2798,6 +2852,8 @@ class DeltaSink(Sink):
 
     name = "delta"
     RETRIES = 8
+    # retry(): waits doubling from 0.4 s to 30 s, jittered by half either way
+    BACKOFF = {"attempts": RETRIES, "first": 0.4, "cap": 30, "spread": (0.5, 1.5)}
     COMMIT_RETRIES = 100
     TARGET_FILE_SIZE = 128 * 2 ** 20
     MANY_FILES = 1_000  # --status warns above: at 1,000 small files a local commit took
@@ -2874,21 +2930,8 @@ class DeltaSink(Sink):
         A read that fails for a transient reason (a store slow to answer) is tried again."""
         if check:
             self.check_store(table)
-        for attempt in range(1, self.RETRIES + 1):
-            try:
-                return self._load(table)
-            except SinkError as exc:
-                if not exc.transient or attempt == self.RETRIES:
-                    raise
-                delay = self.backoff(attempt)
-                log.warning("%s; retry %d in %.1f s", exc, attempt, delay)
-                if self.sleep(delay):  # stopping
-                    raise
-        raise AssertionError("unreachable")
-
-    def backoff(self, attempt):
-        """Seconds to wait before retry `attempt`: doubling from 0.4 s, jittered, capped."""
-        return min(0.2 * 2 ** attempt, 30) * self.jitter(0.5, 1.5)
+        return self.retry(lambda: self._load(table), what=f"reading {table}",
+                          is_transient=is_transient_sink_error, **self.BACKOFF)
 
     def _load(self, table):
         from deltalake import DeltaTable
@@ -2917,7 +2960,10 @@ class DeltaSink(Sink):
         return delta_kinds(found.schema()) if found else {}
 
     def has_committed(self, table, seq, batch_id, source_id=None):
-        found = self._open(table)
+        return self._holds(self._open(table), seq, source_id)
+
+    def _holds(self, found, seq, source_id=None):
+        """True when the table `found` (None: missing) holds batch `seq` of the node."""
         app_id = self.identity.app_id_of(source_id or self.identity.source_id)
         version = found.transaction_version(app_id) if found else None
         return version is not None and version >= seq
@@ -2965,26 +3011,26 @@ class DeltaSink(Sink):
         return None
 
     def write(self, table, batch):
-        for attempt in range(1, self.RETRIES + 1):
-            try:
-                if self.has_committed(table, batch.seq, batch.batch_id):
-                    return Receipt(batch.count, skipped=True)
-                self._append(table, batch)
-                self._verify(table, batch)
-                return Receipt(batch.count)
-            except SinkError:
-                raise
-            except Exception as exc:  # deltalake raises several unrelated types
-                error = SinkError(f"sink: writing batch {batch.batch_id} to "
-                                  f"{self.table_uri(table)} failed: {first_line(exc)}")
-                if not is_transient_delta_error(exc) or attempt == self.RETRIES:
-                    raise error from exc
-                delay = self.backoff(attempt)
-                log.warning("sink: commit to %s failed (%s); retry %d in %.1f s", table,
-                            first_line(exc), attempt, delay)
-                if self.sleep(delay):  # stopping: the failure stands, the batch goes again
-                    raise error from exc
-        raise AssertionError("unreachable")
+        # a transient failure anywhere (opening the table, the commit, reading it back)
+        # sends the batch again; a stop during the wait leaves it for the next cycle
+        self.check_store(table)
+        return self.retry(lambda: self._write_once(table, batch),
+                          what=f"writing batch {batch.batch_id}",
+                          is_transient=is_transient_sink_error, **self.BACKOFF)
+
+    def _write_once(self, table, batch):
+        try:
+            if self._holds(self._load(table), batch.seq):
+                return Receipt(batch.count, skipped=True)
+            self._append(table, batch)
+            self._verify(table, batch)
+            return Receipt(batch.count)
+        except SinkError:
+            raise
+        except Exception as exc:  # deltalake raises several unrelated types
+            raise SinkError(f"sink: writing batch {batch.batch_id} to "
+                            f"{self.table_uri(table)} failed: {first_line(exc)}",
+                            transient=is_transient_delta_error(exc)) from exc
 
     def _append(self, table, batch):
         from arro3.core import RecordBatchReader
@@ -3024,9 +3070,7 @@ class DeltaSink(Sink):
 
     def _verify(self, table, batch):
         """Read this node's marker back at the commit's version; it must be there."""
-        found = self._tables.get(table) or self._open(table)
-        version = found.transaction_version(self.identity.app_id) if found else None
-        if version is not None and version >= batch.seq:
+        if self._holds(self._tables.get(table) or self._load(table), batch.seq):
             return
         raise SinkError(f"sink: batch {batch.batch_id} was committed to "
                         f"{self.table_uri(table)} but its commit is not in the table's log: "
@@ -3577,47 +3621,35 @@ class DatabricksSink(Sink):
             shutil.rmtree(self._staging_dir, ignore_errors=True)
 
     def retrying(self, what, action):
-        """Run `action`, retrying transient failures with capped backoff and jitter.
+        """Run `action`, retrying transient failures with capped backoff and jitter:
+        a warehouse that cannot take a session yet is waited for (see started); other
+        transient failures (conflicts, dropped connections) get RETRIES runs in all."""
+        return self.retry(lambda: self.started(action), what=what, attempts=self.RETRIES,
+                          first=2, is_transient=lambda exc: is_transient_sink_error(exc)
+                          and not isinstance(exc, UnavailableError))
 
-        A warehouse that cannot take a session yet (starting: 503, or throttling) is
-        waited for up to startup_timeout, with a line every STARTUP_LOG seconds; other
-        transient failures (conflicts, dropped connections) get RETRIES tries in all.
-        """
-        started = logged = None
-        failures = waits = 0
-        while True:
-            try:
-                return action()
-            except UnavailableError as exc:
-                started = self.clock() if started is None else started
-                waited = self.clock() - started
-                delay = self._startup_delay(exc, waits, waited)
-                if logged is None or waited - logged >= self.STARTUP_LOG:
-                    log.warning("sink: warehouse is starting; waited %.0f s of %.0f (%s)",
-                                waited, self.config.startup_timeout,
-                                str(exc).removeprefix("sink: "))
-                    logged = waited
-                waits += 1
-                error = exc
-            except SinkError as exc:
-                failures += 1
-                if not exc.transient or failures >= self.RETRIES:
-                    raise
-                delay = min(2 ** failures, 60) * self.jitter(0.5, 1.0)
-                log.warning("sink: %s failed (%s); retry %d in %.0f s", what, exc, failures,
-                            delay)
-                error = exc
-            if self.sleep(delay):  # stopping: the failure stands
-                raise error
+    def started(self, action):
+        """Run `action`; while the warehouse cannot take a session yet (starting: 503, or
+        throttling), wait for it up to startup_timeout, with a line every STARTUP_LOG s."""
+        timeout, marks = self.config.startup_timeout, {}
 
-    def _startup_delay(self, exc, waits, waited):
-        """Seconds until the next try to reach a starting warehouse; raise when out of time."""
-        timeout = self.config.startup_timeout
-        if waited >= timeout:
+        def say(exc, attempt, delay):
+            now = self.clock()
+            waited = now - marks.setdefault("first", now)
+            if "logged" not in marks or waited - marks["logged"] >= self.STARTUP_LOG:
+                log.warning("sink: warehouse is starting; waited %.0f s of %.0f (%s)",
+                            waited, timeout, str(exc).removeprefix("sink: "))
+                marks["logged"] = waited
+        try:
+            return self.retry(action, what="reaching the warehouse", deadline=timeout,
+                              cap=self.STARTUP_POLL, on_retry=say,
+                              is_transient=lambda exc: isinstance(exc, UnavailableError))
+        except UnavailableError as exc:
+            waited = self.clock() - marks.get("first", self.clock())
+            if waited < timeout:  # stopping: the failure stands
+                raise
             raise SinkError(f"{exc}; the warehouse was not ready after {waited:.0f} s "
                             f"(startup_timeout {timeout:.0f} s)") from None
-        delay = min(2 ** waits, self.STARTUP_POLL) * self.jitter(0.5, 1.0)
-        return min(delay, timeout - waited)
 
     # --- tables --------------------------------------------------------------------
 
@@ -3910,14 +3942,11 @@ class DatabricksSink(Sink):
     def _merge_status(self, status):
         """One MERGE; a conflict with another node's commit goes again after a pause."""
         sql = status_merge_sql(self.target(STATUS_TABLE), status_values(status))
-        for attempt in range(1, self.STATUS_TRIES + 1):
-            try:
-                return self.execute(sql, what=f"recording the node's status in {STATUS_TABLE}")
-            except SinkError as exc:
-                if not is_conflict(exc) or attempt == self.STATUS_TRIES:
-                    raise
-                if self.sleep(2 ** (attempt - 1) * self.jitter(0.5, 1.5)):  # stopping
-                    raise
+        what = f"recording the node's status in {STATUS_TABLE}"
+        return self.retry(lambda: self.execute(sql, what=what), what=what,
+                          attempts=self.STATUS_TRIES, cap=math.inf, spread=(0.5, 1.5),
+                          is_transient=lambda exc: isinstance(exc, SinkError)
+                          and is_conflict(exc), on_retry=lambda exc, n, delay: None)
 
     def fleet(self, table):
         """Each node's row of the status table for `table`, and its rows in `table`."""
@@ -5113,6 +5142,8 @@ class Checkpoint:
     (`position_key(destination, table)`) and get copies back.
     """
 
+    clock = staticmethod(time.time)  # names the backup of a reset state; tests give their own
+
     def __init__(self, state_dir):
         self.dir = state_dir
         self.path = os.path.join(state_dir, STATE_FILE)
@@ -5286,10 +5317,10 @@ class Checkpoint:
 
     def _move_aside(self):
         """--reset-state: keep the previous state file as last_upload.json.reset-<time>."""
-        backup = f"{self.path}.reset-{int(time.time())}"
+        backup = f"{self.path}.reset-{int(self.clock())}"
         n = 1
         while os.path.exists(backup):
-            backup, n = f"{self.path}.reset-{int(time.time())}-{n}", n + 1
+            backup, n = f"{self.path}.reset-{int(self.clock())}-{n}", n + 1
         try:
             os.replace(self.path, backup)
         except FileNotFoundError:

@@ -68,8 +68,6 @@ import duckdb
 import sqlglot
 from sqlglot import exp
 
-REAL_SLEEP = time.sleep  # some tests patch time.sleep; a statement's work takes real time
-
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "named"
@@ -241,7 +239,7 @@ class Warehouse:
         write = written_table(sql)
         seen = self.version(write[1]) if write else None  # its snapshot: when it arrives
         if write and self.work_seconds:
-            REAL_SLEEP(self.work_seconds)
+            time.sleep(self.work_seconds)
         with self.lock:
             if write and self.conflicts:
                 self.check_conflict(sql, params, *write, seen)

@@ -347,7 +347,7 @@ class ResetStateTest(CheckpointTestCase):
         self.addCleanup(signal.signal, signal.SIGINT, saved[1])
         self.addCleanup(signal.signal, signal.SIGTERM, saved[0])
         argv = ["--sqlite", self.db, "--once", "--reset-state"]
-        with mock.patch("time.time", return_value=1_767_225_600.0):
+        with mock.patch.object(up.Checkpoint, "clock", staticmethod(lambda: 1_767_225_600.0)):
             for lake in ("reset-1", "reset-2"):
                 code, _, err = run_main(argv, self.base_env(DELTA_URI=self.path(lake)))
                 self.assertEqual(code, 0, err)

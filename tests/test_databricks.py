@@ -3,7 +3,8 @@
 The fake parses every statement as Databricks SQL (sqlglot) and runs it on DuckDB, so
 these tests read back what landed and compare it with the SQLite source. Faults
 ('resend', 'drop_reply', 'unavailable', 'forbidden', 'unauthorized', 'crash_*') are
-planned on the fake; time.sleep and random.uniform are patched, so retries cost nothing.
+planned on the fake; the sink's sleep and jitter are the tests' own, so retries cost
+nothing.
 """
 
 import base64
@@ -37,8 +38,6 @@ TOKEN = "dapi0123456789abcdefTOPSECRET"
 CLIENT_SECRET = "dose0123456789SECRETOFTHEPRINCIPAL"
 TABLE = "main.sensors.raw_readings"
 UTC = dt.timezone.utc
-REAL_SLEEP = time.sleep  # the tests patch time.sleep (the module's) to count retries
-REAL_UNIFORM = random.uniform  # and random.uniform, to make backoff exact
 
 READINGS_SCHEMA = ("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                    "timestamp TEXT, sensor TEXT, value REAL)")
@@ -70,8 +69,9 @@ class WarehouseTestCase(TempDirTestCase):
         self.addCleanup(setattr, up.DatabricksSink, "connector", up.DatabricksSink.connector)
         up.DatabricksSink.connector = fake_warehouse
         self.sleeps = []
-        for patcher in (mock.patch.object(up.time, "sleep", self.sleeps.append),
-                        mock.patch.object(up.random, "uniform", lambda low, high: high)):
+        # the sink's waits: counted, not slept; jitter at its top, so backoff is exact
+        for patcher in (mock.patch.object(up.Sink, "sleep", staticmethod(self.sleeps.append)),
+                        mock.patch.object(up.Sink, "jitter", staticmethod(lambda low, high: high))):
             patcher.start()
             self.addCleanup(patcher.stop)
         self.open_warehouse()
@@ -315,7 +315,7 @@ class OAuthTests(WarehouseTestCase):
         for _ in range(400):  # wait for it (up to 20 s; nothing timed is asserted)
             if len(self.server.requests) == 2:
                 break
-            REAL_SLEEP(0.05)
+            time.sleep(0.05)
         second = headers()["Authorization"]
         self.assertNotEqual(second, first)
         self.assertTrue(self.server.valid(first.removeprefix("Bearer ")),
@@ -911,8 +911,9 @@ class FleetTests(WarehouseTestCase):
         super().setUp()
         self.warehouse.conflicts = True
         self.warehouse.work_seconds = 0.02  # writers overlap, as on a warehouse
-        for patcher in (mock.patch.object(up.time, "sleep", lambda s: REAL_SLEEP(s / 100)),
-                        mock.patch.object(up.random, "uniform", REAL_UNIFORM)):
+        for patcher in (mock.patch.object(up.Sink, "sleep",
+                                          staticmethod(lambda s: time.sleep(s / 100))),
+                        mock.patch.object(up.Sink, "jitter", staticmethod(random.uniform))):
             patcher.start()
             self.addCleanup(patcher.stop)
         self.dbs = [self.readings_db(0, name=f"node-{n}.db") for n in range(self.NODES)]

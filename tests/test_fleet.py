@@ -220,9 +220,10 @@ class RetryTest(PipelineTestCase):
         sink.sleep, sink.jitter = sleeps.append, lambda low, high: high
         return sink
 
-    def batch(self, sink):
-        chunk = up.Chunk(["id"], [[1, 2, 3]], 3, [3], kinds=[up.BIGINT], batch_id="s1-1")
-        return up.Batch(1, "s1-1", chunk.columns, chunk.kinds, 3,
+    def batch(self, sink, seq=1):
+        ids = [3 * seq - 2, 3 * seq - 1, 3 * seq]
+        chunk = up.Chunk(["id"], [ids], 3, [ids[-1]], kinds=[up.BIGINT], batch_id=f"s1-{seq}")
+        return up.Batch(seq, chunk.batch_id, chunk.columns, chunk.kinds, 3,
                         [sink.encode("t", chunk)[0]], chunk.cursor_end)
 
     def test_races_on_a_new_table_are_retried_after_a_jittered_pause(self):
@@ -260,6 +261,40 @@ class RetryTest(PipelineTestCase):
         with mock.patch("deltalake.DeltaTable", flaky):
             self.assertTrue(sink.has_committed("t", 1, "s1-1"))
         self.assertEqual(sleeps, [0.2 * 2 * 1.5])
+
+    def test_a_write_whose_table_read_times_out_is_sent_again(self):
+        """Opening the table inside a write (is the batch there already?), or bringing
+        an open one up to date, fails for a transient reason: the write goes again after
+        one jittered pause, and the rows land once."""
+        sleeps = []
+        sink = self.sink(sleeps)
+        sink.write("t", self.batch(sink))
+        timeout = OSError("Generic S3 error: operation timed out")
+        from deltalake import DeltaTable
+        opens = []
+
+        def flaky_open(uri, *args, **kwargs):
+            opens.append(uri)
+            if len(opens) == 1:
+                raise timeout
+            return DeltaTable(uri, *args, **kwargs)
+
+        for seq, where in ((2, "opening it"), (3, "bringing it up to date")):
+            with self.subTest(where):
+                sleeps.clear()
+                if seq == 2:
+                    sink._tables.clear()
+                    patcher = mock.patch("deltalake.DeltaTable", flaky_open)
+                else:
+                    found = sink._tables["t"]
+                    patcher = mock.patch.object(found, "update_incremental",
+                                                side_effect=[timeout, None, None, None])
+                with patcher:
+                    receipt = sink.write("t", self.batch(sink, seq))
+                self.assertEqual(receipt.rows, 3)
+                self.assertEqual(sleeps, [0.2 * 2 * 1.5])
+                self.assertEqual(sorted(r["id"] for r in delta_rows(sink.table_uri("t"))),
+                                 list(range(1, 3 * seq + 1)))
 
     def test_what_is_retried(self):
         cases = [("Protocol changed since last commit", True),

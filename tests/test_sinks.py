@@ -322,9 +322,9 @@ class WarehouseSinkTest(SinkContract, TempDirTestCase):
         self.fake = fake_warehouse
         super().setUp()
         self.warehouse = use_fake_warehouse(self, self.path("warehouse"))
-        for patcher in (mock.patch.object(up.time, "sleep", lambda s: None),):
-            patcher.start()
-            self.addCleanup(patcher.stop)
+        patcher = mock.patch.object(up.Sink, "sleep", staticmethod(lambda seconds: None))
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def make_config(self, **settings):
         config = up.Config(sqlite=self.db, databricks_host="adb-1.7.azuredatabricks.net",
@@ -399,6 +399,86 @@ class JsonLinesSink(up.Sink):
     def recover_position(self, table, source):
         found = list(self.batches(table, self.identity.source_id))
         return {"cursor": found[-1][0]["cursor"], "carry": None} if found else None
+
+
+class FakeClock:
+    """A monotonic clock that moves only when retry() sleeps; records the sleeps."""
+
+    def __init__(self, stop_after=None):
+        self.now, self.sleeps, self.stop_after = 0.0, [], stop_after
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+        return self.stop_after is not None and len(self.sleeps) >= self.stop_after
+
+
+class RetryTest(unittest.TestCase):
+    """up.retry, the one retry loop of every sink: sleep, clock and jitter passed in."""
+
+    def run_retry(self, failures, clock=None, **how):
+        """retry() over an action that raises each of `failures` in turn, then
+        returns "done"; (result or the exception raised, the clock, runs)."""
+        clock, runs, said = clock or FakeClock(), [], []
+        failures = list(failures)
+
+        def action():
+            runs.append(clock.now)
+            if failures:
+                raise failures.pop(0)
+            return "done"
+        how = {"what": "writing batch b-1", "jitter": lambda low, high: high,
+               "is_transient": up.is_transient_sink_error, "on_retry":
+               lambda exc, n, delay: said.append((str(exc), n, delay)), **how}
+        try:
+            result = up.retry(action, sleep=clock.sleep, clock=lambda: clock.now, **how)
+        except Exception as exc:
+            result = exc
+        return result, clock, runs, said
+
+    def transient(self, text="timed out"):
+        return up.SinkError(f"sink: {text}", transient=True)
+
+    def test_transient_failures_wait_doubling_then_the_action_goes_again(self):
+        result, clock, runs, said = self.run_retry([self.transient()] * 3, attempts=5,
+                                                   first=0.4, cap=1.0, spread=(0.5, 1.5))
+        self.assertEqual(result, "done")
+        self.assertEqual(clock.sleeps, [0.6000000000000001, 1.2000000000000002, 1.5])
+        self.assertEqual([n for _, n, _ in said], [1, 2, 3])
+        self.assertEqual(len(runs), 4)
+
+    def test_attempts_end_the_retrying_with_the_last_error(self):
+        errors = [self.transient(f"try {n}") for n in range(1, 6)]
+        result, clock, runs, _ = self.run_retry(errors, attempts=3)
+        self.assertIs(result, errors[2])
+        self.assertEqual(len(runs), 3)
+        self.assertEqual(clock.sleeps, [1.0, 2.0])
+
+    def test_a_deadline_ends_the_retrying_and_the_last_wait_fits_it(self):
+        result, clock, runs, _ = self.run_retry([self.transient()] * 20, deadline=10, cap=4)
+        self.assertIsInstance(result, up.SinkError)
+        self.assertEqual(clock.sleeps, [1.0, 2.0, 4.0, 3.0])
+        self.assertEqual(runs[-1], 10.0)
+
+    def test_a_permanent_failure_stands_at_once(self):
+        refused = up.SinkError("sink: permission denied")
+        result, clock, runs, said = self.run_retry([refused], attempts=5)
+        self.assertIs(result, refused)
+        self.assertEqual((clock.sleeps, said, len(runs)), ([], [], 1))
+
+    def test_a_stop_during_a_wait_ends_the_retrying(self):
+        result, clock, runs, _ = self.run_retry([self.transient()] * 5, attempts=9,
+                                                clock=FakeClock(stop_after=2))
+        self.assertIsInstance(result, up.SinkError)
+        self.assertEqual(len(clock.sleeps), 2)
+        self.assertEqual(len(runs), 2)
+
+    def test_the_default_line_says_what_failed_and_when_it_goes_again(self):
+        with self.assertLogs("uploader", "WARNING") as logs:
+            self.run_retry([OSError("connection reset")], attempts=2, on_retry=None,
+                           is_transient=lambda exc: isinstance(exc, OSError))
+        self.assertEqual(logs.output, ["WARNING:uploader:sink: writing batch b-1 failed: "
+                                       "connection reset; retry 1 in 1.0 s"])
 
 
 class JsonLinesSinkTest(SinkContract, TempDirTestCase):

@@ -88,7 +88,7 @@ class SparkParsesEveryStatement(unittest.TestCase):
         patches = [mock.patch.object(up.DatabricksSink, "connector", fake_warehouse),
                    mock.patch.object(fake_warehouse, "WAREHOUSE",
                                      fake_warehouse.Warehouse(os.path.join(cls.tmp, "wh"))),
-                   mock.patch.object(up.time, "sleep", lambda s: None)]
+                   mock.patch.object(up.Sink, "sleep", staticmethod(lambda seconds: None))]
         for patch in patches:
             patch.start()
             cls.addClassCleanup(patch.stop)
