@@ -4772,6 +4772,8 @@ class ZerobusSink(Sink):
                       in zip(part.columns, encoders, row) if value is not None}
             record.update(_row_key=keys[i], _source_id=self.identity.source_id,
                           _uploaded_at=now)
+            if self.identity.source_file:  # rows of two files may share a row key
+                record["_source_file"] = self.identity.source_file
             if extra[i]:
                 record["_rescued_data"] = extra[i]
             rows.append(dumps(record).encode("utf-8"))
@@ -4941,13 +4943,15 @@ DEDUPED_SUFFIX = "_deduped"
 
 
 def deduped_view_sql(database, table, columns):
-    """CREATE OR REPLACE VIEW <table>_deduped: one row per (_source_id, _row_key), the
-    first copy uploaded (a batch sent again repeats its rows with a later _uploaded_at).
-    Rows without a `_row_key` (written by another target) are all kept."""
+    """CREATE OR REPLACE VIEW <table>_deduped: one row per (_source_id, _source_file,
+    _row_key), the first copy uploaded (a batch sent again repeats its rows with a later
+    _uploaded_at); the rows of two files of one table may share a row key. Rows without
+    a `_row_key` (written by another target) are all kept."""
     cols = ", ".join(quote_name(c) for c in columns)
     return (f"CREATE OR REPLACE VIEW {qualified_name(database, table + DEDUPED_SUFFIX)} "
             f"AS SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY "
-            "`_source_id`, `_row_key` ORDER BY `_uploaded_at`, `_batch_id`) AS "
+            "`_source_id`, `_source_file`, `_row_key` ORDER BY `_uploaded_at`, "
+            "`_batch_id`) AS "
             f"`_copy_number` FROM {qualified_name(database, table)}) WHERE `_copy_number` = 1 "
             "OR `_row_key` IS NULL")
 

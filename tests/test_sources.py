@@ -534,6 +534,35 @@ class WarehouseTest(SourcesTestCase):
         self.assertEqual(len(batches), 2)
 
 
+class ZerobusTest(SourcesTestCase):
+    """Many sources to Zerobus Ingest (tests/zerobus_fake.py)."""
+
+    def test_rows_of_two_files_with_the_same_keys_are_both_in_the_deduped_view(self):
+        from tests.zerobus_fake import ZerobusFake
+        fake = ZerobusFake()
+        address = fake.start()
+        self.addCleanup(fake.stop)
+        for name in ("sensor-1.db", "sensor-2.db"):
+            self.logger_file(name)
+        env = {"TARGET": "zerobus", "DATABRICKS_HOST": address,
+               "ZEROBUS_ENDPOINT": f"http://{address}",
+               "ZEROBUS_WORKSPACE_ID": fake.workspace_id, "DATABRICKS_CLIENT_ID": "sp-id",
+               "DATABRICKS_CLIENT_SECRET": "sp-secret", "DATABRICKS_DATABASE": "main.sensors",
+               "STATE_DIR": self.path("state"), "SOURCE_ID": "node-1"}
+        code, ddl, err = run_main(["--sqlite", self.path("sensor-1.db"), "--table",
+                                   "readings", "--print-ddl"], env)
+        self.assertEqual(code, 0, err)
+        fake.create_table("main.sensors.raw_readings", ddl.split(";\n")[0])
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        code, _, err = run_main(["--config", config, "--once"], env)
+        self.assertEqual(code, 0, err)
+        # ids 1..10 in each file: the same row keys, two files
+        got = collections.Counter((r["_source_file"], r["id"])
+                                  for r in fake.deduped("main.sensors.raw_readings"))
+        self.assertEqual(got, collections.Counter(
+            (f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)))
+
+
 @slow
 class CrashTest(SourcesTestCase):
     """A kill in one source's batch never replays another's."""

@@ -339,7 +339,7 @@ class Settings(ZerobusCase):
         self.assertEqual(code, 0)
         self.assertIn("`_row_key` STRING", out)
         self.assertIn("CREATE OR REPLACE VIEW `main`.`sensors`.`raw_readings_deduped`", out)
-        self.assertIn("PARTITION BY `_source_id`, `_row_key`", out)
+        self.assertIn("PARTITION BY `_source_id`, `_source_file`, `_row_key`", out)
 
 
 class Runs(ZerobusCase):

@@ -97,12 +97,13 @@ class ZerobusFake:
     # --- what landed -------------------------------------------------------------
 
     def deduped(self, table):
-        """The rows of `<table>_deduped`: per (_source_id, _row_key) the first copy by
-        (_uploaded_at, _batch_id), and every row without a _row_key, as the view the
-        uploader creates selects them."""
+        """The rows of `<table>_deduped`: per (_source_id, _source_file, _row_key) the
+        first copy by (_uploaded_at, _batch_id), and every row without a _row_key, as the
+        view the uploader creates selects them."""
         best = {}
         for n, row in enumerate(self.rows.get(table, [])):
-            key = (row.get("_source_id"), row.get("_row_key") or n)  # no key: each kept
+            key = (row.get("_source_id"), row.get("_source_file"),
+                   row.get("_row_key") or n)  # no key: each kept
             order = (row.get("_uploaded_at"), row.get("_batch_id"))
             if key not in best or order < best[key][0]:
                 best[key] = (order, row)
