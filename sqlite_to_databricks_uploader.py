@@ -624,6 +624,10 @@ def validate_config(config):
         updates["databricks_host"] = normalize_host(config.databricks_host)
         if not updates["databricks_host"]:
             bad("databricks_host", "must name a workspace host")
+        if re.match(r"\s*http://", config.databricks_host, re.I) and \
+                not is_loopback(updates["databricks_host"]):
+            bad("databricks_host", "must be https:// (plain http:// only for a test "
+                "service on this machine: 127.0.0.1, localhost)")
         if config.delta_uri and not config.target:
             raise ConfigError(
                 f"config: both databricks_host (from {config.origin('databricks_host')}) "
@@ -675,6 +679,27 @@ def validate_workspace(config):
     need = " when databricks_host is set"
     if not config.databricks_http_path:
         raise missing("databricks_http_path", need)
+    check_credentials(config, need)
+    database = workspace_database(config, need)
+    volume = config.databricks_volume or "auto"
+    if volume.lower() not in ("auto", "none") and not is_volume_path(volume):
+        raise ConfigError(f"config: databricks_volume must be auto, none or look like "
+                          f"/Volumes/catalog/schema/volume (got {volume!r} from "
+                          f"{config.origin('databricks_volume')})")
+    if config.max_statement_bytes < 10_000:
+        raise ConfigError(f"config: max_statement_bytes must be at least 10000 (got "
+                          f"{config.max_statement_bytes} from "
+                          f"{config.origin('max_statement_bytes')})")
+    return database
+
+
+def is_volume_path(path):
+    """True for /Volumes/<catalog>/<schema>/<volume>[/folder...]."""
+    return bool(re.fullmatch(r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", path or ""))
+
+
+def check_credentials(config, need):
+    """A token, a service principal's id and secret, or a ~/.databrickscfg profile."""
     has_oauth = config.databricks_client_id or config.databricks_client_secret
     if config.databricks_config_profile:
         check_profile(config)
@@ -685,18 +710,6 @@ def validate_workspace(config):
         for name in ("databricks_client_id", "databricks_client_secret"):
             if not getattr(config, name):
                 raise missing(name, " for OAuth machine-to-machine")
-    database = workspace_database(config, need)
-    volume = config.databricks_volume or "auto"
-    if volume.lower() not in ("auto", "none") and not re.fullmatch(
-            r"/Volumes/[^/]+/[^/]+/[^/]+(/.*)?", volume):
-        raise ConfigError(f"config: databricks_volume must be auto, none or look like "
-                          f"/Volumes/catalog/schema/volume (got {volume!r} from "
-                          f"{config.origin('databricks_volume')})")
-    if config.max_statement_bytes < 10_000:
-        raise ConfigError(f"config: max_statement_bytes must be at least 10000 (got "
-                          f"{config.max_statement_bytes} from "
-                          f"{config.origin('max_statement_bytes')})")
-    return database
 
 
 def workspace_database(config, need):
@@ -2640,6 +2653,7 @@ class Batch:
     notes: dict = dataclasses.field(default_factory=dict)
     resend: bool = False  # the rows of a batch in flight that did not land
     pending: int = None  # rows after it in the source, when the cycle knows
+    mark: object = None  # what the sink's seal() keeps in the in-flight record
 
 
 @dataclasses.dataclass
@@ -2762,6 +2776,12 @@ class Sink:
         of its chunks, in order, as `batch.payload`."""
         return None, 0
 
+    def seal(self, table, batch):
+        """After a batch's chunks are encoded (read-ahead thread): finish its payload;
+        return what its in-flight record keeps for `has_committed(mark=...)` (JSON), or
+        None."""
+        return None
+
     def write(self, table, batch):
         """Append the batch, tagged with its batch id; skip it if already committed."""
         raise NotImplementedError
@@ -2803,6 +2823,12 @@ class Sink:
     def list_tables(self):
         """The target's table names, or None when it cannot list them cheaply."""
         return None
+
+    @classmethod
+    def ingest_sql(cls, config, tables):
+        """--print-ingest-sql: the SQL that loads what this target lands in `tables`."""
+        raise ConfigError(f"config: --print-ingest-sql is for the landing target; the "
+                          f"{cls.name} target writes its tables itself")
 
     def fleet(self, table):
         """--fleet-status: one record per node that wrote to `table`."""
@@ -3852,18 +3878,9 @@ class DatabricksSink(Sink):
 
     def recover_position(self, table, source):
         """The cursor after this node's rows in `table`: max of an integer cursor column."""
-        cursor = source.cursor
-        if cursor.hidden or len(cursor.columns) != 1 or table.startswith("aggregated_"):
-            raise SinkError(
-                f"sink: cannot recover a {cursor.kind} cursor {cursor.describe()} from "
-                f"{table}: the table does not hold it; --reset-state re-sends everything "
-                "instead (rows already there would be duplicated)")
-        rows = self._select(table, self.identity.source_id,
-                            f"max({quote_name(cursor.columns[0])}), count(*)",
-                            "reading the cursor for --recover-state")
-        if not rows or rows[0][0] is None:
-            return None
-        return {"cursor": [rows[0][0]], "carry": None, "rows": rows[0][1]}
+        return recover_by_max(lambda what: self._select(
+            table, self.identity.source_id, what, "reading the cursor for --recover-state"),
+            table, source, quote_name)
 
     def count_rows(self, table, source_id):
         rows = self._select(table, source_id, "count(*)", "counting rows")
@@ -3974,6 +3991,21 @@ class DatabricksSink(Sink):
         rows = self._rows(f"SELECT DISTINCT `target_table` FROM {self.target(STATUS_TABLE)}",
                           None, f"reading {STATUS_TABLE}")
         return sorted(row[0] for row in rows) or None
+
+
+def recover_by_max(select, table, source, quote):
+    """A lost cursor rebuilt from rows (not commits): the max of a single cursor column
+    the table holds, found by `select(what) -> rows`; None when no row is there."""
+    cursor = source.cursor
+    if cursor.hidden or len(cursor.columns) != 1 or table.startswith("aggregated_"):
+        raise SinkError(
+            f"sink: cannot recover a {cursor.kind} cursor {cursor.describe()} from "
+            f"{table}: the table does not hold it; --reset-state re-sends everything "
+            "instead (rows already there would be duplicated)")
+    rows = select(f"max({quote(cursor.columns[0])}), count(*)")
+    if not rows or rows[0][0] is None:
+        return None
+    return {"cursor": [rows[0][0]], "carry": None, "rows": rows[0][1]}
 
 
 @dataclasses.dataclass
@@ -4334,16 +4366,17 @@ def copy_into_sql(target, folder, names):
 
 
 def parquet_bytes(chunks):
-    """Arrow record batches as one Parquet file (written by deltalake: no pyarrow)."""
+    """Arrow record batches as one zstd Parquet file (written by deltalake: no pyarrow)."""
     import glob
     import shutil
     import tempfile
     from arro3.core import RecordBatchReader
-    from deltalake import write_deltalake
+    from deltalake import WriterProperties, write_deltalake
     data = RecordBatchReader.from_batches(chunks[0].schema, chunks)
     folder = tempfile.mkdtemp(prefix="uploader-parquet-")
     try:
-        write_deltalake(folder, data, mode="overwrite", target_file_size=2**40)
+        write_deltalake(folder, data, mode="overwrite", target_file_size=2**40,
+                        writer_properties=WriterProperties(compression="ZSTD"))
         files = glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)
         if len(files) != 1:
             raise SinkError(f"sink: expected one Parquet file, deltalake wrote {len(files)}")
@@ -5064,6 +5097,465 @@ def zerobus_error(what, status, reply, config):
                      transient=status == 429 or status >= 500 and status != 501)
 
 
+@register_sink
+class LandingSink(Sink):
+    """Land each batch as one immutable Parquet file in a Unity Catalog volume.
+
+    A fan-in target (DESIGN 11): no warehouse on the write path. A batch is one zstd
+    Parquet file, uploaded with the Files API to a name made of its batch id,
+    `<volume>/<route table>/<source_id>/<batch id>.parquet`, so a batch sent again
+    rewrites the same file with the same rows, and a batch in flight is settled by
+    asking (HEAD) whether its file is there with the size recorded when it was sealed.
+    One Auto Loader streaming table (or a scheduled COPY INTO) per route loads each
+    file once (--print-ingest-sql). After each cycle the node writes
+    `<volume>/_nodes/<source_id>.json`: its cursor, pending rows, last upload, version
+    and last error (Spark's file listing skips names that begin with `_`).
+    """
+
+    name = "landing"
+    RETRIES = 8
+    STATUS_DIR = "_nodes"
+    files_class = None  # the Files API client; None: FilesApi (tests may set their own)
+
+    def __init__(self, config, identity):
+        super().__init__(config, identity)
+        self.volume = config.databricks_volume.rstrip("/")
+        self._files = None
+
+    @classmethod
+    def check_settings(cls, config):
+        """A volume path, a host and credentials; no SQL warehouse."""
+        volume = config.databricks_volume
+        if not is_volume_path(volume):
+            raise ConfigError(f"config: databricks_volume must be a volume path "
+                              f"/Volumes/catalog/schema/volume[/folder] for target landing "
+                              f"(got {volume!r} from {config.origin('databricks_volume')}): "
+                              "set --databricks-volume or DATABRICKS_VOLUME")
+        check_credentials(config, " for target landing")
+        if config.databricks_database:
+            workspace_database(config, " for target landing")
+        if not re.fullmatch(r"[^/\\_.=\x00-\x1f][^/\\=\x00-\x1f]*", config.source_id):
+            raise ConfigError(f"config: source_id {config.source_id!r} (from "
+                              f"{config.origin('source_id')}) names a folder of landed "
+                              "files: it may not contain / \\ = or control characters, "
+                              "nor begin with _ or . (Spark skips such folders)")
+        return config
+
+    @property
+    def destination(self):
+        return f"landing:{self.config.databricks_host}{self.volume}"
+
+    def describe(self):
+        return f"Databricks volume {self.volume} on {self.config.databricks_host}"
+
+    def announce(self):
+        log.info("target: each batch lands as one Parquet file under %s/<table>/%s/; "
+                 "--print-ingest-sql prints the SQL that loads them", self.volume,
+                 self.config.source_id)
+
+    @property
+    def files(self):
+        """The Files API client, made on first use."""
+        if self._files is None:
+            self._files = (self.files_class or FilesApi)(self.config, self)
+        return self._files
+
+    def folder(self, table, source_id=None):
+        """Where one node's batch files of one route go."""
+        return f"{self.volume}/{table}/{source_id or self.identity.source_id}"
+
+    def file_path(self, table, batch_id, source_id=None):
+        return f"{self.folder(table, source_id)}/{batch_id}.parquet"
+
+    def self_test(self, name):
+        """--test-upload: upload a file to a scratch folder of the volume, check its
+        size, read it back, remove it (the principal's READ and WRITE VOLUME)."""
+        folder, body = f"{self.volume}/{name}", b"it works\n"
+        path = f"{folder}/probe.txt"
+
+        def check_size():
+            if self.files.size(path) != len(body):
+                raise SinkError(f"{path} is not {len(body)} bytes")
+
+        def read():
+            if self.files.download(path) != body:
+                raise SinkError(f"{path} did not read back as written")
+
+        def remove():
+            self.files.call("DELETE", "files", path, what=f"removing {path}")
+            self.files.call("DELETE", "directories", folder, what=f"removing {folder}")
+
+        yield from run_steps([(f"upload {path}", lambda: self.files.upload(path, body)),
+                              ("check its size", check_size), ("read it back", read),
+                              (f"remove {name}", remove)])
+
+    # --- writes --------------------------------------------------------------------
+
+    def encode(self, table, chunk):
+        return to_record_batch(chunk, self.identity)
+
+    def seal(self, table, batch):
+        """The batch's chunks as one Parquet file (the payload, a list of one); the
+        in-flight record keeps its size."""
+        batch.payload = [parquet_bytes(batch.payload)]
+        return {"bytes": len(batch.payload[0])}
+
+    def write(self, table, batch):
+        data = batch.payload[0] if isinstance(batch.payload[0], bytes) else \
+            parquet_bytes(batch.payload)
+        self.files.upload(self.file_path(table, batch.batch_id), data)
+        return Receipt(batch.count)
+
+    def has_committed(self, table, seq, batch_id, source_id=None, mark=None):
+        """The batch's file is there (with the size it was sealed with, when known)."""
+        size = self.files.size(self.file_path(table, batch_id, source_id))
+        if size is None:
+            return False
+        expected = (mark or {}).get("bytes")
+        if expected is not None and size != expected:
+            log.warning("sink: %s holds %d bytes, %d were sent: it is sent again",
+                        self.file_path(table, batch_id, source_id), size, expected)
+            return False
+        return True
+
+    def report_status(self, status):
+        """Write this node's status file (a failure is logged, never fatal)."""
+        path = f"{self.volume}/{self.STATUS_DIR}/{self.identity.source_id}.json"
+        body = json.dumps({**status, "reported_at": utc_now_text()}, default=str,
+                          sort_keys=True)
+        try:
+            self.files.upload(path, body.encode() + b"\n", tries=2)
+        except SinkError as exc:
+            log.warning("sink: could not write the node status %s: %s", path, exc)
+
+    # --- reads ---------------------------------------------------------------------
+
+    def landed(self, table, source_id):
+        """[(name, size)] of a node's batch files in a route, in batch order."""
+        entries = self.files.list(self.folder(table, source_id))
+        found = [(e["name"], e.get("file_size")) for e in entries
+                 if not e.get("is_directory") and e["name"].endswith(".parquet")]
+        return sorted(found, key=lambda item: batch_order(item[0]))
+
+    def _select(self, table, source_id, what, doing, newest=False):
+        """Rows of `SELECT what` over a node's landed files (downloaded, then read with
+        DataFusion; with `newest`, its newest file only), [] when there are none."""
+        return self._query(table, source_id, f"SELECT {what} FROM t", doing, newest)[1]
+
+    def _query(self, table, source_id, sql, doing, newest=False):
+        """(Arrow schema, rows) of `sql` over table t, the node's landed files;
+        (None, []) when there are none."""
+        import shutil
+        import tempfile
+        from deltalake import QueryBuilder
+        names = [name for name, _ in self.landed(table, source_id)][-1 if newest else 0:]
+        if not names:
+            return None, []
+        folder = tempfile.mkdtemp(prefix="uploader-landed-")
+        try:
+            for name in names:
+                with open(os.path.join(folder, name), "wb") as fh:
+                    fh.write(self.files.download(f"{self.folder(table, source_id)}/{name}"))
+            query = QueryBuilder()
+            query.execute(f"CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION "
+                          f"{sql_string(folder + os.sep)}")
+            reader = query.execute(sql)
+            return reader.schema, [row for b in reader
+                                   for row in zip(*(c.to_pylist() for c in b.columns))]
+        except Exception as exc:  # DataFusion's own error types
+            raise SinkError(f"sink: {doing} of node {source_id} in "
+                            f"{self.folder(table, source_id)} failed: "
+                            f"{first_line(exc)}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def known_kinds(self, table):
+        """{column: kind} of the newest file this node landed in `table`: a column keeps
+        its type from one file to the next (across restarts too), as the ingest wants."""
+        schema, _ = self._query(table, self.identity.source_id, "SELECT * FROM t LIMIT 0",
+                                "reading the columns", newest=True)
+        from arro3.core import DataType
+        views = {str(DataType.string_view()): STRING, str(DataType.binary_view()): BINARY}
+        stored = {str(arrow_type(k)): k for k in (BIGINT, DOUBLE, STRING, BINARY, BOOLEAN,
+                                                  TIMESTAMP)}
+        kinds = {}
+        for name, found in zip(schema.names, schema.types) if schema else ():
+            kind = stored.get(str(found)) or views.get(str(found))  # DataFusion reads views
+            if kind and name not in LINEAGE_COLUMNS:
+                kinds[name] = kind
+        return kinds
+
+    def count_rows(self, table, source_id):
+        rows = self._select(table, source_id, "count(*)", "counting rows")
+        return rows[0][0] if rows else 0
+
+    def read_keys(self, table, source_id, names):
+        columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
+        return {tuple(row) for row in self._select(table, source_id, columns,
+                                                   "reading keys")}
+
+    def recover_position(self, table, source):
+        """The cursor after this node's landed rows: max of an integer cursor column."""
+        return recover_by_max(lambda what: self._select(
+            table, self.identity.source_id, what, "reading the cursor for --recover-state"),
+            table, source, lambda n: '"' + n.replace('"', '""') + '"')
+
+    def list_tables(self):
+        return sorted(e["name"] for e in self.files.list(self.volume)
+                      if e.get("is_directory") and not e["name"].startswith(("_", ".")))
+
+    def fleet(self, table):
+        """--fleet-status: each node's status file (as it wrote it after its last cycle)
+        of the nodes that upload to `table`."""
+        folder = f"{self.volume}/{self.STATUS_DIR}"
+        lines = []
+        for entry in self.files.list(folder):
+            if entry.get("is_directory") or not entry["name"].endswith(".json"):
+                continue
+            try:
+                status = json.loads(self.files.download(f"{folder}/{entry['name']}"))
+            except ValueError:
+                log.warning("sink: %s/%s is not a status file; skipped", folder, entry["name"])
+                continue
+            if status.get("table") == table:
+                lines.append(fleet_line(status.get("source_id"), status,
+                                        status.get("rows", 0), None))
+        return sorted(lines, key=lambda line: line["node"])
+
+    @classmethod
+    def ingest_sql(cls, config, tables):
+        """--print-ingest-sql: the Databricks SQL that loads the landed files."""
+        return landing_ingest_sql(config, tables)
+
+    def close(self):
+        self._files = None
+
+
+def landing_ingest_sql(config, tables):
+    """Statements (with comments) that load the landed files of each route table exactly
+    once, in the volume's catalog.schema (or databricks_database), and the fleet view."""
+    volume = config.databricks_volume.rstrip("/")
+    database = config.databricks_database or ".".join(volume.split("/")[2:4])
+    out = []
+    for table in tables:
+        target, folder = qualified_name(database, table), f"{volume}/{table}/"
+        out += [f"-- {table}: an Auto Loader streaming table; it loads each landed file "
+                "once (refresh it on the schedule below, or from a job)",
+                ingest_streaming_sql(target, folder) + ";",
+                f"-- {table}, or: a table loaded by a scheduled COPY INTO (a Databricks job "
+                "running it every few minutes); COPY INTO skips files it has loaded",
+                f"CREATE TABLE IF NOT EXISTS {target};",
+                ingest_copy_sql(target, folder) + ";"]
+    out += ["-- the fleet: one row per node, from the status file each node writes after "
+            "each cycle",
+            fleet_view_sql(qualified_name(database, "uploader_fleet"),
+                           f"{volume}/{LandingSink.STATUS_DIR}/") + ";"]
+    return "\n".join(out)
+
+
+# Auto Loader adds its own rescued-data column; the files already carry the uploader's
+# _rescued_data (values that did not fit their column), so the loader's gets another name
+INGEST_OPTIONS = ("format => 'parquet', schemaEvolutionMode => 'addNewColumns', "
+                  "rescuedDataColumn => '_rescued_load'")
+
+
+def ingest_query(folder, stream=True):
+    """The SELECT over the landed files of one route, with the file each row came from."""
+    source = f"read_files({sql_string(folder)}, {INGEST_OPTIONS})"
+    return (f"SELECT *, _metadata.file_path AS _landed_file FROM "
+            f"{'STREAM ' if stream else ''}{source}")
+
+
+def ingest_streaming_sql(target, folder):
+    """CREATE OR REFRESH STREAMING TABLE over read_files (Databricks SQL only)."""
+    return (f"CREATE OR REFRESH STREAMING TABLE {target} SCHEDULE EVERY 1 HOUR AS "
+            + ingest_query(folder))
+
+
+def ingest_copy_sql(target, folder):
+    """COPY INTO from a route's folder: every node's files, each loaded once."""
+    return (f"COPY INTO {target} FROM {sql_string(folder)} FILEFORMAT = PARQUET "
+            "PATTERN = '*/*.parquet' FORMAT_OPTIONS ('mergeSchema' = 'true') "
+            "COPY_OPTIONS ('mergeSchema' = 'true')")
+
+
+def fleet_view_sql(view, folder):
+    """A view of the nodes' status files (node_status, as each node last wrote it)."""
+    return (f"CREATE OR REPLACE VIEW {view} AS SELECT source_id, `table`, cursor, pending, "
+            "behind, last_batch, CAST(last_upload AS TIMESTAMP) AS last_upload, `rows`, "
+            "version, last_error, lag_seconds, `interval`, "
+            "CAST(reported_at AS TIMESTAMP) AS reported_at FROM "
+            f"read_files({sql_string(folder)}, format => 'json', "
+            "schemaHints => 'cursor STRING, pending BIGINT, behind BIGINT, `rows` BIGINT')")
+
+
+def batch_order(name):
+    """Sort key of a batch file `<state id>[-stream]-<seq>.parquet`: stream, then seq."""
+    stem = name.removesuffix(".parquet")
+    head, _, seq = stem.rpartition("-")
+    return (head, int(seq)) if seq.isdigit() else (stem, -1)
+
+
+class FilesApi:
+    """The Databricks Files API on volume paths, with the standard library.
+
+    PUT /api/2.0/fs/files{path}?overwrite=true (raw bytes; no body in the reply), HEAD
+    for a file's size (404: none), GET to download, GET /api/2.0/fs/directories{path}
+    to list (pages of `contents`, `next_page_token`), PUT of a directory to create it
+    (idempotent). Errors are JSON `{"error_code", "message"}`. 429 (waiting its
+    Retry-After), 5xx and network errors are tried again with capped, jittered backoff;
+    a 401/403 gets one new token (OAuth), then is permanent with a hint. A PUT is
+    idempotent here: a reply lost after the upload committed makes the retry rewrite
+    the same bytes.
+    """
+
+    TIMEOUT = 60
+    RETRY_AFTER_CAP = 60
+
+    def __init__(self, config, pacer):
+        self.config, self.pacer = config, pacer  # pacer: sleep, clock, jitter
+        host = config.databricks_host
+        self.base = f"{'http' if is_loopback(host) else 'https'}://{host}"
+        self._credentials = None
+        self.requests = 0  # how many requests were sent (the fleet benchmark counts them)
+        self._made = set()  # folders known to exist
+
+    def headers(self):
+        cfg = self.config
+        if cfg.databricks_token:
+            return {"Authorization": f"Bearer {cfg.databricks_token}"}
+        if self._credentials is None:
+            self._credentials = WorkspaceCredentials(cfg, self.base)
+        return self._credentials.headers()
+
+    def url(self, api, path, query=None):
+        quoted = urllib.parse.quote(path, safe="/")
+        return f"{self.base}/api/2.0/fs/{api}{quoted}" + (
+            "?" + urllib.parse.urlencode(query) if query else "")
+
+    def upload(self, path, data, tries=None):
+        """Put a file (overwriting); its folder is made first, once per process."""
+        folder = path.rsplit("/", 1)[0]
+        if folder not in self._made:
+            self.call("PUT", "directories", folder, what=f"creating {folder}", tries=tries)
+            self._made.add(folder)
+        self.call("PUT", "files", path, data, {"overwrite": "true"},
+                  what=f"uploading {path}", tries=tries)
+
+    def size(self, path):
+        """The file's size in bytes, or None when it does not exist."""
+        status, headers, _ = self.call("HEAD", "files", path, what=f"checking {path}",
+                                       missing_ok=True)
+        return None if status == 404 else int(headers.get("Content-Length", -1))
+
+    def download(self, path):
+        return self.call("GET", "files", path, what=f"downloading {path}")[2]
+
+    def list(self, folder):
+        """The entries of a folder ([] when it does not exist), all pages."""
+        entries, token = [], None
+        while True:
+            status, _, body = self.call("GET", "directories", folder,
+                                        query={"page_token": token} if token else None,
+                                        what=f"listing {folder}", missing_ok=True)
+            if status == 404:
+                return entries
+            page = json.loads(body or b"{}")
+            entries += page.get("contents", [])
+            token = page.get("next_page_token")
+            if not token:
+                return entries
+
+    def call(self, method, api, path, data=None, query=None, what="", missing_ok=False,
+             tries=None):
+        """One request, retried while the failure is transient; (status, headers, body).
+        A refused token (401/403) is replaced once, then the refusal stands."""
+        url, refreshed = self.url(api, path, query), []
+
+        def once():
+            status, headers, body = self.send(method, url, data, what)
+            if status in (401, 403) and self._credentials and not refreshed:
+                log.info("sink: the workspace refused the token (HTTP %d); getting a new "
+                         "one", status)
+                self._credentials.refresh()
+                refreshed.append(status)
+                status, headers, body = self.send(method, url, data, what)
+            if status < 300 or (status == 404 and missing_ok):
+                return status, headers, body
+            raise self.http_error(status, headers, body, what)
+
+        return self.pacer.retry(once, what=what, is_transient=is_transient_sink_error,
+                                attempts=tries or LandingSink.RETRIES, first=1.0, cap=30.0,
+                                spread=(0.5, 1.5), on_retry=self.obey_retry_after(what))
+
+    def obey_retry_after(self, what):
+        """retry()'s on_retry: the warning line, and the rest of a Retry-After the
+        service asked for beyond retry()'s own wait (at most RETRY_AFTER_CAP)."""
+        say = log_retry(what)
+
+        def wait(exc, attempt, delay):
+            extra = min(getattr(exc, "wait", None) or 0.0, self.RETRY_AFTER_CAP) - delay
+            say(exc, attempt, delay + max(extra, 0.0))
+            if extra > 0 and self.pacer.sleep(extra):  # stopping: the failure stands
+                raise exc
+        return wait
+
+    def send(self, method, url, data, what):
+        """One HTTP request: (status, headers, body) of any answer; no answer (a network
+        failure: the request may or may not have been carried out) is a transient
+        SinkError."""
+        import http.client
+        import urllib.error
+        import urllib.request
+        headers = {**self.headers(), "User-Agent": f"{TOOL}/{__version__}"}
+        if data is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        self.requests += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.TIMEOUT) as reply:
+                return reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.headers, exc.read()
+        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            raise SinkError(f"sink: {what} failed: {first_line(exc)}",
+                            transient=True) from None
+
+    def http_error(self, status, headers, body, what):
+        """A SinkError for an HTTP error reply: its error code and message, a hint;
+        `wait`: the Retry-After it came with."""
+        try:
+            found = json.loads(body or b"{}")
+        except ValueError:
+            found = {}
+        found = found if isinstance(found, dict) else {}
+        text = " ".join(str(found.get(k)) for k in ("error_code", "message") if found.get(k))
+        text = f"HTTP {status}" + (f" {text}" if text else "")
+        transient = status == 429 or status >= 500
+        hint = "" if transient else FILES_API_HINTS.get(status, "").format(
+            volume=self.config.databricks_volume)
+        error = SinkError(f"sink: {what} failed: {text}{hint}", transient=transient)
+        error.wait = retry_after(headers)
+        return error
+
+
+FILES_API_HINTS = {
+    401: "; check DATABRICKS_TOKEN (or the service principal's id and secret)",
+    403: "; the principal needs READ VOLUME and WRITE VOLUME on the volume (and USE "
+         "CATALOG, USE SCHEMA)",
+    404: "; does the volume {volume} exist?"}
+
+
+def retry_after(headers):
+    """Seconds a 429/503 asks to wait (Retry-After in seconds), or None."""
+    value = (headers or {}).get("Retry-After")
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None
+
+
 # === Checkpoint ======================================================================
 
 def encode_cursor(values):
@@ -5271,7 +5763,7 @@ class Checkpoint:
             "rows": batch.count, "source_rows": batch.source_count,
             "cursor_end": encode_cursor(batch.cursor_end),
             "last_upload": batch.last_timestamp, "carry": batch.carry,
-            "source_id": source_id})
+            "source_id": source_id, **({"mark": batch.mark} if batch.mark else {})})
 
     @locked
     def commit(self, key):
@@ -5533,8 +6025,9 @@ def settle_inflight(job):
     flight = job.checkpoint.position(job.key)["inflight"]
     if not flight:
         return
+    mark = {"mark": flight["mark"]} if flight.get("mark") else {}  # (sinks that seal)
     if job.sink.has_committed(flight["table"], flight["seq"], flight["batch_id"],
-                              flight.get("source_id")):
+                              flight.get("source_id"), **mark):
         job.checkpoint.commit(job.key)
         log.info("checkpoint: in-flight batch %s is in %s; cursor advanced",
                  flight["batch_id"], flight["table"])
@@ -5563,6 +6056,8 @@ def prepare_batches(job, chunks, position):
         if encoded[-1].chunk.final:
             batch, encoded = merge_chunks(encoded, seq + 1), []
             seq += 1 if batch.count else 0
+            if batch.count:
+                batch.mark = job.sink.seal(job.table, batch)
             yield batch
 
 
@@ -6398,6 +6893,17 @@ def print_ddl(config, environ):
     return ";\n".join(sink_class(config).ddl(database, table, names, kinds)) + ";"
 
 
+def print_ingest_sql(config):
+    """--print-ingest-sql: the SQL that loads what the target lands (landing)."""
+    config = check_target(config)
+    cls = sink_class(config)
+    sink = cls.for_actions(config)
+    try:
+        return cls.ingest_sql(config, named_tables(config, sink))
+    finally:
+        sink.close()
+
+
 def self_test(config):
     """Create a scratch table, insert a row, read it back, drop it; report each step."""
     config = check_target(config)
@@ -7011,6 +7517,10 @@ def build_parser():
                               "the target table; run it on one node or as a scheduled job")
     actions.add_argument("--json", action="store_true",
                          help="with --status, --fleet-status or --print-config: print JSON")
+    actions.add_argument("--print-ingest-sql", action="store_true",
+                         help="landing: print the Databricks SQL that loads the landed "
+                              "files (Auto Loader streaming table, or COPY INTO) and the "
+                              "fleet view; no connection")
     actions.add_argument("--print-ddl", action="store_true",
                          help="print the CREATE TABLE for the target table; no connection")
     actions.add_argument("--test-upload", action="store_true",
@@ -7074,6 +7584,9 @@ def main(argv=None, environ=None):
             return EXIT_OK
         if args.maintain:
             return maintain(config)
+        if args.print_ingest_sql:
+            print(print_ingest_sql(config))
+            return EXIT_OK
         if args.print_ddl:
             if not config.sqlite:
                 raise ConfigError("config: --print-ddl reads the source table's columns: "

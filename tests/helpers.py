@@ -272,3 +272,26 @@ class PipelineTestCase(TempDirTestCase):
         dupes = {v: n for v, n in counts.items() if n > 1}
         self.assertEqual(dupes, {}, "rows landed more than once")
         self.assertEqual(sorted(counts, key=repr), sorted(expected, key=repr))
+
+
+def issue_client_token(service, headers, form):
+    """OAuth client_credentials as a workspace's /oidc/v1/token answers it, for the
+    loopback fakes: `service` has clients ({id: secret}), issued (tokens, in order),
+    tokens (the valid ones; None accepts any), token_lifetime and lock. The reply, or
+    None for an unknown client. Each token is new and opaque (not a JWT)."""
+    import base64
+    import uuid
+    client, secret = form.get("client_id"), form.get("client_secret")
+    basic = headers.get("Authorization", "")
+    if basic.startswith("Basic "):
+        client, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+    with service.lock:
+        if form.get("grant_type") != "client_credentials" or secret is None or \
+                service.clients.get(client) != secret:
+            return None
+        token = f"oauth-{len(service.issued) + 1}-{uuid.uuid4().hex}"
+        service.issued.append(token)
+        if service.tokens is not None:
+            service.tokens.add(token)
+    return {"access_token": token, "token_type": "Bearer",
+            "expires_in": service.token_lifetime, "scope": form.get("scope", "all-apis")}

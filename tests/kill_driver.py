@@ -6,6 +6,7 @@ Most hooks SIGKILL the process before or after the K-th call of a function (the
 crash tests restart it until a run completes). Environment:
   DRIVER_SIDE        folder for what the hooks record (old-new.json, probes.jsonl)
   DRIVER_WAREHOUSE=1 the uploader talks to tests/fake_warehouse.py
+  (the landing target talks to a Files API over loopback: DATABRICKS_HOST names it)
   DRIVER_ADD_DB, DRIVER_ADD_ROWS, DRIVER_DB, DRIVER_PROBE_EVERY, DRIVER_PROBE_TIMEOUT
                      for the hooks that name them
 
@@ -259,6 +260,11 @@ def plant_zerobus(k, when):
           lambda url, body, *a, **kw: url.endswith("/insert") and body != b"[]")
 
 
+def is_batch_upload(api, method, url, *args, **kwargs):
+    """A landing sink's Files API PUT of a batch file (not a folder, not a status file)."""
+    return method == "PUT" and "/fs/files/" in url and url.split("?")[0].endswith(".parquet")
+
+
 def hooks(k, side):
     """Hook name -> what plants it."""
     return {
@@ -291,6 +297,8 @@ def hooks(k, side):
         "wal-probe-held-read": lambda: wal_probe(k, side, hold=True),
         "zerobus-before": lambda: plant_zerobus(k, "before"),
         "zerobus-after": lambda: plant_zerobus(k, "after"),
+        "upload-before": lambda: plant(k, up.FilesApi, "send", "before", is_batch_upload),
+        "upload-after": lambda: plant(k, up.FilesApi, "send", "after", is_batch_upload),
         "none": lambda: None,
     }
 

@@ -452,6 +452,44 @@ class TargetTest(ConfigTestCase):
         self.assertEqual(code, 2)
         self.assertIn("TARGET", err)
 
+    LANDING = {"TARGET": "landing", "DATABRICKS_HOST": "adb-1.2.azuredatabricks.net",
+               "DATABRICKS_TOKEN": "dapi-x", "DATABRICKS_VOLUME": "/Volumes/main/s/landing"}
+
+    def check_landing(self, **env):
+        return up.check_target(load([], {**self.LANDING, **env}))
+
+    def test_landing_needs_a_volume_path_and_credentials_but_no_warehouse(self):
+        config = self.check_landing()
+        self.assertEqual((config.target, config.databricks_http_path), ("landing", None))
+        config = self.check_landing(DATABRICKS_TOKEN="", DATABRICKS_CLIENT_ID="sp",
+                                    DATABRICKS_CLIENT_SECRET="s")
+        self.assertEqual(config.databricks_client_id, "sp")
+        cases = {"DATABRICKS_VOLUME": ({"DATABRICKS_VOLUME": ""}, "databricks_volume must "
+                                       "be a volume path /Volumes/catalog/schema/volume"),
+                 "auto": ({"DATABRICKS_VOLUME": "auto"}, "got 'auto'"),
+                 "credentials": ({"DATABRICKS_TOKEN": ""}, "databricks_token is required "
+                                 "for target landing"),
+                 "secret": ({"DATABRICKS_TOKEN": "", "DATABRICKS_CLIENT_ID": "sp"},
+                            "databricks_client_secret is required"),
+                 "source_id": ({"SOURCE_ID": "_hidden"}, "nor begin with _ or ."),
+                 "slash": ({"SOURCE_ID": "a/b"}, "may not contain /")}
+        for name, (env, message) in cases.items():
+            with self.subTest(name):
+                with self.assertRaisesRegex(up.ConfigError, re.escape(message)):
+                    self.check_landing(**env)
+
+    def test_plain_http_only_for_a_loopback_host(self):
+        for host in ("http://127.0.0.1:8080", "http://localhost:1", "https://adb-1.net",
+                     "adb-1.net"):
+            with self.subTest(host):
+                self.check_landing(DATABRICKS_HOST=host)
+        for host in ("http://adb-1.2.azuredatabricks.net", "HTTP://10.0.0.1:80"):
+            with self.subTest(host):
+                code, out, err = run_main(["--print-config"], {**self.LANDING,
+                                                               "DATABRICKS_HOST": host})
+                self.assertEqual(code, 2)
+                self.assertIn("databricks_host must be https://", err)
+
 
 class SecretTest(ConfigTestCase):
     """The token never shows in repr, --print-config or parse errors."""

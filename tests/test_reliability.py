@@ -2,7 +2,8 @@
 
 1. SIGKILL at random points, many times, with filter + sanitize on, with a windowed
    aggregate on, during the state-file write (old or new, never torn), and on the
-   warehouse path (tests/fake_warehouse.py in the killed process).
+   warehouse path (tests/fake_warehouse.py in the killed process) and on the landing
+   target (tests/files_api.py, a loopback Files API).
 2. A live sensor process writes while the uploader loops; source and target match,
    the writer never waits out its busy timeout, and the uploader holds no read
    transaction between batches (a probe that fails on a reader that does).
@@ -87,12 +88,14 @@ CALLS_PER_BATCH = {"save-before": 2, "save-after": 2, "delta-before": 1, "delta-
                    "process-before": 1, "process-after": 1, "torn-state": 2,
                    "rename-before": 2, "rename-after": 2, "fsync-before": 4,
                    "insert-before": 1, "insert-after": 1, "statement-before": 3,
-                   "statement-after": 3}
+                   "statement-after": 3, "upload-before": 1, "upload-after": 1}
 DELTA_HOOKS = ["save-before", "save-after", "delta-before", "delta-after",
                "process-before", "process-after", "torn-state", "rename-before",
                "rename-after", "fsync-before"]
 WAREHOUSE_HOOKS = ["insert-before", "insert-after", "statement-before", "statement-after",
                    "save-before", "save-after", "torn-state", "rename-after"]
+LANDING_HOOKS = ["upload-before", "upload-after", "save-before", "save-after", "torn-state",
+                 "rename-after", "process-after"]
 
 
 # === Sources: the sensor side ========================================================
@@ -549,8 +552,44 @@ class StateWriteKillTest(KillLoop):
         self.assertEqual((dupes, lost), ({}, set()))
 
 
+class RowsKillLoop(KillLoop):
+    """A kill loop on a target read back as rows (`target_rows()`): after each kill the
+    target holds the rows up to the cursor, or up to the batch in flight, once each."""
+
+    def check_after_kill(self, where):
+        state = read_state(self.path("state"))
+        ids = sorted(r["id"] for r in self.target_rows())
+        self.assertEqual(duplicates(ids), {}, f"duplicates after a kill at {where}")
+        cursor, flight = pos_cursor(state, self.dest_suffix())
+        self.assertIn(ids, [list(range(1, cursor + 1))] +
+                      ([list(range(1, flight + 1))] if flight else []),
+                      f"after a kill at {where}: cursor {cursor}, in flight {flight}")
+
+    def kill_and_check_every_row(self):
+        """The kill loop, then every source row once in the target with its values;
+        (the rows, the kill points)."""
+        kills, runs, points = self.kill_loop()
+        source = self.sensor.read()
+        got = self.target_rows()
+        ids = [r["id"] for r in got]
+        dupes, lost = duplicates(ids), set(source) - set(ids)
+        report(self, kills=kills, runs=runs, rows_checked=len(got),
+               duplicates=sum(n - 1 for n in dupes.values()), losses=len(lost))
+        print(f"  kill points: {dict(points)}", file=sys.stderr)
+        self.assertEqual((dupes, lost), ({}, set()))
+        for row in got:
+            want = source[row["id"]]
+            self.assertEqual((row["sensor"], row["temperature"], row["note"], row["serial"]),
+                             want[2:], row["id"])
+            self.assertEqual(row["timestamp"].replace(tzinfo=UTC) if row["timestamp"].tzinfo
+                             is None else row["timestamp"],
+                             dt.datetime.strptime(want[1], "%Y-%m-%dT%H:%M:%SZ")
+                             .replace(tzinfo=UTC))
+        return got, points
+
+
 @slow
-class WarehouseKillTest(KillLoop):
+class WarehouseKillTest(RowsKillLoop):
     """The warehouse path (fake connector in the killed process): every row once."""
 
     SALT = 4
@@ -573,33 +612,45 @@ class WarehouseKillTest(KillLoop):
     def dest_suffix(self):
         return "main.sensors"
 
-    def check_after_kill(self, where):
-        state = read_state(self.path("state"))
-        ids = sorted(r["id"] for r in warehouse_rows(self.root, self.TABLE))
-        self.assertEqual(duplicates(ids), {}, f"duplicates after a kill at {where}")
-        cursor, flight = pos_cursor(state, self.dest_suffix())
-        self.assertIn(ids, [list(range(1, cursor + 1))] +
-                      ([list(range(1, flight + 1))] if flight else []),
-                      f"after a kill at {where}: cursor {cursor}, in flight {flight}")
+    def target_rows(self):
+        return warehouse_rows(self.root, self.TABLE)
 
     def test_warehouse_kill_anywhere(self):
-        kills, runs, points = self.kill_loop()
-        source = self.sensor.read()
-        got = warehouse_rows(self.root, self.TABLE)
-        ids = [r["id"] for r in got]
-        dupes, lost = duplicates(ids), set(source) - set(ids)
-        report(self, kills=kills, runs=runs, rows_checked=len(got),
-               duplicates=sum(n - 1 for n in dupes.values()), losses=len(lost))
-        print(f"  kill points: {dict(points)}", file=sys.stderr)
-        self.assertEqual((dupes, lost), ({}, set()))
-        for row in got:
-            want = source[row["id"]]
-            self.assertEqual((row["sensor"], row["temperature"], row["note"], row["serial"]),
-                             want[2:], row["id"])
-            self.assertEqual(row["timestamp"].replace(tzinfo=UTC) if row["timestamp"].tzinfo
-                             is None else row["timestamp"],
-                             dt.datetime.strptime(want[1], "%Y-%m-%dT%H:%M:%SZ")
-                             .replace(tzinfo=UTC))
+        self.kill_and_check_every_row()
+
+
+@slow
+class LandingKillTest(RowsKillLoop):
+    """The volume landing target (a loopback Files API, the killed process its client):
+    every row in exactly one landed file, read as the ingestion job reads them."""
+
+    SALT = 6
+    KILLS = 40
+    BATCH = 9
+    START_ROWS = 80
+    HOOKS = LANDING_HOOKS
+    VOLUME = "/Volumes/main/sensors/landing"
+
+    def setUp(self):
+        super().setUp()
+        from tests import files_api
+        self.service = files_api.FilesApi(volumes=[self.VOLUME])
+        self.addCleanup(self.service.close)
+        self.env = {"STATE_DIR": self.path("state"), "SOURCE_ID": "node-1",
+                    "TARGET": "landing", "DATABRICKS_HOST": f"http://{self.service.host}",
+                    "DATABRICKS_TOKEN": "dapi-files", "DATABRICKS_VOLUME": self.VOLUME}
+
+    def dest_suffix(self):
+        return self.VOLUME
+
+    def target_rows(self):
+        return self.service.ingest(f"{self.VOLUME}/raw_readings")
+
+    def test_landing_kill_anywhere(self):
+        got, points = self.kill_and_check_every_row()
+        self.assertGreater(points["upload-after"], 0)  # files landed, state not moved
+        files = self.service.landed(self.VOLUME)
+        self.assertEqual(len(files), len({r["_batch_id"] for r in got}))  # one per batch
 
 
 # === 2. A live writer ================================================================

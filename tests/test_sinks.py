@@ -12,6 +12,7 @@ sink sees here is what it sees in a run.
 """
 
 import base64
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -702,3 +703,219 @@ class ZerobusWarehouseSinkTest(ZerobusContract, TempDirTestCase):
     def landed(self, table):
         """What users read: the deduplicated view, through the warehouse."""
         return self.warehouse.rows(f"{self.DATABASE}.{table}_deduped")
+
+
+VOLUME = "/Volumes/main/sensors/landing"
+
+
+class LandingSinkTest(SinkContract, TempDirTestCase):
+    """The volume landing target, through the loopback Files API (tests/files_api.py):
+    each batch one Parquet file, read back as the ingestion job would."""
+
+    def setUp(self):
+        from tests import files_api
+        self.service = files_api.FilesApi(volumes=[VOLUME])
+        self.addCleanup(self.service.close)
+        self.slept = []
+        patcher = mock.patch.object(up.LandingSink, "sleep", self.slept.append)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+
+    def make_config(self, **settings):
+        settings = {"databricks_token": "dapi-files", **settings}
+        config = up.Config(sqlite=self.db, target="landing", databricks_volume=VOLUME,
+                           databricks_host=f"http://{self.service.host}",
+                           state_dir=self.path("state"), **settings)
+        return up.check_target(up.validate_config(config))
+
+    def landed(self, table):
+        return self.service.ingest(f"{VOLUME}/{table}")
+
+    def lose_next_reply(self):
+        self.service.plan("drop_reply", "PUT", ".parquet")
+
+    # --- the landing target's own promises ---------------------------------------
+
+    def test_a_batch_is_one_parquet_file_named_by_route_node_and_batch(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        sink.write(self.TABLE, batch)
+        (path,) = self.service.landed(VOLUME)
+        self.assertEqual(path, f"{VOLUME}/{self.TABLE}/node-a/{batch.batch_id}.parquet")
+        self.assertEqual(batch.batch_id, "s1-1")
+        data = self.service.landed(VOLUME)[path]
+        self.assertEqual((data[:4], data[-4:]), (b"PAR1", b"PAR1"))
+        self.assertEqual(batch.mark, {"bytes": len(data)})
+
+    def test_files_are_zstd_compressed(self):
+        import duckdb
+        sink = self.sink()
+        self.write_all(sink)
+        (data,) = self.service.landed(VOLUME).values()
+        local = self.path("one.parquet")
+        with open(local, "wb") as fh:
+            fh.write(data)
+        codecs = {row[0] for row in duckdb.sql(
+            f"SELECT compression FROM parquet_metadata('{local}')").fetchall()}
+        self.assertEqual(codecs, {"ZSTD"})
+
+    def test_has_committed_checks_the_size_sealed_in_the_inflight_record(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        sink.write(self.TABLE, batch)
+        self.assertTrue(sink.has_committed(self.TABLE, 1, batch.batch_id, mark=batch.mark))
+        self.assertFalse(sink.has_committed(self.TABLE, 1, batch.batch_id,
+                                            mark={"bytes": batch.mark["bytes"] + 1}))
+
+    def test_known_kinds_are_the_newest_landed_files_types(self):
+        sink = self.sink()
+        self.assertEqual(sink.known_kinds(self.TABLE), {})
+        self.write_all(sink)
+        self.assertEqual(self.sink().known_kinds(self.TABLE), {
+            "id": up.BIGINT, "ts": up.TIMESTAMP, "sensor": up.STRING, "value": up.DOUBLE,
+            "raw": up.BINARY})
+        self.assertEqual(self.sink("node-b").known_kinds(self.TABLE), {})
+
+    def test_throttled_and_unavailable_requests_are_retried_waiting_retry_after(self):
+        sink = self.sink()
+        (batch,) = self.batches(sink)
+        self.service.refuse(429, 1, "PUT", retry_after=7, match=".parquet")
+        self.service.refuse(503, 2, "PUT", match=".parquet")
+        sink.write(self.TABLE, batch)
+        self.assertEqual(self.ids(), [1, 2, 3])
+        self.assertAlmostEqual(sum(self.slept[:2]), 7.0)  # retry()'s wait, then the rest
+        self.assertEqual(len(self.slept), 4)
+        self.assertTrue(all(s <= 30 for s in self.slept[2:]))
+
+    def test_a_refused_token_is_a_permanent_error_with_a_hint(self):
+        config = self.make_config(source_id="node-a", databricks_token="dapi-wrong")
+        sink = up.make_sink(config, up.Identity("node-a", "readings", "s1"))
+        (batch,) = self.batches(sink)
+        with self.assertRaisesRegex(up.SinkError, "HTTP 401 UNAUTHENTICATED Invalid "
+                                    "access token; check DATABRICKS_TOKEN") as caught:
+            sink.write(self.TABLE, batch)
+        self.assertFalse(caught.exception.transient)
+        self.assertEqual(self.slept, [])
+        self.assertNotIn("dapi-wrong", str(caught.exception))
+
+    def test_an_expired_oauth_token_is_replaced_once(self):
+        self.service.clients["sp-1"] = "sp-secret"
+        config = self.make_config(source_id="node-a", databricks_token=None,
+                                  databricks_client_id="sp-1",
+                                  databricks_client_secret="sp-secret")
+        sink = up.make_sink(config, up.Identity("node-a", "readings", "s1"))
+        self.addCleanup(sink.close)
+        (batch,) = self.batches(sink)
+        self.assertFalse(sink.has_committed(self.TABLE, 1, batch.batch_id))
+        self.service.expire(self.service.issued[-1])
+        sink.write(self.TABLE, batch)
+        self.assertEqual(len(self.service.issued), 2)
+        self.assertEqual(self.ids(), [1, 2, 3])
+        self.assertEqual(self.slept, [])
+
+    def test_a_volume_that_does_not_exist_is_named(self):
+        config = dataclasses.replace(self.make_config(source_id="node-a"),
+                                     databricks_volume="/Volumes/main/sensors/nope")
+        sink = up.make_sink(config, up.Identity("node-a", "readings", "s1"))
+        (batch,) = self.batches(sink)
+        with self.assertRaisesRegex(up.SinkError, "HTTP 404 NOT_FOUND Volume main.sensors."
+                                    "nope does not exist.*/Volumes/main/sensors/nope exist"):
+            sink.write(self.TABLE, batch)
+
+    def test_list_tables_skips_the_status_folder(self):
+        sink = self.sink()
+        self.write_all(sink)
+        sink.report_status({"cursor": [3], "table": self.TABLE, "version": up.__version__})
+        self.assertEqual(sink.list_tables(), [self.TABLE])
+        status = json.loads(self.service.files[f"{VOLUME}/_nodes/node-a.json"][0])
+        self.assertEqual((status["cursor"], status["table"], status["version"]),
+                         ([3], self.TABLE, up.__version__))
+
+
+class LandingRunTest(TempDirTestCase):
+    """A node on the landing target, run as a user runs it (main)."""
+
+    def setUp(self):
+        super().setUp()
+        from tests import files_api
+        self.service = files_api.FilesApi(volumes=[VOLUME])
+        self.addCleanup(self.service.close)
+        self.db = make_db(self.path("src.db"), SCHEMA, ROWS, ["ts", "sensor", "value", "raw"])
+        self.env = {"TARGET": "landing", "DATABRICKS_HOST": f"http://{self.service.host}",
+                    "DATABRICKS_TOKEN": "dapi-files", "DATABRICKS_VOLUME": VOLUME,
+                    "STATE_DIR": self.path("state"), "SOURCE_ID": "edge-7"}
+
+    def status(self):
+        return json.loads(self.service.files[f"{VOLUME}/_nodes/edge-7.json"][0])
+
+    def test_each_cycle_writes_the_node_status_file(self):
+        from tests.helpers import run_main
+        code, out, err = run_main(["--sqlite", self.db, "--once"], self.env)
+        self.assertEqual(code, 0, err)
+        status = self.status()
+        self.assertEqual((status["cursor"], status["pending"], status["rows"],
+                          status["table"], status["last_error"], status["source_id"]),
+                         ([3], 0, 3, "raw_readings", None, "edge-7"))
+        self.assertEqual(status["version"], up.__version__)
+        self.assertTrue(status["last_batch"].endswith("-1"))
+        self.service.refuse(403, 1, "PUT", match=".parquet")
+        conn = sqlite3.connect(self.db)
+        conn.execute("INSERT INTO readings (ts, sensor, value) VALUES ('2025-01-04', 'x', 1)")
+        conn.commit()
+        conn.close()
+        code, out, err = run_main(["--sqlite", self.db, "--once"], self.env)
+        self.assertEqual(code, 1)
+        self.assertIn("HTTP 403 PERMISSION_DENIED", err)
+        status = self.status()
+        self.assertEqual(status["cursor"], [3])
+        self.assertIn("HTTP 403 PERMISSION_DENIED", status["last_error"])
+        code, out, err = run_main(["--sqlite", self.db, "--once"], self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(r["id"] for r in self.service.ingest(f"{VOLUME}/raw_readings")),
+                         [1, 2, 3, 4])
+        status = self.status()
+        self.assertEqual((status["cursor"], status["rows"], status["last_error"]),
+                         ([4], 4, None))
+
+    def test_fleet_status_reads_every_nodes_status_file(self):
+        from tests.helpers import run_main
+        for node in ("edge-7", "edge-8"):
+            code, out, err = run_main(["--sqlite", self.db, "--once"],
+                                      {**self.env, "SOURCE_ID": node})
+            self.assertEqual(code, 0, err)
+        code, out, err = run_main(["--sqlite", self.db, "--fleet-status", "--json"],
+                                  self.env)
+        self.assertEqual(code, 0, err)
+        lines = json.loads(out)
+        self.assertEqual([(x["node"], x["rows"], x["cursor"], x["pending_rows"], x["silent"])
+                          for x in lines], [("edge-7", 3, [3], 0, False),
+                                            ("edge-8", 3, [3], 0, False)])
+        self.assertEqual({x["table"] for x in lines}, {"raw_readings"})
+
+    def test_test_upload_writes_reads_and_removes_a_scratch_file(self):
+        from tests.helpers import run_main
+        code, out, err = run_main(["--test-upload"], self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([line.split()[-1] for line in out.splitlines()], ["ok"] * 4)
+        self.assertEqual((self.service.files, self.service.folders), ({}, set()))
+        self.service.refuse(403, 1, "PUT", match="probe.txt")
+        code, out, err = run_main(["--test-upload"], self.env)
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED: sink: uploading", out)
+        self.assertIn("HTTP 403 PERMISSION_DENIED", out)
+
+    def test_print_ingest_sql_names_each_route_folder_and_the_status_folder(self):
+        from tests.helpers import run_main
+        code, out, err = run_main(["--sqlite", self.db, "--print-ingest-sql"], self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("CREATE OR REFRESH STREAMING TABLE `main`.`sensors`.`raw_readings`", out)
+        self.assertIn(f"STREAM read_files('{VOLUME}/raw_readings/', format => 'parquet'", out)
+        self.assertIn(f"COPY INTO `main`.`sensors`.`raw_readings` FROM '{VOLUME}/raw_readings/'",
+                      out)
+        self.assertIn(f"read_files('{VOLUME}/_nodes/', format => 'json'", out)
+        self.assertEqual(self.service.requests, [])  # no connection
+        code, out, err = run_main(["--sqlite", self.db, "--print-ingest-sql"],
+                                  {**self.env, "TARGET": "delta", "DATABRICKS_HOST": ""})
+        self.assertEqual(code, 2)
+        self.assertIn("--print-ingest-sql is for the landing target", err)

@@ -294,5 +294,68 @@ class SparkParsesEveryStatement(unittest.TestCase):
                       f"{', '.join(SPARK_UNKNOWN)}")
 
 
+class SparkParsesTheIngestSql(unittest.TestCase):
+    """--print-ingest-sql (the landing target): what Spark 4.0's grammar has parses with
+    Spark; what is Databricks-only is checked as far as Spark can see it.
+
+    Spark 4.0 parses: the fleet view over read_files (named arguments, `=>`), the COPY
+    INTO table's CREATE TABLE IF NOT EXISTS, and the ingest query itself without the
+    STREAM keyword. It has no CREATE OR REFRESH STREAMING TABLE ... SCHEDULE, no `FROM
+    STREAM read_files(...)` and no COPY INTO: the streaming table is parsed as the same
+    statement in Spark's words (CREATE TABLE ... AS, the query without STREAM), so its
+    names, quoting and options are checked; COPY INTO is parsed by sqlglot's Databricks
+    dialect (as the fake warehouse parses it) and shown to be refused by Spark."""
+
+    TABLES = ["raw_r`';--", "secure_readings", "\u00e9 x"]
+
+    @classmethod
+    def setUpClass(cls):
+        config = up.Config(databricks_volume="/Volumes/main/sens'ors/land ing/sub",
+                           source_id="n")
+        cls.sql = up.landing_ingest_sql(config, cls.TABLES)
+        cls.statements = [line[:-1] for line in cls.sql.splitlines()
+                          if line and not line.startswith("--")]
+        cls.parser = SPARK._jsparkSession.sessionState().sqlParser()
+
+    def of_kind(self, head):
+        found = [s for s in self.statements if s.startswith(head)]
+        self.assertTrue(found, head)
+        return found
+
+    def test_the_fleet_view_parses(self):
+        (view,) = self.of_kind("CREATE OR REPLACE VIEW")
+        folder = up.sql_string("/Volumes/main/sens'ors/land ing/sub/_nodes/")
+        self.assertIn(f"read_files({folder}, format => 'json'", view)
+        self.parser.parsePlan(view)
+
+    def test_the_copy_into_table_parses(self):
+        for sql in self.of_kind("CREATE TABLE IF NOT EXISTS"):
+            with self.subTest(sql=sql):
+                self.parser.parsePlan(sql)
+
+    def test_the_streaming_table_parses_in_sparks_words(self):
+        streaming = self.of_kind("CREATE OR REFRESH STREAMING TABLE")
+        self.assertEqual(len(streaming), len(self.TABLES))
+        for sql in streaming:
+            with self.subTest(sql=sql):
+                head, query = sql.split(" SCHEDULE EVERY 1 HOUR AS ", 1)
+                self.assertIn(" FROM STREAM read_files(", query)
+                batch = query.replace(" FROM STREAM read_files(", " FROM read_files(")
+                self.parser.parsePlan(batch)
+                table = head.removeprefix("CREATE OR REFRESH STREAMING TABLE ")
+                self.parser.parsePlan(f"CREATE TABLE {table} AS {batch}")
+                with self.assertRaisesRegex(Exception, "PARSE_SYNTAX_ERROR|ParseException"):
+                    self.parser.parsePlan(sql)  # Databricks SQL only
+
+    def test_copy_into_is_databricks_sql(self):
+        import sqlglot
+        from sqlglot import exp
+        for sql in self.of_kind("COPY INTO"):
+            with self.subTest(sql=sql):
+                self.assertIsInstance(sqlglot.parse_one(sql, read="databricks"), exp.Copy)
+                with self.assertRaisesRegex(Exception, "PARSE_SYNTAX_ERROR|ParseException"):
+                    self.parser.parsePlan(sql)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -48,7 +48,6 @@ SQL), Arrow and CloudFetch results, LZ4, multi-page fetches, async execution, GE
 volume files, the SEA REST protocol, OAuth user-to-machine flows and refresh tokens.
 """
 
-import base64
 import datetime as dt
 import http.server
 import json
@@ -64,6 +63,7 @@ from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
 
 from . import fake_warehouse
+from .helpers import issue_client_token
 
 T = ttypes
 OK = T.TStatus(statusCode=T.TStatusCode.SUCCESS_STATUS)
@@ -168,20 +168,7 @@ class ThriftWarehouse:
 
     def issue_token(self, headers, form):
         """An access token for a known client (client_credentials), or None."""
-        client, secret = form.get("client_id"), form.get("client_secret")
-        basic = headers.get("Authorization", "")
-        if basic.startswith("Basic "):
-            client, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
-        with self.lock:
-            if form.get("grant_type") != "client_credentials" or \
-                    self.clients.get(client) != secret or secret is None:
-                return None
-            token = f"oauth-{len(self.issued) + 1}-{uuid.uuid4().hex}"
-            self.issued.append(token)
-            if self.tokens is not None:
-                self.tokens.add(token)
-        return {"access_token": token, "token_type": "Bearer",
-                "expires_in": self.token_lifetime, "scope": form.get("scope", "all-apis")}
+        return issue_client_token(self, headers, form)
 
     def take_fault(self, sql):
         with self.lock:
