@@ -20,8 +20,8 @@ Targets (--target):
   statements, the warehouse path of a node without a volume).
 
 Reported (one JSON line, and a table row): rows, exactly-once check, requests (by kind),
-data bytes per row (the batch files as landed; the statements' SQL), status bytes, the
-number of data files or INSERTs, wall time of the
+data bytes per row (the batch files as landed; the INSERT statements' SQL), status bytes
+(status files; the warehouse's status MERGEs), the number of data files or INSERTs, wall time of the
 upload phase and per 1,000,000 rows, ingest time. The nodes share two cores with the fake
 service and with each other (one Python process): wall time is an upper bound for the
 client side and says little about the real service.
@@ -108,10 +108,11 @@ class WarehouseTarget:
             f"main.sensors.{TABLE}")]
 
     def counters(self):
-        statements = self.fake.WAREHOUSE.statements()
-        kinds = collections.Counter(s["sql"].split()[0].upper() for s in statements)
-        sent = sum(len(s["sql"].encode()) for s in statements)
-        return kinds, sent, 0, sum(1 for s in statements if s["sql"].startswith("INSERT"))
+        statements = [s["sql"] for s in self.fake.WAREHOUSE.statements()]
+        kinds = collections.Counter(sql.split()[0].upper() for sql in statements)
+        data = sum(len(sql.encode()) for sql in statements if sql.startswith("INSERT"))
+        status = sum(len(sql.encode()) for sql in statements if sql.startswith("MERGE"))
+        return kinds, data, status, kinds["INSERT"]
 
     def close(self):
         pass
