@@ -4761,7 +4761,7 @@ class ZerobusSink(Sink):
         encoders = [ZEROBUS_VALUES.get(kind, ZEROBUS_VALUES[STRING]) for kind in part.kinds]
         batch, offset = self._offset
         offset = offset if batch == part.batch_id else 0  # parts of a batch come in order
-        keys = row_keys(part, table, offset)
+        keys = row_keys(part, table, offset, self.identity.source_table)
         self._offset = (part.batch_id, offset + part.count)
         now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
         extra = rescued_json(rescued, part.count)
@@ -4956,13 +4956,14 @@ def deduped_view_sql(database, table, columns):
             "OR `_row_key` IS NULL")
 
 
-def row_keys(part, table, offset):
-    """`_row_key` of each row: its source row's cursor key as JSON; for aggregated rows
-    (no one source row) '<batch id>:<row number in the batch>'."""
+def row_keys(part, table, offset, source_table):
+    """`_row_key` of each row: its source table and source row's cursor key as JSON
+    (two source tables may feed one target table); for aggregated rows (no one source
+    row) '<batch id>:<row number in the batch>' (batch ids are unique per source)."""
     keys = part.keys
     if table.startswith("aggregated_") or not keys or len(keys[0]) != part.count:
         return [f"{part.batch_id}:{offset + i}" for i in range(part.count)]
-    return [json.dumps([jsonable(v) for v in key], separators=(",", ":"))
+    return [json.dumps([source_table, *map(jsonable, key)], separators=(",", ":"))
             for key in zip(*keys)]
 
 
