@@ -2665,15 +2665,17 @@ class Receipt:
 
 
 def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
-          deadline=None, first=1.0, cap=60.0, spread=(0.5, 1.0), on_retry=None):
+          deadline=None, first=1.0, cap=60.0, spread=(0.5, 1.0), on_retry=None,
+          asked=None):
     """Run `action()` and return what it returns; when it raises an exception that
     `is_transient(exc)` says may pass, wait and run it again.
 
     The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`.
     The retrying ends, and the last error stands, after `attempts` runs in all or once
     `deadline` seconds (by `clock`) have passed since the first failure (the last wait
-    is cut to fit). `sleep(seconds)` waits; a true return (a stop was asked for) ends
-    the retrying at once. Before each wait `on_retry(exc, retry, delay)` is called; by
+    is cut to fit). `asked(exc)`, when given, is the wait the service asked for (a
+    Retry-After), or None: then that is the wait. `sleep(seconds)` waits; a true
+    return (a stop was asked for) ends the retrying at once. Before each wait `on_retry(exc, retry, delay)` is called; by
     default one warning line says what failed (`what`: "writing batch 7f3a-12") and when
     it goes again. A sink passes its own sleep, clock and jitter (see Sink.retry).
     """
@@ -2691,6 +2693,8 @@ def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
                     deadline is not None and waited >= deadline):
                 raise
             delay = min(first * 2 ** (failures - 1), cap) * jitter(*spread)
+            wanted = asked(exc) if asked is not None else None
+            delay = delay if wanted is None else wanted
             if deadline is not None:
                 delay = min(delay, deadline - waited)
             (on_retry or log_retry(what))(exc, failures, delay)
@@ -4794,7 +4798,7 @@ class ZerobusSink(Sink):
         encoders = [ZEROBUS_VALUES.get(kind, ZEROBUS_VALUES[STRING]) for kind in part.kinds]
         batch, offset = self._offset
         offset = offset if batch == part.batch_id else 0  # parts of a batch come in order
-        keys = row_keys(part, table, offset)
+        keys = row_keys(part, table, offset, self.identity.source_table)
         self._offset = (part.batch_id, offset + part.count)
         now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
         extra = rescued_json(rescued, part.count)
@@ -4851,27 +4855,27 @@ class ZerobusSink(Sink):
 
     def _request(self, url, body, headers, what, on_401=None):
         """POST until the answer is 2xx (its body): 429, 5xx and network failures are
-        retried with capped, jittered backoff (a Retry-After is obeyed, plus up to 20%);
-        a 401 is tried again when `on_401(reply)` says so; anything else fails with the
+        retried (retry(): capped, jittered backoff; a Retry-After is obeyed, plus up to
+        20% so a fleet told the same wait does not come back at once); a 401 is sent
+        again at once when `on_401(reply)` says so; anything else fails with the
         reason."""
-        failures = 0
-        while True:
+        def attempt():
             status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
+            while status == 401 and on_401 is not None and on_401(reply):
+                status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
             if status is not None and 200 <= status < 300:
                 return reply
-            if status == 401 and on_401 is not None and on_401(reply):
-                continue
             error = zerobus_error(what, status, reply, self.config)
-            failures += 1
-            if not error.transient or failures >= self.RETRIES:
-                raise error
-            # a Retry-After is obeyed, plus a little: a fleet told the same wait does not
-            # come back in the same instant
-            delay = (min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
-                     if wait is not None else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
-            log.warning("%s; retry %d in %.0f s", error, failures, delay)
-            if self.sleep(delay):  # stopping: the failure stands
-                raise error
+            error.retry_after = wait
+            raise error
+
+        def asked(exc):
+            wait = getattr(exc, "retry_after", None)
+            return None if wait is None else \
+                min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
+
+        return self.retry(attempt, what=what, is_transient=is_transient_sink_error,
+                          attempts=self.RETRIES, first=2.0, cap=60.0, asked=asked)
 
     def token(self, table):
         """The OAuth token for `table` (one per table: the service checks the scope)."""
@@ -4989,13 +4993,14 @@ def deduped_view_sql(database, table, columns):
             "OR `_row_key` IS NULL")
 
 
-def row_keys(part, table, offset):
-    """`_row_key` of each row: its source row's cursor key as JSON; for aggregated rows
-    (no one source row) '<batch id>:<row number in the batch>'."""
+def row_keys(part, table, offset, source_table):
+    """`_row_key` of each row: its source table and source row's cursor key as JSON
+    (two source tables may feed one target table); for aggregated rows (no one source
+    row) '<batch id>:<row number in the batch>' (batch ids are unique per source)."""
     keys = part.keys
     if table.startswith("aggregated_") or not keys or len(keys[0]) != part.count:
         return [f"{part.batch_id}:{offset + i}" for i in range(part.count)]
-    return [json.dumps([jsonable(v) for v in key], separators=(",", ":"))
+    return [json.dumps([source_table, *map(jsonable, key)], separators=(",", ":"))
             for key in zip(*keys)]
 
 

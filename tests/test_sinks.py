@@ -440,6 +440,17 @@ class RetryTest(unittest.TestCase):
     def transient(self, text="timed out"):
         return up.SinkError(f"sink: {text}", transient=True)
 
+    def test_a_wait_the_service_asked_for_replaces_the_backoff(self):
+        """`asked(exc)`: a Retry-After (here 7 s on the second failure) is the wait;
+        without one (None) the backoff goes on as before."""
+        busy = self.transient("429")
+        busy.retry_after = 7.0
+        result, clock, runs, said = self.run_retry(
+            [self.transient(), busy, self.transient()], attempts=5, first=1.0,
+            asked=lambda exc: getattr(exc, "retry_after", None))
+        self.assertEqual(result, "done")
+        self.assertEqual(clock.sleeps, [1.0, 7.0, 4.0])
+
     def test_transient_failures_wait_doubling_then_the_action_goes_again(self):
         result, clock, runs, said = self.run_retry([self.transient()] * 3, attempts=5,
                                                    first=0.4, cap=1.0, spread=(0.5, 1.5))

@@ -119,7 +119,7 @@ class TokenAndRequests(ZerobusCase):
         n = len(inserts)
         self.assertEqual(ids, {f"{batch.batch_id}.{k}/{n}" for k in range(1, n + 1)})
         first = min(self.fake.rows[FQN], key=lambda r: r["id"])
-        self.assertEqual(json.loads(first["_row_key"]), [1])
+        self.assertEqual(json.loads(first["_row_key"]), ["readings", 1])
         self.assertEqual((first["sensor"], first["value"], first["_source_id"]),
                          ("s-1", 0.25, "node-a"))
 
@@ -143,7 +143,7 @@ class TokenAndRequests(ZerobusCase):
             sink.write(table, batch)
         rows = self.fake.rows[f"{DATABASE}.{table}"]
         self.assertEqual(sorted(r["id"] for r in rows), list(range(281, 301)))
-        self.assertTrue(all(json.loads(r["_row_key"]) == [r["id"]] for r in rows))
+        self.assertTrue(all(json.loads(r["_row_key"]) == ["readings", r["id"]] for r in rows))
 
     def test_a_pair_cursor_keys_rows_by_timestamp_and_rowid(self):
         self.db = make_db(self.path("pair.db"), "CREATE TABLE readings (ts TEXT, v REAL)",
@@ -152,9 +152,9 @@ class TokenAndRequests(ZerobusCase):
         self.create()
         self.write(self.sink())
         keys = {r["v"]: json.loads(r["_row_key"]) for r in self.fake.rows[FQN]}
-        self.assertEqual(keys, {1.0: ["2025-01-01T00:00:01Z", 1],
-                                2.0: ["2025-01-01T00:00:01Z", 2],
-                                3.0: ["2025-01-01T00:00:00Z", 3]})
+        self.assertEqual(keys, {1.0: ["readings", "2025-01-01T00:00:01Z", 1],
+                                2.0: ["readings", "2025-01-01T00:00:01Z", 2],
+                                3.0: ["readings", "2025-01-01T00:00:00Z", 3]})
 
     def test_aggregated_rows_are_keyed_by_batch_and_row_number(self):
         spec = {"group_by": ["sensor"], "aggregations": {"value": ["max"]}}
@@ -356,6 +356,23 @@ class Runs(ZerobusCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(self.ids(), list(range(1, 302)))
         self.assertEqual(self.stored(), list(range(1, 302)))
+
+    def test_files_of_many_sources_with_the_same_rowids_are_all_in_the_view(self):
+        """Two files, the same rowids, one target table: `_source_file` tells their rows
+        apart in the view (rows are not taken for copies of each other)."""
+        self.create()
+        for name in ("sensor-1.db", "sensor-2.db"):
+            make_db(self.path(name), SCHEMA, ROWS, ["ts", "sensor", "value"])
+        env = self.env()
+        del env["SQLITE_PATH"], env["SQLITE_TABLE_NAME"]
+        env["SOURCES"] = json.dumps([{"sqlite": self.path("sensor-*.db"),
+                                      "tables": ["readings"]}])
+        code, _, err = run_main(["--once"], env)
+        self.assertEqual(code, 0, err)
+        view = self.fake.deduped(FQN)
+        self.assertEqual(collections.Counter(r["_source_file"] for r in view),
+                         {"sensor-1.db": 300, "sensor-2.db": 300})
+        self.assertEqual(len({(r["_source_file"], r["id"]) for r in view}), 600)
 
     def test_a_run_needs_only_the_standard_library(self):
         """No gRPC, no SDK, nothing outside Python's standard library: a run in a child

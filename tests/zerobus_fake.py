@@ -84,7 +84,10 @@ class ZerobusFake:
         class Handler(Zerobus):
             service = fake
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 1024  # a fleet's connections at once (the bench)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"127.0.0.1:{self.server.server_address[1]}"
