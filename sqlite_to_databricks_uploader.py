@@ -2651,12 +2651,14 @@ class Receipt:
 
 
 def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
-          deadline=None, first=1.0, cap=60.0, spread=(0.5, 1.0), on_retry=None):
+          deadline=None, first=1.0, cap=60.0, spread=(0.5, 1.0), wait_of=None,
+          on_retry=None):
     """Run `action()` and return what it returns; when it raises an exception that
     `is_transient(exc)` says may pass, wait and run it again.
 
-    The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`.
-    The retrying ends, and the last error stands, after `attempts` runs in all or once
+    The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`,
+    unless `wait_of(exc)` gives the wait the failure itself asks for (a Retry-After, in
+    seconds; None: the backoff's). The retrying ends, and the last error stands, after `attempts` runs in all or once
     `deadline` seconds (by `clock`) have passed since the first failure (the last wait
     is cut to fit). `sleep(seconds)` waits; a true return (a stop was asked for) ends
     the retrying at once. Before each wait `on_retry(exc, retry, delay)` is called; by
@@ -2676,7 +2678,9 @@ def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
             if (attempts is not None and failures >= attempts) or (
                     deadline is not None and waited >= deadline):
                 raise
-            delay = min(first * 2 ** (failures - 1), cap) * jitter(*spread)
+            delay = wait_of(exc) if wait_of is not None else None
+            if delay is None:
+                delay = min(first * 2 ** (failures - 1), cap) * jitter(*spread)
             if deadline is not None:
                 delay = min(delay, deadline - waited)
             (on_retry or log_retry(what))(exc, failures, delay)
@@ -4819,24 +4823,25 @@ class ZerobusSink(Sink):
         retried with capped, jittered backoff (a Retry-After is obeyed, plus up to 20%);
         a 401 is tried again when `on_401(reply)` says so; anything else fails with the
         reason."""
-        failures = 0
-        while True:
-            status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
-            if status is not None and 200 <= status < 300:
-                return reply
-            if status == 401 and on_401 is not None and on_401(reply):
-                continue
-            error = zerobus_error(what, status, reply, self.config)
-            failures += 1
-            if not error.transient or failures >= self.RETRIES:
-                raise error
-            # a Retry-After is obeyed, plus a little: a fleet told the same wait does not
-            # come back in the same instant
-            delay = (min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
-                     if wait is not None else min(2 ** failures, 60) * self.jitter(0.5, 1.0))
-            log.warning("%s; retry %d in %.0f s", error, failures, delay)
-            if self.sleep(delay):  # stopping: the failure stands
-                raise error
+        asked = {}  # the Retry-After of the last refusal
+
+        def post():
+            while True:
+                status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
+                if status is not None and 200 <= status < 300:
+                    return reply
+                if not (status == 401 and on_401 is not None and on_401(reply)):
+                    asked["wait"] = wait
+                    raise zerobus_error(what, status, reply, self.config)
+
+        def retry_after(exc):
+            # obeyed, plus a little: a fleet told the same wait does not come back in
+            # the same instant
+            wait = asked.get("wait")
+            return None if wait is None else min(wait, self.RETRY_AFTER_MAX) * self.jitter(
+                1.0, 1.2)
+        return self.retry(post, what=what, attempts=self.RETRIES, first=2,
+                          is_transient=is_transient_sink_error, wait_of=retry_after)
 
     def token(self, table):
         """The OAuth token for `table` (one per table: the service checks the scope)."""

@@ -460,6 +460,14 @@ class RetryTest(unittest.TestCase):
         self.assertEqual(clock.sleeps, [1.0, 2.0, 4.0, 3.0])
         self.assertEqual(runs[-1], 10.0)
 
+    def test_a_wait_the_failure_asks_for_replaces_the_backoff(self):
+        asked = {"busy": 7.0, "timed out": None}  # a Retry-After of 7 s, then none
+        result, clock, _, _ = self.run_retry(
+            [self.transient("busy"), self.transient("timed out")], attempts=5,
+            wait_of=lambda exc: asked[str(exc).removeprefix("sink: ")])
+        self.assertEqual(result, "done")
+        self.assertEqual(clock.sleeps, [7.0, 2.0])
+
     def test_a_permanent_failure_stands_at_once(self):
         refused = up.SinkError("sink: permission denied")
         result, clock, runs, said = self.run_retry([refused], attempts=5)
