@@ -3473,11 +3473,11 @@ def to_record_batch(chunk, identity):
 class DatabricksSink(Sink):
     """Append to Unity Catalog tables through a Databricks SQL warehouse.
 
-    Every write is idempotent: one `INSERT ... REPLACE WHERE _source_id/_batch_id`
-    statement per batch (the cycle sizes batches to the statement budget), or a
-    Parquet file staged in a volume and loaded with COPY INTO, which skips files it
-    has loaded before. The connector may send a statement twice; either way the
-    table ends as if it ran once.
+    Every write is idempotent: `INSERT ... REPLACE WHERE _source_id/_batch_id`
+    statements (a batch bigger than MAX_STATEMENT_BYTES goes as several, each replacing
+    its own rows), or a Parquet file staged in a volume and loaded with COPY INTO, which
+    skips files it has loaded before. The connector may send a statement twice; either
+    way the table ends as if it ran once.
     """
 
     name = "databricks"
