@@ -610,7 +610,7 @@ def validate_config(config):
     if config.startup_timeout < 0:
         bad("startup_timeout", "must be >= 0 seconds")
     if config.retention_hours < 1:
-        bad("retention_hours", "must be >= 1 (a commit in flight must keep its files)")
+        bad("retention_hours", "must be >= 1 (an in-flight commit must keep its files)")
     if config.sources and (config.sqlite or config.sqlite_table_name):
         name = "sqlite" if config.sqlite else "sqlite_table_name"
         raise ConfigError(f"config: {name} (from {config.origin(name)}) and sources (from "
@@ -1225,7 +1225,7 @@ class Chunk:
     notes: dict = dataclasses.field(default_factory=dict)  # from processing
     first: bool = True  # the first chunk of its read statement
     final: bool = True  # the last chunk of its read statement
-    resend: bool = False  # rows of a batch in flight that did not land: send as they are
+    resend: bool = False  # rows of an in-flight batch that did not land: send as they are
     source_count: int = None  # rows read from the source, before processing (default count)
     keys: list = dataclasses.field(default_factory=list)  # cursor columns, per row (a
     # sink's row key; filtering keeps them with their rows, aggregating does not)
@@ -1247,7 +1247,7 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
     finished before the batch's last chunk (final=True) is yielded. `newer(row)`
     (cursor_lag) is true for a row too recent to pass: reading stops before the first
     one, as if drained (rows come in timestamp order). With `until` (the cursor_end of
-    a batch in flight that did not land) the first batch is exactly the rows up to it
+    an in-flight batch that did not land) the first batch is exactly the rows up to it
     (resend=True), whatever batch_size now is. `refresh(source)` gives the table as it is
     before each batch, so a column added meanwhile is read from then on.
     """
@@ -1287,7 +1287,7 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
         if resend:
             if not count:
                 raise SourceError(
-                    f"source: the rows of the batch in flight (up to {source.cursor.describe()}"
+                    f"source: the rows of the in-flight batch (up to {source.cursor.describe()}"
                     f" = {list(until)}) are no longer in {source.name!r}; rows were deleted "
                     "or the file was replaced: check the target, then use --reset-state")
             until = None
@@ -2651,7 +2651,7 @@ class Batch:
     source_count: int = 0  # rows read from the source
     rescued: int = 0  # rows with rescued values
     notes: dict = dataclasses.field(default_factory=dict)
-    resend: bool = False  # the rows of a batch in flight that did not land
+    resend: bool = False  # the rows of an in-flight batch that did not land
     pending: int = None  # rows after it in the source, when the cycle knows
     mark: object = None  # what the sink's seal() keeps in the in-flight record
 
@@ -2670,12 +2670,13 @@ def retry(action, *, what, is_transient, sleep, clock, jitter, attempts=None,
     """Run `action()` and return what it returns; when it raises an exception that
     `is_transient(exc)` says may pass, wait and run it again.
 
-    The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`.
-    The retrying ends, and the last error stands, after `attempts` runs in all or once
-    `deadline` seconds (by `clock`) have passed since the first failure (the last wait
-    is cut to fit). `asked(exc)`, when given, is the wait the service asked for (a
-    Retry-After), or None: then that is the wait. `sleep(seconds)` waits; a true
-    return (a stop was asked for) ends the retrying at once. Before each wait `on_retry(exc, retry, delay)` is called; by
+    The waits double from `first` seconds up to `cap`, each times `jitter(*spread)`,
+    unless `asked(exc)` gives the wait the failure itself asks for (a Retry-After, in
+    seconds; None: the backoff's). The retrying ends, and the last error stands, after
+    `attempts` runs in all or once `deadline` seconds (by `clock`) have passed since the
+    first failure (the last wait is cut to fit). `sleep(seconds)` waits; a true return
+    (a stop was asked for) ends the retrying at once. Before each wait
+    `on_retry(exc, retry, delay)` is called; by
     default one warning line says what failed (`what`: "writing batch 7f3a-12") and when
     it goes again. A sink passes its own sleep, clock and jitter (see Sink.retry).
     """
@@ -3183,7 +3184,7 @@ class DeltaSink(Sink):
             node = commit.get("uploader.source_id")
             if node and node not in nodes:
                 nodes[node] = commit
-        counts = fleet_counts(found, table)
+        counts = fleet_counts(found)
         return [fleet_line(node, commit_report(nodes.get(node)), *counts.get(node, (0, None)))
                 for node in sorted(set(nodes) | set(counts))]
 
@@ -3223,7 +3224,7 @@ def count_data_files(uri):
                if "_delta_log" not in top for name in names)
 
 
-def fleet_counts(found, table):
+def fleet_counts(found):
     """{node: (rows in the table, newest _uploaded_at)} by _source_id."""
     from deltalake import QueryBuilder
     reader = QueryBuilder().register("t", found).execute(
@@ -3499,11 +3500,11 @@ def to_record_batch(chunk, identity):
 class DatabricksSink(Sink):
     """Append to Unity Catalog tables through a Databricks SQL warehouse.
 
-    Every write is idempotent: one `INSERT ... REPLACE WHERE _source_id/_batch_id`
-    statement per batch (the cycle sizes batches to the statement budget), or a
-    Parquet file staged in a volume and loaded with COPY INTO, which skips files it
-    has loaded before. The connector may send a statement twice; either way the
-    table ends as if it ran once.
+    Every write is idempotent: `INSERT ... REPLACE WHERE _source_id/_batch_id`
+    statements (a batch bigger than MAX_STATEMENT_BYTES goes as several, each replacing
+    its own rows), or a Parquet file staged in a volume and loaded with COPY INTO, which
+    skips files it has loaded before. The connector may send a statement twice; either
+    way the table ends as if it ran once.
     """
 
     name = "databricks"
@@ -4630,12 +4631,12 @@ class ZerobusSink(Sink):
     `authorization_details` naming the table). The service acknowledges a request once
     it is durable; rows become queryable seconds later. It is at least once and has no
     idempotency key, so: a batch is encoded once and every retry sends the same bytes;
-    a batch in flight at a crash is sent again with exactly its rows; every row carries
+    an in-flight batch at a crash is sent again with exactly its rows; every row carries
     `_source_id`, `_batch_id` and `_row_key` (its source row's cursor key), and the view
     `<table>_deduped` keeps one row per (`_source_id`, `_row_key`). With a SQL warehouse
     configured (DATABRICKS_HTTP_PATH) the warehouse sink's own DDL creates the table and
     the view, and `has_committed` looks for the batch's last request there; without one,
-    a batch in flight is always sent again (its duplicates are the view's to drop).
+    an in-flight batch is always sent again (its duplicates are the view's to drop).
     """
 
     name = "zerobus"
@@ -4702,8 +4703,8 @@ class ZerobusSink(Sink):
                  "once in its <table>_deduped view", self.endpoint, self.database)
         if self.warehouse is None:
             log.info("target: no SQL warehouse configured (DATABRICKS_HTTP_PATH): the "
-                     "tables and views must exist (--print-ddl prints them), and a batch "
-                     "in flight at a crash is sent again")
+                     "tables and views must exist (--print-ddl prints them), and an "
+                     "in-flight batch at a crash is sent again")
 
     def query(self, sql, info_table=None):
         return self.through_warehouse("--run-query").query(sql, info_table)
@@ -5762,7 +5763,7 @@ class Checkpoint:
 
     @locked
     def begin(self, key, batch, table, source_id):
-        """Record the batch as in flight before it is sent."""
+        """Record the batch as in-flight before it is sent."""
         self.update(key, inflight={
             "batch_id": batch.batch_id, "seq": batch.seq, "table": table,
             "rows": batch.count, "source_rows": batch.source_count,
@@ -6034,10 +6035,10 @@ def settle_inflight(job):
     if job.sink.has_committed(flight["table"], flight["seq"], flight["batch_id"],
                               flight.get("source_id"), **mark):
         job.checkpoint.commit(job.key)
-        log.info("checkpoint: in-flight batch %s is in %s; cursor advanced",
+        log.info("state: in-flight batch %s is in %s; cursor advanced",
                  flight["batch_id"], flight["table"])
     else:
-        log.info("checkpoint: in-flight batch %s did not reach %s; it is sent again "
+        log.info("state: in-flight batch %s did not reach %s; it is sent again "
                  "with the same rows", flight["batch_id"], flight["table"])
 
 
@@ -6133,11 +6134,11 @@ def check_resend(flight, batch):
     if recorded is None or batch.source_count == recorded:
         return
     if batch.source_count < recorded:
-        raise SourceError(f"source: batch {flight['batch_id']} in flight had {recorded} "
+        raise SourceError(f"source: in-flight batch {flight['batch_id']} had {recorded} "
                           f"rows, only {batch.source_count} are still in the source: rows "
                           "were deleted or the file was replaced; check the target, then "
                           "use --reset-state")
-    log.warning("source: batch %s in flight had %d rows; %d rows were inserted into its "
+    log.warning("source: in-flight batch %s had %d rows; %d rows were inserted into its "
                 "range since and go with it", flight["batch_id"], recorded,
                 batch.source_count - recorded)
 
@@ -6440,11 +6441,11 @@ def start_route(job):
     checkpoint.update(job.key, cursor=encode_cursor(cursor), updated_at=utc_now_text(),
                       behind_base=None if now else 0, **job.recorded)
     if now:
-        log.info("checkpoint: %s is new to this state: starting at the current end of "
+        log.info("state: %s is new to this state: starting at the current end of "
                  "the source, %s = %s (START_AT=now); rows before it are not uploaded "
                  "to it", job.table, job.source.cursor.describe(), cursor)
     else:
-        log.info("checkpoint: %s is new to this state: uploading the source from the "
+        log.info("state: %s is new to this state: uploading the source from the "
                  "beginning", job.table)
 
 
@@ -6833,7 +6834,7 @@ def record_error(job, exc):
 
 
 def is_drained(job):
-    """True when the job's position has nothing in flight and no row after its cursor."""
+    """True when the job's position has no in-flight batch and no row after its cursor."""
     pos = job.checkpoint.position(job.key)
     if pos["inflight"]:
         return False
@@ -6868,6 +6869,91 @@ def run_sources(sources, rng=random):
             return EXIT_FAILED if failed else EXIT_OK
         sources.stop.wait(config.interval)
     return EXIT_OK
+
+
+class Progress:
+    """One self-erasing progress line on a terminal; silent when stderr is not one."""
+
+    def __init__(self, stream):
+        self.stream, self.shown = stream, False
+        self.active = hasattr(stream, "isatty") and stream.isatty()
+
+    def show(self, done, total, rate):
+        """Rows done of total, the rate and the time left."""
+        if not self.active or total <= 0:
+            return
+        left = (total - done) / rate if rate > 0 else 0
+        self.stream.write(f"\r\x1b[K{done:,}/{total:,} rows ({done / total:.0%})  "
+                          f"{rate:,.0f} rows/s  {int(left) // 60}m{int(left) % 60:02d}s left")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        """Erase the progress line (before a log line, or at the end)."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def current_progress():
+    """The progress line of the log's stderr handler (a silent one without it)."""
+    for handler in log.handlers:
+        if isinstance(handler, ProgressHandler):
+            return handler.progress
+    return Progress(None)
+
+
+class StopFlag:
+    """A stop request that a signal handler can make without taking a lock.
+
+    threading.Event.set() takes the lock that Event.wait() holds for a few bytecodes;
+    a SIGTERM landing there, in the main thread, deadlocked the process (2 in 300
+    tries of a bare loop). Here set() stores a flag and writes a byte to a pipe, and
+    wait() sleeps in select() on the pipe's other end.
+    """
+
+    def __init__(self):
+        self._set = self._closed = False
+        self._wake, self._waker = os.pipe()
+        os.set_blocking(self._waker, False)
+
+    def is_set(self):
+        return self._set
+
+    def set(self):
+        self._set = True
+        if not self._closed:  # (a closed descriptor's number may belong to a file now)
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
+                os.write(self._waker, b"!")
+
+    def wait(self, timeout=None):
+        """Sleep until set() or `timeout` seconds; return whether it is set."""
+        if not self._set:
+            select.select([self._wake], [], [], timeout)
+        return self._set
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake)
+            os.close(self._waker)
+
+
+def install_signal_handlers(stop):
+    """SIGTERM/SIGINT finish the current batch and exit 0; a second Ctrl-C exits now."""
+    def handle(signum, frame):
+        if stop.is_set():
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now (the state stays safe)
+                raise SystemExit(EXIT_OK)
+            return  # supervisors may send SIGTERM twice (uv forwards it to Python too)
+        log.info("signal %s: finishing the current batch, then exiting",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
 
 
 # === Actions: DDL, queries, self-test ================================================
@@ -7231,7 +7317,7 @@ def format_status(report):
              ("last upload", f"{report['last_upload_at'] or 'never'}"
                              + (f" (source timestamp {report['last_timestamp']})"
                                 if report["last_timestamp"] is not None else "")),
-             ("in flight", f"batch {flight['batch_id']} ({flight['rows']} rows)"
+             ("in-flight", f"batch {flight['batch_id']} ({flight['rows']} rows)"
                            if flight else "none"),
              ("last error", f"{report['last_error']} (at {report['last_error_at']})"
                             if report["last_error"] else "none"),
@@ -7409,31 +7495,6 @@ class Formatter(logging.Formatter):
         return f"{stamp} {record.levelname:<7} {message}"
 
 
-class Progress:
-    """One self-erasing progress line on a terminal; silent when stderr is not one."""
-
-    def __init__(self, stream):
-        self.stream, self.shown = stream, False
-        self.active = hasattr(stream, "isatty") and stream.isatty()
-
-    def show(self, done, total, rate):
-        """Rows done of total, the rate and the time left."""
-        if not self.active or total <= 0:
-            return
-        left = (total - done) / rate if rate > 0 else 0
-        self.stream.write(f"\r\x1b[K{done:,}/{total:,} rows ({done / total:.0%})  "
-                          f"{rate:,.0f} rows/s  {int(left) // 60}m{int(left) % 60:02d}s left")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self):
-        """Erase the progress line (before a log line, or at the end)."""
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-
-
 class ProgressHandler(logging.StreamHandler):
     """A stderr handler that erases the progress line before each log line."""
 
@@ -7444,14 +7505,6 @@ class ProgressHandler(logging.StreamHandler):
     def emit(self, record):
         self.progress.clear()
         super().emit(record)
-
-
-def current_progress():
-    """The progress line of the log's stderr handler (a silent one without it)."""
-    for handler in log.handlers:
-        if isinstance(handler, ProgressHandler):
-            return handler.progress
-    return Progress(None)
 
 
 def setup_logging(level="INFO", json_lines=False, secrets=()):
@@ -7715,58 +7768,6 @@ def run_many(config, specs, args, environ):
             sources.close()
     finally:
         stop.close()
-
-
-class StopFlag:
-    """A stop request that a signal handler can make without taking a lock.
-
-    threading.Event.set() takes the lock that Event.wait() holds for a few bytecodes;
-    a SIGTERM landing there, in the main thread, deadlocked the process (2 in 300
-    tries of a bare loop). Here set() stores a flag and writes a byte to a pipe, and
-    wait() sleeps in select() on the pipe's other end.
-    """
-
-    def __init__(self):
-        self._set = self._closed = False
-        self._wake, self._waker = os.pipe()
-        os.set_blocking(self._waker, False)
-
-    def is_set(self):
-        return self._set
-
-    def set(self):
-        self._set = True
-        if not self._closed:  # (a closed descriptor's number may belong to a file now)
-            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
-                os.write(self._waker, b"!")
-
-    def wait(self, timeout=None):
-        """Sleep until set() or `timeout` seconds; return whether it is set."""
-        if not self._set:
-            select.select([self._wake], [], [], timeout)
-        return self._set
-
-    def close(self):
-        if not self._closed:
-            self._closed = True
-            os.close(self._wake)
-            os.close(self._waker)
-
-
-def install_signal_handlers(stop):
-    """SIGTERM/SIGINT finish the current batch and exit 0; a second Ctrl-C exits now."""
-    def handle(signum, frame):
-        if stop.is_set():
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now (the state stays safe)
-                raise SystemExit(EXIT_OK)
-            return  # supervisors may send SIGTERM twice (uv forwards it to Python too)
-        log.info("signal %s: finishing the current batch, then exiting",
-                 signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
 
 
 if __name__ == "__main__":
