@@ -357,23 +357,6 @@ class Runs(ZerobusCase):
         self.assertEqual(self.ids(), list(range(1, 302)))
         self.assertEqual(self.stored(), list(range(1, 302)))
 
-    def test_files_of_many_sources_with_the_same_rowids_are_all_in_the_view(self):
-        """Two files, the same rowids, one target table: `_source_file` tells their rows
-        apart in the view (rows are not taken for copies of each other)."""
-        self.create()
-        for name in ("sensor-1.db", "sensor-2.db"):
-            make_db(self.path(name), SCHEMA, ROWS, ["ts", "sensor", "value"])
-        env = self.env()
-        del env["SQLITE_PATH"], env["SQLITE_TABLE_NAME"]
-        env["SOURCES"] = json.dumps([{"sqlite": self.path("sensor-*.db"),
-                                      "tables": ["readings"]}])
-        code, _, err = run_main(["--once"], env)
-        self.assertEqual(code, 0, err)
-        view = self.fake.deduped(FQN)
-        self.assertEqual(collections.Counter(r["_source_file"] for r in view),
-                         {"sensor-1.db": 300, "sensor-2.db": 300})
-        self.assertEqual(len({(r["_source_file"], r["id"]) for r in view}), 600)
-
     def test_a_run_needs_only_the_standard_library(self):
         """No gRPC, no SDK, nothing outside Python's standard library: a run in a child
         process where every installed package is hidden lands the rows."""
