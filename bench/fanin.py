@@ -18,6 +18,10 @@ Targets (--target):
   + DuckDB: it parses and runs every statement, so its wall time says nothing about a
   warehouse); the ingest is a SELECT of the table. DATABRICKS_VOLUME=none (inline
   statements, the warehouse path of a node without a volume).
+- zerobus: Zerobus Ingest's REST interface on its loopback double (tests/zerobus_fake.py),
+  no warehouse (the table made first from --print-ddl's statements); the ingest reads
+  the deduplicated view, computed on the rows the fake stored; copies in the table (at
+  least once) are reported as copies_in_table.
 
 Reported (one JSON line, and a table row): rows, exactly-once check, requests (by kind),
 data bytes per row (the batch files as landed; the INSERT statements' SQL), status bytes
@@ -118,7 +122,53 @@ class WarehouseTarget:
         pass
 
 
-TARGETS = {"landing": LandingTarget, "warehouse": WarehouseTarget}
+class ZerobusTarget:
+    """Zerobus Ingest on its loopback double (tests/zerobus_fake.py), no warehouse: the
+    table is made first from the tool's own --print-ddl statements, as an admin would.
+    The ingest reads the deduplicated view (`raw_readings_deduped`, computed on the rows
+    the fake stored): exactly once there; copies in the table itself (at least once:
+    none without faults) are counted in requests_by_kind as "copies in the table"."""
+
+    DATABASE = "main.sensors"
+
+    def __init__(self, tmp):
+        from tests.zerobus_fake import ZerobusFake
+        self.service = ZerobusFake()
+        self.address = self.service.start()
+        self.fqn = f"{self.DATABASE}.{TABLE}"
+        sample = os.path.join(tmp, "ddl-sample.db")
+        make_source(sample, "sample", 1)
+        config = up.load_config(up.build_parser().parse_args(["--sqlite", sample]),
+                                self.env())
+        self.service.create_table(self.fqn, up.print_ddl(config, {}).split(";\n")[0])
+
+    def env(self):
+        return {"TARGET": "zerobus", "DATABRICKS_HOST": self.address,
+                "ZEROBUS_ENDPOINT": f"http://{self.address}",
+                "ZEROBUS_WORKSPACE_ID": self.service.workspace_id,
+                "DATABRICKS_CLIENT_ID": "sp-id", "DATABRICKS_CLIENT_SECRET": "sp-secret",
+                "DATABRICKS_DATABASE": self.DATABASE}
+
+    def ingest(self):
+        return [(r["_source_id"], r["id"]) for r in self.service.deduped(self.fqn)]
+
+    def counters(self):
+        """Requests by kind (token, the empty start check, inserts of rows); the insert
+        bodies' bytes; no status bytes; the inserts."""
+        kinds, data = collections.Counter(), 0
+        for path, _, size in self.service.requests:
+            kind = ("token" if path == "/oidc/v1/token" else
+                    "insert" if size > 2 else "start check")
+            kinds[kind] += 1
+            data += size if kind == "insert" else 0
+        copies = len(self.service.rows[self.fqn]) - len(self.service.deduped(self.fqn))
+        return kinds, data, 0, kinds["insert"], copies
+
+    def close(self):
+        self.service.stop()
+
+
+TARGETS = {"landing": LandingTarget, "warehouse": WarehouseTarget, "zerobus": ZerobusTarget}
 
 
 # === Nodes ===========================================================================
@@ -180,7 +230,7 @@ def run(args):
         started = time.perf_counter()
         landed = target.ingest()
         ingest = time.perf_counter() - started
-        kinds, data_bytes, status_bytes, files = target.counters()
+        kinds, data_bytes, status_bytes, files, *copies = target.counters()
     finally:
         target.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,6 +243,7 @@ def run(args):
             "exactly_once": set(counts) == want and max(counts.values(), default=0) == 1,
             "duplicates": sum(n - 1 for n in counts.values()),
             "missing": len(want - set(counts)), "errors": errors[:5],
+            "copies_in_table": copies[0] if copies else 0,
             "requests": sum(kinds.values()), "requests_by_kind": dict(kinds),
             "requests_per_1000_rows": round(1000 * sum(kinds.values()) / rows, 1),
             "data_files": files, "data_bytes_per_row": round(data_bytes / rows, 1),
