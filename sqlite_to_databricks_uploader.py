@@ -5492,19 +5492,13 @@ class FilesApi:
 
         return self.pacer.retry(once, what=what, is_transient=is_transient_sink_error,
                                 attempts=tries or LandingSink.RETRIES, first=1.0, cap=30.0,
-                                spread=(0.5, 1.5), on_retry=self.obey_retry_after(what))
+                                spread=(0.5, 1.5), asked=self.asked_wait)
 
-    def obey_retry_after(self, what):
-        """retry()'s on_retry: the warning line, and the rest of a Retry-After the
-        service asked for beyond retry()'s own wait (at most RETRY_AFTER_CAP)."""
-        say = log_retry(what)
-
-        def wait(exc, attempt, delay):
-            extra = min(getattr(exc, "wait", None) or 0.0, self.RETRY_AFTER_CAP) - delay
-            say(exc, attempt, delay + max(extra, 0.0))
-            if extra > 0 and self.pacer.sleep(extra):  # stopping: the failure stands
-                raise exc
-        return wait
+    def asked_wait(self, exc):
+        """retry()'s `asked`: the Retry-After a 429/503 came with (at most
+        RETRY_AFTER_CAP), else None (the backoff's wait)."""
+        wait = getattr(exc, "retry_after", None)
+        return None if wait is None else min(wait, self.RETRY_AFTER_CAP)
 
     def send(self, method, url, data, what):
         """One HTTP request: (status, headers, body) of any answer; no answer (a network
@@ -5530,7 +5524,7 @@ class FilesApi:
 
     def http_error(self, status, headers, body, what):
         """A SinkError for an HTTP error reply: its error code and message, a hint;
-        `wait`: the Retry-After it came with."""
+        `retry_after`: the Retry-After it came with (seconds, or None)."""
         try:
             found = json.loads(body or b"{}")
         except ValueError:
@@ -5542,7 +5536,7 @@ class FilesApi:
         hint = "" if transient else FILES_API_HINTS.get(status, "").format(
             volume=self.config.databricks_volume)
         error = SinkError(f"sink: {what} failed: {text}{hint}", transient=transient)
-        error.wait = retry_after(headers)
+        error.retry_after = retry_after(headers)
         return error
 
 
