@@ -137,6 +137,9 @@ TYPE_NAMES = {"BIGINT": "bigint", "DOUBLE": "double", "VARCHAR": "string",
               "INTEGER": "int", "TIMESTAMP": "timestamp_ntz"}
 
 
+HOLDERS = {}  # DuckDB file -> the Warehouse that holds it open in this process
+
+
 class Warehouse:
     """The shared state behind every connection: DuckDB file, volume root, log, faults."""
 
@@ -174,7 +177,14 @@ class Warehouse:
         one, ~1 ms); release() closes it, so that another process can open it."""
         with self.database_lock:
             if self.database is None:
+                holder = HOLDERS.get(self.db_path)
+                if holder is not None and holder is not self:
+                    # DuckDB hands out an open database by its path: a new warehouse at
+                    # the path of an old one (a test that removed the old folder) would
+                    # get the old one's tables
+                    holder.release()
                 self.database = duckdb.connect(self.db_path)
+                HOLDERS[self.db_path] = self
                 # its log is enough for the next opener: no checkpoint at each release()
                 self.database.execute("PRAGMA disable_checkpoint_on_shutdown")
             return self.database.cursor()
@@ -185,6 +195,8 @@ class Warehouse:
             if self.database is not None:
                 self.database.close()
                 self.database = None
+                if HOLDERS.get(self.db_path) is self:
+                    del HOLDERS[self.db_path]
 
     # --- test-facing helpers -------------------------------------------------------
 

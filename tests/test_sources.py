@@ -592,7 +592,7 @@ class CrashTest(SourcesTestCase):
                                 [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
                 # (two files are read at once: a kill may leave a batch of each in flight)
                 settled = [line for line in done.stderr.splitlines()
-                           if "checkpoint: in-flight batch" in line]
+                           if "state: in-flight batch" in line]
                 self.assertIn(len(settled), (1, 2), done.stderr)
 
     def test_signal_mid_cycle_exits_0_and_the_next_run_goes_on(self):
