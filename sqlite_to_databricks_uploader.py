@@ -618,8 +618,8 @@ def validate_config(config):
                           "in sources instead")
     if config.maintain_every is not None and parse_every(config.maintain_every) is None:
         bad("maintain_every", "must be a number of cycles (12) or a duration (30m, 6h, 1d)")
-    updates = {"target": config.target or ("databricks" if config.databricks_host
-                                           else "delta")}
+    chosen = chosen_sink(config)
+    updates = {"target": chosen.name, **chosen.defaults(config)}
     if config.databricks_host:
         updates["databricks_host"] = normalize_host(config.databricks_host)
         if not updates["databricks_host"]:
@@ -634,13 +634,8 @@ def validate_config(config):
                 f"and delta_uri (from {config.origin('delta_uri')}) are set; "
                 "the uploader writes to one destination: unset one of them, or choose "
                 "one with --target")
-    elif updates["target"] != "delta":
-        raise missing("databricks_host", f" for target {updates['target']}")
-    if updates["target"] == "delta" and not config.delta_uri:
-        updates["delta_uri"] = DEFAULT_DELTA_URI
-    if updates["target"] not in SINKS:
-        raise ConfigError(f"config: target {updates['target']} (from "
-                          f"{config.origin('target')}) is not available in this version")
+    elif chosen.needs_workspace:
+        raise missing("databricks_host", f" for target {chosen.name}")
     if not config.source_id:
         updates["source_id"] = socket.gethostname() or "unknown-host"
         updates["origins"] = {**config.origins, "source_id": "default (host name)"}
@@ -2721,6 +2716,7 @@ class Sink:
     """Where batches go. Implementations register in SINKS by name."""
 
     name = ""
+    needs_workspace = True  # a Databricks workspace (databricks_host) is required
     # Waits between retries, as retry() takes them. The cycle gives a sink its StopFlag's
     # wait (a stop ends the waiting); a test gives a sink class its own, as a connector.
     sleep = staticmethod(time.sleep)
@@ -2739,6 +2735,12 @@ class Sink:
         """Before a run or an action: the sink's settings are complete; the config with
         the values this sink derives from them."""
         return config
+
+    @classmethod
+    def defaults(cls, config):
+        """While the config is validated: {setting: value} this target fills in when
+        the user left it unset."""
+        return {}
 
     @classmethod
     def for_actions(cls, config):
@@ -2858,6 +2860,16 @@ def sink_class(config):
     return SINKS[config.target]
 
 
+def chosen_sink(config):
+    """While the config is validated: the sink class `target` names, else the default
+    (the SQL warehouse when a workspace is configured, else the local Delta lakehouse)."""
+    name = config.target or ("databricks" if config.databricks_host else "delta")
+    if name not in SINKS:
+        raise ConfigError(f"config: target {name} (from {config.origin('target')}) is not "
+                          "available in this version")
+    return SINKS[name]
+
+
 def make_sink(config, identity):
     """The sink chosen by the config."""
     return sink_class(config)(config, identity)
@@ -2882,6 +2894,11 @@ class DeltaSink(Sink):
     """
 
     name = "delta"
+    needs_workspace = False
+
+    @classmethod
+    def defaults(cls, config):
+        return {} if config.delta_uri else {"delta_uri": DEFAULT_DELTA_URI}
     RETRIES = 8
     # retry(): waits doubling from 0.4 s to 30 s, jittered by half either way
     BACKOFF = {"attempts": RETRIES, "first": 0.4, "cap": 30, "spread": (0.5, 1.5)}
