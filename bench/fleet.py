@@ -295,8 +295,8 @@ def curve_figures(result):
     blocks = result["blocks"]
     size = blocks[1][0] - blocks[0][0]
     per = max(1000 // size, 1)
-    first = statistics.median(ms for _, ms in blocks[:per])
-    last = statistics.median(ms for _, ms in blocks[-per:])
+    first = round(statistics.median(ms for _, ms in blocks[:per]), 1)
+    last = round(statistics.median(ms for _, ms in blocks[-per:]), 1)
     return {"at": {n: block_at(blocks, n) for n in POINTS}, "first_1000_ms": first,
             "last_1000_ms": last, "last_over_first_1000": round(last / first, 2),
             "within_20_percent": last <= 1.2 * first}
