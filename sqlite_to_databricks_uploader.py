@@ -4535,6 +4535,79 @@ def is_loopback(host):
     return bool(re.fullmatch(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?", host or ""))
 
 
+def host_url(host):
+    """https://<host>, or http:// for a loopback host (a test double: no TLS)."""
+    return f"{'http' if is_loopback(host) else 'https'}://{host}"
+
+
+def http_call(method, url, data, headers, timeout, what):
+    """One HTTP request with the standard library: (status, headers, body) of any
+    answer. No answer (a network failure: the request may or may not have been carried
+    out) is a transient SinkError."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.headers, reply.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read()
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise SinkError(f"sink: {what} failed: {first_line(exc)}", transient=True) from None
+
+
+def http_reason(body, sep=": "):
+    """The reason in a Databricks error reply: `<error_code><sep><message>` of its JSON
+    (OAuth's `error`/`error_description` too), else its first line ("" when empty)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return text.strip().splitlines()[0][:300] if text.strip() else ""
+    if not isinstance(found, dict):
+        return text[:300]
+    code = found.get("error_code") or found.get("error")
+    message = str(found.get("message") or found.get("error_description") or "")
+    message = message.strip().rstrip(".")
+    return sep.join(filter(None, (code, message))) or text[:300]
+
+
+def http_error(what, status, headers, body, config, hint="", sep=": "):
+    """A SinkError for an HTTP error reply, with the service's reason (the configured
+    secrets redacted) and `hint`: 429 and 5xx (but 501) are transient, the rest
+    permanent (the request must change); `retry_after`: the Retry-After it came with."""
+    reason = http_reason(body, sep)
+    for secret in (config.databricks_client_secret, config.databricks_token):
+        if secret:
+            reason = reason.replace(secret, "[REDACTED]")
+    error = SinkError(f"sink: {what} failed: HTTP {status}" + (f" {reason}" if reason else "")
+                      + hint, transient=status == 429 or status >= 500 and status != 501)
+    error.retry_after = retry_after(headers)
+    return error
+
+
+def retry_after(headers):
+    """Seconds a 429/503 asks to wait (Retry-After in seconds), or None."""
+    value = (headers or {}).get("Retry-After")
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def renewing(send, renew, renewed):
+    """send() -> (status, headers, body), sent once more when `renew(status, body)` (if
+    any) got a new token for a refused one: once per request (`renewed`, a list kept across the
+    request's retries, remembers it), then the refusal stands."""
+    status, headers, body = send()
+    if renew is not None and not renewed and renew(status, body):
+        renewed.append(status)
+        status, headers, body = send()
+    return status, headers, body
+
+
 class WorkspaceCredentials:
     """OAuth credentials from databricks-sdk, as the connector's `credentials_provider`.
 
@@ -4667,8 +4740,7 @@ class ZerobusSink(Sink):
         super().__init__(config, identity)
         self.database = config.databricks_database
         self.endpoint = zerobus_url(config)
-        host = config.databricks_host
-        self.token_url = f"{'http' if is_loopback(host) else 'https'}://{host}/oidc/v1/token"
+        self.token_url = f"{host_url(config.databricks_host)}/oidc/v1/token"
         self.warehouse = (DatabricksSink(config, identity) if config.databricks_http_path
                           else None)
         self._tokens = {}  # table -> (token, monotonic expiry)
@@ -4855,15 +4927,13 @@ class ZerobusSink(Sink):
         once."""
         url = (f"{self.endpoint}/zerobus/v1/tables/"
                f"{urllib.parse.quote(self.fqn(table), safe='.')}/insert")
-        refreshed = []
 
-        def refresh(reply):
-            if refreshed:
+        def refresh(status, reply):
+            if status != 401:
                 return False
             log.info("sink: Zerobus Ingest refused the token for %s (%s); getting a new "
-                     "one", table, zerobus_reason(reply))
+                     "one", table, http_reason(reply) or "no details")
             self._tokens.pop(table, None)
-            refreshed.append(True)
             return True
 
         self._request(url, body, lambda: {
@@ -4871,21 +4941,21 @@ class ZerobusSink(Sink):
             "Content-Type": "application/json", "User-Agent": f"{TOOL}/{__version__}"},
             what, refresh)
 
-    def _request(self, url, body, headers, what, on_401=None):
+    def _request(self, url, body, headers, what, renew=None):
         """POST until the answer is 2xx (its body): 429, 5xx and network failures are
         retried (retry(): capped, jittered backoff; a Retry-After is obeyed, plus up to
-        20% so a fleet told the same wait does not come back at once); a 401 is sent
-        again at once when `on_401(reply)` says so; anything else fails with the
-        reason."""
+        20% so a fleet told the same wait does not come back at once); a refusal is sent
+        again at once when `renew(status, reply)` got a new token (once: renewing());
+        anything else fails with the reason."""
+        renewed = []
+
         def attempt():
-            status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
-            while status == 401 and on_401 is not None and on_401(reply):
-                status, reply, wait = http_request(url, body, headers(), self.TIMEOUT)
-            if status is not None and 200 <= status < 300:
+            status, answer, reply = renewing(lambda: http_call(
+                "POST", url, body, headers(), self.TIMEOUT, what), renew, renewed)
+            if 200 <= status < 300:
                 return reply
-            error = zerobus_error(what, status, reply, self.config)
-            error.retry_after = wait
-            raise error
+            raise http_error(what, status, answer, reply, self.config,
+                             ZEROBUS_HINTS.get(status, ""))
 
         def asked(exc):
             wait = getattr(exc, "retry_after", None)
@@ -5049,11 +5119,18 @@ def pack_requests(rows, budget, tag):
     return groups
 
 
+ZEROBUS_HINTS = {
+    401: "; check the service principal's id and secret",
+    403: "; grant the service principal USE CATALOG, USE SCHEMA, SELECT and MODIFY on the "
+         "table",
+    413: "; lower zerobus_max_request_bytes"}
+
+
 def zerobus_url(config):
     """The endpoint as a URL: https://, or http:// for a loopback host (a test double)."""
     text = config.zerobus_endpoint.strip().rstrip("/")
     if "://" not in text:
-        text = ("http://" if is_loopback(text.split("/")[0]) else "https://") + text
+        text = host_url(text)
     parts = urllib.parse.urlsplit(text)
     where = f"(got {config.zerobus_endpoint!r} from {config.origin('zerobus_endpoint')})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -5063,61 +5140,6 @@ def zerobus_url(config):
         raise ConfigError(f"config: zerobus_endpoint must use https:// (plain http:// only "
                           f"for a loopback host) {where}")
     return text
-
-
-def http_request(url, body, headers, timeout):
-    """POST; (status, reply bytes, Retry-After seconds or None). A network failure is
-    (None, its description, None): the request may or may not have been taken."""
-    import http.client
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, reply.read(), None
-    except urllib.error.HTTPError as exc:
-        with exc:
-            reply = exc.read()
-        wait = exc.headers.get("Retry-After") if exc.headers else None
-        try:
-            wait = float(wait) if wait is not None else None
-        except ValueError:
-            wait = None
-        return exc.code, reply, wait
-    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-        return None, first_line(exc).encode(), None
-
-
-def zerobus_reason(reply):
-    """`ERROR_CODE: message` of a Zerobus or OAuth error reply, else its first line."""
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    try:
-        found = json.loads(text)
-    except ValueError:
-        return text.strip().splitlines()[0][:300] if text.strip() else "no details"
-    if not isinstance(found, dict):
-        return text[:300]
-    code = found.get("error_code") or found.get("error")
-    message = found.get("message") or found.get("error_description") or ""
-    message = message.strip().rstrip(".")
-    return f"{code}: {message}" if code else (message or text[:300])
-
-
-def zerobus_error(what, status, reply, config):
-    """A SinkError for a failed request: 429, 5xx and network failures are transient;
-    the rest are permanent (the request must change), with the service's reason."""
-    reason = zerobus_reason(reply)
-    for secret in (config.databricks_client_secret, config.databricks_token):
-        if secret:
-            reason = reason.replace(secret, "[REDACTED]")
-    if status is None:
-        return SinkError(f"sink: {what} failed: {reason}", transient=True)
-    hint = {401: "; check the service principal's id and secret",
-            403: "; grant the service principal USE CATALOG, USE SCHEMA, SELECT and "
-                 "MODIFY on the table",
-            413: "; lower zerobus_max_request_bytes"}.get(status, "")
-    return SinkError(f"sink: {what} failed: HTTP {status} {reason}{hint}",
-                     transient=status == 429 or status >= 500 and status != 501)
 
 
 @register_sink
@@ -5437,8 +5459,7 @@ class FilesApi:
 
     def __init__(self, config, pacer):
         self.config, self.pacer = config, pacer  # pacer: sleep, clock, jitter
-        host = config.databricks_host
-        self.base = f"{'http' if is_loopback(host) else 'https'}://{host}"
+        self.base = host_url(config.databricks_host)
         self._credentials = None
         self.requests = 0  # how many requests were sent (the fleet benchmark counts them)
         self._made = set()  # folders known to exist
@@ -5492,24 +5513,30 @@ class FilesApi:
     def call(self, method, api, path, data=None, query=None, what="", missing_ok=False,
              tries=None):
         """One request, retried while the failure is transient; (status, headers, body).
-        A refused token (401/403) is replaced once, then the refusal stands."""
-        url, refreshed = self.url(api, path, query), []
+        A refused OAuth token (401/403) is replaced once, then the refusal stands."""
+        url, renewed = self.url(api, path, query), []
 
         def once():
-            status, headers, body = self.send(method, url, data, what)
-            if status in (401, 403) and self._credentials and not refreshed:
-                log.info("sink: the workspace refused the token (HTTP %d); getting a new "
-                         "one", status)
-                self._credentials.refresh()
-                refreshed.append(status)
-                status, headers, body = self.send(method, url, data, what)
+            status, headers, body = renewing(lambda: self.send(method, url, data, what),
+                                             self.renew, renewed)
             if status < 300 or (status == 404 and missing_ok):
                 return status, headers, body
-            raise self.http_error(status, headers, body, what)
+            raise http_error(what, status, headers, body, self.config, sep=" ",
+                             hint=FILES_API_HINTS.get(status, "").format(
+                                 volume=self.config.databricks_volume))
 
         return self.pacer.retry(once, what=what, is_transient=is_transient_sink_error,
                                 attempts=tries or LandingSink.RETRIES, first=1.0, cap=30.0,
                                 spread=(0.5, 1.5), asked=self.asked_wait)
+
+    def renew(self, status, body):
+        """renewing()'s `renew`: a new OAuth token after a 401/403 (not a fixed token)."""
+        if status not in (401, 403) or not self._credentials:
+            return False
+        log.info("sink: the workspace refused the token (HTTP %d); getting a new one",
+                 status)
+        self._credentials.refresh()
+        return True
 
     def asked_wait(self, exc):
         """retry()'s `asked`: the Retry-After a 429/503 came with (at most
@@ -5518,43 +5545,12 @@ class FilesApi:
         return None if wait is None else min(wait, self.RETRY_AFTER_CAP)
 
     def send(self, method, url, data, what):
-        """One HTTP request: (status, headers, body) of any answer; no answer (a network
-        failure: the request may or may not have been carried out) is a transient
-        SinkError."""
-        import http.client
-        import urllib.error
-        import urllib.request
+        """One request with this client's token (http_call)."""
         headers = {**self.headers(), "User-Agent": f"{TOOL}/{__version__}"}
         if data is not None:
             headers["Content-Type"] = "application/octet-stream"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         self.requests += 1
-        try:
-            with urllib.request.urlopen(request, timeout=self.TIMEOUT) as reply:
-                return reply.status, reply.headers, reply.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.headers, exc.read()
-        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-            raise SinkError(f"sink: {what} failed: {first_line(exc)}",
-                            transient=True) from None
-
-    def http_error(self, status, headers, body, what):
-        """A SinkError for an HTTP error reply: its error code and message, a hint;
-        `retry_after`: the Retry-After it came with (seconds, or None)."""
-        try:
-            found = json.loads(body or b"{}")
-        except ValueError:
-            found = {}
-        found = found if isinstance(found, dict) else {}
-        text = " ".join(str(found.get(k)) for k in ("error_code", "message") if found.get(k))
-        text = f"HTTP {status}" + (f" {text}" if text else "")
-        transient = status == 429 or status >= 500
-        hint = "" if transient else FILES_API_HINTS.get(status, "").format(
-            volume=self.config.databricks_volume)
-        error = SinkError(f"sink: {what} failed: {text}{hint}", transient=transient)
-        error.retry_after = retry_after(headers)
-        return error
+        return http_call(method, url, data, headers, self.TIMEOUT, what)
 
 
 FILES_API_HINTS = {
@@ -5562,15 +5558,6 @@ FILES_API_HINTS = {
     403: "; the principal needs READ VOLUME and WRITE VOLUME on the volume (and USE "
          "CATALOG, USE SCHEMA)",
     404: "; does the volume {volume} exist?"}
-
-
-def retry_after(headers):
-    """Seconds a 429/503 asks to wait (Retry-After in seconds), or None."""
-    value = (headers or {}).get("Retry-After")
-    try:
-        return max(float(value), 0.0) if value is not None else None
-    except ValueError:
-        return None
 
 
 # === Checkpoint ======================================================================

@@ -11,8 +11,8 @@ crash tests restart it until a run completes). Environment:
                      for the hooks that name them
 
 deltalake.write_deltalake is the Delta commit itself (the sink imports it at call
-time, so wrapping the module attribute reaches it); up.http_request is one request to
-Zerobus Ingest (the zerobus-* hooks count only inserts that carry rows); the state-file
+time, so wrapping the module attribute reaches it); up.http_call is one HTTP request
+(the zerobus-* hooks count only Zerobus Ingest inserts that carry rows); the state-file
 hooks wrap json.dump, os.fsync and os.replace as Checkpoint.save uses them.
 """
 
@@ -256,8 +256,8 @@ def plant_statement(k, prefix, when):
 def plant_zerobus(k, when):
     """Die before or after the k-th Zerobus insert request that carries rows (after:
     the service took the rows and answered; the state still says in flight)."""
-    plant(k, up, "http_request", when,
-          lambda url, body, *a, **kw: url.endswith("/insert") and body != b"[]")
+    plant(k, up, "http_call", when, lambda method, url, data, *a, **kw:
+          url.endswith("/insert") and data != b"[]")
 
 
 def is_batch_upload(api, method, url, *args, **kwargs):
