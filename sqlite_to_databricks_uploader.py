@@ -4568,7 +4568,7 @@ def http_reason(body, sep=": "):
         return text.strip().splitlines()[0][:300] if text.strip() else ""
     if not isinstance(found, dict):
         return text[:300]
-    code = found.get("error_code") or found.get("error")
+    code = str(found.get("error_code") or found.get("error") or "")
     message = str(found.get("message") or found.get("error_description") or "")
     message = message.strip().rstrip(".")
     return sep.join(filter(None, (code, message))) or text[:300]
