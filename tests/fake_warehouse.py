@@ -68,6 +68,9 @@ import duckdb
 import sqlglot
 from sqlglot import exp
 
+# serve_forever() looks for shutdown() this often (default 0.5 s: each test would wait)
+POLL = 0.05
+
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "named"
@@ -782,7 +785,7 @@ class TokenServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(POLL,), daemon=True)
         self.thread.start()
 
     def token(self, path, authorization, form):

@@ -50,6 +50,9 @@ import urllib.parse
 
 from tests.helpers import issue_client_token
 
+# serve_forever() looks for shutdown() this often (default 0.5 s: each test would wait)
+POLL = 0.05
+
 LINEAGE_TYPES = {"_source_id": "VARCHAR", "_batch_id": "VARCHAR",
                  "_uploaded_at": "TIMESTAMP WITH TIME ZONE", "_rescued_data": "VARCHAR"}
 MAX_FILE = 5 * 2 ** 30
@@ -82,7 +85,7 @@ class FilesApi:
         self.server = Server(("127.0.0.1", 0), make_handler(self))
         self.server.daemon_threads = True
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(POLL,), daemon=True)
         self.thread.start()
 
     def close(self):

@@ -65,6 +65,9 @@ from thrift.transport import TTransport
 from . import fake_warehouse
 from .helpers import issue_client_token
 
+# serve_forever() looks for shutdown() this often (default 0.5 s: each test would wait)
+POLL = 0.05
+
 T = ttypes
 OK = T.TStatus(statusCode=T.TStatusCode.SUCCESS_STATUS)
 SQLSTATE = re.compile(r"SQLSTATE:\s*([0-9A-Z]{5})")
@@ -93,7 +96,7 @@ class ThriftWarehouse:
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self))
         self.http.daemon_threads = True
         self.http.handle_error = lambda request, address: None  # clients die mid-reply
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.http.serve_forever, args=(POLL,), daemon=True)
         self.thread.start()
 
     @property

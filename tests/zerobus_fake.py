@@ -33,6 +33,9 @@ import re
 import threading
 import urllib.parse
 
+# serve_forever() looks for shutdown() this often (default 0.5 s: each test would wait)
+POLL = 0.05
+
 TYPES = ("BIGINT", "DOUBLE", "STRING", "BINARY", "BOOLEAN", "TIMESTAMP")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 SPECIAL = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
@@ -89,7 +92,7 @@ class ZerobusFake:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(POLL,), daemon=True).start()
         return f"127.0.0.1:{self.server.server_address[1]}"
 
     def stop(self):
