@@ -4887,7 +4887,10 @@ class ZerobusSink(Sink):
                    for name, kind, values in zip(part.columns, part.kinds, part.values)]
         encoders = [ZEROBUS_VALUES.get(kind, ZEROBUS_VALUES[STRING]) for kind in part.kinds]
         batch, offset = self._offset
-        offset = offset if batch == part.batch_id else 0  # parts of a batch come in order
+        # parts of a batch come in order; its first part starts the numbering again, so
+        # a batch encoded again in this process (re-sent after a failed write) gets the
+        # same keys, and the view keeps one copy
+        offset = offset if batch == part.batch_id and not part.first else 0
         keys = row_keys(part, table, offset, self.identity.source_table)
         self._offset = (part.batch_id, offset + part.count)
         now = (dt.datetime.now(dt.timezone.utc) - EPOCH) // ONE_MICROSECOND
