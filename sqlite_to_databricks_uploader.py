@@ -909,9 +909,25 @@ def busy_cause(exc, path):
 
 def list_tables(conn):
     """Names of the user tables in the database."""
-    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")
-    return [name for (name,) in rows]
+    return sorted(name for name, kind in table_kinds(conn).items() if kind == "table")
+
+
+def table_kinds(conn):
+    """{name: kind} of the file's tables and views: 'table' (a user table), 'view',
+    'virtual' (FTS, R*Tree: an index over other tables), 'shadow' (where a virtual table
+    keeps its index; rows change in place) or 'internal' (sqlite_*)."""
+    try:
+        rows = conn.execute("SELECT name, type FROM pragma_table_list "
+                            "WHERE schema = 'main'").fetchall()
+    except sqlite3.OperationalError:  # SQLite before 3.37: tell them apart by name
+        rows = conn.execute("SELECT name, CASE WHEN sql LIKE 'CREATE VIRTUAL%' THEN "
+                            "'virtual' ELSE type END FROM sqlite_master "
+                            "WHERE type IN ('table', 'view')").fetchall()
+        virtual = [name for name, kind in rows if kind == "virtual"]
+        rows = [(name, "shadow" if kind == "table" and any(
+            name.startswith(v + "_") for v in virtual) else kind) for name, kind in rows]
+    return {name: "internal" if name.startswith("sqlite_") else kind
+            for name, kind in rows}
 
 
 def choose_table(conn, wanted, path):
@@ -1553,16 +1569,17 @@ def match_files(spec):
 
 def spec_tables(spec, conn, path):
     """The tables wanted from one file ({name, settings, origins} each) and, for
-    `tables: all`, what was passed over: (tables, views, SQLite's internal tables)."""
+    `tables: all`, what was passed over: (tables, views, SQLite's internal tables with
+    virtual tables and their shadow tables)."""
     if spec.tables is None:
         return [{"name": choose_table(conn, None, path), "settings": {}, "origins": {}}], [], []
     if spec.tables != "all":
         return list(spec.tables), [], []
-    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE type IN ('table', "
-                        "'view') ORDER BY name").fetchall()
-    views = [name for kind, name in rows if kind == "view"]
-    internal = [name for kind, name in rows if kind == "table" and name.startswith("sqlite_")]
-    tables = [{"name": name, "settings": {}, "origins": {}} for name in list_tables(conn)]
+    kinds = sorted(table_kinds(conn).items())
+    views = [name for name, kind in kinds if kind == "view"]
+    internal = [name for name, kind in kinds if kind in ("internal", "virtual", "shadow")]
+    tables = [{"name": name, "settings": {}, "origins": {}}
+              for name, kind in kinds if kind == "table"]
     return tables, views, internal
 
 
@@ -6742,8 +6759,8 @@ class Sources:
         """tables: all passes over views and SQLite's own tables: said once a file."""
         if views or internal:
             self.once(f"skipped:{path}:{views}:{internal}", logging.INFO,
-                      "source: %s: tables: all skips views (%s) and SQLite's internal "
-                      "tables (%s)", path, ", ".join(views) or "none",
+                      "source: %s: tables: all skips views (%s) and SQLite's internal, "
+                      "virtual (FTS, R*Tree) and shadow tables (%s)", path, ", ".join(views) or "none",
                       ", ".join(internal) or "none")
 
     def once(self, what, level, message, *args):

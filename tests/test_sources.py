@@ -300,6 +300,46 @@ class WholeDatabaseTest(SourcesTestCase):
         self.assertOnce("raw_alarms", ["id", "level"], [(1, 3)])
         self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
 
+    def test_full_text_index_tables_are_skipped_not_uploaded(self):
+        """sqlite-utils' `enable-fts` (and Datasette, Home Assistant's logbook...) add an
+        FTS5 virtual table over a user table, stored in shadow tables whose rows are
+        index segments rewritten in place: none of them is data to upload."""
+        db = self.make_station()
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.executescript(
+                "CREATE VIRTUAL TABLE readings_fts USING fts5(value, content=readings);"
+                "INSERT INTO readings_fts(readings_fts) VALUES ('rebuild');")
+        conn.close()
+        err = self.run_once(self.config([{"sqlite": db, "tables": "all"}]))
+        skipped = [line for line in err.splitlines() if "tables: all skips" in line]
+        self.assertEqual(len(skipped), 1, err)
+        for name in ("readings_fts", "readings_fts_data", "readings_fts_idx",
+                     "readings_fts_docsize", "readings_fts_config"):
+            self.assertIn(name, skipped[0])
+            self.assertFalse(os.path.exists(self.lake(f"raw_{name}")), name)
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+
+    def test_tables_without_the_pragma_table_list_of_sqlite_3_37(self):
+        """Older SQLite on an edge host: virtual and shadow tables told apart by name."""
+        db = self.make_station()
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("CREATE VIRTUAL TABLE readings_fts USING fts5(value)")
+
+        class Old:  # no pragma_table_list, as before SQLite 3.37
+            def execute(self, sql, *args):
+                if "pragma_table_list" in sql:
+                    raise sqlite3.OperationalError("no such table: pragma_table_list")
+                return conn.execute(sql, *args)
+        kinds = up.table_kinds(Old())
+        conn.close()
+        self.assertEqual(kinds["readings_fts"], "virtual")
+        self.assertEqual(kinds["readings_fts_data"], "shadow")
+        self.assertEqual(kinds["warm"], "view")
+        self.assertEqual(kinds["readings"], "table")
+        self.assertEqual(kinds["sqlite_stat1"], "internal")
+
     def test_unusable_table_named_in_the_list_is_an_error(self):
         db = self.make_station()
         err = self.run_once(self.config([{"sqlite": db, "tables": ["readings", "settings"]}]),
