@@ -6724,8 +6724,10 @@ class Sources:
         if found and (found[1] == now or now is None):  # gone: read what is held open
             return found[0]
         if found:
-            log.warning("source: %s is another file than before (replaced); reading it "
-                        "again", path)
+            log.warning("source: %s is another file than before (replaced in place): it "
+                        "goes on from the cursors of the file it replaced (a copy that "
+                        "ends before them is an error; rows of a different file before "
+                        "them are not read: use a new name for a new file)", path)
             self.close_file(real)
         conn = open_source(path, self.config.busy_timeout, spec.origin)
         self.files[real] = [conn, now]
