@@ -6631,7 +6631,15 @@ class Sources:
         if len(files) > 1:
             with concurrent.futures.ThreadPoolExecutor(
                     min(WORKERS, len(files)), thread_name_prefix="source") as pool:
-                list(pool.map(self.run_jobs, files.values()))
+                running = [pool.submit(self.run_jobs, jobs) for jobs in files.values()]
+                # wait in short steps: a SIGTERM that reaches a worker thread has its
+                # handler run by this thread only when it wakes, and the workers stop
+                # between batches only once the handler has set the stop flag
+                waiting = running
+                while waiting:
+                    waiting = concurrent.futures.wait(waiting, timeout=0.1).not_done
+                for done in running:
+                    done.result()
         else:
             for jobs in files.values():
                 self.run_jobs(jobs)
