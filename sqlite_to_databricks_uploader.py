@@ -4614,6 +4614,18 @@ def retry_after(headers):
         return None
 
 
+def asked_wait(cap, jitter=None):
+    """retry()'s `asked` for HTTP errors: the Retry-After the error came with (set by
+    http_error), at most `cap` seconds and, given `jitter`, up to 20% more (a fleet told
+    the same wait does not come back at once); None: the backoff's wait."""
+    def asked(exc):
+        wait = getattr(exc, "retry_after", None)
+        if wait is None:
+            return None
+        return min(wait, cap) * (jitter(1.0, 1.2) if jitter else 1)
+    return asked
+
+
 def renewing(send, renew, renewed):
     """send() -> (status, headers, body), sent once more when `renew(status, body)` (if
     any) got a new token for a refused one: once per request (`renewed`, a list kept across the
@@ -4977,13 +4989,9 @@ class ZerobusSink(Sink):
             raise http_error(what, status, answer, reply, self.config,
                              ZEROBUS_HINTS.get(status, ""))
 
-        def asked(exc):
-            wait = getattr(exc, "retry_after", None)
-            return None if wait is None else \
-                min(wait, self.RETRY_AFTER_MAX) * self.jitter(1.0, 1.2)
-
         return self.retry(attempt, what=what, is_transient=is_transient_sink_error,
-                          attempts=self.RETRIES, first=2.0, cap=60.0, asked=asked)
+                          attempts=self.RETRIES, first=2.0, cap=60.0,
+                          asked=asked_wait(self.RETRY_AFTER_MAX, self.jitter))
 
     def token(self, table):
         """The OAuth token for `table` (one per table: the service checks the scope)."""
@@ -5547,7 +5555,7 @@ class FilesApi:
 
         return self.pacer.retry(once, what=what, is_transient=is_transient_sink_error,
                                 attempts=tries or LandingSink.RETRIES, first=1.0, cap=30.0,
-                                spread=(0.5, 1.5), asked=self.asked_wait)
+                                spread=(0.5, 1.5), asked=asked_wait(self.RETRY_AFTER_CAP))
 
     def renew(self, status, body):
         """renewing()'s `renew`: a new OAuth token after a 401/403 (not a fixed token)."""
@@ -5557,12 +5565,6 @@ class FilesApi:
                  status)
         self._credentials.refresh()
         return True
-
-    def asked_wait(self, exc):
-        """retry()'s `asked`: the Retry-After a 429/503 came with (at most
-        RETRY_AFTER_CAP), else None (the backoff's wait)."""
-        wait = getattr(exc, "retry_after", None)
-        return None if wait is None else min(wait, self.RETRY_AFTER_CAP)
 
     def send(self, method, url, data, what):
         """One request with this client's token (http_call)."""
@@ -6712,14 +6714,13 @@ class Sources:
 
     def move_file(self, old, new):
         """Give the positions and connection of file `old` to its new name `new`."""
-        for where in [w for w in self.jobs if w[0] == old]:
-            self.jobs.pop(where).sink.close()  # opened again under the new name
+        self.drop_jobs(old)  # opened again under the new name
         self.files[new] = self.files.pop(old)
         for key, pos in list(self.checkpoint.data["destinations"].items()):
             src = pos.get("source") or {}
             if src.get("path") == old:
-                scope = f" <- {old}:{src['table']}"
-                moved = key.replace(scope, f" <- {new}:{src['table']}")
+                moved = key.replace(source_scope(old, src["table"]),
+                                    source_scope(new, src["table"]))
                 self.checkpoint.rename(key, moved)
                 self.checkpoint.update(moved, source={**src, "path": new})
         log.info("source: %s is now %s (renamed: the same file); its positions move with "
@@ -6815,9 +6816,6 @@ class Sources:
         except SourceError as exc:
             log.warning("%s; %s is gone, its positions are kept", exc, path)
             return
-        for where, job in jobs:
-            del self.jobs[where]
-            job.sink.close()
         self.close_file(path)
         positions = [self.checkpoint.position(k) for k in keys]
         since = min((p["gone_at"] for p in positions if p.get("gone_at")), default=None)
@@ -6835,10 +6833,14 @@ class Sources:
                  "upload were not uploaded)",
                  ", ".join(sorted(k.split(" <- ")[0] for k in keys)))
 
-    def close_file(self, path):
-        """Close a file's connection and the jobs reading it."""
+    def drop_jobs(self, path):
+        """Close the jobs reading file `path` (its connection stays open)."""
         for where in [w for w in self.jobs if w[0] == path]:
             self.jobs.pop(where).sink.close()
+
+    def close_file(self, path):
+        """Close a file's connection and the jobs reading it."""
+        self.drop_jobs(path)
         found = self.files.pop(path, None)
         if found:
             found[0].close()
