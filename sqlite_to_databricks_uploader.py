@@ -5079,15 +5079,10 @@ class ZerobusSink(Sink):
         exists to avoid."""
         warehouse = self.through_warehouse("--fleet-status")
         view = warehouse.target(table + DEDUPED_SUFFIX)
-        try:
-            rows = warehouse.retrying("reading the fleet", lambda: warehouse.execute(
-                "SELECT `_source_id`, count(*), max_by(`_batch_id`, `_uploaded_at`), "
-                f"max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`", fetch=True,
-                what=f"reading the fleet in {table}"))
-        except SinkError as exc:
-            if "TABLE_OR_VIEW_NOT_FOUND" in str(exc):
-                return []
-            raise
+        rows = warehouse._rows(
+            "SELECT `_source_id`, count(*), max_by(`_batch_id`, `_uploaded_at`), "
+            f"max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`", None,
+            f"reading the fleet in {table}")
         return [fleet_line(node, {"last_batch": batch}, count, as_utc(newest))
                 for node, count, batch, newest in sorted(rows, key=lambda r: str(r[0]))]
 
