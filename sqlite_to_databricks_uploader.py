@@ -2635,10 +2635,17 @@ class Identity:
     source_table: str
     state_id: str
     source_file: str = ""
+    scope: str = ""  # among many sources, the position's file and table (Job.scope)
 
     @property
     def app_id(self):
         return self.app_id_of(self.source_id)
+
+    def with_source(self, status):
+        """A node_status dict with the source it is about (for --fleet-status: a node
+        with many sources reports once per source file and table)."""
+        return {**status, "source_file": self.source_file or None,
+                "source_table": self.source_table or None}
 
     def app_id_of(self, source_id):
         """The Delta transaction app id of batches written under `source_id`."""
@@ -3126,6 +3133,7 @@ class DeltaSink(Sink):
         """What a commit says about its node: for --recover-state and --fleet-status."""
         meta = {"uploader.source_id": self.identity.source_id,
                 "uploader.source_table": self.identity.source_table,
+                "uploader.source_file": self.identity.source_file,
                 "uploader.batch_id": batch.batch_id,
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end)),
                 "uploader.rows": str(batch.count),
@@ -3217,18 +3225,18 @@ class DeltaSink(Sink):
         return None if "://" in self.base else list_delta_tables(self.base)
 
     def fleet(self, table, history=2000):
-        """Each node's last commit in `table` as the node reported it, and its rows."""
+        """Each node's last commit in `table` per source file and table, as the node
+        reported it, and its rows."""
         found = self._open(table, check=False)
         if found is None:
             return []
-        nodes = {}
+        newest = {}
         for commit in found.history(history):  # newest first
             node = commit.get("uploader.source_id")
-            if node and node not in nodes:
-                nodes[node] = commit
-        counts = fleet_counts(found)
-        return [fleet_line(node, commit_report(nodes.get(node)), *counts.get(node, (0, None)))
-                for node in sorted(set(nodes) | set(counts))]
+            key = (node, commit.get("uploader.source_file"), commit.get("uploader.source_table"))
+            if node and key not in newest:
+                newest[key] = commit_report(commit)
+        return fleet_lines(reversed(newest.values()), fleet_counts(found))
 
 
 class UpkeepSchedule:
@@ -3267,24 +3275,77 @@ def count_data_files(uri):
 
 
 def fleet_counts(found):
-    """{node: (rows in the table, newest _uploaded_at)} by _source_id."""
+    """{(node, source file): (rows in the table, newest _uploaded_at)} by _source_id
+    and _source_file (None: rows without one, or a table without the column)."""
     from deltalake import QueryBuilder
+    by_file = any(f.name == "_source_file" for f in found.schema().fields)
+    keys = '"_source_id", "_source_file"' if by_file else '"_source_id"'
     reader = QueryBuilder().register("t", found).execute(
-        'SELECT "_source_id", count(*), max("_uploaded_at") FROM t GROUP BY "_source_id"')
+        f'SELECT {keys}, count(*), max("_uploaded_at") FROM t GROUP BY {keys}')
     counts = {}
     for batch in reader:
-        nodes, rows, newest = (c.to_pylist() for c in batch.columns)
-        counts.update((n, (r, u)) for n, r, u in zip(nodes, rows, newest))
+        columns = [c.to_pylist() for c in batch.columns]
+        nodes, files, rows, newest = columns if by_file else \
+            (columns[0], [None] * len(columns[0]), *columns[1:])
+        counts.update(((n, f), (r, u)) for n, f, r, u in zip(nodes, files, rows, newest))
     return counts
 
 
+def fleet_lines(reports, counts=None):
+    """--fleet-status of one table: a line per (node, source file, source table) that a
+    node reported on (`reports`: node_status dicts, oldest first), with its rows in the
+    table (`counts`: {(node, source file): (rows, newest _uploaded_at)}; None: the rows
+    each report gives). A node that reported on one source, or none, gets one line with
+    all its rows, as before many sources; reports without a source file (an older
+    version) are left out when the node has newer ones with it. A source file whose
+    rows are shared by several lines (two source tables of one file feeding one target
+    table) gives each line the rows it reported."""
+    nodes = {}
+    for report in reports:
+        key = (report.get("source_file"), report.get("source_table"))
+        nodes.setdefault(report.get("source_id"), {})[key] = report
+    files = {}
+    for (node, file), found in (counts or {}).items():
+        files.setdefault(node, {})[file] = found
+    lines = []
+    for node in sorted(set(nodes) | set(files), key=str):
+        mine, held = nodes.get(node, {}), files.get(node, {})
+        if any(file is not None for file, _ in mine):
+            mine = {k: v for k, v in mine.items() if k[0] is not None}
+        if len(mine) <= 1:
+            report = next(iter(mine.values()), None)
+            lines.append(fleet_line(node, report, *node_rows(report, held.values(), counts)))
+            continue
+        sources = [file for file, _ in mine]
+        for (file, _), report in sorted(mine.items(), key=lambda x: tuple(map(str, x[0]))):
+            alone = sources.count(file) == 1
+            own = [held.pop(file)] if alone and file in held else []
+            lines.append(fleet_line(node, report, *node_rows(report, own,
+                                                             counts if alone else None)))
+        lines += [fleet_line(node, {"source_file": file}, rows, newest)
+                  for file, (rows, newest) in held.items()]  # rows no report is about
+    return lines
+
+
+def node_rows(report, found, counts):
+    """(rows, newest _uploaded_at) of a line: the rows counted in the table (`found`,
+    unless `counts` is None), else those its report gives."""
+    if counts is None:
+        return (report or {}).get("rows"), None
+    found = list(found)
+    newest = [u for _, u in found if u is not None]
+    return sum(r for r, _ in found), max(newest) if newest else None
+
+
 def fleet_line(node, report, rows, newest):
-    """One node of --fleet-status: what it last reported (a dict of node_status's
-    names; None when it reported nothing) and its rows in the table (and the newest
-    _uploaded_at among them)."""
+    """One line of --fleet-status: what the node last reported about one source (a dict
+    of node_status's names; None when it reported nothing) and its rows in the table
+    (and the newest _uploaded_at among them)."""
     report = report or {}
     at = as_utc(report.get("last_upload")) or newest
-    return {"node": node, "rows": rows, "last_batch": report.get("last_batch"),
+    return {"node": node, "source_file": report.get("source_file"),
+            "source_table": report.get("source_table"),
+            "rows": rows, "last_batch": report.get("last_batch"),
             "last_commit_at": at, "cursor": report.get("cursor"),
             "pending_rows": report.get("pending"), "lag_seconds": report.get("lag_seconds"),
             "version": report.get("version"), "last_error": report.get("last_error"),
@@ -3297,7 +3358,10 @@ def commit_report(commit):
     if commit is None:
         return None
     cursor = commit.get("uploader.cursor_end")
-    return {"last_batch": commit.get("uploader.batch_id"),
+    return {"source_id": commit.get("uploader.source_id"),
+            "source_file": commit.get("uploader.source_file") or None,
+            "source_table": commit.get("uploader.source_table") or None,
+            "last_batch": commit.get("uploader.batch_id"),
             "last_upload": dt.datetime.fromtimestamp(commit["timestamp"] / 1000,
                                                      dt.timezone.utc)
             if "timestamp" in commit else None,
@@ -3968,10 +4032,11 @@ class DatabricksSink(Sink):
     # --- node status (--fleet-status) ----------------------------------------------
 
     def report_status(self, status):
-        """Upsert this node's row of the schema's status table (STATUS_TABLE). A failure
-        costs one log line, never the cycle: the next cycle reports again. A status
-        like the last one sent goes only once an hour: idle nodes must not keep the
-        warehouse from stopping."""
+        """Upsert this node's row of the schema's status table (STATUS_TABLE) for this
+        source. A failure costs one log line, never the cycle: the next cycle reports
+        again. A status like the last one sent goes only once an hour: idle nodes (and
+        the idle sources of a busy node) must not keep the warehouse from stopping."""
+        status = self.identity.with_source(status)
         if self._status == "off" or (status == self._sent[0] and
                                      self.clock() - self._sent[1] < self.STATUS_HEARTBEAT):
             return
@@ -4001,6 +4066,10 @@ class DatabricksSink(Sink):
         except SinkError as exc:
             if not (is_conflict(exc) or "ALREADY_EXISTS" in str(exc)):
                 raise
+        have = {n.lower() for n in self._describe_again(STATUS_TABLE)}
+        missing = [(n, k) for n, k in STATUS_COLUMNS if n not in have]
+        if missing:  # made by an older version
+            self._add_columns(STATUS_TABLE, missing)
         self._status = "ready"
 
     def _merge_status(self, status):
@@ -4013,17 +4082,21 @@ class DatabricksSink(Sink):
                           and is_conflict(exc), on_retry=lambda exc, n, delay: None)
 
     def fleet(self, table):
-        """Each node's row of the status table for `table`, and its rows in `table`."""
-        counts = {node: (rows, as_utc(newest)) for node, rows, newest in self._rows(
-            f"SELECT `_source_id`, count(*), max(`_uploaded_at`) FROM {self.target(table)} "
-            "GROUP BY `_source_id`", None, f"counting each node's rows in {table}")}
-        names = ", ".join(quote_name(n) for n, _ in STATUS_COLUMNS)
-        reports = {row[0]: self._expecting(node_report(row)) for row in self._rows(
-            f"SELECT {names} FROM {self.target(STATUS_TABLE)} WHERE "
-            "`target_table` = :target_table", {"target_table": table},
-            f"reading {STATUS_TABLE}")}
-        return [fleet_line(node, reports.get(node), *counts.get(node, (0, None)))
-                for node in sorted(set(counts) | set(reports))]
+        """Each row of the status table for `table` (one per node and source; a table
+        of an older version has one per node), and each node's rows in `table` by file."""
+        by_file = "_source_file" in {n.lower() for n in self._describe_again(table)}
+        keys = "`_source_id`, `_source_file`" if by_file else "`_source_id`, NULL"
+        counts = {(node, file): (rows, as_utc(newest)) for node, file, rows, newest in
+                  self._rows(f"SELECT {keys}, count(*), max(`_uploaded_at`) FROM "
+                             f"{self.target(table)} GROUP BY {keys.removesuffix(', NULL')}",
+                             None, f"counting each node's rows in {table}")}
+        have = {n.lower() for n in self._describe_again(STATUS_TABLE)}
+        names = [n for n, _ in STATUS_COLUMNS if n in have]
+        reports = [self._expecting(node_report(dict(zip(names, row)))) for row in self._rows(
+            f"SELECT {', '.join(map(quote_name, names))} FROM {self.target(STATUS_TABLE)} "
+            "WHERE `target_table` = :target_table ORDER BY `reported_at`",
+            {"target_table": table}, f"reading {STATUS_TABLE}")] if names else []
+        return fleet_lines(reports, counts)
 
     def _expecting(self, report):
         """An idle node (nothing pending, no error) reports again within the hour: its
@@ -4335,22 +4408,27 @@ def create_table_sql(target, names, kinds):
             f"TBLPROPERTIES ({props})")
 
 
-# Each node's last report, one row per (node, target table), upserted after each cycle;
-# one table per schema, so --fleet-status reads a fleet's tables in one query. Deletion
-# vectors give it row-level concurrency on Databricks (DBR 14.3+): nodes upserting
-# their own rows at once do not conflict.
+# Each node's last report, one row per (node, target table, source file, source table),
+# upserted after each cycle; one table per schema, so --fleet-status reads a fleet's
+# tables in one query. Deletion vectors give it row-level concurrency on Databricks
+# (DBR 14.3+): nodes upserting their own rows at once do not conflict. The source file
+# and table came later: they are the last columns (an older table gains them), and a
+# row without them (an older version's, one per node and target table) is taken over
+# by the node's first report that has them.
 STATUS_TABLE = "_uploader_nodes"
 STATUS_COLUMNS = (("source_id", STRING), ("target_table", STRING), ("last_batch", STRING),
                   ("last_batch_at", TIMESTAMP), ("rows", BIGINT), ("cursor", STRING),
                   ("pending_rows", BIGINT), ("behind_rows", BIGINT), ("lag_seconds", DOUBLE),
                   ("interval_seconds", DOUBLE), ("version", STRING), ("last_error", STRING),
-                  ("reported_at", TIMESTAMP))
+                  ("reported_at", TIMESTAMP), ("source_file", STRING),
+                  ("source_table", STRING))
+STATUS_KEY = ("source_id", "target_table", "source_file", "source_table")
 STATUS_PROPERTIES = (("delta.enableDeletionVectors", "true"),)
 
 
-def status_table_sql(target):
+def status_table_sql(target, columns=STATUS_COLUMNS):
     """CREATE TABLE IF NOT EXISTS for the status table."""
-    columns = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in STATUS_COLUMNS)
+    columns = ", ".join(f"{quote_name(n)} {SQL_TYPES[k]}" for n, k in columns)
     props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in STATUS_PROPERTIES)
     return (f"CREATE TABLE IF NOT EXISTS {target} ({columns}) USING DELTA "
             f"TBLPROPERTIES ({props})")
@@ -4365,27 +4443,32 @@ def status_values(status, now=None):
             parse_timestamp(status.get("last_upload")), status.get("rows"),
             json.dumps(cursor) if cursor is not None else None, status.get("pending"),
             status.get("behind"), status.get("lag_seconds"), status.get("interval"),
-            status.get("version"), error[:2000] if error else None, moment_to_micros(now))
+            status.get("version"), error[:2000] if error else None, moment_to_micros(now),
+            status.get("source_file"), status.get("source_table"))
 
 
 def status_merge_sql(target, values):
-    """Upsert one node's row: idempotent, and a copy that runs late (queued while its
-    node died) leaves a newer report in place."""
+    """Upsert one row (node, target table, source file, source table): idempotent, and a
+    copy that runs late (queued while its node died) leaves a newer report in place. The
+    node's row of an older version (no source file nor table) is matched too: it
+    becomes this source's row, rather than stay behind as a line that went silent."""
     names = [quote_name(n) for n, _ in STATUS_COLUMNS]
     select = ", ".join(  # a typed NULL: the source's columns have the table's types
         f"{sql_literal(v, k) if v is not None else f'CAST(NULL AS {SQL_TYPES[k]})'} AS {n}"
         for v, (_, k), n in zip(values, STATUS_COLUMNS, names))
-    updates = ", ".join(f"{n} = s.{n}" for n in names[2:])
+    updates = ", ".join(f"{quote_name(n)} = s.{quote_name(n)}" for n, _ in STATUS_COLUMNS
+                        if n not in STATUS_KEY[:2])
     return (f"MERGE INTO {target} AS t USING (SELECT {select}) AS s "
             "ON t.`source_id` = s.`source_id` AND t.`target_table` = s.`target_table` "
+            "AND (t.`source_file` <=> s.`source_file` AND t.`source_table` <=> "
+            "s.`source_table` OR t.`source_file` IS NULL AND t.`source_table` IS NULL) "
             f"WHEN MATCHED AND s.`reported_at` >= t.`reported_at` THEN UPDATE SET {updates} "
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)}) "
             f"VALUES ({', '.join('s.' + n for n in names)})")
 
 
-def node_report(row):
-    """A row of the status table as fleet_line reads it."""
-    report = dict(zip((n for n, _ in STATUS_COLUMNS), row))
+def node_report(report):
+    """A row of the status table ({column: value}) as fleet_line reads it."""
     cursor = report.pop("cursor")
     return {**report, "cursor": json.loads(cursor) if cursor else None,
             "last_upload": report.pop("last_batch_at"), "pending": report.pop("pending_rows"),
@@ -5081,18 +5164,20 @@ class ZerobusSink(Sink):
         return self.through_warehouse("--recover-state").recover_position(table, source)
 
     def fleet(self, table):
-        """--fleet-status through the warehouse: per node, its rows in the view, its
-        newest batch and when it was uploaded. No node reports (pending rows, errors):
-        they would cost a warehouse statement per node and cycle, which this target
-        exists to avoid."""
+        """--fleet-status through the warehouse: per node and source file, its rows in
+        the view, its newest batch and when it was uploaded. No node reports (pending
+        rows, errors): they would cost a warehouse statement per node and cycle, which
+        this target exists to avoid."""
         warehouse = self.through_warehouse("--fleet-status")
         view = warehouse.target(table + DEDUPED_SUFFIX)
         rows = warehouse._rows(
-            "SELECT `_source_id`, count(*), max_by(`_batch_id`, `_uploaded_at`), "
-            f"max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`", None,
-            f"reading the fleet in {table}")
-        return [fleet_line(node, {"last_batch": batch}, count, as_utc(newest))
-                for node, count, batch, newest in sorted(rows, key=lambda r: str(r[0]))]
+            "SELECT `_source_id`, `_source_file`, count(*), max_by(`_batch_id`, "
+            f"`_uploaded_at`), max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`, "
+            "`_source_file`", None, f"reading the fleet in {table}")
+        reports = [{"source_id": node, "source_file": file, "last_batch": batch}
+                   for node, file, _, batch, _ in sorted(rows, key=lambda r: str(r[4]))]
+        return fleet_lines(reports, {(node, file): (count, as_utc(newest))
+                                     for node, file, count, _, newest in rows})
 
 
 DEDUPED_SUFFIX = "_deduped"
@@ -5294,11 +5379,22 @@ class LandingSink(Sink):
             return False
         return True
 
+    def status_path(self):
+        """This node's status file: `<source_id>.json`; among many sources one per
+        source, `<source_id>=<digest of its file and table>.json` (no source id holds
+        an `=`, so no name is another node's)."""
+        name = self.identity.source_id
+        if self.identity.scope:
+            source = f"{self.identity.source_file}\0{self.identity.source_table}"
+            name += "=" + uuid.uuid5(uuid.NAMESPACE_URL, source).hex[:16]
+        return f"{self.volume}/{self.STATUS_DIR}/{name}.json"
+
     def report_status(self, status):
-        """Write this node's status file (a failure is logged, never fatal)."""
-        path = f"{self.volume}/{self.STATUS_DIR}/{self.identity.source_id}.json"
-        body = json.dumps({**status, "reported_at": utc_now_text()}, default=str,
-                          sort_keys=True)
+        """Write this node's status file for this source (a failure is logged, never
+        fatal)."""
+        path = self.status_path()
+        body = json.dumps({**self.identity.with_source(status), "reported_at": utc_now_text()},
+                          default=str, sort_keys=True)
         try:
             self.files.upload(path, body.encode() + b"\n", tries=2)
         except SinkError as exc:
@@ -5381,10 +5477,10 @@ class LandingSink(Sink):
                       if e.get("is_directory") and not e["name"].startswith(("_", ".")))
 
     def fleet(self, table):
-        """--fleet-status: each node's status file (as it wrote it after its last cycle)
-        of the nodes that upload to `table`."""
+        """--fleet-status: each status file (as its node wrote it after its last cycle;
+        one per node, or per source of a node with many) about `table`."""
         folder = f"{self.volume}/{self.STATUS_DIR}"
-        lines = []
+        reports = []
         for entry in self.files.list(folder):
             if entry.get("is_directory") or not entry["name"].endswith(".json"):
                 continue
@@ -5394,9 +5490,9 @@ class LandingSink(Sink):
                 log.warning("sink: %s/%s is not a status file; skipped", folder, entry["name"])
                 continue
             if status.get("table") == table:
-                lines.append(fleet_line(status.get("source_id"), status,
-                                        status.get("rows", 0), None))
-        return sorted(lines, key=lambda line: line["node"])
+                reports.append(status)
+        reports.sort(key=lambda status: str(status.get("reported_at")))
+        return fleet_lines(reports)
 
     @classmethod
     def ingest_sql(cls, config, tables):
@@ -6504,7 +6600,7 @@ def attach_job(config, conn, source, plan, checkpoint, stop, tag="", scope=""):
     (and, among many sources, the position's tag: its own Delta app id)."""
     state_id = "-".join(filter(None, (checkpoint.data["state_id"], tag)))
     identity = Identity(config.source_id, source.name, state_id,
-                        os.path.basename(config.sqlite))
+                        os.path.basename(config.sqlite), scope)
     job = Job(config, conn, source, checkpoint, make_sink(config, identity),
               target_table(config, source), stop, plan, tag=tag, scope=scope)
     if job.sink.sleep is REAL_SLEEP:  # (a test may have given the sink its own)
@@ -7155,17 +7251,36 @@ def fleet_status(config, now=None):
 
 
 def format_fleet(lines):
-    """--fleet-status as a table, one line per node."""
+    """--fleet-status as a table, one line per node; with a source column (file:table)
+    when a node has several sources feeding a table, one line per source."""
     if not lines:
         return "fleet: no node has written to the target table yet"
-    rows = [(x["table"], x["node"], f"{x['rows']:,}", x["last_batch"] or "-",
+    nodes = [(x["table"], x["node"]) for x in lines]
+    if len(set(nodes)) < len(nodes):
+        return format_rows(["table", "node", "source", *FLEET_HEADER[2:]],
+                           [(*row[:2], fleet_source(x), *row[2:])
+                            for x, row in zip(lines, fleet_rows(lines))])
+    return format_rows(FLEET_HEADER, fleet_rows(lines))
+
+
+FLEET_HEADER = ("table", "node", "rows", "last batch", "last commit", "cursor", "pending",
+                "lag", "version", "state")
+
+
+def fleet_rows(lines):
+    """The cells of format_fleet's lines, in FLEET_HEADER order."""
+    return [(x["table"], x["node"], "-" if x["rows"] is None else f"{x['rows']:,}",
+             x["last_batch"] or "-",
              x["last_commit_at"].isoformat(timespec="seconds") if x["last_commit_at"] else "-",
              json.dumps(x["cursor"]) if x["cursor"] is not None else "-",
              "-" if x["pending_rows"] is None else f"{x['pending_rows']:,}",
              "-" if x["lag_seconds"] is None else f"{x['lag_seconds']:.0f} s",
              x["version"] or "-", fleet_state(x)) for x in lines]
-    return format_rows(["table", "node", "rows", "last batch", "last commit", "cursor",
-                        "pending", "lag", "version", "state"], rows)
+
+
+def fleet_source(line):
+    """A line's source as file:table ('-' for what is not known)."""
+    return f"{line['source_file'] or '-'}:{line['source_table'] or '-'}"
 
 
 def fleet_state(line):

@@ -1034,6 +1034,7 @@ class FleetTests(WarehouseTestCase):
 # === 5c. One view of the fleet (--fleet-status) =====================================
 
 NODES_TABLE = "main.sensors._uploader_nodes"
+NODES_TABLE_SQL = "`main`.`sensors`.`_uploader_nodes`"
 
 
 class NodeStatusTests(WarehouseTestCase):
@@ -1189,6 +1190,98 @@ class NodeStatusTests(WarehouseTestCase):
                         "a failing node is expected back within three intervals")
         self.assertUploaded(self.upload(db))
         self.assertIsNone(self.status()["node-1"]["last_error"])
+
+    def many(self, files, n=1):
+        """Node n uploads `files` ({name: rows}) of one table through a `sources:` glob."""
+        for name, count in files.items():
+            db = self.path(name)
+            if os.path.exists(db):
+                self.add_readings(db, 1000, count)
+            else:
+                self.readings_db(count, name=name)
+        config = self.path("uploader.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
+                                    "tables": ["readings"]}]}, fh)
+        code, _, err = run_main(["--config", config, "--once", "--batch-size", "4"],
+                                self.node_env(n))
+        self.assertEqual(code, 0, err)
+
+    def test_two_files_feeding_one_table_each_have_their_line(self):
+        self.many({"sensor-1.db": 13, "sensor-2.db": 7})
+        self.assertEqual(len(self.warehouse.rows(NODES_TABLE)), 2)  # not one overwritten
+        rows = {(r["source_id"], r["source_file"], r["source_table"]): r
+                for r in self.warehouse.rows(NODES_TABLE)}
+        self.assertEqual(sorted(rows), [("node-1", "sensor-1.db", "readings"),
+                                        ("node-1", "sensor-2.db", "readings")])
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(1))
+        self.assertEqual(code, 0, err)
+        lines = [(x["node"], x["source_file"], x["source_table"], x["rows"], x["cursor"],
+                  x["pending_rows"], x["silent"]) for x in json.loads(out)]
+        self.assertEqual(lines, [("node-1", "sensor-1.db", "readings", 13, [13], 0, False),
+                                 ("node-1", "sensor-2.db", "readings", 7, [7], 0, False)])
+        self.many({"sensor-2.db": 2})
+        # file 1 stopped reporting two hours ago: its line alone is SILENT
+        self.warehouse.query(
+            f'UPDATE "{NODES_TABLE}" SET reported_at = reported_at - INTERVAL 2 HOUR '
+            "WHERE source_file = 'sensor-1.db'")
+        config = up.load_config(up.build_parser().parse_args(
+            ["--databricks-table", "raw_readings"]), self.node_env(1))
+        lines = {x["source_file"]: x for x in up.fleet_status(config)}
+        self.assertEqual((lines["sensor-1.db"]["silent"], lines["sensor-2.db"]["silent"]),
+                         (True, False))
+        self.assertEqual(lines["sensor-2.db"]["cursor"], [9])
+        text = up.format_fleet(list(lines.values()))
+        self.assertIn("sensor-1.db:readings", text)
+        first, second = text.splitlines()[2:]
+        self.assertIn("sensor-1.db:readings", first)
+        self.assertIn("SILENT", first)
+        self.assertTrue(second.rstrip().endswith(" ok"), second)
+
+    def test_each_source_reports_an_unchanged_status_once_an_hour(self):
+        """Among many sources each has its own row and heartbeat: an idle source of a
+        busy node costs no MERGE per cycle."""
+        config = up.check_target(up.load_config(up.build_parser().parse_args([]), self.env()))
+        sinks = [up.DatabricksSink(config, up.Identity("node-1", "readings", "s", name, "x"))
+                 for name in ("sensor-1.db", "sensor-2.db")]
+        for sink in sinks:
+            self.addCleanup(sink.close)
+            sink.clock = lambda: 1000.0
+        status = {"source_id": "node-1", "table": "raw_readings", "rows": 5, "pending": 0}
+        for rows in (5, 6, 7):  # file 2 idle, file 1 busy
+            sinks[0].report_status({**status, "rows": rows})
+            sinks[1].report_status(dict(status))
+        self.assertEqual(len(self.statements("MERGE")), 4)
+        self.assertEqual(sorted((r["source_file"], r["rows"])
+                                for r in self.warehouse.rows(NODES_TABLE)),
+                         [("sensor-1.db", 7), ("sensor-2.db", 5)])
+
+    def test_a_status_table_of_an_older_version_is_read_and_gains_its_columns(self):
+        conn = fake_warehouse.connect(server_hostname=HOST, http_path=HTTP_PATH,
+                                      access_token=TOKEN)
+        cursor = conn.cursor()
+        old = [(n, k) for n, k in up.STATUS_COLUMNS if n not in ("source_file", "source_table")]
+        cursor.execute(up.status_table_sql(NODES_TABLE_SQL, old))
+        for node in ("node-1", "node-9"):
+            cursor.execute(f"INSERT INTO {NODES_TABLE_SQL} (`source_id`, `target_table`, "
+                           "`rows`, `cursor`, `pending_rows`, `reported_at`) VALUES "
+                           f"('{node}', 'raw_readings', 3, '[3]', 0, current_timestamp())")
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(1))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["node"], x["source_file"], x["cursor"]) for x in json.loads(out)],
+                         [("node-1", None, [3]), ("node-9", None, [3])])
+        db = self.readings_db(5, name="node-1.db")
+        self.assertUploaded(self.upload(db, env=self.node_env(1)))
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(1))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["node"], x["source_file"], x["source_table"], x["cursor"])
+                          for x in json.loads(out)],
+                         [("node-1", "node-1.db", "readings", [5]), ("node-9", None, None, [3])])
+        self.assertEqual(len([r for r in self.warehouse.rows(NODES_TABLE)
+                              if r["source_id"] == "node-1"]), 1)
 
     def reporter(self, node):
         sink = up.DatabricksSink(up.check_target(up.load_config(

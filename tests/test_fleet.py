@@ -574,6 +574,92 @@ class FleetStatusTest(Fleet):
         self.assertIn("SILENT", up.format_fleet(later))
 
 
+class ManySourcesFleetStatusTest(Fleet):
+    """A node with several files feeding one table: one line per (node, file, table)."""
+
+    def many(self, n, files):
+        """Node n uploads `files` ({name: rows}) of table readings through one `sources:`
+        config (a glob); returns its config path."""
+        folder = self.path(f"node-{n:02d}")
+        os.makedirs(folder, exist_ok=True)
+        for name, count in files.items():
+            db = os.path.join(folder, name)
+            conn = sqlite3.connect(db)
+            with conn:
+                conn.execute(SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                conn.executemany("INSERT INTO readings (timestamp, node, v) VALUES (?, ?, ?)",
+                                 [(f"2025-01-01T00:00:{i % 60:02d}Z", name, i)
+                                  for i in range(count)])
+            conn.close()
+        config = self.path(f"node-{n:02d}.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": os.path.join(folder, "sensor-*.db"),
+                                    "tables": ["readings"]}]}, fh)
+        code, _, err = run_main(["--config", config, "--once", "--batch-size", "4"],
+                                self.node_env(n))
+        self.assertEqual(code, 0, err)
+        return config
+
+    def test_two_files_feeding_one_table_are_two_lines(self):
+        self.many(0, {"sensor-1.db": 13, "sensor-2.db": 7})
+        self.add(1, 5)  # a single-source node in the same table
+        code, _, err = run_main(["--sqlite", self.db(1), "--once"], self.node_env(1))
+        self.assertEqual(code, 0, err)
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([x["node"] for x in json.loads(out)], ["node-00", "node-00",
+                                                                "node-01"])
+        lines = [(x["node"], x["source_file"], x["source_table"], x["rows"], x["cursor"],
+                  x["pending_rows"], x["silent"]) for x in json.loads(out)]
+        self.assertEqual(lines, [("node-00", "sensor-1.db", "readings", 13, [13], 0, False),
+                                 ("node-00", "sensor-2.db", "readings", 7, [7], 0, False),
+                                 ("node-01", "node-01.db", "readings", 5, [5], 0, False)])
+        batches = [x["last_batch"] for x in json.loads(out)]
+        self.assertEqual(len(set(batches)), 3)
+        self.assertTrue(batches[0].endswith("-4") and batches[1].endswith("-2"), batches)
+        code, out, _ = run_main(["--databricks-table", "raw_readings", "--fleet-status"],
+                                self.node_env(0))
+        header, *rows = out.splitlines()
+        self.assertIn("source", header.split())
+        self.assertEqual(len([r for r in rows if "node-0" in r]), 3)
+        self.assertTrue([r for r in rows if "sensor-1.db:readings" in r])
+
+    def test_commits_of_an_older_version_without_the_file_are_read(self):
+        original = up.DeltaSink.metadata
+
+        def old(sink, batch):
+            meta = original(sink, batch)
+            meta.pop("uploader.source_file", None)
+            return meta
+
+        self.add(0, 6)
+        with mock.patch.object(up.DeltaSink, "metadata", old):
+            code, _, err = run_main(["--sqlite", self.db(0), "--once"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        line, = up.fleet_status(up.validate_config(up.Config(
+            databricks_table="raw_readings", delta_uri=self.path("lake"))))
+        self.assertEqual((line["node"], line["rows"], line["cursor"], line["source_file"]),
+                         ("node-00", 6, [6], None))
+        self.add(0, 2)  # the node upgraded: its older, file-less report is not a line
+        code, _, err = run_main(["--sqlite", self.db(0), "--once"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        line, = up.fleet_status(up.validate_config(up.Config(
+            databricks_table="raw_readings", delta_uri=self.path("lake"))))
+        self.assertEqual((line["rows"], line["cursor"], line["source_file"]),
+                         (8, [8], "node-00.db"))
+
+    def test_single_source_output_has_no_source_column(self):
+        self.add(0, 3)
+        self.upload_node(0)
+        code, out, _ = run_main(["--sqlite", self.db(0), "--fleet-status"], self.node_env(0))
+        self.assertEqual(out.splitlines()[0].split(),
+                         ["table", "node", "rows", "last", "batch", "last", "commit",
+                          "cursor", "pending", "lag", "version", "state"])
+
+    upload_node = FleetStatusTest.upload_node
+
+
 # === 5. A fleet on an S3-compatible server ===========================================
 
 @needs_moto

@@ -904,6 +904,36 @@ class LandingRunTest(TempDirTestCase):
                                             ("edge-8", 3, [3], 0, False)])
         self.assertEqual({x["table"] for x in lines}, {"raw_readings"})
 
+    def test_fleet_status_of_two_files_feeding_one_table(self):
+        from tests.helpers import run_main
+        for name, rows in (("sensor-1.db", ROWS), ("sensor-2.db", ROWS[:2])):
+            make_db(self.path(name), SCHEMA, rows, ["ts", "sensor", "value", "raw"])
+        config = self.path("uploader.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
+                                    "tables": ["readings"]}]}, fh)
+        code, out, err = run_main(["--config", config, "--once"], self.env)
+        self.assertEqual(code, 0, err)
+        # a status file of an older version (no source file or table) is read too
+        self.service.files[f"{VOLUME}/_nodes/edge-9.json"] = (json.dumps(
+            {"source_id": "edge-9", "table": "raw_readings", "cursor": [1], "rows": 1,
+             "pending": 0, "reported_at": up.utc_now_text()}).encode(),
+            dt.datetime.now(dt.timezone.utc))
+        statuses = sorted(p for p in self.service.files if "/_nodes/" in p)
+        self.assertEqual(len(statuses), 3, statuses)
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["node"], x["source_file"], x["source_table"], x["rows"],
+                           x["cursor"], x["silent"]) for x in json.loads(out)],
+                         [("edge-7", "sensor-1.db", "readings", 3, [3], False),
+                          ("edge-7", "sensor-2.db", "readings", 2, [2], False),
+                          ("edge-9", None, None, 1, [1], False)])
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status"],
+                                  self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("sensor-2.db:readings", out)
+
     def test_test_upload_writes_reads_and_removes_a_scratch_file(self):
         from tests.helpers import run_main
         code, out, err = run_main(["--test-upload"], self.env)

@@ -13,6 +13,7 @@ CREATE VOLUME, and PUT / REMOVE, which the connector runs on the client) are lis
 SPARK_UNKNOWN and checked only against the fake warehouse's parser.
 """
 
+import json
 import os
 import shutil
 import sqlite3
@@ -115,6 +116,9 @@ class SparkParsesEveryStatement(unittest.TestCase):
         """Every path that sends a statement: create, insert, add columns (with column
         mapping), settle an in-flight batch, recover a cursor, stage in a volume, the
         node's status upsert, --run-query INFO, --fleet-status and --test-upload."""
+        old = [(n, k) for n, k in up.STATUS_COLUMNS if n not in ("source_file", "source_table")]
+        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
+        ).execute(up.status_table_sql("`main`.`sensors`.`_uploader_nodes`", old))  # older
         db = os.path.join(cls.tmp, "hostile.db")
         columns = HOSTILE[:2] + ["n", "r", "b", "at", "flag"]
         make_db(db, "CREATE TABLE \"r`';--\" (id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -149,11 +153,25 @@ class SparkParsesEveryStatement(unittest.TestCase):
             sink.count_rows("raw_r_____", "node'1")
         finally:
             sink.close()
+        cls.many(db)
         cls.upload("--sqlite", db, "--run-query", "INFO")
         cls.upload("--sqlite", db, "--fleet-status")
         cls.upload("--fleet-status")  # the tables named in the status table
         cls.upload("--test-upload")
         cls.zerobus(db)
+
+    @classmethod
+    def many(cls, db):
+        """Two files of hostile names through `sources:`: a status row for each."""
+        folder = os.path.join(cls.tmp, "many")
+        os.makedirs(folder)
+        for name in ("it's.db", "a`b ${x}.db"):
+            shutil.copy(db, os.path.join(folder, name))
+        config = os.path.join(cls.tmp, "many.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": os.path.join(folder, "*.db")}]}, fh)
+        cls.upload("--config", config, "--once", STATE_DIR=os.path.join(cls.tmp, "state-many"),
+                   SOURCE_ID="node-3")
 
     @classmethod
     def zerobus(cls, db):
@@ -252,6 +270,9 @@ class SparkParsesEveryStatement(unittest.TestCase):
         self.check_kind("MERGE INTO")
         merges = [s for s in self.sent if kind_of(s) == "MERGE INTO"]
         self.assertTrue([s for s in merges if "'node\\'1' AS `source_id`" in s])
+        self.assertTrue([s for s in merges if "'it\\'s.db' AS `source_file`" in s])
+        self.assertTrue([s for s in self.sent if s.startswith(  # an older status table
+            "ALTER TABLE `main`.`sensors`.`_uploader_nodes` ADD COLUMNS")])
         self.assertTrue([s for s in self.sent if s.startswith(
             "CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_uploader_nodes`")])
 
