@@ -5518,8 +5518,8 @@ def landing_ingest_sql(config, tables):
                 "running it every few minutes); COPY INTO skips files it has loaded",
                 f"CREATE TABLE IF NOT EXISTS {target};",
                 ingest_copy_sql(target, folder) + ";"]
-    out += ["-- the fleet: one row per node, from the status file each node writes after "
-            "each cycle",
+    out += ["-- the fleet: one row per node (per source of a node with many), from the "
+            "status file each node writes after each cycle",
             fleet_view_sql(qualified_name(database, "uploader_fleet"),
                            f"{volume}/{LandingSink.STATUS_DIR}/") + ";"]
     return "\n".join(out)
@@ -5552,13 +5552,17 @@ def ingest_copy_sql(target, folder):
 
 
 def fleet_view_sql(view, folder):
-    """A view of the nodes' status files (node_status, as each node last wrote it)."""
-    return (f"CREATE OR REPLACE VIEW {view} AS SELECT source_id, `table`, cursor, pending, "
+    """A view of the nodes' status files (node_status, as each node last wrote it: one
+    per node, or per source of a node with many; files of older versions have no
+    source_file or source_table, which the hints make NULL)."""
+    return (f"CREATE OR REPLACE VIEW {view} AS SELECT source_id, source_file, source_table, "
+            "`table`, cursor, pending, "
             "behind, last_batch, CAST(last_upload AS TIMESTAMP) AS last_upload, `rows`, "
             "version, last_error, lag_seconds, `interval`, "
             "CAST(reported_at AS TIMESTAMP) AS reported_at FROM "
             f"read_files({sql_string(folder)}, format => 'json', "
-            "schemaHints => 'cursor STRING, pending BIGINT, behind BIGINT, `rows` BIGINT')")
+            "schemaHints => 'cursor STRING, pending BIGINT, behind BIGINT, `rows` BIGINT, "
+            "source_file STRING, source_table STRING')")
 
 
 def batch_order(name):

@@ -473,6 +473,23 @@ class ThroughTheWarehouse(ZerobusCase):
             self.assertEqual(code, up.EXIT_BAD_INPUT)
             self.assertIn(f"{action} reads the table through a SQL warehouse", err)
 
+    def test_fleet_status_of_two_files_feeding_one_table(self):
+        """A node with many sources: a line per source file, its rows in the view."""
+        self.fake.materialize = lambda table, records: self.mirror()
+        for n, name in enumerate(("sensor-1.db", "sensor-2.db")):
+            sink = up.make_sink(self.config(), up.Identity("node-a", "readings", f"s{n}",
+                                                           name, f" <- {name}:readings"))
+            sink.jitter = lambda low, high: high
+            self.addCleanup(sink.close)
+            for batch in self.batches(sink, batch_size=100)[:n + 1]:
+                sink.write(TABLE, batch)
+        code, out, err = run_main(["--fleet-status", "--json"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["node"], x["source_file"], x["rows"], x["last_batch"])
+                          for x in json.loads(out)],
+                         [("node-a", "sensor-1.db", 100, "s1-1"),
+                          ("node-a", "sensor-2.db", 200, "s1-2")])
+
     def test_test_upload_sends_a_row_to_a_scratch_table(self):
         code, out, err = run_main(["--test-upload"], self.env())
         self.assertEqual(code, 0, out + err)
