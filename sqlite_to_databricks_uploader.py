@@ -7236,21 +7236,40 @@ SILENT_INTERVALS = 3
 
 
 def fleet_status(config, now=None):
-    """--fleet-status: each node's last report, from the target; silent nodes flagged."""
+    """--fleet-status: each node's last report (per source), from the target; silent
+    lines flagged."""
     now = now or dt.datetime.now(dt.timezone.utc)
     sink = target_sink(config)
     lines = []
     try:
         for table in named_tables(config, sink):
-            for line in sink.fleet(table):
+            found = sink.fleet(table)
+            for line in found:
                 interval = line.pop("interval") or config.interval
                 age = (now - line["last_report_at"]).total_seconds() \
                     if line["last_report_at"] else None
                 line.update(table=table, silent_seconds=age,
                             silent=age is None or age > SILENT_INTERVALS * interval)
-                lines.append(line)
+            lines += mark_done(found)
     finally:
         sink.close()
+    return lines
+
+
+def mark_done(lines):
+    """A source file its node has finished with (rotated away: nothing pending, no
+    error at its last report) while the node reports on a newer file of the same source
+    table is `done`, not SILENT: the node is heard through the newer file."""
+    newest = {}
+    for line in lines:
+        key, at = (line["node"], line["source_table"]), line["last_report_at"]
+        if at and (key not in newest or at > newest[key]):
+            newest[key] = at
+    for line in lines:
+        at, newer = line["last_report_at"], newest.get((line["node"], line["source_table"]))
+        line["done"] = bool(line["silent"] and line["source_file"] and at and at < newer
+                            and line["pending_rows"] == 0 and not line["last_error"])
+        line["silent"] = line["silent"] and not line["done"]
     return lines
 
 
@@ -7288,12 +7307,12 @@ def fleet_source(line):
 
 
 def fleet_state(line):
-    """ok, SILENT for how long, or the error of the node's last cycle."""
+    """ok, SILENT for how long, the error of the last cycle, or done (a finished file)."""
     if line["silent"]:
         return f"SILENT {line['silent_seconds'] or 0:.0f} s"
     if line["last_error"]:
         return "failing: " + line["last_error"].splitlines()[0][:100]
-    return "ok"
+    return "done" if line.get("done") else "ok"
 
 
 def warn_upkeep(config, report):

@@ -1222,22 +1222,31 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual(lines, [("node-1", "sensor-1.db", "readings", 13, [13], 0, False),
                                  ("node-1", "sensor-2.db", "readings", 7, [7], 0, False)])
         self.many({"sensor-2.db": 2})
-        # file 1 stopped reporting two hours ago: its line alone is SILENT
+        # file 1 stopped reporting two hours ago with rows pending: its line alone is
+        # SILENT; with nothing pending (a rotated file, forgotten) it is done
         self.warehouse.query(
-            f'UPDATE "{NODES_TABLE}" SET reported_at = reported_at - INTERVAL 2 HOUR '
-            "WHERE source_file = 'sensor-1.db'")
+            f'UPDATE "{NODES_TABLE}" SET reported_at = reported_at - INTERVAL 2 HOUR, '
+            "pending_rows = 5 WHERE source_file = 'sensor-1.db'")
         config = up.load_config(up.build_parser().parse_args(
             ["--databricks-table", "raw_readings"]), self.node_env(1))
         lines = {x["source_file"]: x for x in up.fleet_status(config)}
-        self.assertEqual((lines["sensor-1.db"]["silent"], lines["sensor-2.db"]["silent"]),
-                         (True, False))
+        self.assertEqual([(x["silent"], x["done"]) for x in lines.values()],
+                         [(True, False), (False, False)])
         self.assertEqual(lines["sensor-2.db"]["cursor"], [9])
-        text = up.format_fleet(list(lines.values()))
-        self.assertIn("sensor-1.db:readings", text)
-        first, second = text.splitlines()[2:]
+        first, second = up.format_fleet(list(lines.values())).splitlines()[2:]
         self.assertIn("sensor-1.db:readings", first)
         self.assertIn("SILENT", first)
         self.assertTrue(second.rstrip().endswith(" ok"), second)
+        self.warehouse.query(f'UPDATE "{NODES_TABLE}" SET pending_rows = 0 '
+                             "WHERE source_file = 'sensor-1.db'")
+        lines = up.fleet_status(config)
+        self.assertEqual([(x["silent"], x["done"]) for x in lines], [(False, True),
+                                                                     (False, False)])
+        self.assertTrue(up.format_fleet(lines).splitlines()[2].rstrip().endswith(" done"))
+        # the whole node silent: its newest line says so
+        later = dt.datetime.now(UTC) + dt.timedelta(hours=3)
+        self.assertEqual([(x["silent"], x["done"]) for x in up.fleet_status(config, later)],
+                         [(False, True), (True, False)])
 
     def test_each_source_reports_an_unchanged_status_once_an_hour(self):
         """Among many sources each has its own row and heartbeat: an idle source of a
