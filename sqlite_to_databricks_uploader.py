@@ -7275,15 +7275,22 @@ def mark_done(lines):
 
 def format_fleet(lines):
     """--fleet-status as a table, one line per node; with a source column (file:table)
-    when a node has several sources feeding a table, one line per source."""
+    when a node has several sources feeding a table, one line per source. Files that
+    are done (a rotated logger's older files, one more each day) are counted, not
+    listed: --json lists them."""
     if not lines:
         return "fleet: no node has written to the target table yet"
     nodes = [(x["table"], x["node"]) for x in lines]
+    shown = [x for x in lines if not x.get("done")]
     if len(set(nodes)) < len(nodes):
-        return format_rows(["table", "node", "source", *FLEET_HEADER[2:]],
+        text = format_rows(["table", "node", "source", *FLEET_HEADER[2:]],
                            [(*row[:2], fleet_source(x), *row[2:])
-                            for x, row in zip(lines, fleet_rows(lines))])
-    return format_rows(FLEET_HEADER, fleet_rows(lines))
+                            for x, row in zip(shown, fleet_rows(shown))])
+    else:
+        text = format_rows(FLEET_HEADER, fleet_rows(shown))
+    done = len(lines) - len(shown)
+    return text + (f"\n{done:,} source file{'s' * (done != 1)} done (nothing pending, "
+                   "newer files of their tables report; --json lists them)" if done else "")
 
 
 FLEET_HEADER = ("table", "node", "rows", "last batch", "last commit", "cursor", "pending",
@@ -7307,12 +7314,12 @@ def fleet_source(line):
 
 
 def fleet_state(line):
-    """ok, SILENT for how long, the error of the last cycle, or done (a finished file)."""
+    """ok, SILENT for how long, or the error of the node's last cycle."""
     if line["silent"]:
         return f"SILENT {line['silent_seconds'] or 0:.0f} s"
     if line["last_error"]:
         return "failing: " + line["last_error"].splitlines()[0][:100]
-    return "done" if line.get("done") else "ok"
+    return "ok"
 
 
 def warn_upkeep(config, report):

@@ -1242,7 +1242,10 @@ class NodeStatusTests(WarehouseTestCase):
         lines = up.fleet_status(config)
         self.assertEqual([(x["silent"], x["done"]) for x in lines], [(False, True),
                                                                      (False, False)])
-        self.assertTrue(up.format_fleet(lines).splitlines()[2].rstrip().endswith(" done"))
+        text = up.format_fleet(lines).splitlines()
+        self.assertEqual(len(text), 4, text)  # header, rule, sensor-2.db, the done count
+        self.assertIn("sensor-2.db:readings", text[2])
+        self.assertTrue(text[3].startswith("1 source file done"), text[3])
         # the whole node silent: its newest line says so
         later = dt.datetime.now(UTC) + dt.timedelta(hours=3)
         self.assertEqual([(x["silent"], x["done"]) for x in up.fleet_status(config, later)],
