@@ -649,6 +649,22 @@ class ManySourcesFleetStatusTest(Fleet):
         self.assertEqual((line["rows"], line["cursor"], line["source_file"]),
                          (8, [8], "node-00.db"))
 
+    def test_a_table_without_the_source_file_column_is_read(self):
+        """A table an older version made (no _source_file): one line per node."""
+        import datetime as dt
+        from arro3.core import Array, DataType, Table
+        from deltalake import write_deltalake
+        stamp = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+        write_deltalake(self.table_uri(), Table.from_pydict({
+            "id": Array([1, 2, 3], DataType.int64()),
+            "_source_id": Array(["old-1", "old-1", "old-2"], DataType.string()),
+            "_uploaded_at": Array([int(stamp.timestamp() * 1e6)] * 3, DataType.int64())
+            .cast(up.arrow_type(up.TIMESTAMP))}))
+        lines = up.fleet_status(up.validate_config(up.Config(
+            databricks_table="raw_readings", delta_uri=self.path("lake"))))
+        self.assertEqual([(x["node"], x["rows"], x["source_file"], x["last_commit_at"])
+                          for x in lines], [("old-1", 2, None, stamp), ("old-2", 1, None, stamp)])
+
     def test_single_source_output_has_no_source_column(self):
         self.add(0, 3)
         self.upload_node(0)
