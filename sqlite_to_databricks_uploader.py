@@ -39,6 +39,7 @@ import functools
 import fnmatch
 import gc
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -106,6 +107,13 @@ class SourceError(UploaderError):
 
 class SourceBusyError(SourceError):
     """The source stayed locked, or kept a hot journal, for BUSY_TIMEOUT: transient."""
+
+    exit_code = EXIT_FAILED
+
+
+class SourceReplacedError(SourceError):
+    """Another file took the source's name, and its rows up to the cursor are not the
+    rows uploaded: going on from the cursor would skip them."""
 
     exit_code = EXIT_FAILED
 
@@ -1240,6 +1248,7 @@ class Chunk:
     source_count: int = None  # rows read from the source, before processing (default count)
     keys: list = dataclasses.field(default_factory=list)  # cursor columns, per row (a
     # sink's row key; filtering keeps them with their rows, aggregating does not)
+    cursor_row: dict = None  # row_mark() of the last row read (the row at cursor_end)
 
     def __post_init__(self):
         if self.source_count is None:
@@ -1400,7 +1409,39 @@ def rows_to_chunk(source, rows, first, final):
             columns[pos] = normalize_times(columns[pos], fmt)
     return Chunk(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
-                 first=first, final=final, keys=[columns[p] for p in positions])
+                 first=first, final=final, keys=[columns[p] for p in positions],
+                 cursor_row=row_mark(source.column_names, last[offset:]))
+
+
+def row_mark(names, row):
+    """What tells the row at a cursor from another file's row there: a digest of its
+    values as SQLite returned them (not the values: the state holds no row data)."""
+    text = repr([(type(v).__name__, v) for v in row])
+    return {"columns": list(names), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def is_marked_row(conn, source, cursor, mark):
+    """True when the row at `cursor` is the one `mark` was made of: its columns are
+    still there and hold the same values."""
+    return (set(mark["columns"]) <= set(source.column_names)
+            and read_row_mark(conn, source, cursor, mark["columns"]) == mark)
+
+
+def read_row_mark(conn, source, cursor, names=None):
+    """The mark of the row at `cursor` now, made of columns `names` (default: all);
+    None when no row is there."""
+    names = source.column_names if names is None else names
+    row = conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
+                       f"{quote_ident(source.name)} WHERE "
+                       f"{cursor_condition(source.cursor, True, op='=')}", cursor).fetchone()
+    return row_mark(names, row) if row is not None else None
+
+
+def has_rows_up_to(conn, source, cursor):
+    """True when some row is at or before the cursor."""
+    return conn.execute(f"SELECT 1 FROM {quote_ident(source.name)} WHERE "
+                        f"{cursor_condition(source.cursor, True, op='<=')} LIMIT 1",
+                        cursor).fetchone() is not None
 
 
 def count_passed(conn, source, pending, nulls=None):
@@ -2673,6 +2714,7 @@ class Batch:
     resend: bool = False  # the rows of an in-flight batch that did not land
     pending: int = None  # rows after it in the source, when the cycle knows
     mark: object = None  # what the sink's seal() keeps in the in-flight record
+    cursor_row: dict = None  # row_mark() of the row at cursor_end
 
 
 @dataclasses.dataclass
@@ -5892,7 +5934,8 @@ class Checkpoint:
             "rows": batch.count, "source_rows": batch.source_count,
             "cursor_end": encode_cursor(batch.cursor_end),
             "last_upload": batch.last_timestamp, "carry": batch.carry,
-            "source_id": source_id, **({"mark": batch.mark} if batch.mark else {})})
+            "source_id": source_id, "cursor_row": batch.cursor_row,
+            **({"mark": batch.mark} if batch.mark else {})})
 
     @locked
     def commit(self, key):
@@ -5902,18 +5945,18 @@ class Checkpoint:
         pos.update(seq=flight["seq"], inflight=None, rows=pos["rows"] + flight["rows"],
                    table=flight["table"])
         self._move(pos, flight["cursor_end"], flight.get("carry"), flight.get("last_upload"),
-                   flight.get("source_rows", flight["rows"]))
+                   flight.get("source_rows", flight["rows"]), flight.get("cursor_row"))
 
     @locked
     def advance(self, key, batch):
         """A batch that left nothing to write (all filtered, windows still open)."""
         self._move(self._record(key), encode_cursor(batch.cursor_end), batch.carry,
-                   batch.last_timestamp, batch.source_count)
+                   batch.last_timestamp, batch.source_count, batch.cursor_row)
 
-    def _move(self, pos, cursor, carry, last_upload, passed):
-        """Put the cursor (already encoded) and the open windows after a batch of
-        `passed` source rows; save."""
-        pos.update(cursor=cursor, carry=carry, updated_at=utc_now_text())
+    def _move(self, pos, cursor, carry, last_upload, passed, row):
+        """Put the cursor (already encoded), the mark of the row there and the open
+        windows after a batch of `passed` source rows; save."""
+        pos.update(cursor=cursor, carry=carry, cursor_row=row, updated_at=utc_now_text())
         if pos.get("behind_base") is not None:  # rows at or before the cursor
             pos["behind_base"] += passed
         if last_upload is not None:
@@ -6081,6 +6124,7 @@ class Job:
     tag: str = ""  # among many sources, what sets this position's batch ids apart
     scope: str = ""  # among many sources, the file and table in the position's key
     recorded: dict = dataclasses.field(default_factory=dict)  # kept with a new position
+    file_id: tuple = None  # file_identity() of the file the connection reads
 
     @property
     def key(self):
@@ -6232,7 +6276,7 @@ def merge_chunks(encoded, seq):
         last_timestamp=chunks[-1].last_timestamp, carry=encoded[-1].carry,
         source_count=sum(c.source_count for c in chunks),
         rescued=sum(e.rescued for e in encoded), notes=merged_notes(chunks),
-        resend=chunks[-1].resend)
+        resend=chunks[-1].resend, cursor_row=chunks[-1].cursor_row)
 
 
 def write_batch(job, batch):
@@ -6332,6 +6376,7 @@ def check_source(job, pos, cursor):
     """Start-of-cycle checks and reports; return the rows pending after the cursor."""
     conn, source = job.conn, job.source
     check_not_behind(conn, source, cursor)
+    check_same_rows(job, pos, cursor)
     nulls = report_null_timestamps(conn, source)
     pending = count_pending(conn, source, cursor)
     if cursor is not None and time.monotonic() >= job.behind_due:
@@ -6341,6 +6386,54 @@ def check_source(job, pos, cursor):
         # 1% of the time, so an idle cycle stays cheap
         job.behind_due = started + 100 * (time.monotonic() - started)
     return pending
+
+
+def check_same_rows(job, pos, cursor):
+    """A file that is not the one the position was read from (replaced in place: a
+    restored backup, a copy, a new database under the old name) goes on from the cursor
+    only if that skips none of its rows: its row at the cursor is the row uploaded, or
+    it has no row up to the cursor. The file read is then recorded (positions written
+    before files were recorded take the file read now, as they did)."""
+    now, was = job.file_id, pos.get("file_id")
+    if now is None or was == list(now):
+        return
+    mark = pos.get("cursor_row")
+    if was is not None and cursor is not None:
+        if mark is None:
+            log.warning("source: %s is another file than the one uploaded from (replaced "
+                        "in place); the row at its cursor was not recorded, so whether it "
+                        "holds the rows uploaded cannot be told: it goes on from the "
+                        "cursor %s = %s", job.config.sqlite, job.source.cursor.describe(),
+                        cursor)
+        else:
+            say_same_rows(job, cursor, mark)
+    if mark is None and cursor is not None:
+        mark = read_row_mark(job.conn, job.source, cursor)
+    job.checkpoint.update(job.key, file_id=list(now), cursor_row=mark)
+
+
+def say_same_rows(job, cursor, mark):
+    """Another file under the source's name: say that it goes on, or refuse it."""
+    conn, source = job.conn, job.source
+    where = f"{job.config.sqlite} is another file than the one uploaded from (replaced " \
+            f"in place)"
+    at = f"{source.cursor.describe()} = {cursor}"
+    if is_marked_row(conn, source, cursor, mark):
+        log.info("source: %s; it holds the rows uploaded (its row at the cursor %s is "
+                 "the same), so it goes on after them", where, at)
+        return
+    if not has_rows_up_to(conn, source, cursor):
+        log.info("source: %s; it has no row up to the cursor %s, so nothing is skipped: "
+                 "it goes on", where, at)
+        return
+    fix = ("move it to a new name, where it is uploaded from its first row as a new file"
+           if job.scope else "use --reset-state --start-at now to take it from its current "
+           "end (its rows so far are not uploaded)")
+    raise SourceReplacedError(
+        f"source: {where}, and its row at the cursor {at} is not the row uploaded "
+        f"({'other values' if read_row_mark(conn, source, cursor) else 'no such row'}): "
+        f"its rows up to the cursor are not those uploaded and going on would skip them; "
+        f"put back the file uploaded from, or {fix}")
 
 
 def report_behind(job, pos, behind):
@@ -6606,7 +6699,8 @@ def attach_job(config, conn, source, plan, checkpoint, stop, tag="", scope=""):
     identity = Identity(config.source_id, source.name, state_id,
                         os.path.basename(config.sqlite), scope)
     job = Job(config, conn, source, checkpoint, make_sink(config, identity),
-              target_table(config, source), stop, plan, tag=tag, scope=scope)
+              target_table(config, source), stop, plan, tag=tag, scope=scope,
+              file_id=file_identity(config.sqlite))  # (just opened: the file read)
     if job.sink.sleep is REAL_SLEEP:  # (a test may have given the sink its own)
         job.sink.sleep = stop.wait  # SIGTERM ends a wait for a starting warehouse
     return job
@@ -6721,6 +6815,7 @@ class Sources:
         self.jobs = {}  # (file, source table) -> Job
         self.files = {}  # file -> [connection, (device, inode)]
         self.failed = {}  # (file, source table or "") -> what failed in this cycle
+        self.refused = set()  # files of this cycle refused as replaced in place
         self.said = set()  # what is said once
 
     def cycle(self):
@@ -6728,7 +6823,7 @@ class Sources:
         Files are read by up to WORKERS workers at once, so that one file's rows are read
         while another's batch is written (as a single source reads ahead); the tables of
         one file go one after the other, on its connection."""
-        self.failed = {}
+        self.failed, self.refused = {}, set()
         self.refresh()
         files = {}
         for where, job in self.jobs.items():
@@ -6748,6 +6843,8 @@ class Sources:
         else:
             for jobs in files.values():
                 self.run_jobs(jobs)
+        for path in self.refused:  # not held open: renamed, it is a new file
+            self.close_file(path)
         self.forget_gone()
         return self.failed
 
@@ -6763,6 +6860,8 @@ class Sources:
             except (SinkError, SourceError, StateError) as exc:
                 job.sink.report_status(node_status(job, exc))
                 self.fail(where, exc, job)
+                if isinstance(exc, SourceReplacedError):
+                    self.refused.add(where[0])
             else:
                 self.clear_error(job)
 
@@ -6837,9 +6936,8 @@ class Sources:
             return found[0]
         if found:
             log.warning("source: %s is another file than before (replaced in place): it "
-                        "goes on from the cursors of the file it replaced (a copy that "
-                        "ends before them is an error; rows of a different file before "
-                        "them are not read: use a new name for a new file)", path)
+                        "goes on from the cursors of the file it replaced only where its "
+                        "rows up to them are those uploaded", path)
             self.close_file(real)
         conn = open_source(path, self.config.busy_timeout, spec.origin)
         self.files[real] = [conn, now]

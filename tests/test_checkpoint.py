@@ -117,6 +117,36 @@ class StateFileTest(CheckpointTestCase):
                         self.assertNotIn(TOKEN.encode(), fh.read(), name)
 
 
+    def test_the_row_at_the_cursor_is_kept_as_a_digest_with_the_file_it_was_read_from(self):
+        # what tells a copy of the file from another database under its name; the
+        # state holds no row data
+        secret = "patient-4711-NEVER-IN-STATE"
+        db = make_db(self.path("notes.db"), "CREATE TABLE notes (id INTEGER PRIMARY KEY "
+                     "AUTOINCREMENT, body TEXT)", [("a",), (secret,)], ["body"])
+        self.db = db
+        self.assert_ok(self.upload())
+        pos = next(iter(read_state(self.state_dir)["destinations"].values()))
+        info = os.stat(db)
+        self.assertEqual(pos["file_id"], [info.st_dev, info.st_ino])
+        self.assertEqual(pos["cursor"], [2])
+        self.assertEqual(pos["cursor_row"]["columns"], ["id", "body"])
+        with open(self.state_file, encoding="utf-8") as fh:
+            self.assertNotIn("patient-4711", fh.read())
+
+    def test_the_in_flight_record_carries_the_mark_that_its_commit_keeps(self):
+        checkpoint = up.Checkpoint(self.state_dir)
+        os.makedirs(self.state_dir)
+        checkpoint.data = up.new_state({"path": "x", "table": "t", "cursor": None})
+        mark = {"columns": ["v"], "digest": "0123456789abcdef"}
+        batch = up.Batch(1, "b-1", ["v"], ["long"], 1, [], [7], cursor_row=mark)
+        checkpoint.begin("k", batch, "raw_t", "node")
+        pos = read_state(self.state_dir)["destinations"]["k"]
+        self.assertEqual((pos.get("cursor_row"), pos["inflight"]["cursor_row"]), (None, mark))
+        checkpoint.commit("k")  # (as a crash's settle does, reading the in-flight record)
+        pos = read_state(self.state_dir)["destinations"]["k"]
+        self.assertEqual((pos["cursor"], pos["cursor_row"]), ([7], mark))
+
+
 class RouteProgressTest(CheckpointTestCase):
     """DESIGN 3: progress is kept per target table, so switching a stage on and off
     never leaves a gap in any table (one cursor per destination left one in raw_)."""

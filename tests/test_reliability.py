@@ -40,6 +40,10 @@ Run: uv run -q --with-requirements sqlite_to_databricks_uploader.py --with sqlgl
 #   source replaced by an
 #     older copy ............. test_source.ReplacedSourceTest,
 #                              test_cli.RunTest.test_source_replaced_behind_the_cursor_*
+#   source replaced by another
+#     file with more rows, or
+#     by a copy .............. test_source.ReplacedSourceTest, test_sources.ManySourcesTest
+#                              and GoneFileTest (test_file_replaced_*, test_copy_*)
 #   state dir not writable
 #     at start ............... test_checkpoint.StateDirTest.test_explicit_state_dir_*; on a
 #                              real read-only tmpfs: here, StateDiskTest

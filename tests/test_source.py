@@ -645,6 +645,114 @@ class ReplacedSourceTest(PipelineTestCase):
                            if ".reset-" in n]
                 self.assertEqual(len(backups), 1)
 
+    def shaped(self, schema, first, count, base=0):
+        """Columns and rows of a SHAPES table: v = base + i, timestamps from `first`."""
+        cols = ["timestamp", "v"] if "timestamp" in schema else ["v"]
+        return cols, [(stamp(i), base + i) if len(cols) == 2 else (base + i,)
+                      for i in range(first, first + count)]
+
+    def test_another_file_with_more_rows_is_refused_not_skipped(self):
+        # A new database under the old name (a producer that recreates its file, the
+        # backup of another sensor) with more rows than the cursor: its rows before the
+        # cursor are not the rows uploaded. Going on from the cursor skipped them.
+        for where, schema in self.SHAPES.items():
+            with self.subTest(shape=where):
+                cols, rows = self.shaped(schema, 0, 6)
+                db = self.make(schema, rows, cols, where=where)
+                self.upload(db, where=where)
+                saved = self.position(where)
+                cols, rows = self.shaped(schema, 0, 10, base=100)
+                os.replace(self.make(schema, rows, cols, where=where, name="new.db"), db)
+                for _ in range(2):  # the refusal does not wear off
+                    err = self.upload(db, where=where, expect=1)
+                    lines = error_lines(err)
+                    self.assertEqual(len(lines), 1, err)
+                    self.assertIn(os.path.realpath(db), lines[0])
+                    self.assertIn("replaced", lines[0])
+                    self.assertIn("--reset-state", lines[0])
+                    self.assertIn("--start-at now", lines[0])
+                kept = self.position(where)
+                kept.pop("last_error"), kept.pop("last_error_at")
+                self.assertEqual(kept, saved)
+                self.assertEqual(sorted(r["v"] for r in self.landed("raw_t", where)),
+                                 list(range(6)))
+                # accepted as a new file: it goes on from its current end
+                self.upload(db, "--reset-state", "--start-at", "now", where=where)
+                cols, rows = self.shaped(schema, 10, 2, base=100)
+                self.insert(db, rows, cols)
+                self.upload(db, where=where)
+                self.assertEqual(sorted(r["v"] for r in self.landed("raw_t", where)),
+                                 list(range(6)) + [110, 111])
+
+    def test_another_file_whose_rows_all_follow_the_cursor_goes_on(self):
+        # pair cursor: a new file whose rows are all later than the cursor skips nothing
+        schema = self.SHAPES["pair"]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        self.upload(db)
+        cols, rows = self.shaped(schema, 6, 4, base=0)
+        os.replace(self.make(schema, rows, cols, name="new.db"), db)
+        err = self.upload(db)
+        self.assertIn("replaced", err)
+        self.assert_once(self.landed("raw_t"), "v", range(10))
+
+    def test_a_copy_put_in_place_goes_on_exactly_once(self):
+        # cp db db.new && mv db.new db, or VACUUM INTO and a rename: the same rows
+        def copy(db, new):
+            shutil.copyfile(db, new)
+
+        def vacuum_into(db, new):
+            conn = sqlite3.connect(db)
+            try:
+                conn.execute("VACUUM INTO ?", (new,))
+            finally:
+                conn.close()
+
+        for where, schema in self.SHAPES.items():
+            for how in (copy, vacuum_into):
+                with self.subTest(shape=where, how=how.__name__):
+                    where_how = f"{where}-{how.__name__}"
+                    cols, rows = self.shaped(schema, 0, 6)
+                    db = self.make(schema, rows, cols, where=where_how)
+                    self.upload(db, where=where_how)
+                    cols, rows = self.shaped(schema, 6, 2)
+                    self.insert(db, rows, cols)
+                    how(db, db + ".new")
+                    os.replace(db + ".new", db)
+                    err = self.upload(db, where=where_how)
+                    said = [line for line in err.splitlines() if "replaced" in line]
+                    self.assertEqual(len(said), 1, err)
+                    self.assertIn("holds the rows uploaded", said[0])
+                    cols, rows = self.shaped(schema, 8, 2)
+                    self.insert(db, rows, cols)
+                    err = self.upload(db, where=where_how)
+                    self.assertNotIn("replaced", err)
+                    self.assert_once(self.landed("raw_t", where_how), "v", range(10))
+
+    def test_a_state_written_before_row_marks_gains_them_and_guards_from_then_on(self):
+        # positions of an older version have no file identity and no mark of the row at
+        # the cursor: they go on as before, and the file read then is the one they mark
+        schema = self.SHAPES["autoincrement"]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        self.upload(db)
+        path = os.path.join(self.env()["STATE_DIR"], up.STATE_FILE)
+        state = self.state()
+        for pos in state["destinations"].values():
+            self.assertIn("file_id", pos)
+            self.assertIn("cursor_row", pos)
+            del pos["file_id"], pos["cursor_row"]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        cols, rows = self.shaped(schema, 6, 2)
+        self.insert(db, rows, cols)
+        self.upload(db)
+        self.assertIn("cursor_row", self.position())
+        cols, rows = self.shaped(schema, 0, 12, base=100)
+        os.replace(self.make(schema, rows, cols, name="new.db"), db)
+        self.upload(db, expect=1)
+        self.assert_once(self.landed("raw_t"), "v", range(8))
+
 
 # === Batches and names ===============================================================
 

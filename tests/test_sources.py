@@ -37,6 +37,13 @@ class SourcesTestCase(PipelineTestCase):
         self.insert(db, events(0, more_events, name[:-3]), ["at", "what"], "events")
         return db
 
+    def another_database(self, name, count):
+        """A logger file of other rows (other times and values) than logger_file's."""
+        db = self.make(READINGS + EVENTS, name=name)
+        self.insert(db, [(f"2025-02-01T00:00:{i:02d}Z", "x", 1000.0 + i) for i in range(count)],
+                    ["timestamp", "sensor", "value"], "readings")
+        return db
+
     def config(self, sources, **settings):
         path = self.path("uploader.yaml")
         with open(path, "w", encoding="utf-8") as fh:
@@ -195,6 +202,42 @@ class ManySourcesTest(SourcesTestCase):
         self.assertOnce("raw_readings", ["_source_file", "id"],
                         [("a.db", i) for i in range(1, 16)] +
                         [("b.db", i) for i in range(1, 13)])
+
+    def test_file_replaced_by_another_database_is_refused_the_others_go_on(self):
+        a, b = self.logger_file("sensor-a.db"), self.logger_file("sensor-b.db")
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        self.run_once(config)
+        os.replace(self.another_database("new.db", 15), a)  # rows 1..10 are not those sent
+        self.insert(b, readings(10, 2), ["timestamp", "sensor", "value"], "readings")
+        err = self.run_once(config, expect=1)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(errors), 1, err)
+        self.assertIn(f"error: {os.path.realpath(a)} table readings: ", errors[0])
+        self.assertIn("new name", errors[0])
+        self.assertOnce("raw_readings", ["_source_file", "id", "value"],
+                        [("sensor-a.db", i, (i - 1) * 0.5) for i in range(1, 11)] +
+                        [("sensor-b.db", i, (i - 1) * 0.5) for i in range(1, 13)])
+        # as the error says: under a new name it is a new file, uploaded from its first row
+        os.rename(a, self.path("sensor-a2.db"))
+        self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id", "value"],
+                        [("sensor-a.db", i, (i - 1) * 0.5) for i in range(1, 11)] +
+                        [("sensor-a2.db", i, 999.0 + i) for i in range(1, 16)] +
+                        [("sensor-b.db", i, (i - 1) * 0.5) for i in range(1, 13)])
+
+    def test_copy_put_in_place_goes_on_exactly_once(self):
+        a = self.logger_file("sensor-a.db")
+        self.logger_file("sensor-b.db")
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        self.run_once(config)
+        self.insert(a, readings(10, 3), ["timestamp", "sensor", "value"], "readings")
+        shutil.copyfile(a, a + ".new")
+        os.replace(a + ".new", a)
+        err = self.run_once(config)
+        self.assertIn("holds the rows uploaded", err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-a.db", i) for i in range(1, 14)] +
+                        [("sensor-b.db", i) for i in range(1, 11)])
 
     def test_state_of_one_source_becomes_one_of_many_without_replay(self):
         db = self.logger_file("logger.db")
@@ -413,6 +456,43 @@ class GoneFileTest(SourcesTestCase):
                                     for r in self.rows("raw_readings", "_source_file"))
         self.assertEqual(files, {"sensor-0.db": 10 + 4, "sensor-1.db": 3})
         self.assertEqual(len(self.state()["destinations"]), 2)
+
+    def test_file_replaced_while_running_is_checked_not_skipped(self):
+        # the producer recreates its file under the same name, with more rows than the
+        # cursor: refused (one warning, one error), the other file goes on; a copy of
+        # the file uploaded, put back, goes on from the cursor, exactly once
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        sources = self.open_sources(lambda: 0.0)
+        self.assertEqual(sources.cycle(), {})
+        shutil.copyfile(self.path("sensor-1.db"), self.path("kept.db"))
+        os.replace(self.another_database("new.db", 12), self.path("sensor-1.db"))
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            failed = sources.cycle()
+        self.assertEqual(list(failed), [(os.path.realpath(self.path("sensor-1.db")),
+                                         "readings")])
+        said = [line for line in logs.output if "replaced" in line]
+        self.assertEqual(len(said), 2, logs.output)  # the warning and the error
+        self.assertEqual(len(sources.cycle()), 1)
+        os.replace(self.path("kept.db"), self.path("sensor-1.db"))
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.assertEqual(sources.cycle(), {})
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-1.db", i) for i in range(1, 13)] +
+                        [("sensor-2.db", i) for i in range(1, 11)])
+
+    def test_file_refused_as_replaced_then_renamed_is_a_new_file(self):
+        self.logger_file("sensor-1.db")
+        sources = self.open_sources(lambda: 0.0)
+        sources.cycle()
+        os.replace(self.another_database("new.db", 12), self.path("sensor-1.db"))
+        self.assertEqual(len(sources.cycle()), 1)
+        os.rename(self.path("sensor-1.db"), self.path("sensor-9.db"))
+        self.assertEqual(sources.cycle(), {})
+        self.assertOnce("raw_readings", ["_source_file", "id", "value"],
+                        [("sensor-1.db", i, (i - 1) * 0.5) for i in range(1, 11)] +
+                        [("sensor-9.db", i, 999.0 + i) for i in range(1, 13)])
 
     def test_file_back_within_the_grace_is_kept(self):
         self.logger_file("sensor-1.db")
