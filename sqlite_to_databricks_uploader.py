@@ -6399,25 +6399,23 @@ def check_same_rows(job, pos, cursor):
         return
     mark = pos.get("cursor_row")
     if was is not None and cursor is not None:
+        where = (f"{job.config.sqlite} is another file than the one uploaded from "
+                 f"(another inode: replaced in place)")
+        at = f"{job.source.cursor.describe()} = {cursor}"
         if mark is None:
-            log.warning("source: %s is another file than the one uploaded from (replaced "
-                        "in place); the row at its cursor was not recorded, so whether it "
-                        "holds the rows uploaded cannot be told: it goes on from the "
-                        "cursor %s = %s", job.config.sqlite, job.source.cursor.describe(),
-                        cursor)
+            log.warning("source: %s; its row at the cursor %s was not recorded, so whether "
+                        "it holds the rows uploaded cannot be told: it goes on from there",
+                        where, at)
         else:
-            say_same_rows(job, cursor, mark)
+            check_replaced(job, cursor, mark, where, at)
     if mark is None and cursor is not None:
         mark = read_row_mark(job.conn, job.source, cursor)
     job.checkpoint.update(job.key, file_id=list(now), cursor_row=mark)
 
 
-def say_same_rows(job, cursor, mark):
+def check_replaced(job, cursor, mark, where, at):
     """Another file under the source's name: say that it goes on, or refuse it."""
     conn, source = job.conn, job.source
-    where = f"{job.config.sqlite} is another file than the one uploaded from (replaced " \
-            f"in place)"
-    at = f"{source.cursor.describe()} = {cursor}"
     if is_marked_row(conn, source, cursor, mark):
         log.info("source: %s; it holds the rows uploaded (its row at the cursor %s is "
                  "the same), so it goes on after them", where, at)

@@ -651,6 +651,15 @@ class ReplacedSourceTest(PipelineTestCase):
         return cols, [(stamp(i), base + i) if len(cols) == 2 else (base + i,)
                       for i in range(first, first + count)]
 
+    def edit_position(self, change):
+        """Change the only position of the state file in place (as another version
+        wrote it)."""
+        state = self.state()
+        change(next(iter(state["destinations"].values())))
+        with open(os.path.join(self.env()["STATE_DIR"], up.STATE_FILE), "w",
+                  encoding="utf-8") as fh:
+            json.dump(state, fh)
+
     def test_another_file_with_more_rows_is_refused_not_skipped(self):
         # A new database under the old name (a producer that recreates its file, the
         # backup of another sensor) with more rows than the cursor: its rows before the
@@ -736,14 +745,7 @@ class ReplacedSourceTest(PipelineTestCase):
         cols, rows = self.shaped(schema, 0, 6)
         db = self.make(schema, rows, cols)
         self.upload(db)
-        path = os.path.join(self.env()["STATE_DIR"], up.STATE_FILE)
-        state = self.state()
-        for pos in state["destinations"].values():
-            self.assertIn("file_id", pos)
-            self.assertIn("cursor_row", pos)
-            del pos["file_id"], pos["cursor_row"]
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(state, fh)
+        self.edit_position(lambda pos: (pos.pop("file_id"), pos.pop("cursor_row")))
         cols, rows = self.shaped(schema, 6, 2)
         self.insert(db, rows, cols)
         self.upload(db)
@@ -752,6 +754,22 @@ class ReplacedSourceTest(PipelineTestCase):
         os.replace(self.make(schema, rows, cols, name="new.db"), db)
         self.upload(db, expect=1)
         self.assert_once(self.landed("raw_t"), "v", range(8))
+
+    def test_another_file_where_no_row_was_recorded_goes_on_with_a_warning(self):
+        # the row at the cursor was not there when the file was recorded (deleted before
+        # an upgrade): a file that replaces it cannot be told apart, and the log says so
+        schema = self.SHAPES["rowid"]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        self.upload(db)
+        self.edit_position(lambda pos: pos.update(cursor_row=None))
+        cols, rows = self.shaped(schema, 0, 8, base=100)
+        os.replace(self.make(schema, rows, cols, name="new.db"), db)
+        err = self.upload(db)
+        said = [line for line in err.splitlines() if "cannot be told" in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("WARNING", said[0])
+        self.assert_once(self.landed("raw_t"), "v", [0, 1, 2, 3, 4, 5, 106, 107])
 
 
 # === Batches and names ===============================================================
