@@ -6374,6 +6374,7 @@ def refresh_job_source(job, source):
 
 def check_source(job, pos, cursor):
     """Start-of-cycle checks and reports; return the rows pending after the cursor."""
+    follow_replaced(job)
     conn, source = job.conn, job.source
     check_not_behind(conn, source, cursor)
     check_same_rows(job, pos, cursor)
@@ -6386,6 +6387,24 @@ def check_source(job, pos, cursor):
         # 1% of the time, so an idle cycle stays cheap
         job.behind_due = started + 100 * (time.monotonic() - started)
     return pending
+
+
+def follow_replaced(job):
+    """One source: a file replaced while the uploader runs (another inode under its name)
+    is opened again, so that its rows are read (and checked) rather than those of the
+    file held open, which no one writes any more. Among many sources, Sources.connect
+    does this for all the tables of a file."""
+    path = job.config.sqlite
+    now = file_identity(path)
+    if job.scope or now is None or job.file_id is None or now == job.file_id:
+        return
+    log.warning("source: %s is another file than before (replaced in place): it is opened "
+                "again, and goes on from the cursor only where its rows up to it are those "
+                "uploaded", path)
+    conn = open_source(path, job.config.busy_timeout, job.config.origin("sqlite"))
+    job.conn.close()
+    job.conn, job.file_id = conn, now
+    job.source = refresh_columns(conn, job.source)
 
 
 def check_same_rows(job, pos, cursor):

@@ -755,6 +755,35 @@ class ReplacedSourceTest(PipelineTestCase):
         self.upload(db, expect=1)
         self.assert_once(self.landed("raw_t"), "v", range(8))
 
+    def open_job(self, db):
+        config = up.check_target(up.load_config(
+            up.build_parser().parse_args(["--sqlite", db]), self.env()))
+        job = up.open_job(config, False, up.StopFlag(), self.env())
+        self.addCleanup(up.close_job, job)
+        return job
+
+    def test_file_replaced_while_the_uploader_runs_is_read_and_checked(self):
+        # one source in a loop: the file under the name is read again, not the old one
+        # held open forever; a copy goes on, another database is refused
+        schema = self.SHAPES["autoincrement"]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        job = self.open_job(db)
+        self.assertEqual(up.run_cycle(job), 6)
+        cols, rows = self.shaped(schema, 6, 2)
+        self.insert(db, rows, cols)
+        shutil.copyfile(db, db + ".new")
+        os.replace(db + ".new", db)
+        self.insert(db, *self.shaped(schema, 8, 2)[::-1])
+        with self.assertLogs("uploader", "INFO") as logs:
+            self.assertEqual(up.run_cycle(job), 4)
+        self.assertEqual(len([x for x in logs.output if "replaced" in x]), 2, logs.output)
+        cols, rows = self.shaped(schema, 0, 12, base=100)
+        os.replace(self.make(schema, rows, cols, name="other.db"), db)
+        with self.assertRaisesRegex(up.SourceReplacedError, "not the row uploaded"):
+            up.run_cycle(job)
+        self.assert_once(self.landed("raw_t"), "v", range(10))
+
     def test_another_file_where_no_row_was_recorded_goes_on_with_a_warning(self):
         # the row at the cursor was not there when the file was recorded (deleted before
         # an upgrade): a file that replaces it cannot be told apart, and the log says so
