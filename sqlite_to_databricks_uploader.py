@@ -1490,8 +1490,8 @@ def check_not_behind(conn, source, cursor):
     raise SourceError(
         f"source: table {source.name!r} ends before the saved cursor "
         f"{source.cursor.describe()} = {cursor} (highest: {high}): the file was replaced "
-        "by an older copy or truncated; to go on from its current end, use --reset-state "
-        "--start-at now")
+        "(by an older copy, or another database) or truncated; to go on from its current "
+        "end, use --reset-state --start-at now")
 
 
 def count_null_timestamps(conn, source):
