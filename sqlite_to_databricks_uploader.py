@@ -2871,6 +2871,11 @@ class Sink:
         """Rows of node `source_id` in `table` (0 when the table does not exist)."""
         raise NotImplementedError
 
+    def count_file_rows(self, table, source_id, source_file):
+        """{batch id: rows} of node `source_id`'s rows from file `source_file` (their
+        `_source_file`, a base name) in `table`; {} when there are none."""
+        raise NotImplementedError
+
     def read_keys(self, table, source_id, names):
         """The set of (values of `names`) of node `source_id`'s rows in `table`."""
         raise NotImplementedError
@@ -3097,20 +3102,28 @@ class DeltaSink(Sink):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
 
+    def count_file_rows(self, table, source_id, source_file):
+        found = self._open(table)
+        if found is None or "_source_file" not in {f.name for f in found.schema().fields}:
+            return {}  # (written before rows said their file)
+        return dict(self._select(
+            table, source_id, '"_batch_id", count(*)', "counting rows",
+            f'AND "_source_file" = {text_literal(source_file)} GROUP BY "_batch_id"'))
+
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
         return set(self._select(table, source_id, columns, "reading keys"))
 
-    def _select(self, table, source_id, what, doing):
-        """Rows (tuples) of `SELECT what` over node `source_id`'s rows in `table`."""
+    def _select(self, table, source_id, what, doing, more=""):
+        """Rows (tuples) of `SELECT what` over node `source_id`'s rows in `table`
+        (`more`: SQL after the node's condition)."""
         from deltalake import QueryBuilder
         found = self._open(table)
         if found is None:
             return []
-        literal = "'" + source_id.replace("'", "''") + "'"
         try:
             reader = QueryBuilder().register("t", found).execute(
-                f'SELECT {what} FROM t WHERE "_source_id" = {literal}')
+                f'SELECT {what} FROM t WHERE "_source_id" = {text_literal(source_id)} {more}')
             return [row for b in reader
                     for row in zip(*(c.to_pylist() for c in b.columns))]
         except Exception as exc:  # DataFusion's own error types
@@ -3553,6 +3566,11 @@ def first_line(exc):
 # its schema) between this node's read and its commit. Sent again, the write succeeds.
 COMMIT_RACES = ("protocol changed", "metadata changed", "concurrent", "already exists",
                 "max commit attempts")
+
+
+def text_literal(text):
+    """A string literal of DataFusion's SQL (Delta and landed files)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def is_transient_delta_error(exc):
@@ -4038,6 +4056,18 @@ class DatabricksSink(Sink):
     def count_rows(self, table, source_id):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
+
+    def count_file_rows(self, table, source_id, source_file):
+        try:
+            return dict(self._rows(
+                f"SELECT `_batch_id`, count(*) FROM {self.target(table)} WHERE "
+                "`_source_id` = :source_id AND `_source_file` = :source_file "
+                "GROUP BY `_batch_id`", {"source_id": source_id, "source_file": source_file},
+                f"counting rows in {table}"))
+        except SinkError as exc:
+            if "UNRESOLVED_COLUMN" not in str(exc):
+                raise
+            return {}  # (a table written before rows said their file)
 
     def read_keys(self, table, source_id, names):
         rows = self._select(table, source_id, ", ".join(map(quote_name, names)),
@@ -5199,6 +5229,13 @@ class ZerobusSink(Sink):
             return 0
         return self.through_warehouse().count_rows(table, source_id)
 
+    def count_file_rows(self, table, source_id, source_file):
+        """As count_rows: without a SQL warehouse none, said in a line."""
+        if self.warehouse is None:
+            self.count_rows(table, source_id)  # (says it cannot count)
+            return {}
+        return self.through_warehouse().count_file_rows(table, source_id, source_file)
+
     def read_keys(self, table, source_id, names):
         return self.through_warehouse("reading keys").read_keys(table, source_id, names)
 
@@ -5502,6 +5539,11 @@ class LandingSink(Sink):
     def count_rows(self, table, source_id):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
+
+    def count_file_rows(self, table, source_id, source_file):
+        return dict(self._query(
+            table, source_id, 'SELECT "_batch_id", count(*) FROM t WHERE "_source_file" = '
+            f'{text_literal(source_file)} GROUP BY "_batch_id"', "counting rows")[1])
 
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
@@ -6657,12 +6699,18 @@ def start_route(job):
     if checkpoint.has_position(job.sink.destination):  # version 1, table never recorded
         checkpoint.rename(job.sink.destination, key)
         return
-    shared = job.scope and any(k.startswith(position_key(job.sink.destination, job.table)
-                                            + " <- ") for k in checkpoint.data["destinations"])
-    # another file of this state already writes to the table: its rows are explained
-    held = 0 if shared else job.sink.count_rows(job.table, job.config.source_id)
     now = job.config.start_at == "now"
-    if held and not now:
+    held = 0 if now else unexplained_rows(job)
+    if held and job.scope:
+        raise StateError(
+            f"state: {job.table} already holds {held:,} rows from node "
+            f"{job.config.source_id} read from a file named {job.sink.identity.source_file} "
+            f"that no position of {checkpoint.path} sent (a lost or reset state file, a "
+            "file forgotten after FORGET_AFTER that came back, or renamed while no "
+            "uploader ran?), so uploading it from the beginning would send them twice; "
+            "start_at: now for this source (or --start-at now) uploads only rows added from "
+            "now on, or remove them from the table first")
+    if held:
         raise StateError(
             f"state: {job.table} already holds {held:,} rows from node "
             f"{job.config.source_id} that {checkpoint.path} has no record of (a lost or "
@@ -6680,6 +6728,26 @@ def start_route(job):
     else:
         log.info("state: %s is new to this state: uploading the source from the "
                  "beginning", job.table)
+
+
+BATCH_SEQ = re.compile(r"(-backfill)?-\d+(\.\d+/\d+)?$")  # a batch id after its prefix
+
+
+def unexplained_rows(job):
+    """Rows of this node in the job's target table that the state cannot account for:
+    with one source, all of them (the table is new to the state); among many, those
+    read from a file of the job's file name that no position of the state sent (their
+    batch ids are not of a position's prefix: a lost, reset or forgotten position)."""
+    if not job.scope:
+        return job.sink.count_rows(job.table, job.config.source_id)
+    state_id, table = job.checkpoint.data["state_id"], position_key(
+        job.sink.destination, job.table) + " <- "
+    sent = {"-".join(filter(None, (state_id, pos.get("tag"))))
+            for key, pos in job.checkpoint.data["destinations"].items()
+            if key.startswith(table)}
+    found = job.sink.count_file_rows(job.table, job.config.source_id,
+                                     job.sink.identity.source_file)
+    return sum(n for batch_id, n in found.items() if BATCH_SEQ.sub("", batch_id) not in sent)
 
 
 def open_job(config, reset_state, stop, environ=None, recover=False):
@@ -6833,6 +6901,7 @@ class Sources:
         self.files = {}  # file -> [connection, (device, inode)]
         self.failed = {}  # (file, source table or "") -> what failed in this cycle
         self.refused = set()  # files of this cycle refused as replaced in place
+        self.unconfirmed = set()  # files not read in this cycle (follow_moves)
         self.said = set()  # what is said once
 
     def cycle(self):
@@ -6885,8 +6954,11 @@ class Sources:
     def refresh(self):
         """Open the jobs of files and tables that appeared since the last cycle."""
         self.follow_renames()
+        self.follow_moves()
         for spec, path, conn, table, error in self.walk():
             where = (os.path.realpath(path), table["name"] if table else "")
+            if where[0] in self.unconfirmed:
+                continue
             if error is not None:
                 self.fail(where, error)
             elif where not in self.jobs:
@@ -6931,10 +7003,92 @@ class Sources:
                 if old and old != path and old in self.files:
                     self.move_file(old, path)
 
+    def follow_moves(self):
+        """A file renamed while no uploader ran: a file a glob finds under a name new to
+        the state, with the (device, inode) a position recorded for a file no longer at
+        its name, is that file if it has the row marked at each position's cursor: its
+        positions move to the new name, said in one line. Else (a file that got a freed
+        inode, or the file changed) it is refused for the cycle, in one line, unless its
+        start_at is now: its rows may be in the target under the old name. One file at
+        a time, so that a chain of renames (.1 -> .2, then the file -> .1) is followed."""
+        self.unconfirmed = set()
+        while self.follow_move():
+            pass
+
+    def follow_move(self):
+        """Move the positions of one file renamed while no uploader ran; False if none."""
+        lost, known = {}, set()
+        for pos in self.checkpoint.data["destinations"].values():
+            src = pos.get("source") or {}
+            known.add(src.get("path"))
+            found = tuple(pos.get("file_id") or ())
+            if found and src["path"] not in self.files and file_identity(src["path"]) != found:
+                lost[found] = src["path"]
+        for spec in self.specs if lost else ():
+            for path in match_files(spec):
+                old = lost.get(file_identity(path))
+                if old and path not in known | self.unconfirmed and self.claim(spec, old,
+                                                                               path):
+                    return True
+        return False
+
+    def claim(self, spec, old, new):
+        """Move file `old`'s positions to `new` if `new` has the rows marked at their
+        cursors (True); else refuse `new` for this cycle."""
+        positions = [p for p in self.checkpoint.data["destinations"].values()
+                     if (p.get("source") or {}).get("path") == old]
+        try:
+            conn = self.connect(new, spec)
+        except (sqlite3.Error, SourceError):
+            return False  # (walk says why)
+        if self.has_rows_uploaded(spec, conn, new, positions):
+            self.move_positions(old, new)
+            log.info("source: %s is now %s (renamed while no uploader was reading it: "
+                     "the same file, with the rows uploaded from it); its positions move "
+                     "with it", old, new)
+            return True
+        if spec_config(self.config, spec, new).start_at != "now":
+            self.unconfirmed.add(new)
+            self.fail((new, ""), StateError(
+                f"state: {new} has the device and inode of {old}, whose positions this "
+                "state keeps, but not the row uploaded at their cursor, so it is not read: "
+                f"if it is {old} renamed while no uploader ran (and changed), its rows are "
+                "in the target under the old name: rename it back, or give it start_at: "
+                "now (--start-at now) to upload only rows added from now on; if it is "
+                f"another file, it is read once {old} is forgotten (FORGET_AFTER)"))
+        return False
+
+    def has_rows_uploaded(self, spec, conn, path, positions):
+        """True when file `path` has, for each position, the row uploaded at its cursor
+        (the row marked in the position), or the position sent nothing."""
+        try:
+            tables = {t["name"]: t for t in spec_tables(spec, conn, path)[0]}
+            for pos in positions:
+                cursor, mark = decode_cursor(pos["cursor"]), pos.get("cursor_row")
+                if cursor is None and not pos["inflight"]:
+                    continue
+                table = tables.get(pos["source"]["table"])
+                if cursor is None or mark is None or table is None:
+                    return False
+                config = spec_config(self.config, spec, path, table)
+                source = recorded_cursor(conn, config, describe_source(conn, config), pos)
+                if (source_description(path, source)["cursor"] != pos["source"]["cursor"]
+                        or not is_marked_row(conn, source, cursor, mark)):
+                    return False
+        except (sqlite3.Error, UploaderError):
+            return False
+        return True
+
     def move_file(self, old, new):
         """Give the positions and connection of file `old` to its new name `new`."""
         self.drop_jobs(old)  # opened again under the new name
         self.files[new] = self.files.pop(old)
+        self.move_positions(old, new)
+        log.info("source: %s is now %s (renamed: the same file); its positions move with "
+                 "it", old, new)
+
+    def move_positions(self, old, new):
+        """Key the positions of file `old` by its new name `new`."""
         for key, pos in list(self.checkpoint.data["destinations"].items()):
             src = pos.get("source") or {}
             if src.get("path") == old:
@@ -6942,8 +7096,6 @@ class Sources:
                                     source_scope(new, src["table"]))
                 self.checkpoint.rename(key, moved)
                 self.checkpoint.update(moved, source={**src, "path": new})
-        log.info("source: %s is now %s (renamed: the same file); its positions move with "
-                 "it", old, new)
 
     def connect(self, path, spec):
         """The file's connection, opened again when another file took its name."""

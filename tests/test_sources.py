@@ -531,6 +531,168 @@ class GoneFileTest(SourcesTestCase):
         self.assertEqual(self.state()["destinations"], {})
 
 
+class FileJoiningTableTest(SourcesTestCase):
+    """A file new to the state that joins a target table other files of the state feed
+    is checked against the rows that file already has there: each source row is in the
+    target exactly once (rows counted per key), never sent again in silence."""
+
+    GLOB = [{"sqlite": "sensor-*.db", "tables": ["readings"]}]
+    open_sources = GoneFileTest.open_sources
+
+    def glob_config(self, **settings):
+        return self.config([{**s, "sqlite": self.path(s["sqlite"])} for s in self.GLOB],
+                           **settings)
+
+    def rows_by_origin(self):
+        """Counter of (batch id prefix, id): the position that sent a row, and its key."""
+        return collections.Counter((r["_batch_id"].rsplit("-", 1)[0], r["id"])
+                                   for r in self.rows("raw_readings", "_batch_id", "id"))
+
+    def test_file_renamed_while_no_uploader_runs_goes_on_under_its_new_name(self):
+        # logrotate while the uploader is down: sensor-0.db becomes sensor-1.db (with 3
+        # rows more) and a new sensor-0.db starts
+        self.logger_file("sensor-0.db")
+        config = self.glob_config()
+        self.run_once(config)
+        self.insert(self.path("sensor-0.db"), readings(10, 3),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        self.logger_file("sensor-0.db", count=4)
+        err = self.run_once(config)
+        self.assertIn("renamed", err)
+        got = self.rows_by_origin()
+        self.assertEqual(sorted(got.values()), [1] * 17, got)  # none twice, none lost
+        files = collections.Counter(r["_source_file"]
+                                    for r in self.rows("raw_readings", "_source_file"))
+        self.assertEqual(files, {"sensor-0.db": 10 + 4, "sensor-1.db": 3})
+        self.run_once(config)  # and nothing more on the next run
+        self.assertEqual(sum(self.rows_by_origin().values()), 17)
+
+    def test_chain_of_renames_while_no_uploader_runs(self):
+        # logrotate keeping two generations: sensor.db.1 -> sensor.db.2, then
+        # sensor.db -> sensor.db.1 (with 2 rows more), and a new sensor.db
+        self.logger_file("sensor.db.1", count=5)
+        self.logger_file("sensor.db")
+        config = self.config([{"sqlite": self.path("sensor.db*"), "tables": ["readings"]}])
+        self.run_once(config)
+        self.insert(self.path("sensor.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.rename(self.path("sensor.db.1"), self.path("sensor.db.2"))
+        os.rename(self.path("sensor.db"), self.path("sensor.db.1"))
+        self.logger_file("sensor.db", count=3)
+        err = self.run_once(config)
+        self.assertEqual(err.count("renamed while no uploader"), 2, err)
+        got = self.rows_by_origin()
+        self.assertEqual(sorted(got.values()), [1] * (5 + 12 + 3), got)
+        files = collections.Counter(r["_source_file"]
+                                    for r in self.rows("raw_readings", "_source_file"))
+        self.assertEqual(files, {"sensor.db.1": 5 + 2, "sensor.db": 10 + 3})
+
+    def test_renamed_file_that_cannot_be_confirmed_is_refused_in_one_line(self):
+        # same device and inode, but the row at its cursor is not the one uploaded: it
+        # may be another file that got a freed inode, or the file changed; neither its
+        # rows nor the ones already sent go (again) until the user says
+        self.logger_file("sensor-0.db")
+        config = self.glob_config()
+        self.run_once(config)
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        with sqlite3.connect(self.path("sensor-1.db")) as conn:
+            conn.execute("UPDATE readings SET value = -1 WHERE id = 10")
+        conn.close()
+        code, _, err = run_main(["--config", config, "--once"], self.env())
+        self.assertEqual(code, 1, err)
+        said = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("sensor-1.db", said[0])
+        self.assertIn("--start-at now", said[0])
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-0.db", i) for i in range(1, 11)])
+
+    def test_forgotten_file_that_comes_back_is_refused_not_sent_again(self):
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0])
+        self.assertEqual(sources.cycle(), {})
+        os.rename(self.path("sensor-1.db"), self.path("away.db"))
+        sources.cycle()
+        now[0] += 61
+        sources.cycle()  # forgotten
+        self.assertEqual(len(self.state()["destinations"]), 1)
+        os.rename(self.path("away.db"), self.path("sensor-1.db"))
+        failed = sources.cycle()
+        (error,) = failed.values()
+        self.assertIn("already holds 10 rows", error)
+        self.assertIn("sensor-1.db", error)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)])
+        # the way out, for that file: start at its current end
+        sources.close()
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.run_once(self.glob_config(), "--start-at", "now")
+        self.insert(self.path("sensor-1.db"), readings(12, 1),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.run_once(self.glob_config())
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)]
+                        + [("sensor-1.db", 13)])
+
+    def test_reset_state_with_several_files_feeding_one_table(self):
+        # after --reset-state one file starts (here: at its end, its own start_at: now);
+        # every other file of the table still holds its rows there: each is refused
+        for name in ("sensor-a.db", "sensor-b.db", "sensor-c.db"):
+            self.logger_file(name)
+        self.run_once(self.glob_config())
+        mixed = self.config([
+            {"sqlite": self.path("sensor-a.db"), "tables": ["readings"], "start_at": "now"},
+            {"sqlite": self.path("sensor-[bc].db"), "tables": ["readings"]}])
+        err = self.run_once(mixed, "--reset-state", expect=1)
+        refused = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(refused), 2, err)
+        for name, line in zip(("sensor-b.db", "sensor-c.db"), refused):
+            self.assertIn(f"{name} table readings: state: raw_readings already holds 10 "
+                          "rows", line)
+            self.assertIn("--start-at now", line)
+        expected = [(f, i) for f in ("sensor-a.db", "sensor-b.db", "sensor-c.db")
+                    for i in range(1, 11)]
+        self.assertOnce("raw_readings", ["_source_file", "id"], expected)
+        # a lost state file: the same; --start-at now is the way out, per file
+        os.remove(os.path.join(self.env()["STATE_DIR"], up.STATE_FILE))
+        self.run_once(self.glob_config(), expect=1)
+        self.assertOnce("raw_readings", ["_source_file", "id"], expected)
+        self.run_once(self.glob_config(), "--start-at", "now")
+        self.insert(self.path("sensor-b.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.run_once(self.glob_config())
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        expected + [("sensor-b.db", 11), ("sensor-b.db", 12)])
+
+    def test_new_file_starts_after_a_lost_state_while_the_others_are_refused(self):
+        # the check is per file: a new file holds no rows in the table, whatever the
+        # other files of the node hold there
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        self.run_once(self.glob_config())
+        os.remove(os.path.join(self.env()["STATE_DIR"], up.STATE_FILE))
+        self.logger_file("sensor-0.db", count=3)
+        err = self.run_once(self.glob_config(), expect=1)
+        self.assertEqual(len([x for x in err.splitlines() if x.startswith("error:")]), 2)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-a.db", "sensor-b.db") for i in range(1, 11)]
+                        + [("sensor-0.db", i) for i in range(1, 4)])
+
+    def test_new_file_in_a_table_fed_by_others_starts_from_its_beginning(self):
+        self.logger_file("sensor-a.db")
+        config = self.glob_config()
+        self.run_once(config)
+        self.logger_file("sensor-b.db", count=5)
+        self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-a.db", i) for i in range(1, 11)] +
+                        [("sensor-b.db", i) for i in range(1, 6)])
+
+
 class StatusTest(SourcesTestCase):
     """--status and --status --json: one line per source."""
 
@@ -652,6 +814,30 @@ class WarehouseTest(SourcesTestCase):
         batches = {r["_batch_id"] for r in self.warehouse.rows("main.sensors.raw_readings",
                                                                "id")}
         self.assertEqual(len(batches), 2)
+
+
+    def test_lost_state_refuses_each_file_whose_rows_the_table_holds(self):
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        env = self.warehouse_env(DATABRICKS_VOLUME="none")
+        code, _, err = run_main(["--config", self.config([{
+            "sqlite": self.path("sensor-*.db"), "tables": ["readings"]}]), "--once"], env)
+        self.assertEqual(code, 0, err)
+        os.remove(os.path.join(self.path("state"), up.STATE_FILE))
+        self.logger_file("sensor-0.db", count=3)
+        mixed = self.config([
+            {"sqlite": self.path("sensor-a.db"), "tables": ["readings"], "start_at": "now"},
+            {"sqlite": self.path("sensor-[0b].db"), "tables": ["readings"]}])
+        code, _, err = run_main(["--config", mixed, "--once"], env)
+        self.assertEqual(code, 1, err)
+        (refused,) = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertIn("sensor-b.db table readings: state: raw_readings already holds 10 rows",
+                      refused)
+        got = collections.Counter((r["_source_file"], r["id"]) for r in
+                                  self.warehouse.rows("main.sensors.raw_readings", "id"))
+        self.assertEqual(got, collections.Counter(
+            [(f, i) for f in ("sensor-a.db", "sensor-b.db") for i in range(1, 11)] +
+            [("sensor-0.db", i) for i in range(1, 4)]))
 
 
 class ZerobusTest(SourcesTestCase):
