@@ -2871,9 +2871,10 @@ class Sink:
         """Rows of node `source_id` in `table` (0 when the table does not exist)."""
         raise NotImplementedError
 
-    def count_file_rows(self, table, source_id, source_file):
+    def count_file_rows(self, table, source_id, source_file, sent=()):
         """{batch id: rows} of node `source_id`'s rows from file `source_file` (their
-        `_source_file`, a base name) in `table`; {} when there are none."""
+        `_source_file`, a base name) in `table`, but for batches of a prefix in `sent`
+        (see batch_prefix); {} when there are none."""
         raise NotImplementedError
 
     def read_keys(self, table, source_id, names):
@@ -2918,6 +2919,20 @@ class Sink:
 
 
 SINKS = {}
+
+
+BATCH_SEQ = re.compile(r"(-backfill)?-\d+(\.\d+/\d+)?$")  # a batch id after its prefix
+
+
+def batch_prefix(batch_id):
+    """What the batch ids of one position share: the state id and, among many sources,
+    the position's tag (without the stream, the sequence number and the part)."""
+    return BATCH_SEQ.sub("", batch_id)
+
+
+def unsent(counts, sent):
+    """{batch id: rows} of `counts` (pairs) but for batches of a prefix in `sent`."""
+    return {batch_id: n for batch_id, n in counts if batch_prefix(batch_id) not in sent}
 
 
 def register_sink(cls):
@@ -3102,13 +3117,13 @@ class DeltaSink(Sink):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
 
-    def count_file_rows(self, table, source_id, source_file):
+    def count_file_rows(self, table, source_id, source_file, sent=()):
         found = self._open(table)
         if found is None or "_source_file" not in {f.name for f in found.schema().fields}:
             return {}  # (written before rows said their file)
-        return dict(self._select(
+        return unsent(self._select(
             table, source_id, '"_batch_id", count(*)', "counting rows",
-            f'AND "_source_file" = {text_literal(source_file)} GROUP BY "_batch_id"'))
+            f'AND "_source_file" = {text_literal(source_file)} GROUP BY "_batch_id"'), sent)
 
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
@@ -4057,13 +4072,13 @@ class DatabricksSink(Sink):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
 
-    def count_file_rows(self, table, source_id, source_file):
+    def count_file_rows(self, table, source_id, source_file, sent=()):
         try:
-            return dict(self._rows(
+            return unsent(self._rows(
                 f"SELECT `_batch_id`, count(*) FROM {self.target(table)} WHERE "
                 "`_source_id` = :source_id AND `_source_file` = :source_file "
                 "GROUP BY `_batch_id`", {"source_id": source_id, "source_file": source_file},
-                f"counting rows in {table}"))
+                f"counting rows in {table}"), sent)
         except SinkError as exc:
             if "UNRESOLVED_COLUMN" not in str(exc):
                 raise
@@ -5229,12 +5244,13 @@ class ZerobusSink(Sink):
             return 0
         return self.through_warehouse().count_rows(table, source_id)
 
-    def count_file_rows(self, table, source_id, source_file):
+    def count_file_rows(self, table, source_id, source_file, sent=()):
         """As count_rows: without a SQL warehouse none, said in a line."""
         if self.warehouse is None:
             self.count_rows(table, source_id)  # (says it cannot count)
             return {}
-        return self.through_warehouse().count_file_rows(table, source_id, source_file)
+        return self.through_warehouse().count_file_rows(table, source_id, source_file,
+                                                        sent)
 
     def read_keys(self, table, source_id, names):
         return self.through_warehouse("reading keys").read_keys(table, source_id, names)
@@ -5493,13 +5509,14 @@ class LandingSink(Sink):
         DataFusion; with `newest`, its newest file only), [] when there are none."""
         return self._query(table, source_id, f"SELECT {what} FROM t", doing, newest)[1]
 
-    def _query(self, table, source_id, sql, doing, newest=False):
+    def _query(self, table, source_id, sql, doing, newest=False, keep=None):
         """(Arrow schema, rows) of `sql` over table t, the node's landed files;
         (None, []) when there are none."""
         import shutil
         import tempfile
         from deltalake import QueryBuilder
         names = [name for name, _ in self.landed(table, source_id)][-1 if newest else 0:]
+        names = [name for name in names if keep is None or keep(name)]
         if not names:
             return None, []
         folder = tempfile.mkdtemp(prefix="uploader-landed-")
@@ -5540,10 +5557,12 @@ class LandingSink(Sink):
         rows = self._select(table, source_id, "count(*)", "counting rows")
         return rows[0][0] if rows else 0
 
-    def count_file_rows(self, table, source_id, source_file):
+    def count_file_rows(self, table, source_id, source_file, sent=()):
+        """(Only the files of batches not `sent` are read: a file is a batch.)"""
         return dict(self._query(
             table, source_id, 'SELECT "_batch_id", count(*) FROM t WHERE "_source_file" = '
-            f'{text_literal(source_file)} GROUP BY "_batch_id"', "counting rows")[1])
+            f'{text_literal(source_file)} GROUP BY "_batch_id"', "counting rows",
+            keep=lambda name: batch_prefix(name.removesuffix(".parquet")) not in sent)[1])
 
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
@@ -6730,9 +6749,6 @@ def start_route(job):
                  "beginning", job.table)
 
 
-BATCH_SEQ = re.compile(r"(-backfill)?-\d+(\.\d+/\d+)?$")  # a batch id after its prefix
-
-
 def unexplained_rows(job):
     """Rows of this node in the job's target table that the state cannot account for:
     with one source, all of them (the table is new to the state); among many, those
@@ -6745,9 +6761,8 @@ def unexplained_rows(job):
     sent = {"-".join(filter(None, (state_id, pos.get("tag"))))
             for key, pos in job.checkpoint.data["destinations"].items()
             if key.startswith(table)}
-    found = job.sink.count_file_rows(job.table, job.config.source_id,
-                                     job.sink.identity.source_file)
-    return sum(n for batch_id, n in found.items() if BATCH_SEQ.sub("", batch_id) not in sent)
+    return sum(job.sink.count_file_rows(job.table, job.config.source_id,
+                                        job.sink.identity.source_file, sent).values())
 
 
 def open_job(config, reset_state, stop, environ=None, recover=False):

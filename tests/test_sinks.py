@@ -219,6 +219,10 @@ class SinkContract:
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "b'.db"), {"s1-2": 1})
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-b", "a.db"), {"s1-5": 1})
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-b", "b'.db"), {})
+        # the batches of positions the state knows (by prefix) are not counted
+        self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s1"}), {})
+        self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s2"}),
+                         {"s1-1": 3})
 
     def test_recover_position_after_the_last_batch(self):
         sink = self.sink()
@@ -409,10 +413,10 @@ class JsonLinesSink(up.Sink):
     def count_rows(self, table, source_id):
         return sum(len(rows) for _, rows in self.batches(table, source_id))
 
-    def count_file_rows(self, table, source_id, source_file):
-        return dict(collections.Counter(
+    def count_file_rows(self, table, source_id, source_file, sent=()):
+        return up.unsent(collections.Counter(
             r["_batch_id"] for _, rows in self.batches(table, source_id) for r in rows
-            if r.get("_source_file") == source_file))
+            if r.get("_source_file") == source_file).items(), sent)
 
     def read_keys(self, table, source_id, names):
         return {tuple(r.get(n) for n in names) for _, rows in self.batches(table, source_id)
