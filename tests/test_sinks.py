@@ -773,6 +773,17 @@ class LandingSinkTest(SinkContract, TempDirTestCase):
                            state_dir=self.path("state"), **settings)
         return up.check_target(up.validate_config(config))
 
+    def test_count_file_rows_reads_only_the_files_of_batches_not_sent(self):
+        """A file is a batch: those of positions the state knows are not downloaded (a
+        new file in a table other files feed must not read the node's whole history)."""
+        self.write_all(self.sink(source_file="a.db"))
+        self.service.requests.clear()
+        sink = self.sink()
+        self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s1"}), {})
+        self.assertEqual([r for r in self.service.requests if r[0] == "GET" and
+                          r[1].endswith(".parquet")], [])
+        self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db"), {"s1-1": 3})
+
     def landed(self, table):
         return self.service.ingest(f"{VOLUME}/{table}")
 
