@@ -2874,7 +2874,8 @@ class Sink:
     def count_file_rows(self, table, source_id, source_file, sent=()):
         """{batch id: rows} of node `source_id`'s rows from file `source_file` (their
         `_source_file`, a base name) in `table`, but for batches of a prefix in `sent`
-        (see batch_prefix); {} when there are none."""
+        (see batch_prefix); {} when there are none. Rows of versions before
+        `_source_file` (NULL there, or no such column) may be of any file: they count."""
         raise NotImplementedError
 
     def read_keys(self, table, source_id, names):
@@ -3119,11 +3120,11 @@ class DeltaSink(Sink):
 
     def count_file_rows(self, table, source_id, source_file, sent=()):
         found = self._open(table)
-        if found is None or "_source_file" not in {f.name for f in found.schema().fields}:
-            return {}  # (written before rows said their file)
-        return unsent(self._select(
-            table, source_id, '"_batch_id", count(*)', "counting rows",
-            f'AND "_source_file" = {text_literal(source_file)} GROUP BY "_batch_id"'), sent)
+        named = found is not None and "_source_file" in {f.name for f in found.schema().fields}
+        where = (f'AND ("_source_file" = {text_literal(source_file)} OR "_source_file" IS '
+                 'NULL)') if named else ""
+        return unsent(self._select(table, source_id, '"_batch_id", count(*)',
+                                   "counting rows", f'{where} GROUP BY "_batch_id"'), sent)
 
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
@@ -4073,16 +4074,21 @@ class DatabricksSink(Sink):
         return rows[0][0] if rows else 0
 
     def count_file_rows(self, table, source_id, source_file, sent=()):
+        where = "AND (`_source_file` = :source_file OR `_source_file` IS NULL) "
         try:
-            return unsent(self._rows(
-                f"SELECT `_batch_id`, count(*) FROM {self.target(table)} WHERE "
-                "`_source_id` = :source_id AND `_source_file` = :source_file "
-                "GROUP BY `_batch_id`", {"source_id": source_id, "source_file": source_file},
-                f"counting rows in {table}"), sent)
+            return self._count_batches(table, source_id, source_file, sent, where)
         except SinkError as exc:
             if "UNRESOLVED_COLUMN" not in str(exc):
                 raise
-            return {}  # (a table written before rows said their file)
+            # a table of versions before _source_file: its rows may be of any file
+            return self._count_batches(table, source_id, source_file, sent, "")
+
+    def _count_batches(self, table, source_id, source_file, sent, where):
+        return unsent(self._rows(
+            f"SELECT `_batch_id`, count(*) FROM {self.target(table)} WHERE `_source_id` = "
+            f":source_id {where}GROUP BY `_batch_id`",
+            {"source_id": source_id, "source_file": source_file}, f"counting rows in {table}"),
+            sent)
 
     def read_keys(self, table, source_id, names):
         rows = self._select(table, source_id, ", ".join(map(quote_name, names)),
@@ -5560,8 +5566,9 @@ class LandingSink(Sink):
     def count_file_rows(self, table, source_id, source_file, sent=()):
         """(Only the files of batches not `sent` are read: a file is a batch.)"""
         return dict(self._query(
-            table, source_id, 'SELECT "_batch_id", count(*) FROM t WHERE "_source_file" = '
-            f'{text_literal(source_file)} GROUP BY "_batch_id"', "counting rows",
+            table, source_id, 'SELECT "_batch_id", count(*) FROM t WHERE ("_source_file" = '
+            f'{text_literal(source_file)} OR "_source_file" IS NULL) GROUP BY "_batch_id"',
+            "counting rows",
             keep=lambda name: batch_prefix(name.removesuffix(".parquet")) not in sent)[1])
 
     def read_keys(self, table, source_id, names):

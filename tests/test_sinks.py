@@ -219,6 +219,9 @@ class SinkContract:
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "b'.db"), {"s1-2": 1})
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-b", "a.db"), {"s1-5": 1})
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-b", "b'.db"), {})
+        # rows of a version before _source_file (NULL there) may be of any file
+        self.write_all(self.sink("node-b", "s4"), after=[3], seq=6)
+        self.assertEqual(sink.count_file_rows(self.TABLE, "node-b", "b'.db"), {"s1-7": 1})
         # the batches of positions the state knows (by prefix) are not counted
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s1"}), {})
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s2"}),
@@ -416,7 +419,7 @@ class JsonLinesSink(up.Sink):
     def count_file_rows(self, table, source_id, source_file, sent=()):
         return up.unsent(collections.Counter(
             r["_batch_id"] for _, rows in self.batches(table, source_id) for r in rows
-            if r.get("_source_file") == source_file).items(), sent)
+            if r.get("_source_file") in (source_file, None)).items(), sent)
 
     def read_keys(self, table, source_id, names):
         return {tuple(r.get(n) for n in names) for _, rows in self.batches(table, source_id)

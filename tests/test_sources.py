@@ -840,6 +840,28 @@ class WarehouseTest(SourcesTestCase):
             [("sensor-0.db", i) for i in range(1, 4)]))
 
 
+    def test_rows_of_a_version_before_source_file_count_for_every_file(self):
+        # the node's rows in a table written before rows said their file (no
+        # _source_file column) may be of any file: each file new to the state is refused
+        self.warehouse.query(
+            'CREATE TABLE "main.sensors.raw_readings" (id BIGINT, "timestamp" TIMESTAMP '
+            "WITH TIME ZONE, sensor VARCHAR, value DOUBLE, _source_id VARCHAR, _batch_id "
+            "VARCHAR, _uploaded_at TIMESTAMP WITH TIME ZONE, _rescued_data VARCHAR)")
+        self.warehouse.query(
+            "INSERT INTO \"main.sensors.raw_readings\" (id, _source_id, _batch_id) VALUES "
+            "(1, 'node-1', 'f00d-1'), (2, 'node-1', 'f00d-1'), (1, 'node-2', 'beef-1')")
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        code, _, err = run_main(["--config", self.config([{
+            "sqlite": self.path("sensor-*.db"), "tables": ["readings"]}]), "--once"],
+            self.warehouse_env(DATABRICKS_VOLUME="none"))
+        self.assertEqual(code, 1, err)
+        refused = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(refused), 2, err)
+        self.assertIn("already holds 2 rows", refused[0])
+        self.assertEqual(len(self.warehouse.rows("main.sensors.raw_readings", "id")), 3)
+
+
 class ZerobusTest(SourcesTestCase):
     """Many sources to Zerobus Ingest (tests/zerobus_fake.py)."""
 
