@@ -7077,18 +7077,23 @@ class Sources:
                 f"if it is {old} renamed while no uploader ran (and changed), its rows are "
                 "in the target under the old name: rename it back, or give it start_at: "
                 "now (--start-at now) to upload only rows added from now on; if it is "
-                f"another file, it is read once {old} is forgotten (FORGET_AFTER)"))
+                f"another file, it is read once the positions of {old} are forgotten "
+                f"(FORGET_AFTER after {old} is gone)"))
         return False
 
     def has_rows_uploaded(self, spec, conn, path, positions):
         """True when file `path` has, for each position, the row uploaded at its cursor
-        (the row marked in the position), or the position sent nothing."""
+        (the row marked in the position; before the first batch landed, the row at the end
+        of the batch in flight), or the position sent nothing."""
         try:
             tables = {t["name"]: t for t in spec_tables(spec, conn, path)[0]}
             for pos in positions:
                 cursor, mark = decode_cursor(pos["cursor"]), pos.get("cursor_row")
                 if cursor is None and not pos["inflight"]:
                     continue
+                if cursor is None:
+                    flight = pos["inflight"]
+                    cursor, mark = decode_cursor(flight["cursor_end"]), flight.get("cursor_row")
                 table = tables.get(pos["source"]["table"])
                 if cursor is None or mark is None or table is None:
                     return False

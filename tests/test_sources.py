@@ -923,6 +923,21 @@ class CrashTest(SourcesTestCase):
                            if "state: in-flight batch" in line]
                 self.assertIn(len(settled), (1, 2), done.stderr)
 
+    def test_kill_in_the_first_batch_then_renamed_while_down(self):
+        # killed after the first batch's commit, before the checkpoint: no cursor yet, a
+        # batch in flight; renamed while down, the file is recognised by the row at the
+        # end of that batch, and the batch is settled, not sent again
+        self.logger_file("sensor-0.db", count=20)
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}],
+                             batch_size=7)
+        died = run_driver("delta-after", 1, ["--config", config, "--once"], self.env())
+        self.assertEqual(died.returncode, -9, died.stderr)
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        done = run_driver("none", 0, ["--config", config, "--once"], self.env())
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("renamed while no uploader", done.stderr)
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 21)])
+
     def test_signal_mid_cycle_exits_0_and_the_next_run_goes_on(self):
         # the signal lands while the main thread waits for the two workers: each
         # finishes the batch it has, no new one starts, nothing is left in flight
