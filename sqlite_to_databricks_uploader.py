@@ -84,13 +84,55 @@ JEMALLOC_SETTING = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 # === Errors ==========================================================================
 
+# Secret values redact() replaces: the secret settings, the environment's secrets and the
+# tokens the process obtains as it runs (a Zerobus table token, an OAuth token from
+# databricks-sdk). Shorter values are left alone: they occur by chance in any message, and
+# no real credential is that short.
+SECRETS = set()
+MIN_SECRET = 6
+REDACTED = "[REDACTED]"
+# Secrets in shapes that need not be known first: a URL's user:password@ (a
+# DATABRICKS_HOST, an AWS_ENDPOINT_URL; deltalake's errors carry the URL), an
+# Authorization value a service echoes, credentials in a query string (a presigned S3
+# URL, an Azure SAS), a form or a JSON reply, a personal access token.
+SECRET_SHAPES = (
+    (re.compile(r"[^\s/@:'\"<>()\[\]]+:[^\s/@'\"<>()\[\]]*@(?=[\w\[])"), REDACTED + "@"),
+    (re.compile(r"\b(Bearer|Basic)\s+[\w.~+/=-]{6,}", re.I), r"\1 " + REDACTED),
+    (re.compile(r"\b(sig|signature|x-amz-signature|x-amz-security-token|access_token|"
+                r"refresh_token|id_token|client_secret|password|token)=[^&\s'\"<>]+", re.I),
+     r"\1=" + REDACTED),
+    (re.compile(r'"(access_token|refresh_token|id_token|client_secret|password|token)"'
+                r'\s*:\s*"[^"]*"', re.I), r'"\1": "' + REDACTED + '"'),
+    (re.compile(r"\bdapi[0-9a-f]{32}(-\d+)?\b"), REDACTED))
+
+
+def remember_secret(*values):
+    """Have redact() replace these values from now on (a token as it is obtained)."""
+    for value in values:
+        value = value.strip() if isinstance(value, str) else ""
+        if len(value) >= MIN_SECRET:
+            SECRETS.update({value, urllib.parse.quote(value, safe="")})
+
+
+def redact(text):
+    """`text` with each secret in it replaced by [REDACTED]: the values remembered
+    (longest first: a secret that holds another goes whole) and SECRET_SHAPES. Every
+    error message and log line goes through it."""
+    for secret in sorted(SECRETS, key=len, reverse=True):  # a copy: threads add tokens
+        text = text.replace(secret, REDACTED)
+    for shape, replacement in SECRET_SHAPES:
+        text = shape.sub(replacement, text)
+    return text
+
+
 class UploaderError(Exception):
-    """An expected failure, reported as one line; `exit_code` says how to exit."""
+    """An expected failure, reported as one line; `exit_code` says how to exit.
+    Its text is redacted wherever it goes: stderr, logs, the state and status files."""
 
     exit_code = EXIT_FAILED
 
     def __str__(self):
-        return " ".join(super().__str__().split())  # one line, whatever the cause said
+        return redact(" ".join(super().__str__().split()))  # one line, whatever the cause said
 
 
 class ConfigError(UploaderError):
@@ -632,6 +674,9 @@ def validate_config(config):
         updates["databricks_host"] = normalize_host(config.databricks_host)
         if not updates["databricks_host"]:
             bad("databricks_host", "must name a workspace host")
+        if "@" in updates["databricks_host"]:  # it would be in logs, status and state
+            bad("databricks_host", "must be a host name without a user or password: put "
+                "the token in DATABRICKS_TOKEN")
         if re.match(r"\s*http://", config.databricks_host, re.I) and \
                 not is_loopback(updates["databricks_host"]):
             bad("databricks_host", "must be https:// (plain http:// only for a test "
@@ -772,6 +817,8 @@ def config_as_dict(config):
         value = getattr(config, name)
         if setting.secret and value:
             value = "(set, redacted)"
+        elif isinstance(value, str):
+            value = redact(value)  # a URL may carry a user:password@
         out[name] = {"value": value, "source": config.origin(name)}
     return out
 
@@ -788,7 +835,7 @@ def format_config(config):
             shown = json.dumps(value, sort_keys=True)
         else:
             shown = "(not set)" if value in (None, ()) else str(value)
-        lines.append(f"{name:<{width}} = {shown}  [{config.origin(name)}]")
+        lines.append(f"{name:<{width}} = {redact(shown)}  [{config.origin(name)}]")
     return "\n".join(lines)
 
 
@@ -4705,10 +4752,7 @@ def is_network_error(exc):
 
 def databricks_error(what, exc, config):
     """A SinkError from a connector failure: transient ones are retried, others say why."""
-    text = first_line(exc)
-    for secret in (config.databricks_token, config.databricks_client_secret):
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
+    text = first_line(exc)  # redacted with the SinkError's text
     kind = error_kind(exc)
     hint = databricks_hint(exc, config) if kind == PERMANENT else ""
     if any(type(c).__name__ == "MaxRetryDurationError" for c in error_causes(exc)):
@@ -4775,14 +4819,12 @@ def http_reason(body, sep=": "):
     return sep.join(filter(None, (code, message))) or text[:300]
 
 
-def http_error(what, status, headers, body, config, hint="", sep=": "):
-    """A SinkError for an HTTP error reply, with the service's reason (the configured
-    secrets redacted) and `hint`: 429 and 5xx (but 501) are transient, the rest
-    permanent (the request must change); `retry_after`: the Retry-After it came with."""
+def http_error(what, status, headers, body, hint="", sep=": "):
+    """A SinkError for an HTTP error reply, with the service's reason (secrets redacted,
+    as in every SinkError: a service may echo the request's token) and `hint`: 429 and
+    5xx (but 501) are transient, the rest permanent (the request must change);
+    `retry_after`: the Retry-After it came with."""
     reason = http_reason(body, sep)
-    for secret in (config.databricks_client_secret, config.databricks_token):
-        if secret:
-            reason = reason.replace(secret, "[REDACTED]")
     error = SinkError(f"sink: {what} failed: HTTP {status}" + (f" {reason}" if reason else "")
                       + hint, transient=status == 429 or status >= 500 and status != 501)
     error.retry_after = retry_after(headers)
@@ -4844,7 +4886,9 @@ class WorkspaceCredentials:
         """Authorization headers for one request (the SDK refreshes when due)."""
         if self._headers is None:
             self._headers = self._authenticate()
-        return self._headers()
+        headers = self._headers()
+        remember_secret(*(value.partition(" ")[2] for value in headers.values()))
+        return headers
 
     def refresh(self):
         """Forget the token: the next request gets a new one."""
@@ -4860,7 +4904,10 @@ class WorkspaceCredentials:
                             client_secret=cfg.databricks_client_secret)
         if cfg.databricks_config_profile:
             settings["profile"] = cfg.databricks_config_profile
-        return Config(**settings).authenticate
+        found = Config(**settings)
+        remember_secret(found.client_secret, found.token, found.password,  # a profile's
+                        found.azure_client_secret)
+        return found.authenticate
 
     def connector(self, module):
         """The DB-API module, its connect and statements retried once with a new token."""
@@ -5170,7 +5217,7 @@ class ZerobusSink(Sink):
                 "POST", url, body, headers(), self.TIMEOUT, what), renew, renewed)
             if 200 <= status < 300:
                 return reply
-            raise http_error(what, status, answer, reply, self.config,
+            raise http_error(what, status, answer, reply,
                              ZEROBUS_HINTS.get(status, ""))
 
         return self.retry(attempt, what=what, is_transient=is_transient_sink_error,
@@ -5182,6 +5229,7 @@ class ZerobusSink(Sink):
         token, expiry = self._tokens.get(table, (None, 0.0))
         if token is None or self.clock() >= expiry:
             token, lifetime = self._fetch_token(table)
+            remember_secret(token)  # a service or proxy may echo it in an error
             expiry = self.clock() + max(lifetime - self.TOKEN_EARLY, lifetime / 2)
             self._tokens[table] = (token, expiry)
         return token
@@ -5204,6 +5252,7 @@ class ZerobusSink(Sink):
             "authorization_details": json.dumps(details)}).encode()
         basic = base64.b64encode(f"{cfg.databricks_client_id}:"
                                  f"{cfg.databricks_client_secret}".encode()).decode()
+        remember_secret(basic)  # as good as the secret, if a proxy quotes it
         what = f"getting a Zerobus token for {self.fqn(table)}"
         reply = self._request(self.token_url, form, lambda: {
             "Authorization": f"Basic {basic}",
@@ -5353,6 +5402,9 @@ def zerobus_url(config):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"config: zerobus_endpoint must be a host name or an https:// "
                           f"URL {where}")
+    if "@" in parts.netloc:  # it would be in logs, status and state
+        raise ConfigError(f"config: zerobus_endpoint must not carry a user or password "
+                          f"{where}")
     if parts.scheme == "http" and not is_loopback(parts.netloc):
         raise ConfigError(f"config: zerobus_endpoint must use https:// (plain http:// only "
                           f"for a loopback host) {where}")
@@ -5762,7 +5814,7 @@ class FilesApi:
                                              self.renew, renewed)
             if status < 300 or (status == 404 and missing_ok):
                 return status, headers, body
-            raise http_error(what, status, headers, body, self.config, sep=" ",
+            raise http_error(what, status, headers, body, sep=" ",
                              hint=FILES_API_HINTS.get(status, "").format(
                                  volume=self.config.databricks_volume))
 
@@ -7949,16 +8001,15 @@ def demo_summary(config, job):
 class Formatter(logging.Formatter):
     """Text or JSON log lines, UTC times, secrets replaced."""
 
-    def __init__(self, json_lines, secrets):
+    def __init__(self, json_lines):
         super().__init__()
-        self.json_lines, self.secrets = json_lines, [s for s in secrets if s]
+        self.json_lines = json_lines
 
     def format(self, record):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
-        for secret in self.secrets:
-            message = message.replace(secret, "[REDACTED]")
+        message = redact(message)
         when = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
         stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         if self.json_lines:
@@ -7979,13 +8030,34 @@ class ProgressHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def setup_logging(level="INFO", json_lines=False, secrets=()):
+def setup_logging(level="INFO", json_lines=False):
     """Log to stderr in the chosen format."""
     handler = ProgressHandler(sys.stderr, Progress(sys.stderr))
-    handler.setFormatter(Formatter(json_lines, secrets))
+    handler.setFormatter(Formatter(json_lines))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+# Environment variables whose values are secrets (AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN, AZURE_STORAGE_SAS_KEY, AZURE_CLIENT_SECRET, ...): deltalake and the
+# SDKs read them themselves, and may quote them in an error
+SECRET_VARIABLE = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|_KEY)$", re.I)
+
+
+def remember_secrets(config, environ):
+    """Have redact() know the run's secrets before anything is logged: the secret
+    settings, the secret-named environment variables, and the password of each
+    user:password@ in a setting or variable (an error may quote it without the user)."""
+    SECRETS.clear()  # one run's (main() may run many times in one process: tests)
+    remember_secret(*(getattr(config, name) for name, setting, _ in config_fields()
+                      if setting.secret))
+    remember_secret(*(value for name, value in environ.items()
+                      if SECRET_VARIABLE.search(name)))
+    texts = [*environ.values(), *(str(getattr(config, name) or "")
+                                  for name, _, _ in config_fields())]
+    remember_secret(*(password for text in texts
+                      for password in re.findall(r"[^\s/@:]+:([^\s/@]+)@", text)))
 
 
 GROUP_TITLES = {"source": "source (SQLite)", "state": "state", "loop": "schedule",
@@ -8088,8 +8160,8 @@ def main(argv=None, environ=None):
         if args.demo:
             apply_demo_defaults(args, environ)
         config = load_config(args, environ)
-        setup_logging(config.log_level, config.log_format == "json",
-                      [config.databricks_token, config.databricks_client_secret])
+        remember_secrets(config, environ)
+        setup_logging(config.log_level, config.log_format == "json")
         if args.print_config:
             print(json.dumps(config_as_dict(config), indent=1) if args.json
                   else format_config(config))

@@ -32,6 +32,8 @@ Faults a test plans (thread-safe, each consumed once):
 - `plan("drop_reply", method, match)`: carry the request out (a PUT stores the file),
   then close the connection without answering.
 `requests` logs (method, path, status) of every request.
+`echo = True` makes every JSON error reply quote the request's bearer token in its
+message, as some proxies and gateways do: the uploader must not print it.
 
 What the real service does not check but its consumer does: `ingest(folder)` reads
 every landed Parquet file under a route's folder as the ingestion job would (DuckDB,
@@ -81,6 +83,7 @@ class FilesApi:
         self.faults = []
         self.requests = []
         self.page_size = PAGE_SIZE
+        self.echo = False  # error replies quote the request's token
         self.lock = threading.Lock()
         self.server = Server(("127.0.0.1", 0), make_handler(self))
         self.server.daemon_threads = True
@@ -270,6 +273,11 @@ def make_handler(service):
             pass
 
         def answer(self, status, body=b"", headers=None):
+            if service.echo and status >= 400 and body.startswith(b"{"):
+                found = json.loads(body)
+                token = self.headers.get("Authorization", "").partition(" ")[2]
+                found["message"] = f"{found.get('message', '')} (request token {token})"
+                body = json.dumps(found).encode()
             with service.lock:
                 service.requests.append((self.command, self.path, status))
             self.send_response(status)

@@ -302,6 +302,89 @@ class RunTest(CliTestCase):
         self.assertTrue(errors[0].startswith("error: "), err)
 
 
+# What deltalake 1.x raises for s3://bucket/lake/raw_r with AWS_ENDPOINT_URL=
+# http://ak:endpointPass99@127.0.0.1:9000 when the store refuses the keys (the layout of
+# a recorded one; object_store quotes the URL it tried, user:password@ included)
+STORE_ERROR = ("Kernel error -> Generic S3 error\n  \x1b[31m\u21b3\x1b[0m Error performing GET "
+               "http://ak:endpointPass99@127.0.0.1:9000/bucket/lake/raw_r/_delta_log/"
+               "_last_checkpoint in 2.1ms - Server returned non-2XX status code: 403 "
+               "Forbidden: <Error><Code>AccessDenied</Code></Error>\n")
+
+
+class SecretsTest(CliTestCase):
+    """No secret in stderr, logs (text or JSON), --print-config or the state file, in
+    whatever text a library or a service hands back; the reason stays readable."""
+
+    def test_a_host_with_a_password_is_refused_without_printing_it(self):
+        env = self.base_env(SQLITE_PATH=self.db, DELTA_URI="",
+                            DATABRICKS_HOST="https://edge:hostPassw0rd@" + HOST,
+                            DATABRICKS_TOKEN=TOKEN)
+        for argv in (["--once"], ["--print-config"], ["--print-config", "--json"]):
+            with self.subTest(argv=argv):
+                code, out, err = run_main(argv, env)
+                self.assertEqual(code, 2, err)
+                line = self.assertOneErrorLine(err)
+                self.assertIn("databricks_host must be a host name without a user or "
+                              "password", line)
+                self.assertIn("[REDACTED]@" + HOST, line)
+                self.assertNotIn("hostPassw0rd", out + err)
+        self.assertNothingWritten()
+
+    def test_a_store_error_quoting_a_password_in_the_endpoint_url_is_redacted(self):
+        env = self.base_env(SQLITE_PATH=self.db, DELTA_URI="s3://bucket/lake",
+                            AWS_ENDPOINT_URL="http://ak:endpointPass99@127.0.0.1:9000",
+                            AWS_ALLOW_HTTP="true")
+        for log_format in ("text", "json"):
+            with self.subTest(log_format=log_format), \
+                    mock.patch("deltalake.DeltaTable", side_effect=OSError(STORE_ERROR)):
+                code, out, err = self.run_guarded(
+                    ["--once", "--log-level", "DEBUG", "--log-format", log_format], env)
+                self.assertEqual(code, 1, err)
+                self.assertIn("error: sink: reading s3://bucket/lake/raw_r failed: Kernel "
+                              "error -> Generic S3 error", err)
+                self.assertIn("Traceback", err)  # the debug traceback, redacted
+                self.assertIn("http://ak:[REDACTED]@127.0.0.1:9000/bucket", err)
+                self.assertNotIn("endpointPass99", out + err)
+
+    def test_secret_environment_variables_never_reach_a_log_line(self):
+        secret = "AzureSasSig0123456789"
+        env = self.base_env(SQLITE_PATH=self.db, AZURE_STORAGE_SAS_KEY=secret,
+                            SANITIZE_HASH_KEY="hash-key-value-42")
+        real = up.DeltaSink.announce
+
+        def announce(sink):  # a library that quotes its settings in a log line
+            up.log.info("store options: sas=%s hash=%s", secret, "hash-key-value-42")
+            return real(sink)
+
+        with mock.patch.object(up.DeltaSink, "announce", announce):
+            code, out, err = self.run_guarded(["--once"], env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("store options: sas=[REDACTED] hash=[REDACTED]", err)
+        self.assertNotIn(secret, out + err)
+
+    def test_redact_takes_out_the_shapes_of_secrets_and_keeps_the_rest(self):
+        cases = [
+            ("GET https://u:p4ssw0rd@h.example/x failed", "GET https://[REDACTED]@h.example/x failed"),
+            ("HTTP 401 (Authorization: Bearer eyJhbGciOi.abc.def)",
+             "HTTP 401 (Authorization: Bearer [REDACTED])"),
+            ("GET https://b.s3.amazonaws.com/k?X-Amz-Security-Token=IQoJb3JpZ2luX2VjE%2F&"
+             "X-Amz-Signature=0123abcdef&X-Amz-Expires=60 failed",
+             "GET https://b.s3.amazonaws.com/k?X-Amz-Security-Token=[REDACTED]&"
+             "X-Amz-Signature=[REDACTED]&X-Amz-Expires=60 failed"),
+            ("https://a.blob.core.windows.net/c/f?sv=2022-11-02&sp=rw&sig=Zm9vYmFy%3D 403",
+             "https://a.blob.core.windows.net/c/f?sv=2022-11-02&sp=rw&sig=[REDACTED] 403"),
+            ('{"access_token": "opaque-123", "expires_in": 3600}',
+             '{"access_token": "[REDACTED]", "expires_in": 3600}'),
+            ("token dapi0123456789abcdef0123456789abcdef-2 refused",
+             "token [REDACTED] refused"),
+            ("sink: writing raw_r failed: HTTP 503 TEMPORARILY_UNAVAILABLE at 12:30:01",
+             "sink: writing raw_r failed: HTTP 503 TEMPORARILY_UNAVAILABLE at 12:30:01"),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                self.assertEqual(up.redact(text), expected)
+
+
 class NamesRunTest(CliTestCase):
     """The source and target settings steer a real run, in each of the three spellings."""
 

@@ -857,13 +857,18 @@ class LandingSinkTest(SinkContract, TempDirTestCase):
         self.assertEqual(self.slept, [])
         self.assertNotIn("dapi-wrong", str(caught.exception))
 
-    def test_an_expired_oauth_token_is_replaced_once(self):
+    def oauth_sink(self):
+        """A sink of node-a with service principal sp-1 (OAuth through databricks-sdk)."""
         self.service.clients["sp-1"] = "sp-secret"
         config = self.make_config(source_id="node-a", databricks_token=None,
                                   databricks_client_id="sp-1",
                                   databricks_client_secret="sp-secret")
         sink = up.make_sink(config, up.Identity("node-a", "readings", "s1"))
         self.addCleanup(sink.close)
+        return sink
+
+    def test_an_expired_oauth_token_is_replaced_once(self):
+        sink = self.oauth_sink()
         (batch,) = self.batches(sink)
         self.assertFalse(sink.has_committed(self.TABLE, 1, batch.batch_id))
         self.service.expire(self.service.issued[-1])
@@ -871,6 +876,26 @@ class LandingSinkTest(SinkContract, TempDirTestCase):
         self.assertEqual(len(self.service.issued), 2)
         self.assertEqual(self.ids(), [1, 2, 3])
         self.assertEqual(self.slept, [])
+
+    def test_an_oauth_token_the_service_echoes_is_not_printed(self):
+        """A gateway that quotes the request's token in its error: the token
+        databricks-sdk obtained is in neither the error nor the log; the reason is."""
+        self.service.echo = True
+        sink = self.oauth_sink()
+        (batch,) = self.batches(sink)
+        self.service.refuse(403, 2, "PUT", match=".parquet")  # a new token, refused too
+        with self.assertLogs(up.log, "INFO") as logs:
+            with self.assertRaises(up.SinkError) as caught:
+                sink.write(self.TABLE, batch)
+        text = str(caught.exception)
+        self.assertIn("HTTP 403 PERMISSION_DENIED planned refusal (request token "
+                      "[REDACTED])", text)
+        self.assertEqual(len(self.service.issued), 2)
+        formatter = up.Formatter(False)
+        for token in self.service.issued:
+            self.assertNotIn(token, text)
+            for record in logs.records:
+                self.assertNotIn(token, formatter.format(record))
 
     def test_a_volume_that_does_not_exist_is_named(self):
         config = dataclasses.replace(self.make_config(source_id="node-a"),

@@ -307,6 +307,30 @@ class AtStart(ZerobusCase):
         self.assertNotIn("wrong-secret", str(caught.exception))
         self.assertFalse(caught.exception.transient)
 
+    def test_a_token_the_service_echoes_is_not_printed(self):
+        """A proxy that quotes the request's credential in its error: the table's OAuth
+        token (and the Basic client credentials) never reach the error, the log or the
+        state; the service's reason does."""
+        self.create()
+        self.fake.echo = True
+        self.fake.grants["sp-id"] = [f"{DATABASE}.other"]
+        with self.assertRaises(up.SinkError) as caught:
+            self.sink().known_kinds(TABLE)
+        self.assertIn("HTTP 403 PERMISSION_DENIED: The token may not write", str(caught.exception))
+        self.assertIn("request credential [REDACTED]", str(caught.exception))
+        self.assertNotIn("zb-token-1", str(caught.exception))
+        code, out, err = run_main(["--once", "--log-level", "DEBUG"], self.env())
+        self.assertEqual(code, up.EXIT_FAILED)
+        self.assertIn("PERMISSION_DENIED", err)
+        state = json.dumps(read_state(self.path("state")))
+        self.assertIn("PERMISSION_DENIED", state)
+        for token in self.fake.tokens:
+            self.assertNotIn(token, out + err + state)
+        self.fake.clients["sp-id"] = "rotated"  # the token endpoint echoes Basic id:secret
+        code, out, err = run_main(["--once"], self.env())
+        self.assertIn("HTTP 401 invalid_client", err)
+        self.assertNotIn("c3AtaWQ6c3Atc2VjcmV0", out + err)  # base64 of sp-id:sp-secret
+
     def test_a_run_reports_the_refused_table_and_fails(self):
         code, out, err = run_main(["--once"], self.env())
         self.assertEqual(code, up.EXIT_FAILED)

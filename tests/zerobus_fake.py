@@ -23,6 +23,10 @@ Faults are planned with `plan(fault, ...)` and fire on the next insert: "drop_re
 (the rows are stored, the connection closes without an answer; an empty insert does
 not take it), "429", "503" and "expire" (every token expires: the insert gets 401 and a
 new token works); "token_503" fires on the next token request.
+
+`echo = True` makes every error reply quote the request's credential (the Authorization
+value without its scheme: the token, or the Basic client credentials), as some proxies
+and gateways do: the uploader must not print it.
 """
 
 import base64
@@ -61,6 +65,7 @@ class ZerobusFake:
         self.catalog = None  # table -> {column: type} or None: the schemas of tables
         # made or altered elsewhere (through a warehouse), read on each insert
         self.materialize = None  # (table, records): where taken rows become queryable
+        self.echo = False  # error replies quote the request's credential
         self._serial = 0
         self.server = None
 
@@ -289,6 +294,10 @@ class Zerobus(http.server.BaseHTTPRequestHandler):
         else:
             status, reply = 404, error("NOT_FOUND", f"no such endpoint {path}")
         self.service.requests.append((path, status, len(body)))
+        if self.service.echo and status >= 400:
+            credential = self.headers.get("Authorization", "").partition(" ")[2]
+            field = "message" if "message" in reply else "error_description"
+            reply = {**reply, field: f"{reply[field]} (request credential {credential})"}
         if drop:  # committed; the answer is lost with the connection
             self.close_connection = True
             return
