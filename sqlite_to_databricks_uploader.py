@@ -8035,6 +8035,8 @@ def setup_logging(level="INFO", json_lines=False):
     handler = ProgressHandler(sys.stderr, Progress(sys.stderr))
     handler.setFormatter(Formatter(json_lines))
     log.handlers[:] = [handler]
+    if logging.lastResort is not None:  # what libraries' warnings go through: redacted too
+        logging.lastResort.setFormatter(handler.formatter)
     log.setLevel(level)
     log.propagate = False
 

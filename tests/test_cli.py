@@ -1,6 +1,7 @@
 """CLI: main() exit codes, the one `error:` line, --help/--version, and runs end to end."""
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -352,14 +353,16 @@ class SecretsTest(CliTestCase):
                             SANITIZE_HASH_KEY="hash-key-value-42")
         real = up.DeltaSink.announce
 
-        def announce(sink):  # a library that quotes its settings in a log line
+        def announce(sink):  # a line that quotes settings, ours and a library's
             up.log.info("store options: sas=%s hash=%s", secret, "hash-key-value-42")
+            logging.getLogger("urllib3.connectionpool").warning("retrying ?%s", secret)
             return real(sink)
 
         with mock.patch.object(up.DeltaSink, "announce", announce):
             code, out, err = self.run_guarded(["--once"], env)
         self.assertEqual(code, 0, err)
         self.assertIn("store options: sas=[REDACTED] hash=[REDACTED]", err)
+        self.assertIn("WARNING retrying ?[REDACTED]", err)
         self.assertNotIn(secret, out + err)
 
     def test_redact_takes_out_the_shapes_of_secrets_and_keeps_the_rest(self):
