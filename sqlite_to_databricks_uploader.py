@@ -3814,11 +3814,10 @@ class DatabricksSink(Sink):
     # --- connection ----------------------------------------------------------------
 
     def _connect(self):
-        import tempfile
         module = self.connector
         if module is None:
             from databricks import sql as module
-        self._staging_dir = self._staging_dir or tempfile.mkdtemp(prefix="uploader-stage-")
+        self._staging_dir = self._staging_dir or scratch_dir("stage-")
         connector_log = logging.getLogger("databricks.sql")
         if not connector_log.handlers:  # its errors reach stderr raw; ours say it in a line
             connector_log.addHandler(logging.NullHandler())
@@ -4637,13 +4636,11 @@ def copy_into_sql(target, folder, names):
 
 def parquet_bytes(chunks):
     """Arrow record batches as one zstd Parquet file (written by deltalake: no pyarrow)."""
-    import glob
     import shutil
-    import tempfile
     from arro3.core import RecordBatchReader
     from deltalake import WriterProperties, write_deltalake
     data = RecordBatchReader.from_batches(chunks[0].schema, chunks)
-    folder = tempfile.mkdtemp(prefix="uploader-parquet-")
+    folder = scratch_dir("parquet-")
     try:
         write_deltalake(folder, data, mode="overwrite", target_file_size=2**40,
                         writer_properties=WriterProperties(compression="ZSTD"))
@@ -4654,6 +4651,65 @@ def parquet_bytes(chunks):
             return fh.read()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Temporary files (Parquet being encoded, files staged or downloaded) go under one folder
+# per process, <system temp>/uploader-scratch-<pid>, locked for the life of the process: a
+# SIGKILL skips every cleanup, and the next start removes the folders of dead processes
+# only (the kernel drops a dead process's lock; another uploader on the host keeps its own).
+SCRATCH_PREFIX = "uploader-scratch-"
+SCRATCH = {}  # this process's folder: pid, path, the open lock file
+SCRATCH_LOCK = threading.Lock()
+
+
+def scratch_root(base=None):
+    """This process's scratch folder, made and locked on first use (in a forked child
+    too); removed at a normal exit."""
+    import atexit
+    import shutil
+    import tempfile
+    with SCRATCH_LOCK:
+        if SCRATCH.get("pid") == os.getpid():
+            return SCRATCH["path"]
+        base = base or tempfile.gettempdir()
+        path = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}")
+        new = tempfile.mkdtemp(prefix=".uploader-new-", dir=base)  # locked before it
+        lock = open(os.path.join(new, ".lock"), "w")  # gets a name a cleanup looks at
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(path, ignore_errors=True)  # a dead process's that had this pid
+        os.rename(new, path)
+        SCRATCH.update(pid=os.getpid(), path=path, lock=lock)
+        atexit.register(shutil.rmtree, path, True)
+        return path
+
+
+def scratch_dir(prefix):
+    """A new temporary folder in this process's scratch folder (the caller removes it)."""
+    import tempfile
+    return tempfile.mkdtemp(prefix=prefix, dir=scratch_root())
+
+
+def remove_stale_scratch(base=None):
+    """Remove the scratch folders of uploader processes that are gone (their lock is
+    free), never a live one's; one log line says how many. How many were removed."""
+    import shutil
+    import tempfile
+    removed = 0
+    for path in glob.glob(os.path.join(base or tempfile.gettempdir(), SCRATCH_PREFIX + "*")):
+        if path == SCRATCH.get("path") or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process
+                shutil.rmtree(path)
+            removed += 1
+        except OSError:  # locked (BlockingIOError), or gone meanwhile
+            continue
+    if removed:
+        log.info("start: removed %d temporary folder%s left by uploader processes that "
+                 "were killed (in %s)", removed, "" if removed == 1 else "s",
+                 base or tempfile.gettempdir())
+    return removed
 
 
 class UnavailableError(SinkError):
@@ -5571,13 +5627,12 @@ class LandingSink(Sink):
         """(Arrow schema, rows) of `sql` over table t, the node's landed files;
         (None, []) when there are none."""
         import shutil
-        import tempfile
         from deltalake import QueryBuilder
         names = [name for name, _ in self.landed(table, source_id)][-1 if newest else 0:]
         names = [name for name in names if keep is None or keep(name)]
         if not names:
             return None, []
-        folder = tempfile.mkdtemp(prefix="uploader-landed-")
+        folder = scratch_dir("landed-")
         try:
             for name in names:
                 with open(os.path.join(folder, name), "wb") as fh:
@@ -8255,6 +8310,7 @@ def run_job(config, args, environ):
     if not config.sqlite and not config.sources:
         raise ConfigError("config: no SQLite file: set --sqlite, SQLITE_PATH or "
                           "'sqlite' in the YAML file (or try --demo)")
+    remove_stale_scratch()
     config = check_target(config)
     specs = source_specs(config)
     if is_many(config):

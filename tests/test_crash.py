@@ -9,6 +9,7 @@ moments instead of at planted points.
 """
 
 import collections
+import glob
 import itertools
 import json
 import os
@@ -123,7 +124,8 @@ class CrashTestCase(UploadChecks, TempDirTestCase):
     def setUp(self):
         super().setUp()
         self.db = sensor_db(self.path("sensors.db"), self.ROWS_SECONDS, self.SENSORS)
-        self.env = self.base_env()
+        os.makedirs(self.path("tmp"))  # the runs' system temp folder (TMPDIR)
+        self.env = self.base_env(TMPDIR=self.path("tmp"))
         self.argv = ["--sqlite", self.db, "--once", "--batch-size", str(self.BATCH)]
 
     def check_after_kill(self, where, at_batch_boundary=True):
@@ -165,6 +167,7 @@ class CrashTestCase(UploadChecks, TempDirTestCase):
         self.assertTrue(kills, f"the planted hooks never fired: {plan}")
         figures = self.assert_exactly_once(self.db, label=f"{len(kills)} kills, ")
         self.assertEqual(os.listdir(self.path("state")).count(up.STATE_FILE + ".tmp"), 0)
+        self.assertEqual(os.listdir(self.path("tmp")), [], "temporary files left behind")
         hooks = collections.Counter(hook for hook, _ in kills)
         points = ", ".join(f"{hook} x{n}" for hook, n in hooks.items())
         report(self, figures, len(kills), f"kill points {points}, k = 1..{kills[-1][1]}")
@@ -263,7 +266,41 @@ class RandomKillTest(CrashTestCase):
                 added += count
         self.assertTrue(completed, "the last run, never killed, did not complete")
         figures = self.assert_exactly_once(self.db, label=f"{len(kills)} kills, ")
+        self.assertEqual(os.listdir(self.path("tmp")), [], "temporary files left behind")
         report(self, figures, len(kills), f"seed {SEED}, {added} rows added meanwhile")
+
+
+@slow
+class ScratchKillTest(CrashTestCase):
+    """The landing target encodes each batch's Parquet in a temporary folder: runs killed
+    mid-encode leave theirs behind, and the next start removes them (saying so); every
+    row lands once and no temporary folder is left."""
+
+    VOLUME = "/Volumes/main/sensors/landing"
+
+    def test_folders_of_runs_killed_mid_encode_are_removed_at_the_restart(self):
+        from tests import files_api
+        service = files_api.FilesApi(volumes=[self.VOLUME])
+        self.addCleanup(service.close)
+        env = {**self.env, "TARGET": "landing", "DATABRICKS_HOST": f"http://{service.host}",
+               "DATABRICKS_TOKEN": "dapi-files", "DATABRICKS_VOLUME": self.VOLUME}
+        said = []
+        for k in (1, 3):  # deltalake has written the Parquet; it is not read back yet
+            done = run_driver("delta-after", k, self.argv, env)
+            self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr[-3000:])
+            said.append(done.stderr)
+            (left,) = os.listdir(self.path("tmp"))  # this run's: the last one's is gone
+            self.assertRegex(left, r"^uploader-scratch-\d+$")
+            self.assertEqual(len(glob.glob(self.path("tmp", left, "parquet-*", "**",
+                                                     "*.parquet"), recursive=True)), 1)
+        done = run_driver("none", 0, self.argv, env)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        for stderr in said[1:] + [done.stderr]:
+            self.assertIn("removed 1 temporary folder left by uploader processes that were "
+                          "killed", stderr)
+        self.assertEqual(os.listdir(self.path("tmp")), [])
+        landed = service.ingest(f"{self.VOLUME}/{self.table}")
+        self.assertEqual(sorted(r["id"] for r in landed), sorted(source_rows(self.db)))
 
 
 TOTALS = collections.Counter()

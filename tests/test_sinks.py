@@ -1032,3 +1032,61 @@ class LandingRunTest(TempDirTestCase):
                                   {**self.env, "TARGET": "delta", "DATABRICKS_HOST": ""})
         self.assertEqual(code, 2)
         self.assertIn("--print-ingest-sql is for the landing target", err)
+
+# A process that takes its scratch folder, makes a folder in it as parquet_bytes does,
+# says where, then waits for stdin to close (or kills itself: a SIGKILL mid-encode)
+SCRATCH_CHILD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import sqlite_to_databricks_uploader as up
+root = up.scratch_root(sys.argv[2])
+open(os.path.join(up.scratch_dir("parquet-"), "part.parquet"), "wb").write(b"PAR1")
+print(root, flush=True)
+if sys.argv[3] == "die":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.stdin.read()
+"""
+
+
+class ScratchTest(TempDirTestCase):
+    """Temporary folders of killed processes are removed at the next start; a live
+    uploader's (another state dir on the same host) are kept."""
+
+    def child(self, how):
+        import subprocess
+        import sys
+        from tests.helpers import ROOT
+        proc = subprocess.Popen([sys.executable, "-c", SCRATCH_CHILD, ROOT, self.tmp, how],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for cleanup in (proc.wait, proc.stdout.close, proc.stdin.close):
+            self.addCleanup(cleanup)
+        root = proc.stdout.readline().strip()
+        self.assertEqual(root, os.path.join(self.tmp, f"uploader-scratch-{proc.pid}"))
+        return proc, root
+
+    def test_a_dead_process_folder_is_removed_and_a_live_one_kept(self):
+        live, live_root = self.child("wait")
+        dead, dead_root = self.child("die")
+        self.assertEqual(dead.wait(), -signal.SIGKILL)
+        self.assertTrue(glob.glob(os.path.join(dead_root, "parquet-*", "part.parquet")))
+        with self.assertLogs(up.log, "INFO") as logs:
+            self.assertEqual(up.remove_stale_scratch(self.tmp), 1)
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("removed 1 temporary folder left by uploader processes that were "
+                      "killed", logs.output[0])
+        self.assertEqual(os.listdir(self.tmp), [os.path.basename(live_root)])
+        self.assertTrue(glob.glob(os.path.join(live_root, "parquet-*", "part.parquet")))
+        live.stdin.close()  # its exit removes its own folder
+        self.assertEqual(live.wait(), 0)
+        self.assertEqual(os.listdir(self.tmp), [])
+        with self.assertNoLogs(up.log, "INFO"):
+            self.assertEqual(up.remove_stale_scratch(self.tmp), 0)
+
+    def test_a_live_process_killed_later_is_removed_then(self):
+        live, live_root = self.child("wait")
+        self.assertEqual(up.remove_stale_scratch(self.tmp), 0)
+        live.kill()
+        live.wait()
+        self.assertTrue(os.path.isdir(live_root))
+        self.assertEqual(up.remove_stale_scratch(self.tmp), 1)
+        self.assertEqual(os.listdir(self.tmp), [])
