@@ -161,6 +161,7 @@ class Warehouse:
         # None: every catalog.schema exists and every token is good
         self.schemas = None if schemas is None else {x.lower() for x in schemas}
         self.valid_tokens = None if valid_tokens is None else set(valid_tokens)
+        self.echo = False  # a refusal quotes the request's token
         # None: every volume exists; else the c.s.v names that do (CREATE VOLUME adds)
         self.volume_names = None
         self.may_create_volumes = True
@@ -345,11 +346,12 @@ class Warehouse:
         if not value.startswith("Bearer ") or not value[len("Bearer "):]:
             raise unauthorized()
         token = value[len("Bearer "):]
+        quoted = token if self.echo else None
         if callable(self.valid_tokens) and not self.valid_tokens(token):
-            raise unauthorized()
+            raise unauthorized(quoted)
         if self.valid_tokens is not None and not callable(self.valid_tokens) and \
                 token not in self.valid_tokens:
-            raise unauthorized()
+            raise unauthorized(quoted)
 
     def record(self, sql, params, outcome="ok"):
         with open(self.log_path, "a") as fh:
@@ -632,9 +634,11 @@ def merge_keys(sql, params):
                               f"FROM {using.sql('duckdb')}").fetchall())
 
 
-def unauthorized():
+def unauthorized(token=None):
+    """The connector's error for a refused token (quoting it, as some gateways do)."""
     return RequestError("Error during request to server: 401 Unauthorized: Invalid access "
-                        "token.", {"http-code": 401})
+                        "token." + (f" (request token {token})" if token else ""),
+                        {"http-code": 401})
 
 
 def property_dict(properties):

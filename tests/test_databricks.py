@@ -387,6 +387,21 @@ class OAuthTests(WarehouseTestCase):
             for token in self.server.issued:
                 self.assertNotIn(token, out + err)
 
+    def test_a_refused_token_quoted_by_the_warehouse_is_not_printed(self):
+        """A gateway that quotes the refused OAuth token (databricks-sdk's, not a
+        setting): the error line says 401 and why, without the token."""
+        self.warehouse.valid_tokens = lambda token: False
+        self.warehouse.echo = True
+        code, out, err = self.upload(self.readings_db(10), "--log-level", "DEBUG",
+                                     env=self.oauth_env())
+        self.assertEqual(code, 1, err)
+        line = self.error_line(err)
+        self.assertIn("401 Unauthorized: Invalid access token. (request token [REDACTED])",
+                      line)
+        self.assertTrue(self.server.issued)
+        for token in self.server.issued:
+            self.assertNotIn(token, out + err)
+
     def databrickscfg(self, text):
         """A temporary HOME holding ~/.databrickscfg."""
         home = self.path("home")
