@@ -5308,7 +5308,6 @@ class ZerobusSink(Sink):
             "authorization_details": json.dumps(details)}).encode()
         basic = base64.b64encode(f"{cfg.databricks_client_id}:"
                                  f"{cfg.databricks_client_secret}".encode()).decode()
-        remember_secret(basic)  # as good as the secret, if a proxy quotes it
         what = f"getting a Zerobus token for {self.fqn(table)}"
         reply = self._request(self.token_url, form, lambda: {
             "Authorization": f"Basic {basic}",
@@ -8104,11 +8103,15 @@ SECRET_VARIABLE = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|_KEY)$", re.I)
 
 def remember_secrets(config, environ):
     """Have redact() know the run's secrets before anything is logged: the secret
-    settings, the secret-named environment variables, and the password of each
-    user:password@ in a setting or variable (an error may quote it without the user)."""
+    settings (and the client id and secret as HTTP Basic sends them), the secret-named
+    environment variables, and the password of each user:password@ in a setting or
+    variable (an error may quote it without the user)."""
     SECRETS.clear()  # one run's (main() may run many times in one process: tests)
     remember_secret(*(getattr(config, name) for name, setting, _ in config_fields()
                       if setting.secret))
+    if config.databricks_client_id and config.databricks_client_secret:  # HTTP Basic's form
+        remember_secret(base64.b64encode(f"{config.databricks_client_id}:"
+                                         f"{config.databricks_client_secret}".encode()).decode())
     remember_secret(*(value for name, value in environ.items()
                       if SECRET_VARIABLE.search(name)))
     texts = [*environ.values(), *(str(getattr(config, name) or "")
