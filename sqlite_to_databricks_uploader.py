@@ -2938,6 +2938,12 @@ class Sink:
         lag_seconds, interval) for --fleet-status. Never raises: the cycle's rows do not
         depend on it. Nothing by default (a Delta commit carries it in its metadata)."""
 
+    def retire_status(self, table):
+        """The node forgot this sink's source file (gone for FORGET_AFTER): remove the
+        status report_status recorded about it for `table`, in one log line. Never
+        raises: a status left behind only keeps a line of --fleet-status. Nothing by
+        default."""
+
     def maintain(self, table):
         """--maintain: compact, checkpoint and vacuum the table."""
         raise ConfigError(f"config: --maintain is for Delta tables; the {self.name} "
@@ -3342,6 +3348,9 @@ class DeltaSink(Sink):
     def list_tables(self):
         return None if "://" in self.base else list_delta_tables(self.base)
 
+    # No retire_status: a node's status is the metadata of its commits, which stay in
+    # the table's history; a forgotten file's last report leaves the `history` commits
+    # that fleet() reads as newer commits land, and vacuum and log retention age it out.
     def fleet(self, table, history=2000):
         """Each node's last commit in `table` per source file and table, as the node
         reported it, and its rows."""
@@ -4212,13 +4221,36 @@ class DatabricksSink(Sink):
         self._status = "ready"
 
     def _merge_status(self, status):
-        """One MERGE; a conflict with another node's commit goes again after a pause."""
-        sql = status_merge_sql(self.target(STATUS_TABLE), status_values(status))
-        what = f"recording the node's status in {STATUS_TABLE}"
+        """One MERGE."""
+        return self._change_status(
+            status_merge_sql(self.target(STATUS_TABLE), status_values(status)),
+            f"recording the node's status in {STATUS_TABLE}")
+
+    def _change_status(self, sql, what):
+        """One statement on the status table; a conflict with another node's commit
+        goes again after a pause."""
         return self.retry(lambda: self.execute(sql, what=what), what=what,
                           attempts=self.STATUS_TRIES, cap=math.inf, spread=(0.5, 1.5),
                           is_transient=lambda exc: isinstance(exc, SinkError)
                           and is_conflict(exc), on_retry=lambda exc, n, delay: None)
+
+    def retire_status(self, table):
+        """Delete this source's row of the status table: one DELETE of the row whose
+        node, target table, source file and source table are this sink's."""
+        status = self.identity.with_source({"source_id": self.identity.source_id,
+                                            "table": table})
+        source = f"{status['source_file']}:{status['source_table']}"
+        try:
+            self._change_status(status_delete_sql(self.target(STATUS_TABLE), status),
+                                f"removing the status of {source} from {STATUS_TABLE}")
+        except SinkError as exc:
+            if "TABLE_OR_VIEW_NOT_FOUND" not in str(exc):  # (else: never reported)
+                log.warning("sink: the status of %s (forgotten) stays in %s: "
+                            "--fleet-status keeps its line (%s)", source,
+                            self.target(STATUS_TABLE), exc)
+            return
+        log.info("sink: %s is forgotten: its line of --fleet-status (its row of %s) is "
+                 "removed", source, STATUS_TABLE)
 
     def fleet(self, table):
         """Each row of the status table for `table` (one per node and source; a table
@@ -4604,6 +4636,16 @@ def status_merge_sql(target, values):
             f"WHEN MATCHED AND s.`reported_at` >= t.`reported_at` THEN UPDATE SET {updates} "
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)}) "
             f"VALUES ({', '.join('s.' + n for n in names)})")
+
+
+def status_delete_sql(target, status):
+    """Delete one source's row (a file the node forgot): node, target table, source file
+    and source table must all match, so no other node's or source's row goes, nor the
+    node's row of an older version (no source file nor table)."""
+    values = (status["source_id"], status["table"], status["source_file"],
+              status["source_table"])
+    return f"DELETE FROM {target} WHERE " + " AND ".join(
+        f"{quote_name(n)} = {sql_string(v)}" for n, v in zip(STATUS_KEY, values))
 
 
 def node_report(report):
@@ -5607,6 +5649,22 @@ class LandingSink(Sink):
             self.files.upload(path, body.encode() + b"\n", tries=2)
         except SinkError as exc:
             log.warning("sink: could not write the node status %s: %s", path, exc)
+
+    def retire_status(self, table):
+        """Delete this source's status file (one per source file and table: `table`
+        is in it); one already gone is fine."""
+        path = self.status_path()
+        source = f"{self.identity.source_file}:{self.identity.source_table}"
+        try:
+            status = self.files.call("DELETE", "files", path, what=f"removing {path}",
+                                     missing_ok=True, tries=2)[0]
+        except SinkError as exc:
+            log.warning("sink: the status of %s (forgotten) stays in %s: --fleet-status "
+                        "keeps its line (%s)", source, path, exc)
+            return
+        if status != 404:
+            log.info("sink: %s is forgotten: its line of --fleet-status (its status file "
+                     "%s) is removed", source, path)
 
     # --- reads ---------------------------------------------------------------------
 
@@ -7335,6 +7393,31 @@ class Sources:
                  "(it went while no uploader was reading it: rows added after its last "
                  "upload were not uploaded)",
                  ", ".join(sorted(k.split(" <- ")[0] for k in keys)))
+        self.retire_status(path, positions)
+
+    def retire_status(self, path, positions):
+        """The sink removes the status forgotten positions of file `path` reported
+        (--fleet-status), but where a file read now has the same base name and source
+        table: it reports under that name too (a file of that name in another folder)."""
+        name = os.path.basename(path)
+        kept = {(os.path.basename(p["source"]["path"]), p["source"]["table"])
+                for p in self.checkpoint.data["destinations"].values() if p.get("source")}
+        kept |= {(os.path.basename(w[0]), w[1]) for w in self.jobs}
+        spec = next(s for s in self.specs if s.matches(path))
+        for pos in positions:
+            table = pos["source"]["table"]
+            if (name, table) in kept:
+                log.debug("source: the status of %s:%s stays: another file of that name "
+                          "reports on it", name, table)
+                continue
+            sink = make_sink(spec_config(self.config, spec, path), Identity(
+                self.config.source_id, table, "", name, source_scope(path, table)))
+            if sink.sleep is REAL_SLEEP:
+                sink.sleep = self.stop.wait
+            try:
+                sink.retire_status(pos["table"])
+            finally:
+                sink.close()
 
     def drop_jobs(self, path):
         """Close the jobs reading file `path` (its connection stays open)."""

@@ -9,6 +9,7 @@ uploader uses are given Databricks semantics:
   TABLE (Databricks type names), SHOW TABLES IN, DROP TABLE, SELECT;
 - MERGE INTO t USING (SELECT ...) AS s ON ... WHEN MATCHED [AND c] THEN UPDATE SET ...
   WHEN NOT MATCHED THEN INSERT (...) VALUES (...), run by DuckDB's MERGE (one commit);
+- DELETE FROM t WHERE p (one commit);
 - INSERT INTO t REPLACE WHERE p <query>: delete where p, then insert, as one
   transaction (one Delta commit); the select list is positional and names every column
   of the table ([INSERT_COLUMN_ARITY_MISMATCH] otherwise), and `BY NAME` or a column
@@ -34,11 +35,13 @@ Writers on one table conflict as Delta's optimistic concurrency makes them (when
 statement waits for the one before it, and spends `Warehouse.work_seconds` between its
 snapshot and its commit, as a real statement scans and writes): an ALTER fails a concurrent writer with
 [DELTA_METADATA_CHANGED], an INSERT ... REPLACE WHERE (not blind: the table is not
-partitioned) and a MERGE fail when any commit landed meanwhile with
+partitioned), a MERGE and a DELETE fail when any commit landed meanwhile with
 [DELTA_CONCURRENT_APPEND], except that on a table with deletion vectors
 ('delta.enableDeletionVectors' = 'true': row-level concurrency, DBR 14.3+) a MERGE fails
 only when a concurrent MERGE changed one of its rows (the target rows its ON clause
-matches) with [DELTA_CONCURRENT_DELETE_READ]; blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
+matches) with [DELTA_CONCURRENT_DELETE_READ], and a DELETE never (taken to touch no row
+a concurrent MERGE changed: the uploader deletes only its own node's rows, which it
+writes one statement at a time); blind INSERTs and COPY INTO never conflict with each other, and the loser of two racing
 CREATE TABLE IF NOT EXISTS gets [DELTA_PROTOCOL_CHANGED] or [TABLE_OR_VIEW_ALREADY_EXISTS],
 in turn.
 
@@ -131,7 +134,7 @@ CONCURRENT_DELETE_READ = (
 ALREADY_EXISTS = (
     "[TABLE_OR_VIEW_ALREADY_EXISTS] Cannot create table or view because it already "
     "exists. SQLSTATE: 42P07")
-WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|MERGE INTO|"
+WRITE_STATEMENT = re.compile(r"(INSERT INTO|ALTER TABLE|COPY INTO|MERGE INTO|DELETE FROM|"
                              r"CREATE TABLE IF NOT EXISTS)"
                              r" ((?:`(?:[^`]|``)+`\.){2}`(?:[^`]|``)+`)")
 
@@ -324,12 +327,12 @@ class Warehouse:
             since = self.commits.get(table, [])[seen:]
             if "metadata" in since:
                 error = METADATA_CHANGED
-            elif kind == "merge" and self.has_row_concurrency(table):
-                mine = merge_keys(sql, params)
+            elif kind in ("merge", "delete") and self.has_row_concurrency(table):
+                mine = merge_keys(sql, params) if kind == "merge" else set()
                 if any(mine & self.merged.get((table, i), set())
                        for i in range(seen, seen + len(since))):
                     error = CONCURRENT_DELETE_READ
-            elif kind in ("replace", "merge") and since:  # not blind: unpartitioned
+            elif kind in ("replace", "merge", "delete") and since:  # not blind: unpartitioned
                 error = CONCURRENT_APPEND
         if error:
             self.record(sql, params, "conflict: " + error.split("]")[0][1:])
@@ -618,8 +621,8 @@ def written_table(sql):
     verb = match.group(1)
     if verb == "INSERT INTO":
         return ("replace" if " REPLACE WHERE " in sql else "append"), table
-    return {"ALTER TABLE": "metadata", "COPY INTO": "append",
-            "MERGE INTO": "merge"}.get(verb, "create"), table
+    return {"ALTER TABLE": "metadata", "COPY INTO": "append", "MERGE INTO": "merge",
+            "DELETE FROM": "delete"}.get(verb, "create"), table
 
 
 def merge_keys(sql, params):

@@ -30,7 +30,8 @@ import sqlglot
 from sqlglot import exp
 
 from . import fake_warehouse
-from .helpers import ROOT, TempDirTestCase, insert_rows, make_db, run_main, slow, up
+from .helpers import (ROOT, TempDirTestCase, insert_rows, make_db, read_state, run_main,
+                      slow, up)
 
 HOST = "adb-1234567890123456.7.azuredatabricks.net"
 HTTP_PATH = "/sql/1.0/warehouses/0123456789abcdef"
@@ -1206,8 +1207,9 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertUploaded(self.upload(db))
         self.assertIsNone(self.status()["node-1"]["last_error"])
 
-    def many(self, files, n=1):
-        """Node n uploads `files` ({name: rows}) of one table through a `sources:` glob."""
+    def many(self, files, n=1, flags=(), globs=("sensor-*.db",)):
+        """Node n uploads `files` ({name: rows}) of one table through `sources:` globs;
+        its stderr."""
         for name, count in files.items():
             db = self.path(name)
             if os.path.exists(db):
@@ -1216,11 +1218,78 @@ class NodeStatusTests(WarehouseTestCase):
                 self.readings_db(count, name=name)
         config = self.path("uploader.yaml")
         with open(config, "w", encoding="utf-8") as fh:
-            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
-                                    "tables": ["readings"]}]}, fh)
-        code, _, err = run_main(["--config", config, "--once", "--batch-size", "4"],
+            json.dump({"sources": [{"sqlite": self.path(glob), "tables": ["readings"]}
+                                   for glob in globs]}, fh)
+        code, _, err = run_main(["--config", config, "--once", "--batch-size", "4", *flags],
                                 self.node_env(n))
         self.assertEqual(code, 0, err)
+        return err
+
+    def status_keys(self):
+        return sorted((r["source_id"], r["source_file"], r["target_table"], r["source_table"])
+                      for r in self.warehouse.rows(NODES_TABLE))
+
+    def landed_rows(self):
+        return sorted((r["_source_id"], r["_source_file"], r["id"], r["value"])
+                      for r in self.warehouse.rows("main.sensors.raw_readings"))
+
+    def test_a_forgotten_file_loses_its_status_row(self):
+        """A rotated file gone for FORGET_AFTER: with its positions, its row of the
+        status table goes (one DELETE, one line); the other file's row, another node's
+        rows of the same file names and the rows in the target table stay."""
+        self.many({"sensor-1.db": 13, "sensor-2.db": 7})
+        self.many({}, n=2)
+        landed = self.landed_rows()
+        self.assertEqual(len(landed), 40)
+        os.remove(self.path("sensor-1.db"))
+        forget = ("--forget-after", "0")
+        self.many({}, flags=forget)  # gone: marked, kept for FORGET_AFTER
+        self.assertEqual(len(self.status_keys()), 4)
+        self.assertEqual(self.statements("DELETE"), [])
+        err = self.many({}, flags=forget)
+        self.assertEqual(self.status_keys(),
+                         [("node-1", "sensor-2.db", "raw_readings", "readings"),
+                          ("node-2", "sensor-1.db", "raw_readings", "readings"),
+                          ("node-2", "sensor-2.db", "raw_readings", "readings")])
+        (delete,) = self.statements("DELETE")
+        self.assertTrue(delete.startswith(f"DELETE FROM {NODES_TABLE_SQL} WHERE "), delete)
+        said = [line for line in err.splitlines() if "--fleet-status" in line
+                and "sensor-1.db" in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("INFO", said[0])
+        self.assertEqual(self.landed_rows(), landed)
+        self.many({}, flags=forget)  # nothing more to forget: nothing more removed
+        self.assertEqual(len(self.statements("DELETE")), 1)
+        self.assertEqual(len(self.status_keys()), 3)
+
+    def test_a_status_row_that_cannot_be_removed_costs_one_warning(self):
+        self.many({"sensor-1.db": 3, "sensor-2.db": 2})
+        os.remove(self.path("sensor-1.db"))
+        self.many({}, flags=("--forget-after", "0"))
+        self.warehouse.plan("forbidden", "DELETE FROM")
+        err = self.many({}, flags=("--forget-after", "0"))
+        warned = [line for line in err.splitlines() if "WARNING" in line]
+        self.assertEqual(len(warned), 1, err)
+        self.assertIn("INSUFFICIENT_PERMISSIONS", warned[0])
+        self.assertIn("sensor-1.db", warned[0])
+        self.assertEqual(len(self.status_keys()), 2)  # left, the positions forgotten
+        self.assertEqual([p["source"]["path"] for p in read_state(
+            self.path("state-1"))["destinations"].values()], [self.path("sensor-2.db")])
+
+    def test_a_status_row_another_file_of_that_name_reports_on_stays(self):
+        """Files named alike in two folders report on one row: one forgotten, the row
+        stays while the other is uploaded."""
+        for folder in ("a", "b"):
+            os.makedirs(self.path(folder))
+            self.many({f"{folder}/sensor-1.db": 3}, globs=("a/sensor-*.db", "b/sensor-*.db"))
+        os.remove(self.path("a/sensor-1.db"))
+        for _ in range(2):
+            self.many({}, flags=("--forget-after", "0"),
+                      globs=("a/sensor-*.db", "b/sensor-*.db"))
+        self.assertEqual(len(read_state(self.path("state-1"))["destinations"]), 1)
+        self.assertEqual(self.statements("DELETE"), [])
+        self.assertEqual(self.status_keys(),
+                         [("node-1", "sensor-1.db", "raw_readings", "readings")])
 
     def test_two_files_feeding_one_table_each_have_their_line(self):
         self.many({"sensor-1.db": 13, "sensor-2.db": 7})

@@ -1006,6 +1006,61 @@ class LandingRunTest(TempDirTestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("sensor-2.db:readings", out)
 
+    def run_sources(self, *flags, node="edge-7"):
+        """One --once run of a `sources:` glob of sensor files; its stderr."""
+        from tests.helpers import run_main
+        config = self.path("uploader.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
+                                    "tables": ["readings"]}]}, fh)
+        code, out, err = run_main(["--config", config, "--once", *flags], {
+            **self.env, "SOURCE_ID": node, "STATE_DIR": self.path(f"state-{node}")})
+        self.assertEqual(code, 0, err)
+        return err
+
+    def status_files(self):
+        return sorted((s["source_id"], s["source_file"]) for s in (
+            json.loads(data) for p, (data, _) in self.service.files.items() if "/_nodes/" in p))
+
+    def test_a_forgotten_file_loses_its_status_file(self):
+        """A rotated file gone for FORGET_AFTER: with its positions, its status file
+        goes (one DELETE, one line); the other file's, another node's status files of
+        the same file names and the landed rows stay."""
+        for name, rows in (("sensor-1.db", ROWS), ("sensor-2.db", ROWS[:2])):
+            make_db(self.path(name), SCHEMA, rows, ["ts", "sensor", "value", "raw"])
+        self.run_sources()
+        self.run_sources(node="edge-8")
+        landed = sorted(map(str, self.service.ingest(f"{VOLUME}/raw_readings")))
+        self.assertEqual(len(landed), 10)
+        os.remove(self.path("sensor-1.db"))
+        self.run_sources("--forget-after", "0")  # gone: marked, kept for FORGET_AFTER
+        self.assertEqual(len(self.status_files()), 4)
+        err = self.run_sources("--forget-after", "0")
+        self.assertEqual(self.status_files(), [("edge-7", "sensor-2.db"),
+                                               ("edge-8", "sensor-1.db"),
+                                               ("edge-8", "sensor-2.db")])
+        deletes = [r for r in self.service.requests if r[0] == "DELETE"]
+        self.assertEqual([(m, s) for m, _, s in deletes], [("DELETE", 204)])
+        self.assertIn("/_nodes/edge-7%3D", deletes[0][1])  # (an = in the URL)
+        said = [line for line in err.splitlines() if "--fleet-status" in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("INFO", said[0])
+        self.assertEqual(sorted(map(str, self.service.ingest(f"{VOLUME}/raw_readings"))),
+                         landed)
+
+    def test_a_status_file_that_cannot_be_removed_costs_one_warning(self):
+        for name in ("sensor-1.db", "sensor-2.db"):
+            make_db(self.path(name), SCHEMA, ROWS, ["ts", "sensor", "value", "raw"])
+        self.run_sources()
+        os.remove(self.path("sensor-1.db"))
+        self.run_sources("--forget-after", "0")
+        self.service.refuse(403, 1, "DELETE")
+        err = self.run_sources("--forget-after", "0")
+        warned = [line for line in err.splitlines() if "WARNING" in line]
+        self.assertEqual(len(warned), 1, err)
+        self.assertIn("HTTP 403 PERMISSION_DENIED", warned[0])
+        self.assertEqual(len(self.status_files()), 2)
+
     def test_test_upload_writes_reads_and_removes_a_scratch_file(self):
         from tests.helpers import run_main
         code, out, err = run_main(["--test-upload"], self.env)

@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import unittest
+from unittest import mock
 
 from tests import producers
 from tests.helpers import (PipelineTestCase, delta_rows, read_state, run_driver, run_main,
@@ -394,10 +395,10 @@ class WholeDatabaseTest(SourcesTestCase):
 class GoneFileTest(SourcesTestCase):
     """A file a glob matched that disappears is forgotten after FORGET_AFTER."""
 
-    def open_sources(self, clock):
+    def open_sources(self, clock, tables=("readings",)):
         config = up.load_config(up.build_parser().parse_args(
             ["--config", self.config([{"sqlite": self.path("sensor-*.db"),
-                                       "tables": ["readings"]}]), "--forget-after", "60"]),
+                                       "tables": list(tables)}]), "--forget-after", "60"]),
             self.env())
         stop = up.StopFlag()
         self.addCleanup(stop.close)
@@ -434,6 +435,38 @@ class GoneFileTest(SourcesTestCase):
         keys = list(self.state()["destinations"])
         self.assertEqual(len(keys), 1)
         self.assertIn("sensor-2.db", keys[0])
+
+    def test_forgotten_file_has_the_sink_remove_its_status(self):
+        """Once its positions are forgotten (not while the grace runs), the sink of each
+        of the file's source tables is asked to remove the status it reported; the
+        Delta sink has none to remove (its status is commit metadata): no line."""
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0], tables=("readings", "events"))
+        sources.cycle()
+        os.remove(self.path("sensor-1.db"))
+        asked = []
+        with mock.patch.object(up.DeltaSink, "retire_status", lambda sink, table: asked.append(
+                (sink.identity.source_id, sink.identity.source_file,
+                 sink.identity.source_table, table))):
+            sources.cycle()
+            now[0] += 59
+            sources.cycle()
+            self.assertEqual(asked, [])
+            now[0] += 2
+            sources.cycle()
+        self.assertEqual(sorted(asked), [
+            ("test-node", "sensor-1.db", "events", "raw_events"),
+            ("test-node", "sensor-1.db", "readings", "raw_readings")])
+        os.remove(self.path("sensor-2.db"))
+        sources.cycle()
+        now[0] += 61
+        with self.assertLogs("uploader", logging.DEBUG) as logs:
+            sources.cycle()
+        self.assertEqual([line for line in logs.output if "WARNING" in line
+                          or "status of" in line or "--fleet-status" in line], [])
+        self.assertEqual(self.state()["destinations"], {})
 
     def test_file_renamed_while_running_keeps_its_position(self):
         # logrotate's way: sensor-0.db becomes sensor-1.db and a new sensor-0.db starts

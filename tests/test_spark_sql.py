@@ -28,7 +28,8 @@ SPARK = None
 SPARK_UNKNOWN = ("COPY INTO", "CREATE VOLUME", "PUT", "REMOVE")
 KINDS = ("CREATE TABLE", "CREATE OR REPLACE VIEW", "ALTER TABLE ADD COLUMNS",
          "ALTER TABLE SET TBLPROPERTIES", "INSERT REPLACE WHERE", "INSERT VALUES",
-         "MERGE INTO", "SELECT", "DESCRIBE", "SHOW TABLES", "DROP TABLE") + SPARK_UNKNOWN
+         "MERGE INTO", "DELETE FROM", "SELECT", "DESCRIBE", "SHOW TABLES",
+         "DROP TABLE") + SPARK_UNKNOWN
 
 
 def setUpModule():
@@ -162,7 +163,8 @@ class SparkParsesEveryStatement(unittest.TestCase):
 
     @classmethod
     def many(cls, db):
-        """Two files of hostile names through `sources:`: a status row for each."""
+        """Two files of hostile names through `sources:`: a status row for each; one
+        is removed, and forgotten: its status row is deleted."""
         folder = os.path.join(cls.tmp, "many")
         os.makedirs(folder)
         for name in ("it's.db", "a`b ${x}.db"):
@@ -170,8 +172,11 @@ class SparkParsesEveryStatement(unittest.TestCase):
         config = os.path.join(cls.tmp, "many.yaml")
         with open(config, "w", encoding="utf-8") as fh:
             json.dump({"sources": [{"sqlite": os.path.join(folder, "*.db")}]}, fh)
-        cls.upload("--config", config, "--once", STATE_DIR=os.path.join(cls.tmp, "state-many"),
-                   SOURCE_ID="node-3")
+        for run in range(3):
+            cls.upload("--config", config, "--once", "--forget-after", "0",
+                       STATE_DIR=os.path.join(cls.tmp, "state-many"), SOURCE_ID="node'3")
+            if run == 0:
+                os.remove(os.path.join(folder, "a`b ${x}.db"))
 
     @classmethod
     def zerobus(cls, db):
@@ -275,6 +280,14 @@ class SparkParsesEveryStatement(unittest.TestCase):
             "ALTER TABLE `main`.`sensors`.`_uploader_nodes` ADD COLUMNS")])
         self.assertTrue([s for s in self.sent if s.startswith(
             "CREATE TABLE IF NOT EXISTS `main`.`sensors`.`_uploader_nodes`")])
+
+    def test_delete_of_a_forgotten_files_status(self):
+        """A file forgotten after FORGET_AFTER: its row of _uploader_nodes is deleted."""
+        self.check_kind("DELETE FROM")
+        (delete,) = [s for s in self.sent if kind_of(s) == "DELETE FROM"]
+        for piece in ("DELETE FROM `main`.`sensors`.`_uploader_nodes` WHERE ",
+                      "'node\\'3'", "'a`b \\u0024{x}.db'"):
+            self.assertIn(piece, delete)
 
     def test_insert_values_of_test_upload(self):
         self.check_kind("INSERT VALUES")
