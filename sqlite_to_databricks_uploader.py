@@ -7396,9 +7396,9 @@ class Sources:
         self.retire_status(path, positions)
 
     def retire_status(self, path, positions):
-        """The sink removes the status forgotten positions of file `path` reported
-        (--fleet-status), but where a file read now has the same base name and source
-        table: it reports under that name too (a file of that name in another folder)."""
+        """Have the sink remove the status (--fleet-status) the forgotten positions of
+        file `path` reported; not where a file still read has the same base name and
+        source table: it reports on that status too (files named alike in two folders)."""
         name = os.path.basename(path)
         kept = {(os.path.basename(p["source"]["path"]), p["source"]["table"])
                 for p in self.checkpoint.data["destinations"].values() if p.get("source")}
