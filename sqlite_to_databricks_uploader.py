@@ -2914,6 +2914,21 @@ class Sink:
         """{cursor, carry} after this node's last batch in `table`, or None if none."""
         raise SinkError(f"sink: {self.name} cannot rebuild a lost state")
 
+    # Why --recover-state of many sources is refused on this target (None: it works):
+    # a file goes on only where the target keeps, per batch, the mark of the row at its
+    # cursor end (row_mark), which tells whether the file now under its name is the one
+    # its rows came from.
+    recover_files_refused = ("it keeps no record, per batch, of the row at the batch's "
+                             "cursor, so it cannot tell whether the file now under a "
+                             "name is the one its rows came from")
+
+    def recover_files(self, table, source):
+        """--recover-state among many sources: {file name: {cursor, carry, batch_id,
+        cursor_row}} of this node's newest batch in `table` from each file name (the base
+        name its rows carry) and source table `source.name`; {} when there are none."""
+        raise SinkError(f"sink: --recover-state with many sources is not available on "
+                        f"the {self.name} target: {self.recover_files_refused}")
+
     def count_rows(self, table, source_id):
         """Rows of node `source_id` in `table` (0 when the table does not exist)."""
         raise NotImplementedError
@@ -3202,17 +3217,32 @@ class DeltaSink(Sink):
 
     def recover_position(self, table, source):
         """The cursor after this node's last commit to `table`, from the Delta log."""
+        return next(self._batches_of(table, source), (None, None))[1]
+
+    recover_files_refused = None
+
+    def recover_files(self, table, source):
+        """From the Delta log: each file's newest commit (uploader.source_file) and the
+        mark of the row at its cursor end (uploader.cursor_row)."""
+        newest = {}
+        for name, found in self._batches_of(table, source):
+            if name:
+                newest.setdefault(name, found)
+        return newest
+
+    def _batches_of(self, table, source):
+        """(file name, {cursor, carry, batch_id, cursor_row}) of this node's commits to
+        `table` from source table `source.name`, newest first."""
         found = self._open(table)
-        if found is None:
-            return None
-        for commit in found.history():  # newest first
+        for commit in found.history() if found is not None else ():  # newest first
             if (commit.get("uploader.source_id") == self.identity.source_id and
                     commit.get("uploader.source_table") == source.name):
-                carry = commit.get("uploader.carry")
-                return {"cursor": json.loads(commit["uploader.cursor_end"]),
-                        "carry": json.loads(carry) if carry else None,
-                        "batch_id": commit.get("uploader.batch_id")}
-        return None
+                carry, row = commit.get("uploader.carry"), commit.get("uploader.cursor_row")
+                yield commit.get("uploader.source_file"), {
+                    "cursor": json.loads(commit["uploader.cursor_end"]),
+                    "carry": json.loads(carry) if carry else None,
+                    "batch_id": commit.get("uploader.batch_id"),
+                    "cursor_row": json.loads(row) if row else None}
 
     def write(self, table, batch):
         # a transient failure anywhere (opening the table, the commit, reading it back)
@@ -3265,6 +3295,8 @@ class DeltaSink(Sink):
                 "uploader.version": __version__}
         if batch.carry is not None:  # open aggregate windows, for --recover-state
             meta["uploader.carry"] = json.dumps(batch.carry)
+        if batch.cursor_row is not None:  # the file's row at the cursor, for the same
+            meta["uploader.cursor_row"] = json.dumps(batch.cursor_row)
         if batch.pending is not None:
             meta["uploader.pending"] = str(batch.pending)
         stamp = parse_timestamp(batch.last_timestamp)
@@ -6929,11 +6961,111 @@ def unexplained_rows(job):
         return job.sink.count_rows(job.table, job.config.source_id)
     state_id, table = job.checkpoint.data["state_id"], position_key(
         job.sink.destination, job.table) + " <- "
-    sent = {"-".join(filter(None, (state_id, pos.get("tag"))))
-            for key, pos in job.checkpoint.data["destinations"].items()
-            if key.startswith(table)}
+    sent = sent_prefixes(job.checkpoint, state_id, table)
     return sum(job.sink.count_file_rows(job.table, job.config.source_id,
                                         job.sink.identity.source_file, sent).values())
+
+
+def sent_prefixes(checkpoint, state_id, table):
+    """The batch prefixes of the positions whose keys begin with `table`: their own, and
+    those of the batches --recover-state took them up after (`recovered`)."""
+    sent = set()
+    for key, pos in checkpoint.data["destinations"].items():
+        if key.startswith(table):
+            sent.add("-".join(filter(None, (state_id, pos.get("tag")))))
+            sent.update(pos.get("recovered") or ())
+    return sent
+
+
+class Recovery:
+    """--recover-state among many sources: the newest batch of this node from each file
+    name and source table in each target table (read once), and the batches a file of
+    this run took up (each goes on in one file at most)."""
+
+    def __init__(self):
+        self.found, self.taken, self.tried = {}, set(), set()
+
+    def batches(self, job):
+        """{file name: newest batch} of the job's target table and source table."""
+        where = (job.table, job.source.name)
+        if where not in self.found:
+            self.found[where] = job.sink.recover_files(job.table, job.source)
+        return self.found[where]
+
+
+def recover_file(job, recovery):
+    """--recover-state among many sources, for a file new to the state: go on after the
+    newest batch the target holds from the file's name, when the file holds the row at
+    that batch's cursor end (the row uploaded); a file renamed since (log rotation) goes
+    on after the newest batch of its old name when the file now under that name is not
+    the one its rows came from. True when a batch was taken up; else the file is left
+    to start_route, as any file new to the state."""
+    name, batches = job.sink.identity.source_file, recovery.batches(job)
+    known = sent_prefixes(job.checkpoint, job.checkpoint.data["state_id"],
+                          position_key(job.sink.destination, job.table) + " <- ")
+    for other in [name] * (name in batches) + sorted(set(batches) - {name}):
+        found = batches[other]
+        prefix = batch_prefix(found["batch_id"] or "")
+        if found["batch_id"] in recovery.taken or prefix in known:
+            continue
+        if not holds_marked_row(job.conn, job.source, found):
+            if other == name:
+                log.warning("state: %s table %s: the newest batch from a file named %s in "
+                            "%s %s, so it is taken as a file new to the state",
+                            job.config.sqlite, job.source.name, name, job.table,
+                            "records no row at its cursor (an older version wrote it): "
+                            "whether this file is the one its rows came from cannot be "
+                            "told" if found.get("cursor_row") is None else
+                            "ends at a row this file does not hold: it is not the file "
+                            "those rows came from (log rotation reused the name?)")
+            continue
+        if other != name and other_holds(job, other, found):
+            continue  # the file named so is the one those rows came from
+        recovery.taken.add(found["batch_id"])
+        recovery.tried.add(job.key)
+        take_batch(job, found, prefix, other)
+        log.info("state: recovered %s table %s: the cursor %s = %s after batch %s%s",
+                 job.config.sqlite, job.source.name, job.source.cursor.describe(),
+                 decode_cursor(found["cursor"]), found["batch_id"],
+                 f" (read from it when it was named {other})" if other != name else "")
+        return True
+    recovery.tried.add(job.key)
+    return False
+
+
+def holds_marked_row(conn, source, found):
+    """True when the file of `conn` holds the row marked at the batch's cursor end."""
+    mark, cursor = found.get("cursor_row"), decode_cursor(found["cursor"])
+    if mark is None or cursor is None:
+        return False
+    try:
+        return is_marked_row(conn, source, cursor, mark)
+    except sqlite3.Error:  # another table under that name
+        return False
+
+
+def other_holds(job, name, found):
+    """True when file `name` in the job's file's folder holds the row marked at the
+    batch's cursor end (it is the file the batch was read from)."""
+    path = os.path.join(os.path.dirname(job.config.sqlite), name)
+    if not os.path.exists(path):
+        return False
+    conn = open_source(path, job.config.busy_timeout, "--recover-state")
+    try:
+        return holds_marked_row(conn, job.source, found)
+    finally:
+        conn.close()
+
+
+def take_batch(job, found, prefix, name):
+    """Give the job's new position the cursor and open windows after batch `found`,
+    read from a file named `name` (the rows it sent count as the position's)."""
+    rows = sum(n for batch_id, n in job.sink.count_file_rows(
+        job.table, job.config.source_id, name).items() if batch_prefix(batch_id) == prefix)
+    job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),
+                          cursor_row=found["cursor_row"], file_id=list(job.file_id),
+                          rows=rows, recovered=[prefix], updated_at=utc_now_text(),
+                          **job.recorded)
 
 
 def open_job(config, reset_state, stop, environ=None, recover=False):
@@ -7021,10 +7153,14 @@ def close_job(job):
     job.conn.close()
 
 
-def open_source_job(config, conn, source, checkpoint, stop, environ):
+def open_source_job(config, conn, source, checkpoint, stop, environ, recovery=None,
+                    first=False):
     """The Job of one (file, source table) among many sources: a position keyed by its
     target table, file and table, with its own tag, so batch ids and Delta app ids of
-    two files never meet; a position kept from before keeps its cursor kind."""
+    two files never meet; a position kept from before keeps its cursor kind. With
+    --recover-state (`recovery`), a new position goes on after the batch of the target
+    the file's rows were last sent in, if there is one; in the `first` pass only such
+    a job is opened (None otherwise), so that a file reusing its name is checked after."""
     plan = compile_plan(config, source, environ)
     scope = source_scope(config.sqlite, source.name)
     key = position_key(destination_of(config), target_table(config, source)) + scope
@@ -7041,6 +7177,11 @@ def open_source_job(config, conn, source, checkpoint, stop, environ):
         tag = pos.get("tag", "")
     job = attach_job(config, conn, source, plan, checkpoint, stop, tag, scope)
     job.recorded = {"source": source_description(config.sqlite, source), "tag": tag}
+    if (recovery is not None and job.key not in recovery.tried
+            and not checkpoint.has_position(job.key) and not recover_file(job, recovery)
+            and first):
+        job.sink.close()
+        return None
     announce_job(job)
     start_route(job)
     return job
@@ -7089,6 +7230,8 @@ class Sources:
         self.refused = set()  # files of this cycle refused as replaced in place
         self.unconfirmed = set()  # files not read in this cycle (follow_moves)
         self.said = set()  # what is said once
+        self.recovery = None  # --recover-state: a Recovery (kept: a file that failed
+        # in a cycle is recovered at the next)
 
     def cycle(self):
         """Find files and tables, run every job once; return {where: error} of failures.
@@ -7141,14 +7284,18 @@ class Sources:
         """Open the jobs of files and tables that appeared since the last cycle."""
         self.follow_renames()
         self.follow_moves()
-        for spec, path, conn, table, error in self.walk():
-            where = (os.path.realpath(path), table["name"] if table else "")
-            if where[0] in self.unconfirmed:
-                continue
-            if error is not None:
-                self.fail(where, error)
-            elif where not in self.jobs:
-                self.open(spec, path, conn, table, where)
+        found = list(self.walk())
+        # --recover-state: first the files that go on after a batch of the target, then
+        # the others (a file that reused the name of one of them is checked after it)
+        for first in ((True, False) if self.recovery else (False,)):
+            for spec, path, conn, table, error in found:
+                where = (os.path.realpath(path), table["name"] if table else "")
+                if where[0] in self.unconfirmed or first and error is not None:
+                    continue
+                if error is not None:
+                    self.fail(where, error)
+                elif where not in self.jobs:
+                    self.open(spec, path, conn, table, where, first)
 
     def walk(self):
         """(spec, file, connection, table, None) for each wanted table of each file
@@ -7303,8 +7450,9 @@ class Sources:
         self.files[real] = [conn, now]
         return conn
 
-    def open(self, spec, path, conn, table, where):
-        """Open the job of one file's table; one with no usable cursor is named once."""
+    def open(self, spec, path, conn, table, where, first=False):
+        """Open the job of one file's table; one with no usable cursor is named once
+        (`first`: the first pass of --recover-state, see open_source_job)."""
         config = spec_config(self.config, spec, where[0], table)
         try:
             source = describe_source(conn, config)
@@ -7316,16 +7464,21 @@ class Sources:
                     raise unusable
                 self.once(f"unusable:{where}", logging.WARNING, "%s", unusable)
                 return
-            self.jobs[where] = open_source_job(config, conn, source, self.checkpoint,
-                                               self.stop, self.environ)
+            job = open_source_job(config, conn, source, self.checkpoint, self.stop,
+                                  self.environ, self.recovery, first)
+            if job is not None:
+                self.jobs[where] = job
         except SourceError as exc:
+            if first:
+                return  # the second pass tries again and says it
             if spec.tables != "all" or isinstance(exc, SourceBusyError):
                 self.fail(where, exc)
             else:  # a table of `all` no cursor can read (its rowid unreachable, ...)
                 self.once(f"unusable:{where}", logging.WARNING, "%s; it is not uploaded",
                           exc)
         except (SinkError, StateError) as exc:
-            self.fail(where, exc)
+            if not first:
+                self.fail(where, exc)
 
     def say_skipped(self, path, views, internal):
         """tables: all passes over views and SQLite's own tables: said once a file."""
@@ -8436,16 +8589,18 @@ def is_many(config):
 
 def run_many(config, specs, args, environ):
     """Many sources (or a state of many): one Job per file and table, one state."""
-    for flag, asked in (("--recover-state", args.recover_state),
-                        ("--backfill", args.backfill)):
-        if asked:
-            raise ConfigError(f"config: {flag} works on one source table; run it with "
-                              "--sqlite FILE --table TABLE and a state dir of its own")
+    if args.backfill:
+        raise ConfigError("config: --backfill works on one source table; run it with "
+                          "--sqlite FILE --table TABLE and a state dir of its own")
+    if args.recover_state:
+        check_recover_many(config, args)
     stop = StopFlag()
     install_signal_handlers(stop)
     try:
         sources = open_sources(config, specs, args.reset_state, stop, environ)
         try:
+            if args.recover_state:
+                sources.recovery = Recovery()
             if args.reset_state and not config.once:
                 sources.refresh()
                 log.info("state: --reset-state done; the next run uploads every source "
@@ -8456,6 +8611,20 @@ def run_many(config, specs, args, environ):
             sources.close()
     finally:
         stop.close()
+
+
+def check_recover_many(config, args):
+    """--recover-state with many sources: not with --reset-state, and only on a target
+    that keeps, per batch, what tells the file its rows came from."""
+    if args.reset_state:
+        raise ConfigError("config: --reset-state and --recover-state contradict each "
+                          "other: the first forgets the cursors, the second rebuilds them")
+    cls = sink_class(config)
+    if cls.recover_files_refused:
+        raise ConfigError(f"config: --recover-state with many sources is not available on "
+                          f"the {cls.name} target: {cls.recover_files_refused}; give the "
+                          "files whose rows the tables hold start_at: now (--start-at now), "
+                          "or remove this node's rows of them from the tables first")
 
 
 if __name__ == "__main__":

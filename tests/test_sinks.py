@@ -227,6 +227,29 @@ class SinkContract:
         self.assertEqual(sink.count_file_rows(self.TABLE, "node-a", "a.db", {"s2"}),
                          {"s1-1": 3})
 
+    def test_recover_files_newest_batch_of_each_file_with_its_row_mark(self):
+        """--recover-state among many sources: each file name's newest batch and the
+        mark of the row at its cursor end; a target that keeps no mark says so."""
+        sink = self.sink(source_file="a.db")
+        if sink.recover_files_refused:
+            with self.assertRaisesRegex(up.SinkError, "^sink: --recover-state with many "
+                                        "sources is not available on the"):
+                sink.recover_files(self.TABLE, self.source)
+            return
+        self.assertEqual(sink.recover_files(self.TABLE, self.source), {})
+        self.write_all(sink)
+        self.write_all(self.sink(state_id="s2", source_file="b.db"))
+        self.add([("2025-01-03T00:00:00Z", "s-9", 9.0, None)])
+        self.write_all(self.sink(source_file="a.db"), after=[3], seq=1)
+        self.write_all(self.sink("node-b", "s3", source_file="c.db"))
+        found = self.sink().recover_files(self.TABLE, self.source)
+        self.assertEqual(sorted(found), ["a.db", "b.db"])
+        self.assertEqual((found["a.db"]["cursor"], found["b.db"]["cursor"]), ([4], [3]))
+        mark = found["a.db"]["cursor_row"]
+        self.assertTrue(up.is_marked_row(self.conn, self.source, [4], mark))
+        self.assertFalse(up.is_marked_row(self.conn, self.source, [3], mark))
+        self.assertEqual(self.sink("node-c").recover_files(self.TABLE, self.source), {})
+
     def test_recover_position_after_the_last_batch(self):
         sink = self.sink()
         self.assertIsNone(sink.recover_position(self.TABLE, self.source))

@@ -726,6 +726,144 @@ class FileJoiningTableTest(SourcesTestCase):
                         [("sensor-b.db", i) for i in range(1, 6)])
 
 
+class RecoverStateTest(SourcesTestCase):
+    """--recover-state with many sources: each file goes on after the newest batch the
+    target holds from it, only when the file now under that name is the one those rows
+    came from (its row at the batch's cursor end is the row uploaded)."""
+
+    def lose_state(self):
+        os.remove(os.path.join(self.env()["STATE_DIR"], up.STATE_FILE))
+
+    def test_three_files_two_tables_recovered_each_row_once(self):
+        for name in ("sensor-a.db", "sensor-b.db", "sensor-c.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("sensor-*.db"),
+                               "tables": ["readings", "events"]}], batch_size=4)
+        self.run_once(config)
+        self.lose_state()
+        self.insert(self.path("sensor-b.db"), readings(10, 3),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.insert(self.path("sensor-c.db"), events(4, 2, "sensor-c"), ["at", "what"],
+                    "events")
+        err = self.run_once(config, "--recover-state")
+        recovered = [line for line in err.splitlines() if "state: recovered" in line]
+        self.assertEqual(len(recovered), 6, err)
+        self.assertTrue(any("sensor-b.db" in line and "readings" in line and "= [10]" in line
+                            for line in recovered), recovered)
+        files = ("sensor-a.db", "sensor-b.db", "sensor-c.db")
+        readings_rows = [(f, i) for f in files for i in range(1, 11)] + [
+            ("sensor-b.db", i) for i in range(11, 14)]
+        events_rows = [(f, i) for f in files for i in range(1, 5)] + [
+            ("sensor-c.db", 5), ("sensor-c.db", 6)]
+        self.assertOnce("raw_readings", ["_source_file", "id"], readings_rows)
+        self.assertOnce("raw_events", ["_source_file", "id"], events_rows)
+        # the recovered state goes on as any other: new rows once, nothing again
+        self.insert(self.path("sensor-a.db"), readings(10, 1),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.run_once(config)
+        self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        readings_rows + [("sensor-a.db", 11)])
+        self.assertOnce("raw_events", ["_source_file", "id"], events_rows)
+
+    def test_name_reused_by_rotation_is_not_skipped(self):
+        # the state is lost, and while no uploader runs logrotate moves app.db (2 rows
+        # more) to app.db.1 and a new app.db starts, with rows of its own: the rows
+        # under the name app.db are those of app.db.1 (its row at the batch's cursor)
+        self.logger_file("app.db")
+        config = self.config([{"sqlite": self.path("app.db*"), "tables": ["readings"]}])
+        self.run_once(config)
+        self.lose_state()
+        self.insert(self.path("app.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.rename(self.path("app.db"), self.path("app.db.1"))
+        self.another_database("app.db", 12)
+        self.run_once(config, "--recover-state")
+        got = collections.Counter((r["timestamp"], r["value"]) for r in
+                                  self.rows("raw_readings", "timestamp", "value"))
+        self.assertEqual(len(got), 12 + 12, got)
+        self.assertEqual(set(got.values()), {1}, got)  # each source row once
+        files = collections.Counter(r["_source_file"]
+                                    for r in self.rows("raw_readings", "_source_file"))
+        self.assertEqual(files, {"app.db": 10 + 12, "app.db.1": 2})
+        # and the next run (no flag) finds nothing to send again
+        self.run_once(config)
+        self.assertEqual(len(self.rows("raw_readings", "id")), 24)
+
+    def test_name_reused_without_the_old_file_is_refused_in_one_line(self):
+        self.logger_file("app.db")
+        self.logger_file("other.db", count=3)
+        config = self.config([{"sqlite": self.path("app.db"), "tables": ["readings"]},
+                              {"sqlite": self.path("other.db"), "tables": ["readings"]}])
+        self.run_once(config)
+        self.lose_state()
+        os.remove(self.path("app.db"))
+        self.another_database("app.db", 12)
+        err = self.run_once(config, "--recover-state", expect=1)
+        (refused,) = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertIn("app.db table readings: state: raw_readings already holds 10 rows",
+                      refused)
+        self.assertIn("not the file", err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("app.db", i) for i in range(1, 11)] +
+                        [("other.db", i) for i in range(1, 4)])
+
+    def test_batches_without_a_row_mark_are_not_gone_on_from(self):
+        # commits of a version before uploader.cursor_row cannot tell the file: each
+        # file whose rows the table holds is refused, as without --recover-state
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        metadata = up.DeltaSink.metadata
+
+        def older(sink, batch):
+            meta = metadata(sink, batch)
+            del meta["uploader.cursor_row"]
+            return meta
+
+        with mock.patch.object(up.DeltaSink, "metadata", older):
+            self.run_once(config)
+        self.lose_state()
+        err = self.run_once(config, "--recover-state", expect=1)
+        self.assertEqual(err.count("records no row at its cursor"), 2, err)
+        refused = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(refused), 2, err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-a.db", "sensor-b.db") for i in range(1, 11)])
+
+    def test_aggregate_route_recovers_its_open_windows(self):
+        aggregate = {"group_by": ["sensor"], "window": "1m", "grace": "1s",
+                     "aggregations": {"value": ["sum", "count"]}}
+
+        def minute_rows(start, count):
+            return [(f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z", f"s{i % 2}", float(i))
+                    for i in range(start, start + count)]
+
+        runs = {}
+        for where in ("recovered", "reference"):
+            os.makedirs(self.path(where), exist_ok=True)
+            for name in ("a.db", "b.db"):
+                self.make(READINGS, name=name, where=where)
+            config = self.config([{"sqlite": self.path(where, "*.db"),
+                                   "tables": ["readings"]}], batch_size=25,
+                                 enable_aggregate=True, aggregate_config=aggregate)
+            for step in range(3):
+                for name in ("a.db", "b.db"):
+                    self.insert(self.path(where, name), minute_rows(step * 90, 90),
+                                ["timestamp", "sensor", "value"], "readings")
+                if where == "recovered" and step == 1:
+                    os.remove(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE))
+                    err = self.run_once(config, "--recover-state", where=where)
+                    self.assertEqual(err.count("state: recovered"), 2, err)
+                else:
+                    self.run_once(config, where=where)
+            runs[where] = collections.Counter(
+                tuple(sorted((k, v) for k, v in row.items() if not k.startswith("_")))
+                for row in delta_rows(self.lake("aggregated_readings", where)))
+        self.assertGreater(len(runs["reference"]), 5)
+        self.assertEqual(runs["recovered"], runs["reference"])
+
+
 class StatusTest(SourcesTestCase):
     """--status and --status --json: one line per source."""
 
@@ -872,6 +1010,19 @@ class WarehouseTest(SourcesTestCase):
             [(f, i) for f in ("sensor-a.db", "sensor-b.db") for i in range(1, 11)] +
             [("sensor-0.db", i) for i in range(1, 4)]))
 
+
+    def test_recover_state_of_many_sources_is_refused_in_one_line(self):
+        # the warehouse keeps rows, not the mark of the row at each batch's cursor
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        code, _, err = run_main(["--config", config, "--once", "--recover-state"],
+                                self.warehouse_env(DATABRICKS_VOLUME="none"))
+        self.assertEqual(code, 2, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("--recover-state with many sources is not available on the "
+                      "databricks target", err)
+        self.assertIn("--start-at now", err)
 
     def test_rows_of_a_version_before_source_file_count_for_every_file(self):
         # the node's rows in a table written before rows said their file (no
