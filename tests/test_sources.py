@@ -1107,6 +1107,29 @@ class CrashTest(SourcesTestCase):
                            if "state: in-flight batch" in line]
                 self.assertIn(len(settled), (1, 2), done.stderr)
 
+    def test_kill_then_state_lost_then_recover_state(self):
+        # the state goes with the kill: --recover-state takes each file up after its
+        # newest commit (a batch in flight landed or not), so nothing goes twice or is lost
+        for hook, k in (("delta-before", 3), ("delta-after", 5)):
+            with self.subTest(hook=hook, k=k):
+                self.setUp()
+                for name in ("a.db", "b.db"):
+                    self.logger_file(name, count=30)
+                config = self.config([{"sqlite": self.path("?.db"),
+                                       "tables": ["readings", "events"]}], batch_size=7)
+                env = self.env()
+                died = run_driver(hook, k, ["--config", config, "--once"], env)
+                self.assertEqual(died.returncode, -9, died.stderr)
+                os.remove(os.path.join(env["STATE_DIR"], up.STATE_FILE))
+                done = run_driver("none", 0, ["--config", config, "--once",
+                                              "--recover-state"], env)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn("state: recovered", done.stderr)
+                self.assertOnce("raw_readings", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
+                self.assertOnce("raw_events", ["_source_file", "id"],
+                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
+
     def test_kill_in_the_first_batch_then_renamed_while_down(self):
         # killed after the first batch's commit, before the checkpoint: no cursor yet, a
         # batch in flight; renamed while down, the file is recognised by the row at the
