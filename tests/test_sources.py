@@ -1088,47 +1088,44 @@ class CrashTest(SourcesTestCase):
         for hook, k in (("delta-before", 1), ("delta-after", 2), ("delta-before", 4),
                         ("delta-after", 6), ("delta-before", 7), ("delta-after", 9)):
             with self.subTest(hook=hook, k=k):
-                self.setUp()
-                for name in ("a.db", "b.db"):
-                    self.logger_file(name, count=30)
-                config = self.config([{"sqlite": self.path("?.db"),
-                                       "tables": ["readings", "events"]}], batch_size=7)
-                env = self.env()
-                died = run_driver(hook, k, ["--config", config, "--once"], env)
-                self.assertEqual(died.returncode, -9, died.stderr)
-                done = run_driver("none", 0, ["--config", config, "--once"], env)
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertOnce("raw_readings", ["_source_file", "id"],
-                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
-                self.assertOnce("raw_events", ["_source_file", "id"],
-                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
+                done = self.kill_and_run_again(hook, k)
                 # (two files are read at once: a kill may leave a batch of each in flight)
                 settled = [line for line in done.stderr.splitlines()
                            if "state: in-flight batch" in line]
                 self.assertIn(len(settled), (1, 2), done.stderr)
+
+    def kill_and_run_again(self, hook, k, *flags, between=None):
+        """a.db and b.db (readings: 30 rows, events: 4) uploaded in batches of 7, killed
+        at hook `hook`'s k-th time, `between(env)`, then run again with `flags`: every
+        row once. The second run's CompletedProcess."""
+        self.setUp()
+        for name in ("a.db", "b.db"):
+            self.logger_file(name, count=30)
+        config = self.config([{"sqlite": self.path("?.db"),
+                               "tables": ["readings", "events"]}], batch_size=7)
+        env = self.env()
+        died = run_driver(hook, k, ["--config", config, "--once"], env)
+        self.assertEqual(died.returncode, -9, died.stderr)
+        if between:
+            between(env)
+        done = run_driver("none", 0, ["--config", config, "--once", *flags], env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
+        self.assertOnce("raw_events", ["_source_file", "id"],
+                        [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
+        return done
 
     def test_kill_then_state_lost_then_recover_state(self):
         # the state goes with the kill: --recover-state takes each file up after its
         # newest commit (a batch in flight landed or not), so nothing goes twice or is lost
         for hook, k in (("delta-before", 3), ("delta-after", 5)):
             with self.subTest(hook=hook, k=k):
-                self.setUp()
-                for name in ("a.db", "b.db"):
-                    self.logger_file(name, count=30)
-                config = self.config([{"sqlite": self.path("?.db"),
-                                       "tables": ["readings", "events"]}], batch_size=7)
-                env = self.env()
-                died = run_driver(hook, k, ["--config", config, "--once"], env)
-                self.assertEqual(died.returncode, -9, died.stderr)
-                os.remove(os.path.join(env["STATE_DIR"], up.STATE_FILE))
-                done = run_driver("none", 0, ["--config", config, "--once",
-                                              "--recover-state"], env)
-                self.assertEqual(done.returncode, 0, done.stderr)
+                done = self.kill_and_run_again(
+                    hook, k, "--recover-state",
+                    between=lambda env: os.remove(os.path.join(env["STATE_DIR"],
+                                                               up.STATE_FILE)))
                 self.assertIn("state: recovered", done.stderr)
-                self.assertOnce("raw_readings", ["_source_file", "id"],
-                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 31)])
-                self.assertOnce("raw_events", ["_source_file", "id"],
-                                [(f, i) for f in ("a.db", "b.db") for i in range(1, 5)])
 
     def test_kill_in_the_first_batch_then_renamed_while_down(self):
         # killed after the first batch's commit, before the checkpoint: no cursor yet, a
