@@ -6825,6 +6825,14 @@ def recover_state(job):
                     job.table, job.config.source_id)
         job.checkpoint.update(job.key)
         return
+    if found.get("cursor_row") and not holds_marked_row(job.conn, job.source, found):
+        raise StateError(
+            f"state: the last batch of node {job.config.source_id} in {job.table} ends at "
+            f"{job.source.cursor.describe()} = {decode_cursor(found['cursor'])}, and the row "
+            f"of {job.config.sqlite} there is not the row uploaded: it is not the file those "
+            "rows came from (another file under its name?), so going on after them would "
+            "skip its rows; put back the file uploaded from, or --start-at now uploads only "
+            "rows added from now on")
     rows = found["rows"] if "rows" in found else job.sink.count_rows(
         job.table, job.config.source_id)
     job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),

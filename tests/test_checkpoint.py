@@ -212,6 +212,18 @@ class RouteProgressTest(CheckpointTestCase):
         self.assert_exactly_once(self.db)
 
 
+    def test_recover_state_refuses_another_file_under_the_name(self):
+        # the state is lost and the file now under the name is another one (other rows
+        # at the cursor): going on after the last commit would skip its first 600 rows
+        self.assert_ok(self.upload())
+        os.remove(self.state_file)
+        os.remove(self.db)
+        sensor_db(self.db, 40, start=up.dt.datetime(2025, 6, 1, tzinfo=up.dt.timezone.utc))
+        done = self.upload("--recover-state")
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("not the file those rows came from", self.error_line(done.stderr))
+        self.assertEqual(sorted(target_ids(self.table_uri())), list(range(1, 601)))
+
 class LockTest(CheckpointTestCase):
     """The lock is between processes: each uploader here is one."""
 
