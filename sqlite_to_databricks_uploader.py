@@ -2729,10 +2729,20 @@ class Identity:
     def app_id(self):
         return self.app_id_of(self.source_id)
 
+    @property
+    def source_path(self):
+        """Among many sources, the source file's real path (from the scope), else "":
+        files of one base name in two folders are two sources."""
+        head, tail = " <- ", f":{self.source_table}"
+        if not (self.scope.startswith(head) and self.scope.endswith(tail)):
+            return ""
+        return self.scope[len(head):-len(tail)]
+
     def with_source(self, status):
         """A node_status dict with the source it is about (for --fleet-status: a node
-        with many sources reports once per source file and table)."""
+        with many sources reports once per source: file, by its real path, and table)."""
         return {**status, "source_file": self.source_file or None,
+                "source_path": self.source_path or None,
                 "source_table": self.source_table or None}
 
     def app_id_of(self, source_id):
@@ -3192,17 +3202,19 @@ class DeltaSink(Sink):
         where = (f'AND ("_source_file" = {text_literal(source_file)} OR "_source_file" IS '
                  'NULL)') if named else ""
         return unsent(self._select(table, source_id, '"_batch_id", count(*)',
-                                   "counting rows", f'{where} GROUP BY "_batch_id"'), sent)
+                                   "counting rows", f'{where} GROUP BY "_batch_id"',
+                                   found=found), sent)
 
     def read_keys(self, table, source_id, names):
         columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
         return set(self._select(table, source_id, columns, "reading keys"))
 
-    def _select(self, table, source_id, what, doing, more=""):
+    def _select(self, table, source_id, what, doing, more="", found=False):
         """Rows (tuples) of `SELECT what` over node `source_id`'s rows in `table`
-        (`more`: SQL after the node's condition)."""
+        (`more`: SQL after the node's condition; `found`: the table, when the caller
+        has just opened it)."""
         from deltalake import QueryBuilder
-        found = self._open(table)
+        found = self._open(table) if found is False else found
         if found is None:
             return []
         try:
@@ -3288,6 +3300,7 @@ class DeltaSink(Sink):
         meta = {"uploader.source_id": self.identity.source_id,
                 "uploader.source_table": self.identity.source_table,
                 "uploader.source_file": self.identity.source_file,
+                "uploader.source_path": self.identity.source_path,
                 "uploader.batch_id": batch.batch_id,
                 "uploader.cursor_end": json.dumps(encode_cursor(batch.cursor_end)),
                 "uploader.rows": str(batch.count),
@@ -3392,10 +3405,19 @@ class DeltaSink(Sink):
         newest = {}
         for commit in found.history(history):  # newest first
             node = commit.get("uploader.source_id")
-            key = (node, commit.get("uploader.source_file"), commit.get("uploader.source_table"))
+            key = (node, commit.get("uploader.source_file"),
+                   commit.get("uploader.source_path"), commit.get("uploader.source_table"))
             if node and key not in newest:
                 newest[key] = commit_report(commit)
-        return fleet_lines(reversed(newest.values()), fleet_counts(found))
+        reports = list(reversed(newest.values()))
+        shared = shared_files(reports)
+        if shared:  # commits say a batch's rows, not the source's: count its batches'
+            by_prefix = fleet_prefix_counts(found, {node for node, _ in shared})
+            for report in reports:
+                if (report["source_id"], report["source_file"]) in shared:
+                    report["rows"] = by_prefix.get(
+                        (report["source_id"], batch_prefix(report["last_batch"] or "")), 0)
+        return fleet_lines(reports, fleet_counts(found))
 
 
 class UpkeepSchedule:
@@ -3450,40 +3472,73 @@ def fleet_counts(found):
     return counts
 
 
+def shared_files(reports):
+    """{(node, source file)} that several reports are about (two source tables of one
+    file, or files named alike in two folders): their rows in the table are not told
+    apart by _source_file."""
+    seen, shared = set(), set()
+    for key in ((r.get("source_id"), r.get("source_file")) for r in reports):
+        (shared if key in seen and key[1] else seen).add(key)
+    return shared
+
+
+def fleet_prefix_counts(found, nodes):
+    """{(node, batch prefix): rows} of `nodes` in the Delta table `found`: the rows of
+    each position (its batches share the prefix; see batch_prefix)."""
+    from deltalake import QueryBuilder
+    names = ", ".join(text_literal(n) for n in sorted(nodes))
+    prefix = f'regexp_replace("_batch_id", {text_literal(BATCH_SEQ.pattern)}, \'\')'
+    reader = QueryBuilder().register("t", found).execute(
+        f'SELECT "_source_id", {prefix}, count(*) FROM t WHERE "_source_id" IN ({names}) '
+        f"GROUP BY 1, 2")
+    return {(n, p): r for b in reader for n, p, r in zip(*(c.to_pylist() for c in b.columns))}
+
+
 def fleet_lines(reports, counts=None):
     """--fleet-status of one table: a line per (node, source file, source table) that a
-    node reported on (`reports`: node_status dicts, oldest first), with its rows in the
-    table (`counts`: {(node, source file): (rows, newest _uploaded_at)}; None: the rows
-    each report gives). A node that reported on one source, or none, gets one line with
-    all its rows, as before many sources; reports without a source file (an older
-    version) are left out when the node has newer ones with it. A source file whose
-    rows are shared by several lines (two source tables of one file feeding one target
-    table) gives each line the rows it reported."""
+    node reported on (`reports`: node_status dicts, oldest first; a source file is its
+    real path where the report gives one, so files of one base name in two folders are
+    two lines), with its rows in the table (`counts`: {(node, source file's base name):
+    (rows, newest _uploaded_at)}; None: the rows each report gives). A node that
+    reported on one source, or none, gets one line with all its rows, as before many
+    sources. A base name whose rows several lines share (two source tables of one file
+    feeding one target table, or files named alike) gives each line the rows it
+    reported."""
     nodes = {}
     for report in reports:
-        key = (report.get("source_file"), report.get("source_table"))
+        key = (report.get("source_file"), report.get("source_path"),
+               report.get("source_table"))
         nodes.setdefault(report.get("source_id"), {})[key] = report
     files = {}
     for (node, file), found in (counts or {}).items():
         files.setdefault(node, {})[file] = found
     lines = []
     for node in sorted(set(nodes) | set(files), key=str):
-        mine, held = nodes.get(node, {}), files.get(node, {})
-        if any(file is not None for file, _ in mine):
-            mine = {k: v for k, v in mine.items() if k[0] is not None}
+        mine, held = current_reports(nodes.get(node, {})), files.get(node, {})
         if len(mine) <= 1:
             report = next(iter(mine.values()), None)
             lines.append(fleet_line(node, report, *node_rows(report, held.values(), counts)))
             continue
-        sources = [file for file, _ in mine]
-        for (file, _), report in sorted(mine.items(), key=lambda x: tuple(map(str, x[0]))):
-            alone = sources.count(file) == 1
-            own = [held.pop(file)] if alone and file in held else []
+        sources = [file for file, _, _ in mine]
+        for (file, _, _), report in sorted(mine.items(), key=lambda x: tuple(map(str, x[0]))):
+            alone, found = sources.count(file) == 1, held.pop(file, None)
+            own = [found] if alone and found else []
             lines.append(fleet_line(node, report, *node_rows(report, own,
                                                              counts if alone else None)))
         lines += [fleet_line(node, {"source_file": file}, rows, newest)
                   for file, (rows, newest) in held.items()]  # rows no report is about
     return lines
+
+
+def current_reports(mine):
+    """A node's reports {(file, path, table): report} but those an older version made
+    that newer ones replace: without a source file (one per node) when some have one,
+    and without a path when one of the same file and table has it."""
+    if any(file is not None for file, _, _ in mine):
+        mine = {k: v for k, v in mine.items() if k[0] is not None}
+    placed = {(file, table) for file, path, table in mine if path is not None}
+    return {(file, path, table): v for (file, path, table), v in mine.items()
+            if path is not None or (file, table) not in placed}
 
 
 def node_rows(report, found, counts):
@@ -3503,6 +3558,7 @@ def fleet_line(node, report, rows, newest):
     report = report or {}
     at = as_utc(report.get("last_upload")) or newest
     return {"node": node, "source_file": report.get("source_file"),
+            "source_path": report.get("source_path"),
             "source_table": report.get("source_table"),
             "rows": rows, "last_batch": report.get("last_batch"),
             "last_commit_at": at, "cursor": report.get("cursor"),
@@ -3519,6 +3575,7 @@ def commit_report(commit):
     cursor = commit.get("uploader.cursor_end")
     return {"source_id": commit.get("uploader.source_id"),
             "source_file": commit.get("uploader.source_file") or None,
+            "source_path": commit.get("uploader.source_path") or None,
             "source_table": commit.get("uploader.source_table") or None,
             "last_batch": commit.get("uploader.batch_id"),
             "last_upload": dt.datetime.fromtimestamp(commit["timestamp"] / 1000,
@@ -4273,8 +4330,7 @@ class DatabricksSink(Sink):
                                             "table": table})
         source = f"{status['source_file']}:{status['source_table']}"
         try:
-            self._change_status(status_delete_sql(self.target(STATUS_TABLE), status),
-                                f"removing the status of {source} from {STATUS_TABLE}")
+            self._delete_status(status, source)
         except SinkError as exc:
             if "TABLE_OR_VIEW_NOT_FOUND" not in str(exc):  # (else: never reported)
                 log.warning("sink: the status of %s (forgotten) stays in %s: "
@@ -4284,14 +4340,25 @@ class DatabricksSink(Sink):
         log.info("sink: %s is forgotten: its line of --fleet-status (its row of %s) is "
                  "removed", source, STATUS_TABLE)
 
+    def _delete_status(self, status, source):
+        """One DELETE; on a status table of a version before source_path (no report
+        of this run has added it yet), one without it."""
+        what = f"removing the status of {source} from {STATUS_TABLE}"
+        try:
+            self._change_status(status_delete_sql(self.target(STATUS_TABLE), status), what)
+        except SinkError as exc:
+            if "UNRESOLVED_COLUMN" not in str(exc):
+                raise
+            self._change_status(status_delete_sql(self.target(STATUS_TABLE), status,
+                                                  by_path=False), what)
+
     def fleet(self, table):
         """Each row of the status table for `table` (one per node and source; a table
         of an older version has one per node), and each node's rows in `table` by file."""
-        by_file = "_source_file" in {n.lower() for n in self._describe_again(table)}
-        keys = "`_source_id`, `_source_file`" if by_file else "`_source_id`, NULL"
+        keys, group = fleet_keys(self._describe_again(table))
         counts = {(node, file): (rows, as_utc(newest)) for node, file, rows, newest in
                   self._rows(f"SELECT {keys}, count(*), max(`_uploaded_at`) FROM "
-                             f"{self.target(table)} GROUP BY {keys.removesuffix(', NULL')}",
+                             f"{self.target(table)} GROUP BY {group}",
                              None, f"counting each node's rows in {table}")}
         have = {n.lower() for n in self._describe_again(STATUS_TABLE)}
         names = [n for n, _ in STATUS_COLUMNS if n in have]
@@ -4314,6 +4381,14 @@ class DatabricksSink(Sink):
         rows = self._rows(f"SELECT DISTINCT `target_table` FROM {self.target(STATUS_TABLE)}",
                           None, f"reading {STATUS_TABLE}")
         return sorted(row[0] for row in rows) or None
+
+
+def fleet_keys(columns):
+    """(selected, grouped) keys of each node's rows per source file in a table or view
+    with `columns`; by node alone (NULL as the file) when it predates _source_file."""
+    if "_source_file" in {n.lower() for n in columns}:
+        return "`_source_id`, `_source_file`", "`_source_id`, `_source_file`"
+    return "`_source_id`, NULL", "`_source_id`"
 
 
 def recover_by_max(select, table, source, quote):
@@ -4617,15 +4692,17 @@ def create_table_sql(target, names, kinds):
 # (DBR 14.3+): nodes upserting their own rows at once do not conflict. The source file
 # and table came later: they are the last columns (an older table gains them), and a
 # row without them (an older version's, one per node and target table) is taken over
-# by the node's first report that has them.
+# by the node's first report that has them. Among many sources the file is told by its
+# real path (source_path, later still): a row without it (of the same base name and
+# table) is taken over too.
 STATUS_TABLE = "_uploader_nodes"
 STATUS_COLUMNS = (("source_id", STRING), ("target_table", STRING), ("last_batch", STRING),
                   ("last_batch_at", TIMESTAMP), ("rows", BIGINT), ("cursor", STRING),
                   ("pending_rows", BIGINT), ("behind_rows", BIGINT), ("lag_seconds", DOUBLE),
                   ("interval_seconds", DOUBLE), ("version", STRING), ("last_error", STRING),
                   ("reported_at", TIMESTAMP), ("source_file", STRING),
-                  ("source_table", STRING))
-STATUS_KEY = ("source_id", "target_table", "source_file", "source_table")
+                  ("source_table", STRING), ("source_path", STRING))
+STATUS_KEY = ("source_id", "target_table", "source_file", "source_table", "source_path")
 STATUS_PROPERTIES = (("delta.enableDeletionVectors", "true"),)
 
 
@@ -4647,14 +4724,15 @@ def status_values(status, now=None):
             json.dumps(cursor) if cursor is not None else None, status.get("pending"),
             status.get("behind"), status.get("lag_seconds"), status.get("interval"),
             status.get("version"), error[:2000] if error else None, moment_to_micros(now),
-            status.get("source_file"), status.get("source_table"))
+            status.get("source_file"), status.get("source_table"), status.get("source_path"))
 
 
 def status_merge_sql(target, values):
-    """Upsert one row (node, target table, source file, source table): idempotent, and a
-    copy that runs late (queued while its node died) leaves a newer report in place. The
-    node's row of an older version (no source file nor table) is matched too: it
-    becomes this source's row, rather than stay behind as a line that went silent."""
+    """Upsert one row (node, target table, source file and its path, source table):
+    idempotent, and a copy that runs late (queued while its node died) leaves a newer
+    report in place. The node's rows of older versions are matched too: without a
+    source file nor table, or of this file and table without a path; such a row becomes
+    this source's row, rather than stay behind as a line that went silent."""
     names = [quote_name(n) for n, _ in STATUS_COLUMNS]
     select = ", ".join(  # a typed NULL: the source's columns have the table's types
         f"{sql_literal(v, k) if v is not None else f'CAST(NULL AS {SQL_TYPES[k]})'} AS {n}"
@@ -4664,20 +4742,27 @@ def status_merge_sql(target, values):
     return (f"MERGE INTO {target} AS t USING (SELECT {select}) AS s "
             "ON t.`source_id` = s.`source_id` AND t.`target_table` = s.`target_table` "
             "AND (t.`source_file` <=> s.`source_file` AND t.`source_table` <=> "
-            "s.`source_table` OR t.`source_file` IS NULL AND t.`source_table` IS NULL) "
+            "s.`source_table` AND (t.`source_path` <=> s.`source_path` OR t.`source_path` "
+            "IS NULL) OR t.`source_file` IS NULL AND t.`source_table` IS NULL AND "
+            "t.`source_path` IS NULL) "
             f"WHEN MATCHED AND s.`reported_at` >= t.`reported_at` THEN UPDATE SET {updates} "
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)}) "
             f"VALUES ({', '.join('s.' + n for n in names)})")
 
 
-def status_delete_sql(target, status):
+def status_delete_sql(target, status, by_path=True):
     """Delete one source's row (a file the node forgot): node, target table, source file
-    and source table must all match, so no other node's or source's row goes, nor the
+    and source table must all match, and its path (or the row has none: an older
+    version's report on this file), so no other node's or source's row goes, nor the
     node's row of an older version (no source file nor table)."""
     values = (status["source_id"], status["table"], status["source_file"],
               status["source_table"])
-    return f"DELETE FROM {target} WHERE " + " AND ".join(
-        f"{quote_name(n)} = {sql_string(v)}" for n, v in zip(STATUS_KEY, values))
+    path = status.get("source_path")
+    where = [f"{quote_name(n)} = {sql_string(v)}" for n, v in zip(STATUS_KEY, values)]
+    if by_path:  # (not on a table without the column)
+        where.append(f"(`source_path` = {sql_string(path)} OR `source_path` IS NULL)"
+                     if path else "`source_path` IS NULL")
+    return f"DELETE FROM {target} WHERE " + " AND ".join(where)
 
 
 def node_report(report):
@@ -5448,11 +5533,12 @@ class ZerobusSink(Sink):
         rows, errors): they would cost a warehouse statement per node and cycle, which
         this target exists to avoid."""
         warehouse = self.through_warehouse("--fleet-status")
-        view = warehouse.target(table + DEDUPED_SUFFIX)
+        view = table + DEDUPED_SUFFIX
+        keys, group = fleet_keys(warehouse._describe_again(view))
         rows = warehouse._rows(
-            "SELECT `_source_id`, `_source_file`, count(*), max_by(`_batch_id`, "
-            f"`_uploaded_at`), max(`_uploaded_at`) FROM {view} GROUP BY `_source_id`, "
-            "`_source_file`", None, f"reading the fleet in {table}")
+            f"SELECT {keys}, count(*), max_by(`_batch_id`, `_uploaded_at`), "
+            f"max(`_uploaded_at`) FROM {warehouse.target(view)} GROUP BY {group}", None,
+            f"reading the fleet in {table}")
         reports = [{"source_id": node, "source_file": file, "last_batch": batch}
                    for node, file, _, batch, _ in sorted(rows, key=lambda r: str(r[4]))]
         return fleet_lines(reports, {(node, file): (count, as_utc(newest))
@@ -5564,6 +5650,7 @@ class LandingSink(Sink):
         super().__init__(config, identity)
         self.volume = config.databricks_volume.rstrip("/")
         self._files = None
+        self._superseded = self.superseded_status_paths()  # removed after a report
 
     @classmethod
     def check_settings(cls, config):
@@ -5661,19 +5748,30 @@ class LandingSink(Sink):
             return False
         return True
 
-    def status_path(self):
+    def status_path(self, source=None):
         """This node's status file: `<source_id>.json`; among many sources one per
-        source, `<source_id>=<digest of its file and table>.json` (no source id holds
-        an `=`, so no name is another node's)."""
+        source, `<source_id>=<digest of its file's real path and table>.json` (`source`:
+        what the digest is of; no source id holds an `=`, so no name is another
+        node's)."""
         name = self.identity.source_id
         if self.identity.scope:
-            source = f"{self.identity.source_file}\0{self.identity.source_table}"
+            source = source or f"{self.identity.source_path}\0{self.identity.source_table}"
             name += "=" + uuid.uuid5(uuid.NAMESPACE_URL, source).hex[:16]
         return f"{self.volume}/{self.STATUS_DIR}/{name}.json"
 
+    def superseded_status_paths(self):
+        """Among many sources, the status files this source's replaces: the node's
+        single-source file and the one of a version that named the file by its base
+        name (files named alike in two folders shared it)."""
+        if not self.identity.scope:
+            return []
+        folder, node = f"{self.volume}/{self.STATUS_DIR}", self.identity.source_id
+        return [f"{folder}/{node}.json", self.status_path(
+            f"{self.identity.source_file}\0{self.identity.source_table}")]
+
     def report_status(self, status):
         """Write this node's status file for this source (a failure is logged, never
-        fatal)."""
+        fatal); after the first, remove the files it supersedes."""
         path = self.status_path()
         body = json.dumps({**self.identity.with_source(status), "reported_at": utc_now_text()},
                           default=str, sort_keys=True)
@@ -5681,6 +5779,18 @@ class LandingSink(Sink):
             self.files.upload(path, body.encode() + b"\n", tries=2)
         except SinkError as exc:
             log.warning("sink: could not write the node status %s: %s", path, exc)
+            return
+        while self._superseded:
+            old = self._superseded[0]
+            try:
+                gone = self.files.call("DELETE", "files", old, what=f"removing {old}",
+                                       missing_ok=True, tries=2)[0] != 404
+            except SinkError as exc:
+                log.debug("sink: %s stays until the next report: %s", old, exc)
+                return
+            if gone:
+                log.info("sink: the status file %s is replaced by %s", old, path)
+            self._superseded.pop(0)
 
     def retire_status(self, table):
         """Delete this source's status file (one per source file and table: `table`
@@ -5713,8 +5823,8 @@ class LandingSink(Sink):
         return self._query(table, source_id, f"SELECT {what} FROM t", doing, newest)[1]
 
     def _query(self, table, source_id, sql, doing, newest=False, keep=None):
-        """(Arrow schema, rows) of `sql` over table t, the node's landed files;
-        (None, []) when there are none."""
+        """(Arrow schema, rows) of `sql` over table t, the node's landed files (a
+        function: of t's column names); (None, []) when there are none."""
         import shutil
         from deltalake import QueryBuilder
         names = [name for name, _ in self.landed(table, source_id)][-1 if newest else 0:]
@@ -5729,6 +5839,8 @@ class LandingSink(Sink):
             query = QueryBuilder()
             query.execute(f"CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION "
                           f"{sql_string(folder + os.sep)}")
+            if callable(sql):
+                sql = sql(query.execute("SELECT * FROM t LIMIT 0").schema.names)
             reader = query.execute(sql)
             return reader.schema, [row for b in reader
                                    for row in zip(*(c.to_pylist() for c in b.columns))]
@@ -5761,10 +5873,13 @@ class LandingSink(Sink):
 
     def count_file_rows(self, table, source_id, source_file, sent=()):
         """(Only the files of batches not `sent` are read: a file is a batch.)"""
+        def sql(names):  # files of versions before _source_file: of any file
+            where = (f'WHERE ("_source_file" = {text_literal(source_file)} OR '
+                     '"_source_file" IS NULL) ') if "_source_file" in names else ""
+            return f'SELECT "_batch_id", count(*) FROM t {where}GROUP BY "_batch_id"'
+
         return dict(self._query(
-            table, source_id, 'SELECT "_batch_id", count(*) FROM t WHERE ("_source_file" = '
-            f'{text_literal(source_file)} OR "_source_file" IS NULL) GROUP BY "_batch_id"',
-            "counting rows",
+            table, source_id, sql, "counting rows",
             keep=lambda name: batch_prefix(name.removesuffix(".parquet")) not in sent)[1])
 
     def read_keys(self, table, source_id, names):
@@ -5860,15 +5975,15 @@ def ingest_copy_sql(target, folder):
 def fleet_view_sql(view, folder):
     """A view of the nodes' status files (node_status, as each node last wrote it: one
     per node, or per source of a node with many; files of older versions have no
-    source_file or source_table, which the hints make NULL)."""
+    source_file, source_table or source_path, which the hints make NULL)."""
     return (f"CREATE OR REPLACE VIEW {view} AS SELECT source_id, source_file, source_table, "
-            "`table`, cursor, pending, "
+            "source_path, `table`, cursor, pending, "
             "behind, last_batch, CAST(last_upload AS TIMESTAMP) AS last_upload, `rows`, "
             "version, last_error, lag_seconds, `interval`, "
             "CAST(reported_at AS TIMESTAMP) AS reported_at FROM "
             f"read_files({sql_string(folder)}, format => 'json', "
             "schemaHints => 'cursor STRING, pending BIGINT, behind BIGINT, `rows` BIGINT, "
-            "source_file STRING, source_table STRING')")
+            "source_file STRING, source_table STRING, source_path STRING')")
 
 
 def batch_order(name):
@@ -7558,18 +7673,18 @@ class Sources:
 
     def retire_status(self, path, positions):
         """Have the sink remove the status (--fleet-status) the forgotten positions of
-        file `path` reported; not where a file still read has the same base name and
-        source table: it reports on that status too (files named alike in two folders)."""
-        name = os.path.basename(path)
-        kept = {(os.path.basename(p["source"]["path"]), p["source"]["table"])
+        file `path` reported; not where a file still read has the same path and source
+        table: it reports on that status too (a file made again where one was)."""
+        name, real = os.path.basename(path), os.path.realpath(path)
+        kept = {(os.path.realpath(p["source"]["path"]), p["source"]["table"])
                 for p in self.checkpoint.data["destinations"].values() if p.get("source")}
-        kept |= {(os.path.basename(w[0]), w[1]) for w in self.jobs}
+        kept |= {(os.path.realpath(w[0]), w[1]) for w in self.jobs}
         spec = next(s for s in self.specs if s.matches(path))
         for pos in positions:
             table = pos["source"]["table"]
-            if (name, table) in kept:
-                log.debug("source: the status of %s:%s stays: another file of that name "
-                          "reports on it", name, table)
+            if (real, table) in kept:
+                log.debug("source: the status of %s:%s stays: a file read now reports on "
+                          "it", name, table)
                 continue
             sink = make_sink(spec_config(self.config, spec, path), Identity(
                 self.config.source_id, table, "", name, source_scope(path, table)))
@@ -7928,8 +8043,9 @@ def format_fleet(lines):
     shown = [x for x in lines if not x.get("done")]
     if len(set(nodes)) < len(nodes):
         text = format_rows(["table", "node", "source", *FLEET_HEADER[2:]],
-                           [(*row[:2], fleet_source(x), *row[2:])
-                            for x, row in zip(shown, fleet_rows(shown))])
+                           [(*row[:2], f"{name or '-'}:{x['source_table'] or '-'}", *row[2:])
+                            for x, name, row in zip(shown, source_names(shown),
+                                                    fleet_rows(shown))])
     else:
         text = format_rows(FLEET_HEADER, fleet_rows(shown))
     done = len(lines) - len(shown)
@@ -7952,9 +8068,25 @@ def fleet_rows(lines):
              x["version"] or "-", fleet_state(x)) for x in lines]
 
 
-def fleet_source(line):
-    """A line's source as file:table ('-' for what is not known)."""
-    return f"{line['source_file'] or '-'}:{line['source_table'] or '-'}"
+def source_names(lines):
+    """Each line's source file as shown: its base name; where a node has files of that
+    name in several folders, the shortest end of its path that no other has."""
+    paths = {}
+    for x in lines:
+        if x.get("source_path"):
+            paths.setdefault((x["table"], x["node"], x["source_file"]), set()).add(
+                x["source_path"])
+    return [short_path(x["source_path"], paths[(x["table"], x["node"], x["source_file"])])
+            if x.get("source_path") else x["source_file"] for x in lines]
+
+
+def short_path(path, among):
+    """The fewest last parts of `path` that end no other path in `among`."""
+    parts = path.split("/")
+    for n in range(1, len(parts)):
+        if sum(p.split("/")[-n:] == parts[-n:] for p in among) == 1:
+            return "/".join(parts[-n:])
+    return path
 
 
 def fleet_state(line):
