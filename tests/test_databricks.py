@@ -1276,20 +1276,43 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual([p["source"]["path"] for p in read_state(
             self.path("state-1"))["destinations"].values()], [self.path("sensor-2.db")])
 
-    def test_a_status_row_another_file_of_that_name_reports_on_stays(self):
-        """Files named alike in two folders report on one row: one forgotten, the row
-        stays while the other is uploaded."""
-        for folder in ("a", "b"):
+    def test_files_named_alike_in_two_folders_have_a_row_each(self):
+        """A common layout (.../a/sensor-1.db, .../b/sensor-1.db): a row each, keyed
+        by the file's real path, with its own rows; the row a version before source_path
+        wrote for that name (on a status table without the column) is taken over, not
+        left as a third line. One file forgotten: its row goes, the other's stays."""
+        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
+        ).execute(up.status_table_sql(NODES_TABLE_SQL, [
+            (n, k) for n, k in up.STATUS_COLUMNS if n != "source_path"]))
+        self.warehouse.query(
+            f'INSERT INTO "{NODES_TABLE}" (source_id, target_table, source_file, '
+            "source_table, rows, reported_at) VALUES ('node-1', 'raw_readings', "
+            "'sensor-1.db', 'readings', 3, now())")
+        globs = ("a/sensor-*.db", "b/sensor-*.db")
+        for folder, count in (("a", 3), ("b", 5)):
             os.makedirs(self.path(folder))
-            self.many({f"{folder}/sensor-1.db": 3}, globs=("a/sensor-*.db", "b/sensor-*.db"))
+            self.readings_db(count, name=f"{folder}/sensor-1.db")
+        self.many({}, globs=globs)
+        real = {f: os.path.realpath(self.path(f"{f}/sensor-1.db")) for f in "ab"}
+        self.assertEqual(sorted((r["source_file"], r["source_path"], r["rows"])
+                                for r in self.warehouse.rows(NODES_TABLE)),
+                         [("sensor-1.db", real["a"], 3), ("sensor-1.db", real["b"], 5)])
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(1))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["source_path"], x["rows"], x["cursor"]) for x in json.loads(out)],
+                         [(real["a"], 3, [3]), (real["b"], 5, [5])])
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status"],
+                                  self.node_env(1))
+        self.assertIn(" a/sensor-1.db:readings ", out)
+        self.assertIn(" b/sensor-1.db:readings ", out)
         os.remove(self.path("a/sensor-1.db"))
         for _ in range(2):
-            self.many({}, flags=("--forget-after", "0"),
-                      globs=("a/sensor-*.db", "b/sensor-*.db"))
+            self.many({}, flags=("--forget-after", "0"), globs=globs)
         self.assertEqual(len(read_state(self.path("state-1"))["destinations"]), 1)
-        self.assertEqual(self.statements("DELETE"), [])
-        self.assertEqual(self.status_keys(),
-                         [("node-1", "sensor-1.db", "raw_readings", "readings")])
+        self.assertEqual(len(self.statements("DELETE")), 1)
+        self.assertEqual([(r["source_path"], r["rows"]) for r in
+                          self.warehouse.rows(NODES_TABLE)], [(real["b"], 5)])
 
     def test_two_files_feeding_one_table_each_have_their_line(self):
         self.many({"sensor-1.db": 13, "sensor-2.db": 7})

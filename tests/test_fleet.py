@@ -16,6 +16,7 @@ Run: uv run -q --with-requirements sqlite_to_databricks_uploader.py --with sqlgl
 """
 
 import collections
+import datetime as dt
 import importlib.util
 import json
 import os
@@ -572,6 +573,40 @@ class FleetStatusTest(Fleet):
         later = up.fleet_status(config, now=now + dt.timedelta(seconds=3 * 300 + 60))
         self.assertEqual([x["silent"] for x in later], [True, True])
         self.assertIn("SILENT", up.format_fleet(later))
+
+
+class FleetLinesTest(unittest.TestCase):
+    """fleet_lines: what the sinks' reports and row counts become, line by line."""
+
+    AT = dt.datetime(2026, 11, 30, 17, tzinfo=dt.timezone.utc)
+
+    def report(self, table, rows, path=None, file="a.db", batch="s-t1-1"):
+        return {"source_id": "n1", "source_file": file, "source_path": path,
+                "source_table": table, "rows": rows, "last_batch": batch,
+                "last_upload": self.AT, "pending": 0}
+
+    def test_two_source_tables_of_one_file_show_the_rows_each_reported(self):
+        lines = up.fleet_lines([self.report("t1", 300), self.report("t2", 200)],
+                               {("n1", "a.db"): (500, self.AT)})
+        self.assertEqual([(x["source_file"], x["source_table"], x["rows"]) for x in lines],
+                         [("a.db", "t1", 300), ("a.db", "t2", 200)])
+
+    def test_files_named_alike_are_a_line_each_and_replace_their_older_report(self):
+        lines = up.fleet_lines([self.report("t1", 9),  # a version before paths
+                                self.report("t1", 3, "/mnt/dev1/a.db"),
+                                self.report("t1", 5, "/mnt/dev2/a.db"),
+                                self.report("t1", 4, file="b.db")],
+                               {("n1", "a.db"): (8, self.AT), ("n1", "b.db"): (4, self.AT)})
+        self.assertEqual([(x["source_path"], x["rows"]) for x in lines],
+                         [("/mnt/dev1/a.db", 3), ("/mnt/dev2/a.db", 5), (None, 4)])
+        self.assertEqual(up.source_names([{**x, "table": "t"} for x in lines]),
+                         ["dev1/a.db", "dev2/a.db", "b.db"])
+
+    def test_the_shortest_end_of_a_path_that_tells_files_apart(self):
+        among = {"/a/x/data.db", "/b/x/data.db", "/b/y/data.db"}
+        self.assertEqual([up.short_path(p, among) for p in sorted(among)],
+                         ["a/x/data.db", "b/x/data.db", "y/data.db"])
+        self.assertEqual(up.short_path("/a/x/data.db", {"/a/x/data.db"}), "data.db")
 
 
 class ManySourcesFleetStatusTest(Fleet):

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import unittest
 import urllib.parse
+import uuid
 from unittest import mock
 
 from tests.helpers import TempDirTestCase, delta_rows, make_db, up, use_fake_warehouse
@@ -1096,6 +1097,47 @@ class LandingRunTest(TempDirTestCase):
                                   self.env)
         self.assertEqual(code, 0, err)
         self.assertIn("sensor-2.db:readings", out)
+
+    def test_files_named_alike_in_two_folders_have_a_status_file_each(self):
+        """A common layout (/mnt/loggers/dev1/data.db, .../dev2/data.db): each file
+        reports in its own status file (keyed by its real path), with its own rows and
+        errors; the status files an older version wrote for the node (one source; the
+        base name) are removed by the first report, once."""
+        for folder, rows in (("dev1", ROWS), ("dev2", ROWS[:2])):
+            os.makedirs(self.path(folder))
+            make_db(self.path(f"{folder}/data.db"), SCHEMA, rows,
+                    ["ts", "sensor", "value", "raw"])
+        now = dt.datetime.now(dt.timezone.utc)
+        older = {"source_id": "edge-7", "table": "raw_readings", "cursor": [1], "rows": 1,
+                 "pending": 0, "source_file": "data.db", "source_table": "readings",
+                 "reported_at": up.utc_now_text()}
+        single, shared = f"{VOLUME}/_nodes/edge-7.json", (
+            f"{VOLUME}/_nodes/edge-7=" + uuid.uuid5(uuid.NAMESPACE_URL,
+                                                    "data.db\0readings").hex[:16] + ".json")
+        for path in (single, shared):
+            self.service.files[path] = (json.dumps(older).encode(), now)
+        config = self.path("uploader.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": self.path("dev*/data.db"),
+                                    "tables": ["readings"]}]}, fh)
+        from tests.helpers import run_main
+        code, out, err = run_main(["--config", config, "--once"], self.env)
+        self.assertEqual(code, 0, err)
+        statuses = sorted(p for p in self.service.files if "/_nodes/" in p)
+        self.assertEqual(len(statuses), 2, statuses)
+        self.assertNotIn(single, statuses)
+        self.assertNotIn(shared, statuses)
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["source_file"], x["source_path"], x["rows"], x["cursor"])
+                          for x in json.loads(out)],
+                         [("data.db", os.path.realpath(self.path("dev1/data.db")), 3, [3]),
+                          ("data.db", os.path.realpath(self.path("dev2/data.db")), 2, [2])])
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status"],
+                                  self.env)
+        self.assertIn(" dev1/data.db:readings ", out)
+        self.assertIn(" dev2/data.db:readings ", out)
 
     def run_sources(self, *flags, node="edge-7"):
         """One --once run of a `sources:` glob of sensor files; its stderr."""

@@ -117,7 +117,8 @@ class SparkParsesEveryStatement(unittest.TestCase):
         """Every path that sends a statement: create, insert, add columns (with column
         mapping), settle an in-flight batch, recover a cursor, stage in a volume, the
         node's status upsert, --run-query INFO, --fleet-status and --test-upload."""
-        old = [(n, k) for n, k in up.STATUS_COLUMNS if n not in ("source_file", "source_table")]
+        old = [(n, k) for n, k in up.STATUS_COLUMNS
+               if n not in ("source_file", "source_table", "source_path")]
         fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
         ).execute(up.status_table_sql("`main`.`sensors`.`_uploader_nodes`", old))  # older
         db = os.path.join(cls.tmp, "hostile.db")

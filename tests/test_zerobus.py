@@ -514,6 +514,23 @@ class ThroughTheWarehouse(ZerobusCase):
                          [("node-a", "sensor-1.db", 100, "s1-1"),
                           ("node-a", "sensor-2.db", 200, "s1-2")])
 
+    def test_fleet_status_of_a_table_from_before_source_file(self):
+        """A table and view an older version made (no _source_file): a line per node
+        (as the warehouse target gives), not an UNRESOLVED_COLUMN error."""
+        self.warehouse.query(f'CREATE TABLE "{FQN}" (id BIGINT, _source_id VARCHAR, '
+                             "_batch_id VARCHAR, _uploaded_at TIMESTAMP WITH TIME ZONE, "
+                             "_row_key VARCHAR)")
+        self.warehouse.query(f'CREATE VIEW "{FQN}_deduped" AS SELECT * FROM "{FQN}"')
+        self.warehouse.query(
+            f'INSERT INTO "{FQN}" VALUES (1, \'old-1\', \'f00d-1\', now() - INTERVAL 1 '
+            "MINUTE, '1'), (2, 'old-1', 'f00d-2', now(), '2'), (1, 'old-2', 'beef-1', now(), "
+            "'1')")
+        code, out, err = run_main(["--fleet-status", "--json"], self.env())
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(x["node"], x["source_file"], x["rows"], x["last_batch"])
+                          for x in json.loads(out)],
+                         [("old-1", None, 2, "f00d-2"), ("old-2", None, 1, "beef-1")])
+
     def test_test_upload_sends_a_row_to_a_scratch_table(self):
         code, out, err = run_main(["--test-upload"], self.env())
         self.assertEqual(code, 0, out + err)
