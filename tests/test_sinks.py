@@ -1072,10 +1072,7 @@ class LandingRunTest(TempDirTestCase):
         from tests.helpers import run_main
         for name, rows in (("sensor-1.db", ROWS), ("sensor-2.db", ROWS[:2])):
             make_db(self.path(name), SCHEMA, rows, ["ts", "sensor", "value", "raw"])
-        config = self.path("uploader.yaml")
-        with open(config, "w", encoding="utf-8") as fh:
-            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
-                                    "tables": ["readings"]}]}, fh)
+        config = self.sources_config()
         code, out, err = run_main(["--config", config, "--once"], self.env)
         self.assertEqual(code, 0, err)
         # a status file of an older version (no source file or table) is read too
@@ -1116,10 +1113,7 @@ class LandingRunTest(TempDirTestCase):
                                                     "data.db\0readings").hex[:16] + ".json")
         for path in (single, shared):
             self.service.files[path] = (json.dumps(older).encode(), now)
-        config = self.path("uploader.yaml")
-        with open(config, "w", encoding="utf-8") as fh:
-            json.dump({"sources": [{"sqlite": self.path("dev*/data.db"),
-                                    "tables": ["readings"]}]}, fh)
+        config = self.sources_config("dev*/data.db")
         from tests.helpers import run_main
         code, out, err = run_main(["--config", config, "--once"], self.env)
         self.assertEqual(code, 0, err)
@@ -1139,13 +1133,18 @@ class LandingRunTest(TempDirTestCase):
         self.assertIn(" dev1/data.db:readings ", out)
         self.assertIn(" dev2/data.db:readings ", out)
 
+    def sources_config(self, pattern="sensor-*.db"):
+        """A `sources:` config of table readings in the files of a glob; its path."""
+        config = self.path("uploader.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            json.dump({"sources": [{"sqlite": self.path(pattern), "tables": ["readings"]}]},
+                      fh)
+        return config
+
     def run_sources(self, *flags, node="edge-7"):
         """One --once run of a `sources:` glob of sensor files; its stderr."""
         from tests.helpers import run_main
-        config = self.path("uploader.yaml")
-        with open(config, "w", encoding="utf-8") as fh:
-            json.dump({"sources": [{"sqlite": self.path("sensor-*.db"),
-                                    "tables": ["readings"]}]}, fh)
+        config = self.sources_config()
         code, out, err = run_main(["--config", config, "--once", *flags], {
             **self.env, "SOURCE_ID": node, "STATE_DIR": self.path(f"state-{node}")})
         self.assertEqual(code, 0, err)
