@@ -1314,6 +1314,27 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual([(r["source_path"], r["rows"]) for r in
                           self.warehouse.rows(NODES_TABLE)], [(real["b"], 5)])
 
+    def test_a_forgotten_files_row_goes_from_a_status_table_without_source_path(self):
+        """A file forgotten before any report of this version added source_path: the
+        DELETE goes without it (not a warning and a row left behind)."""
+        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
+        ).execute(up.status_table_sql(NODES_TABLE_SQL, [
+            (n, k) for n, k in up.STATUS_COLUMNS if n != "source_path"]))
+        self.warehouse.query(
+            f'INSERT INTO "{NODES_TABLE}" (source_id, target_table, source_file, '
+            "source_table, reported_at) VALUES ('node-1', 'raw_readings', 'sensor-1.db', "
+            "'readings', now()), ('node-1', 'raw_readings', 'sensor-2.db', 'readings', "
+            "now())")
+        sink = up.DatabricksSink(up.check_target(up.load_config(
+            up.build_parser().parse_args([]), self.env(SOURCE_ID="node-1"))), up.Identity(
+            "node-1", "readings", "", "sensor-1.db",
+            up.source_scope(self.path("sensor-1.db"), "readings")))
+        self.addCleanup(sink.close)
+        with self.assertNoLogs("uploader", "WARNING"):
+            sink.retire_status("raw_readings")
+        self.assertEqual([r["source_file"] for r in self.warehouse.rows(NODES_TABLE)],
+                         ["sensor-2.db"])
+
     def test_two_files_feeding_one_table_each_have_their_line(self):
         self.many({"sensor-1.db": 13, "sensor-2.db": 7})
         self.assertEqual(len(self.warehouse.rows(NODES_TABLE)), 2)  # not one overwritten
