@@ -1276,18 +1276,24 @@ class NodeStatusTests(WarehouseTestCase):
         self.assertEqual([p["source"]["path"] for p in read_state(
             self.path("state-1"))["destinations"].values()], [self.path("sensor-2.db")])
 
+    def older_status_table(self, *files):
+        """The status table as a version before source_path made it, with a row of
+        node-1 (3 rows) for each of `files` (table readings)."""
+        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
+        ).execute(up.status_table_sql(NODES_TABLE_SQL, [
+            (n, k) for n, k in up.STATUS_COLUMNS if n != "source_path"]))
+        for name in files:
+            self.warehouse.query(
+                f'INSERT INTO "{NODES_TABLE}" (source_id, target_table, source_file, '
+                "source_table, rows, reported_at) VALUES ('node-1', 'raw_readings', "
+                f"'{name}', 'readings', 3, now())")
+
     def test_files_named_alike_in_two_folders_have_a_row_each(self):
         """A common layout (.../a/sensor-1.db, .../b/sensor-1.db): a row each, keyed
         by the file's real path, with its own rows; the row a version before source_path
         wrote for that name (on a status table without the column) is taken over, not
         left as a third line. One file forgotten: its row goes, the other's stays."""
-        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
-        ).execute(up.status_table_sql(NODES_TABLE_SQL, [
-            (n, k) for n, k in up.STATUS_COLUMNS if n != "source_path"]))
-        self.warehouse.query(
-            f'INSERT INTO "{NODES_TABLE}" (source_id, target_table, source_file, '
-            "source_table, rows, reported_at) VALUES ('node-1', 'raw_readings', "
-            "'sensor-1.db', 'readings', 3, now())")
+        self.older_status_table("sensor-1.db")
         globs = ("a/sensor-*.db", "b/sensor-*.db")
         for folder, count in (("a", 3), ("b", 5)):
             os.makedirs(self.path(folder))
@@ -1317,14 +1323,7 @@ class NodeStatusTests(WarehouseTestCase):
     def test_a_forgotten_files_row_goes_from_a_status_table_without_source_path(self):
         """A file forgotten before any report of this version added source_path: the
         DELETE goes without it (not a warning and a row left behind)."""
-        fake_warehouse.connect(server_hostname="h", http_path="p", access_token="t").cursor(
-        ).execute(up.status_table_sql(NODES_TABLE_SQL, [
-            (n, k) for n, k in up.STATUS_COLUMNS if n != "source_path"]))
-        self.warehouse.query(
-            f'INSERT INTO "{NODES_TABLE}" (source_id, target_table, source_file, '
-            "source_table, reported_at) VALUES ('node-1', 'raw_readings', 'sensor-1.db', "
-            "'readings', now()), ('node-1', 'raw_readings', 'sensor-2.db', 'readings', "
-            "now())")
+        self.older_status_table("sensor-1.db", "sensor-2.db")
         sink = up.DatabricksSink(up.check_target(up.load_config(
             up.build_parser().parse_args([]), self.env(SOURCE_ID="node-1"))), up.Identity(
             "node-1", "readings", "", "sensor-1.db",
