@@ -612,13 +612,13 @@ class FleetLinesTest(unittest.TestCase):
 class ManySourcesFleetStatusTest(Fleet):
     """A node with several files feeding one table: one line per (node, file, table)."""
 
-    def many(self, n, files):
+    def many(self, n, files, globs=("sensor-*.db", "*/sensor-*.db")):
         """Node n uploads `files` ({name: rows}) of table readings through one `sources:`
-        config (a glob); returns its config path."""
+        config (globs in its folder); returns its config path."""
         folder = self.path(f"node-{n:02d}")
-        os.makedirs(folder, exist_ok=True)
         for name, count in files.items():
             db = os.path.join(folder, name)
+            os.makedirs(os.path.dirname(db), exist_ok=True)
             conn = sqlite3.connect(db)
             with conn:
                 conn.execute(SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
@@ -628,8 +628,8 @@ class ManySourcesFleetStatusTest(Fleet):
             conn.close()
         config = self.path(f"node-{n:02d}.yaml")
         with open(config, "w", encoding="utf-8") as fh:
-            json.dump({"sources": [{"sqlite": os.path.join(folder, "sensor-*.db"),
-                                    "tables": ["readings"]}]}, fh)
+            json.dump({"sources": [{"sqlite": os.path.join(folder, pattern),
+                                    "tables": ["readings"]} for pattern in globs]}, fh)
         code, _, err = run_main(["--config", config, "--once", "--batch-size", "4"],
                                 self.node_env(n))
         self.assertEqual(code, 0, err)
@@ -659,6 +659,21 @@ class ManySourcesFleetStatusTest(Fleet):
         self.assertIn("source", header.split())
         self.assertEqual(len([r for r in rows if "node-0" in r]), 3)
         self.assertTrue([r for r in rows if "sensor-1.db:readings" in r])
+
+    def test_files_named_alike_in_two_folders_are_two_lines(self):
+        self.many(0, {"dev1/sensor-1.db": 13, "dev2/sensor-1.db": 6})
+        code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
+                                   "--json"], self.node_env(0))
+        self.assertEqual(code, 0, err)
+        folder = os.path.realpath(self.path("node-00"))
+        self.assertEqual([(x["source_file"], x["source_path"], x["rows"], x["cursor"])
+                          for x in json.loads(out)],
+                         [("sensor-1.db", f"{folder}/dev1/sensor-1.db", 13, [13]),
+                          ("sensor-1.db", f"{folder}/dev2/sensor-1.db", 6, [6])])
+        code, out, _ = run_main(["--databricks-table", "raw_readings", "--fleet-status"],
+                                self.node_env(0))
+        self.assertIn(" dev1/sensor-1.db:readings ", out)
+        self.assertIn(" dev2/sensor-1.db:readings ", out)
 
     def test_commits_of_an_older_version_without_the_file_are_read(self):
         original = up.DeltaSink.metadata
