@@ -5748,26 +5748,23 @@ class LandingSink(Sink):
             return False
         return True
 
-    def status_path(self, source=None):
+    def status_path(self):
         """This node's status file: `<source_id>.json`; among many sources one per
-        source, `<source_id>=<digest of its file's real path and table>.json` (`source`:
-        what the digest is of; no source id holds an `=`, so no name is another
-        node's)."""
+        source, `<source_id>=<digest of its file's real path and table>.json` (no source
+        id holds an `=`, so no name is another node's)."""
         name = self.identity.source_id
         if self.identity.scope:
-            source = source or f"{self.identity.source_path}\0{self.identity.source_table}"
+            source = f"{self.identity.source_path}\0{self.identity.source_table}"
             name += "=" + uuid.uuid5(uuid.NAMESPACE_URL, source).hex[:16]
         return f"{self.volume}/{self.STATUS_DIR}/{name}.json"
 
     def superseded_status_paths(self):
-        """Among many sources, the status files this source's replaces: the node's
-        single-source file and the one of a version that named the file by its base
-        name (files named alike in two folders shared it)."""
+        """Among many sources, the status file this source's replaces: the node's
+        single-source file (versions before 2026-11-30 wrote one per node, whatever its
+        sources). One DELETE per source and process, answered 404 once it is gone."""
         if not self.identity.scope:
             return []
-        folder, node = f"{self.volume}/{self.STATUS_DIR}", self.identity.source_id
-        return [f"{folder}/{node}.json", self.status_path(
-            f"{self.identity.source_file}\0{self.identity.source_table}")]
+        return [f"{self.volume}/{self.STATUS_DIR}/{self.identity.source_id}.json"]
 
     def report_status(self, status):
         """Write this node's status file for this source (a failure is logged, never

@@ -24,7 +24,6 @@ import sqlite3
 import threading
 import unittest
 import urllib.parse
-import uuid
 from unittest import mock
 
 from tests.helpers import TempDirTestCase, delta_rows, make_db, up, use_fake_warehouse
@@ -1098,8 +1097,8 @@ class LandingRunTest(TempDirTestCase):
     def test_files_named_alike_in_two_folders_have_a_status_file_each(self):
         """A common layout (/mnt/loggers/dev1/data.db, .../dev2/data.db): each file
         reports in its own status file (keyed by its real path), with its own rows and
-        errors; the status files an older version wrote for the node (one source; the
-        base name) are removed by the first report, once."""
+        errors; the status file an older version wrote for the node (one per node) is
+        removed by the first report, once."""
         for folder, rows in (("dev1", ROWS), ("dev2", ROWS[:2])):
             os.makedirs(self.path(folder))
             make_db(self.path(f"{folder}/data.db"), SCHEMA, rows,
@@ -1108,11 +1107,8 @@ class LandingRunTest(TempDirTestCase):
         older = {"source_id": "edge-7", "table": "raw_readings", "cursor": [1], "rows": 1,
                  "pending": 0, "source_file": "data.db", "source_table": "readings",
                  "reported_at": up.utc_now_text()}
-        single, shared = f"{VOLUME}/_nodes/edge-7.json", (
-            f"{VOLUME}/_nodes/edge-7=" + uuid.uuid5(uuid.NAMESPACE_URL,
-                                                    "data.db\0readings").hex[:16] + ".json")
-        for path in (single, shared):
-            self.service.files[path] = (json.dumps(older).encode(), now)
+        single = f"{VOLUME}/_nodes/edge-7.json"
+        self.service.files[single] = (json.dumps(older).encode(), now)
         config = self.sources_config("dev*/data.db")
         from tests.helpers import run_main
         code, out, err = run_main(["--config", config, "--once"], self.env)
@@ -1120,7 +1116,6 @@ class LandingRunTest(TempDirTestCase):
         statuses = sorted(p for p in self.service.files if "/_nodes/" in p)
         self.assertEqual(len(statuses), 2, statuses)
         self.assertNotIn(single, statuses)
-        self.assertNotIn(shared, statuses)
         code, out, err = run_main(["--databricks-table", "raw_readings", "--fleet-status",
                                    "--json"], self.env)
         self.assertEqual(code, 0, err)
