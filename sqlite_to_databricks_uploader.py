@@ -1306,7 +1306,7 @@ CHUNK_ROWS = 10_000
 
 
 def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, newer=None,
-                 until=None, refresh=None):
+                 until=None, refresh=None, key=None):
     """Yield the rows after `cursor` in chunks, until a short batch says it is drained.
 
     A batch is one statement, so one read transaction. It is fetched chunk by chunk,
@@ -1316,11 +1316,14 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
     one, as if drained (rows come in timestamp order). With `until` (the cursor_end of
     an in-flight batch that did not land) the first batch is exactly the rows up to it
     (resend=True), whatever batch_size now is. `refresh(source)` gives the table as it is
-    before each batch, so a column added meanwhile is read from then on.
+    before each batch, so a column added meanwhile is read from then on. With a `key`
+    (the state id) each chunk has the mark of its last row (row_mark).
     """
     while True:
         if refresh is not None:
             source = refresh(source)
+        head = None if key is None else reading_source(
+            source, lambda: read_first_digest(conn, source, key))
         resend, limit = until is not None, batch_size if until is None else -1
         sql = select_sql(source, cursor is not None, bounded=resend)
         params = (list(cursor) if cursor is not None else []) + (
@@ -1342,7 +1345,8 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
                 statement.close()  # ends the read transaction before the batch moves on
             if not rows:  # the first row is already too recent
                 return
-            chunk = rows_to_chunk(source, rows, first, final=ahead is None)
+            chunk = rows_to_chunk(source, rows, first, final=ahead is None, key=key,
+                                  head=head)
             chunk.resend = resend
             cursor, rows, first = chunk.cursor_end, None, False
             yield chunk
@@ -1442,8 +1446,9 @@ def reading_source(source, action):
         raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
 
 
-def rows_to_chunk(source, rows, first, final):
-    """Row tuples as a column-major Chunk, with the cursor after the last row."""
+def rows_to_chunk(source, rows, first, final, key=None, head=None):
+    """Row tuples as a column-major Chunk, with the cursor after the last row and, with
+    a mark `key`, the mark of that row (`head`: the table's first row's digest)."""
     offset = 1 if source.cursor.hidden else 0
     positions = key_positions(source)
     ts_pos = stamp_position(source)
@@ -1454,34 +1459,103 @@ def rows_to_chunk(source, rows, first, final):
         if not fmt.native:
             pos = source.column_names.index(name) + offset
             columns[pos] = normalize_times(columns[pos], fmt)
+    mark = None if key is None else row_mark(
+        source.column_names, last[offset:], key, stamp=source.timestamp_col, first=head)
     return Chunk(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
                  first=first, final=final, keys=[columns[p] for p in positions],
-                 cursor_row=row_mark(source.column_names, last[offset:]))
+                 cursor_row=mark)
 
 
-def row_mark(names, row):
-    """What tells the row at a cursor from another file's row there: a digest of its
-    values as SQLite returned them (not the values: the state holds no row data)."""
-    text = repr([(type(v).__name__, v) for v in row])
-    return {"columns": list(names), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+def mark_digest(key, values):
+    """A short digest of values as SQLite returned them (type and value), keyed with the
+    state id: the state keeps no row data, and a digest cannot be matched to a value
+    guessed without that state (a table of likely values, another node's state)."""
+    text = repr([(type(v).__name__, v) for v in values])
+    return hashlib.blake2b(text.encode(), key=str(key).encode()[:64],
+                           digest_size=8).hexdigest()
 
 
-def is_marked_row(conn, source, cursor, mark):
-    """True when the row at `cursor` is the one `mark` was made of: its columns are
-    still there and hold the same values."""
-    return (set(mark["columns"]) <= set(source.column_names)
-            and read_row_mark(conn, source, cursor, mark["columns"]) == mark)
+def row_mark(names, row, key, stamp=None, first=None):
+    """What tells the row at a cursor from another file's row there, as digests keyed
+    with `key` (the state id): of its column names (and their number, so a column added
+    later is left out), of its values, of its timestamp (column `stamp`), which a row
+    updated in place keeps, and `first`, the digest of the table's first row then."""
+    names = list(names)
+    mark = {"names": mark_digest(key, names), "n": len(names),
+            "digest": mark_digest(key, row)}
+    if stamp in names:
+        mark["stamp"] = mark_digest(key, [row[names.index(stamp)]])
+    if first is not None:
+        mark["first"] = first
+    return mark
 
 
-def read_row_mark(conn, source, cursor, names=None):
+def read_first_digest(conn, source, key, names=None):
+    """The digest of the table's first row (by rowid, or by key in a WITHOUT ROWID
+    table) made of columns `names` (default: all); None when the table is empty."""
+    names = source.column_names if names is None else names
+    order = ", ".join(key_sql(source.cursor)) if source.without_rowid else "rowid"
+    row = conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
+                       f"{quote_ident(source.name)} ORDER BY {order} LIMIT 1").fetchone()
+    return mark_digest(key, row) if row is not None else None
+
+
+def is_marked_row(conn, source, cursor, mark, key):
+    """True when the row at `cursor` is the one `mark` was made of (see compare_mark)."""
+    return compare_mark(conn, source, cursor, mark, key)[0]
+
+
+def compare_mark(conn, source, cursor, mark, key):
+    """(same, what): is the row at `cursor` the one `mark` was made of, and what was
+    found. It is when it holds the same values, or when only values a producer updates
+    in place changed (a 'last seen' column): its timestamp and the table's first row are
+    those marked. A mark of an older version (a list of columns, an unkeyed digest of
+    the values) has only the values."""
+    if "columns" in mark:  # (older version)
+        names = mark["columns"]
+        if not set(names) <= set(source.column_names):
+            return False, "its columns are others"
+        row = read_marked_row(conn, source, cursor, names)
+        if row is None:
+            return False, "no such row"
+        old = hashlib.sha256(repr([(type(v).__name__, v) for v in row]).encode())
+        same = old.hexdigest()[:16] == mark["digest"]
+        return same, "the same values" if same else "other values"
+    names = source.column_names[:mark["n"]]
+    if len(names) < mark["n"] or mark_digest(key, names) != mark["names"]:
+        return False, "its columns are others"
+    row = read_marked_row(conn, source, cursor, names)
+    if row is None:
+        return False, "no such row"
+    if mark_digest(key, row) == mark["digest"]:
+        return True, "the same values"
+    if "stamp" in mark and row_mark(names, row, key, source.timestamp_col).get(
+            "stamp") != mark["stamp"]:
+        return False, "another timestamp"
+    if mark.get("first") is None or read_first_digest(conn, source, key,
+                                                     names) != mark["first"]:
+        return False, "other values, and the table's first row is another"
+    return True, "other values (updated in place), with the timestamp and the table's " \
+                 "first row marked"
+
+
+def read_row_mark(conn, source, cursor, key, names=None):
     """The mark of the row at `cursor` now, made of columns `names` (default: all);
     None when no row is there."""
     names = source.column_names if names is None else names
-    row = conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
-                       f"{quote_ident(source.name)} WHERE "
-                       f"{cursor_condition(source.cursor, True, op='=')}", cursor).fetchone()
-    return row_mark(names, row) if row is not None else None
+    row = read_marked_row(conn, source, cursor, names)
+    if row is None:
+        return None
+    return row_mark(names, row, key, stamp=source.timestamp_col,
+                    first=read_first_digest(conn, source, key, names))
+
+
+def read_marked_row(conn, source, cursor, names):
+    """The values of columns `names` of the row at `cursor`; None when none is there."""
+    return conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
+                        f"{quote_ident(source.name)} WHERE "
+                        f"{cursor_condition(source.cursor, True, op='=')}", cursor).fetchone()
 
 
 def has_rows_up_to(conn, source, cursor):
@@ -6501,6 +6575,7 @@ class Job:
     scope: str = ""  # among many sources, the file and table in the position's key
     recorded: dict = dataclasses.field(default_factory=dict)  # kept with a new position
     file_id: tuple = None  # file_identity() of the file the connection reads
+    unconfirmed: tuple = None  # another file under the name, said to be checked again
 
     @property
     def key(self):
@@ -6721,7 +6796,8 @@ def upload_pending(job):
     flight = pos["inflight"]  # settled as not landed: its rows go again, exactly
     batches = read_batches(job.conn, job.source, cursor, job.config.batch_size, newer=newer,
                            until=decode_cursor(flight["cursor_end"]) if flight else None,
-                           refresh=lambda source: refresh_job_source(job, source))
+                           refresh=lambda source: refresh_job_source(job, source),
+                           key=job.checkpoint.data["state_id"])
     mark, progress = started, current_progress()
     for batch in prefetch(prepare_batches(job, batches, dict(pos)), job.stop):
         batch.pending = max(pending - read - batch.source_count, 0)  # for --fleet-status
@@ -6753,10 +6829,10 @@ def check_source(job, pos, cursor):
     follow_replaced(job)
     conn, source = job.conn, job.source
     check_not_behind(conn, source, cursor)
-    check_same_rows(job, pos, cursor)
+    confirmed = check_same_rows(job, pos, cursor)
     nulls = report_null_timestamps(conn, source)
     pending = count_pending(conn, source, cursor)
-    if cursor is not None and time.monotonic() >= job.behind_due:
+    if cursor is not None and confirmed and time.monotonic() >= job.behind_due:
         started = time.monotonic()
         report_behind(job, pos, count_passed(conn, source, pending, nulls))
         # SQLite counts a table by walking a b-tree: on a big table keep it to about
@@ -6785,48 +6861,68 @@ def follow_replaced(job):
 
 def check_same_rows(job, pos, cursor):
     """A file that is not the one the position was read from (replaced in place: a
-    restored backup, a copy, a new database under the old name) goes on from the cursor
-    only if that skips none of its rows: its row at the cursor is the row uploaded, or
-    it has no row up to the cursor. The file read is then recorded (positions written
-    before files were recorded take the file read now, as they did)."""
+    restored backup, a copy, the same file after a remount on another device, a new
+    database under the old name) goes on from the cursor only if that skips none of its
+    rows: its row at the cursor is the row uploaded (compare_mark), or it has rows and
+    all follow the cursor. It is then recorded, with the mark of its row at the cursor
+    (positions written before files were recorded take the file read now, as they
+    did). False when the file is not recorded: it is checked again the next cycle."""
     now, was = job.file_id, pos.get("file_id")
     if now is None or was == list(now):
-        return
+        return True
     mark = pos.get("cursor_row")
     if was is not None and cursor is not None:
         where = (f"{job.config.sqlite} is another file than the one uploaded from "
-                 f"(another inode: replaced in place)")
+                 f"({file_change(was, now)}: replaced in place)")
         at = f"{job.source.cursor.describe()} = {cursor}"
         if mark is None:
             log.warning("source: %s; its row at the cursor %s was not recorded, so whether "
                         "it holds the rows uploaded cannot be told: it goes on from there",
                         where, at)
-        else:
-            check_replaced(job, cursor, mark, where, at)
-    if mark is None and cursor is not None:
-        mark = read_row_mark(job.conn, job.source, cursor)
+        elif not check_replaced(job, cursor, mark, where, at):
+            return False
+    if cursor is not None:
+        mark = read_row_mark(job.conn, job.source, cursor, job.checkpoint.data["state_id"])
     job.checkpoint.update(job.key, file_id=list(now), cursor_row=mark)
+    return True
+
+
+def file_change(was, now):
+    """What tells two file_identity() apart, in words."""
+    return " and ".join(what for what, a, b in zip(("another device", "another inode"),
+                                                   was, now) if a != b) or "the same"
 
 
 def check_replaced(job, cursor, mark, where, at):
-    """Another file under the source's name: say that it goes on, or refuse it."""
+    """Another file under the source's name: say that it goes on (True), or that it is
+    checked again the next cycle (False: an empty table, a new database's first rows
+    would be at or before the cursor), or refuse it."""
     conn, source = job.conn, job.source
-    if is_marked_row(conn, source, cursor, mark):
-        log.info("source: %s; it holds the rows uploaded (its row at the cursor %s is "
-                 "the same), so it goes on after them", where, at)
-        return
+    same, what = compare_mark(conn, source, cursor, mark, job.checkpoint.data["state_id"])
+    if same:
+        log.log(logging.INFO if what == "the same values" else logging.WARNING,
+                "source: %s; its row at the cursor %s is the row uploaded (%s), so it "
+                "holds the rows uploaded: it goes on after them", where, at, what)
+        return True
     if not has_rows_up_to(conn, source, cursor):
-        log.info("source: %s; it has no row up to the cursor %s, so nothing is skipped: "
-                 "it goes on", where, at)
-        return
+        if conn.execute(f"SELECT 1 FROM {quote_ident(source.name)} LIMIT 1").fetchone():
+            log.info("source: %s; it has no row up to the cursor %s, only rows after it, "
+                     "so going on skips none of them: it goes on", where, at)
+            return True
+        if job.unconfirmed != job.file_id:
+            job.unconfirmed = job.file_id
+            log.warning("source: %s; its table %r is empty, so whether its rows will be "
+                        "those uploaded (a copy being put in place) or a new database's, "
+                        "whose rows up to the cursor %s going on would skip, cannot be told "
+                        "yet: it is checked again each cycle", where, source.name, at)
+        return False
     fix = ("move it to a new name, where it is uploaded from its first row as a new file"
            if job.scope else "use --reset-state --start-at now to take it from its current "
            "end (its rows so far are not uploaded)")
     raise SourceReplacedError(
         f"source: {where}, and its row at the cursor {at} is not the row uploaded "
-        f"({'other values' if read_row_mark(conn, source, cursor) else 'no such row'}): "
-        f"its rows up to the cursor are not those uploaded and going on would skip them; "
-        f"put back the file uploaded from, or {fix}")
+        f"({what}): its rows up to the cursor are not those uploaded and going on would "
+        f"skip them; put back the file uploaded from, or {fix}")
 
 
 def report_behind(job, pos, behind):
@@ -7531,7 +7627,8 @@ class Sources:
                 config = spec_config(self.config, spec, path, table)
                 source = recorded_cursor(conn, config, describe_source(conn, config), pos)
                 if (source_description(path, source)["cursor"] != pos["source"]["cursor"]
-                        or not is_marked_row(conn, source, cursor, mark)):
+                        or not is_marked_row(conn, source, cursor, mark,
+                                             self.checkpoint.data["state_id"])):
                     return False
         except (sqlite3.Error, UploaderError):
             return False

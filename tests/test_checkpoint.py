@@ -3,6 +3,7 @@
 import dataclasses
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import signal
@@ -129,15 +130,29 @@ class StateFileTest(CheckpointTestCase):
         info = os.stat(db)
         self.assertEqual(pos["file_id"], [info.st_dev, info.st_ino])
         self.assertEqual(pos["cursor"], [2])
-        self.assertEqual(pos["cursor_row"]["columns"], ["id", "body"])
         with open(self.state_file, encoding="utf-8") as fh:
-            self.assertNotIn("patient-4711", fh.read())
+            text = fh.read()
+        self.assertNotIn("patient-4711", text)
+        # the column names are a digest too (the state is written at every batch), as
+        # in the in-flight record
+        self.assertNotIn('"body"', text)
+        self.assertEqual(pos["cursor_row"]["n"], 2)
+        # keyed with the state's id: a value guessed cannot be checked against the
+        # digest without this state, and another state marks the same row otherwise
+        values = repr([("int", 2), ("str", secret)]).encode()
+        self.assertNotIn(hashlib.sha256(values).hexdigest()[:16], text)
+        self.assertNotIn(hashlib.blake2b(values, digest_size=8).hexdigest(), text)
+        os.rename(self.state_file, self.state_file + ".first")
+        self.assert_ok(self.upload("--reset-state", "--start-at", "now"))
+        again = next(iter(read_state(self.state_dir)["destinations"].values()))
+        self.assertEqual(again["cursor"], [2])
+        self.assertNotEqual(again["cursor_row"]["digest"], pos["cursor_row"]["digest"])
 
     def test_the_in_flight_record_carries_the_mark_that_its_commit_keeps(self):
         checkpoint = up.Checkpoint(self.state_dir)
         os.makedirs(self.state_dir)
         checkpoint.data = up.new_state({"path": "x", "table": "t", "cursor": None})
-        mark = {"columns": ["v"], "digest": "0123456789abcdef"}
+        mark = {"names": "0123456789abcdef", "n": 1, "digest": "0123456789abcdef"}
         batch = up.Batch(1, "b-1", ["v"], ["long"], 1, [], [7], cursor_row=mark)
         checkpoint.begin("k", batch, "raw_t", "node")
         pos = read_state(self.state_dir)["destinations"]["k"]

@@ -4,6 +4,8 @@ line that says why, values that cannot be read counted and kept in _rescued_data
 
 import datetime as dt
 import json
+import os
+import shutil
 import signal
 import sqlite3
 
@@ -176,6 +178,40 @@ class HomeAssistantTest(ProducerTestCase):
                       "pair (last_updated_ts, state_id); to keep the old cursor set "
                       "--cursor rowid (CURSOR), or --reset-state", err)
         self.upload(db, "--cursor", "rowid")  # the fix it names works
+
+    def test_a_copy_after_the_recorder_updated_rows_in_place_goes_on(self):
+        # since 2024.4 the recorder keeps last_reported_ts: an entity that reports the
+        # same state again has its newest row updated in place, the row at the cursor
+        # among them. The file copied then (rsync, a restore) or on another device (a
+        # volume remounted) is the file uploaded: before, it was refused every cycle
+        db = producers.make_ha_states(self.path("home-assistant_v2.db"), 40, legacy=False)
+
+        def write(conn, start, count):
+            rows = [producers.ha_state_row(i) for i in range(start, start + count)]
+            conn.executemany(f"INSERT INTO states VALUES ({', '.join('?' * 20)})",
+                             [row + (row[8],) for row in rows])
+
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("ALTER TABLE states ADD COLUMN last_reported_ts FLOAT")
+            conn.execute("UPDATE states SET last_reported_ts = last_updated_ts")
+        self.upload(db)
+        with conn:  # the 5 entities report their states again
+            conn.execute("UPDATE states SET last_reported_ts = last_reported_ts + 60 "
+                         "WHERE state_id > 35")
+        conn.close()
+        shutil.copyfile(db, db + ".tmp")
+        os.replace(db + ".tmp", db)
+        conn = sqlite3.connect(db)
+        with conn:
+            write(conn, 40, 10)
+        conn.close()
+        err = self.upload(db)
+        self.assertIn("(another inode: replaced in place)", err)
+        self.assertIn("updated in place", err)
+        self.assert_once(self.landed("raw_states"), "state_id", range(1, 51))
+        self.assertEqual({r["last_reported_ts"] for r in self.landed("raw_states")
+                          if r["state_id"] == 40}, {producers.ha_state_row(39)[8]})
 
 
 class CsvImportTest(ProducerTestCase):

@@ -6,6 +6,7 @@ the test's temp dir) and assert on the rows that landed.
 """
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -651,12 +652,12 @@ class ReplacedSourceTest(PipelineTestCase):
         return cols, [(stamp(i), base + i) if len(cols) == 2 else (base + i,)
                       for i in range(first, first + count)]
 
-    def edit_position(self, change):
+    def edit_position(self, change, where=""):
         """Change the only position of the state file in place (as another version
         wrote it)."""
-        state = self.state()
+        state = self.state(where)
         change(next(iter(state["destinations"].values())))
-        with open(os.path.join(self.env()["STATE_DIR"], up.STATE_FILE), "w",
+        with open(os.path.join(self.env(where)["STATE_DIR"], up.STATE_FILE), "w",
                   encoding="utf-8") as fh:
             json.dump(state, fh)
 
@@ -799,6 +800,156 @@ class ReplacedSourceTest(PipelineTestCase):
         self.assertEqual(len(said), 1, err)
         self.assertIn("WARNING", said[0])
         self.assert_once(self.landed("raw_t"), "v", [0, 1, 2, 3, 4, 5, 106, 107])
+
+    def uploaded(self, shape):
+        """A SHAPES table of 6 rows (v = 0..5), uploaded: (schema, columns, database)."""
+        schema = self.SHAPES[shape]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        self.upload(db)
+        return schema, cols, db
+
+    @staticmethod
+    def copy_over(db, source=None):
+        """Put a copy of `source` (default: the file itself) in place of `db`, as rsync
+        or a restore does: another inode under the name."""
+        shutil.copyfile(source or db, db + ".tmp")
+        os.replace(db + ".tmp", db)
+
+    LOGGER = ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp TEXT, "
+              "v INTEGER, last_seen TEXT)")
+
+    def logger(self, where=""):
+        """A logger that updates the 'last seen' column of its newest row in place, once
+        six rows are uploaded; return the database."""
+        cols = ["timestamp", "v", "last_seen"]
+        db = self.make(self.LOGGER, [(stamp(i), i, stamp(i)) for i in range(6)], cols,
+                       where=where)
+        self.upload(db, where=where)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE t SET last_seen = ? WHERE id = 6", (stamp(40),))
+        conn.close()
+        return db
+
+    def test_the_file_uploaded_whose_row_at_the_cursor_changed_in_place_goes_on(self):
+        # a producer updates its newest row in place (Home Assistant's last_reported_ts,
+        # a logger's last seen); then the file is the same file on another device (NFS
+        # or volume remounted, an overlay) or a copy (rsync, a restore): before, every
+        # cycle refused it, and the way out offered lost rows
+        def other_device(db, where):
+            self.edit_position(lambda pos: pos.update(
+                file_id=[pos["file_id"][0] + 1, pos["file_id"][1]]), where)
+
+        def copy(db, where):
+            self.copy_over(db)
+
+        for how, said in ((other_device, "another device"), (copy, "another inode")):
+            with self.subTest(how=how.__name__):
+                db = self.logger(how.__name__)
+                how(db, how.__name__)
+                self.insert(db, [(stamp(i), i, stamp(i)) for i in range(6, 8)],
+                            ["timestamp", "v", "last_seen"])
+                err = self.upload(db, where=how.__name__)
+                lines = [line for line in err.splitlines() if "replaced" in line]
+                self.assertEqual(len(lines), 1, err)
+                self.assertIn("WARNING", lines[0])
+                self.assertIn(f"({said}: replaced in place)", lines[0])
+                self.assertIn("updated in place", lines[0])
+                self.assertEqual(self.position(how.__name__)["file_id"][1],
+                                 os.stat(db).st_ino)
+                self.assert_once(self.landed("raw_t", how.__name__), "v", range(8))
+
+    def test_another_database_whose_row_at_the_cursor_has_another_timestamp_is_refused(
+            self):
+        # its first rows are those uploaded and its row at the cursor has the same key:
+        # the timestamp there tells it apart (a file that went on elsewhere)
+        db = self.logger()
+        cols = ["timestamp", "v", "last_seen"]
+        rows = [(stamp(i), i, stamp(i)) for i in range(5)] + [(stamp(30), 5, stamp(30))]
+        os.replace(self.make(self.LOGGER, rows + [(stamp(31), 6, stamp(31))], cols,
+                             name="new.db"), db)
+        lines = error_lines(self.upload(db, expect=1))
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("(another timestamp)", lines[0])
+        self.assert_once(self.landed("raw_t"), "v", range(6))
+
+    def test_a_new_empty_database_is_not_taken_for_the_file_uploaded(self):
+        # the producer recreates its database (a new empty file) and a cycle runs before
+        # its first insert: before, the empty file was recorded as the file uploaded
+        # from, and the rows it got then up to the cursor were skipped, unsaid
+        for where, schema in (("rowid", self.SHAPES["rowid"]),
+                              ("pair", self.SHAPES["pair"])):
+            with self.subTest(shape=where):
+                cols, rows = self.shaped(schema, 0, 6)
+                db = self.make(schema, rows, cols, where=where)
+                self.upload(db, where=where)
+                saved = self.position(where)
+                os.replace(self.make(schema, [], cols, where=where, name="new.db"), db)
+                for _ in range(2):
+                    err = self.upload(db, where=where)
+                    said = [line for line in err.splitlines() if "replaced" in line]
+                    self.assertEqual(len(said), 1, err)
+                    self.assertIn("WARNING", said[0])
+                    self.assertIn("is empty", said[0])
+                    self.assertIn("checked again", said[0])
+                    self.assertEqual(self.position(where)["file_id"], saved["file_id"])
+                first = 6 if where == "pair" else 0  # (timestamps after the cursor)
+                self.insert(db, self.shaped(schema, first, 10, base=100 - first)[1], cols)
+                if where == "pair":  # its rows all follow the cursor: none is skipped
+                    self.upload(db, where=where)
+                    self.assert_once(self.landed("raw_t", where), "v",
+                                     list(range(6)) + list(range(100, 110)))
+                    continue
+                lines = error_lines(self.upload(db, where=where, expect=1))
+                self.assertEqual(len(lines), 1, lines)
+                self.assertIn("not the row uploaded", lines[0])
+                self.assertIn("its rows so far are not uploaded", lines[0])
+                self.assertEqual(self.position(where)["cursor"], saved["cursor"])
+                self.assert_once(self.landed("raw_t", where), "v", range(6))
+
+    def test_an_empty_file_put_first_while_a_copy_is_restored_goes_on_once(self):
+        # the producer's empty database, then the backup copied over it
+        schema, cols, db = self.uploaded("rowid")
+        os.link(db, self.path("backup.db"))  # (its inode is not given to another file)
+        os.replace(self.make(schema, [], cols, name="new.db"), db)
+        self.upload(db)
+        self.copy_over(db, self.path("backup.db"))
+        self.insert(db, self.shaped(schema, 6, 2)[1], cols)
+        err = self.upload(db)
+        self.assertIn("holds the rows uploaded", err)
+        self.assertNotIn("behind the cursor", err)  # the empty file counted nothing
+        self.assert_once(self.landed("raw_t"), "v", range(8))
+
+    def test_a_mark_written_before_marks_were_keyed_is_read(self):
+        # the older form: the column names and an unkeyed digest of the values; a copy
+        # goes on (and its mark takes the new form), another database is refused
+        schema, cols, db = self.uploaded("autoincrement")
+        last = (6, stamp(5), 5)
+        old = {"columns": ["id", "timestamp", "v"], "digest": hashlib.sha256(repr(
+            [(type(v).__name__, v) for v in last]).encode()).hexdigest()[:16]}
+        self.edit_position(lambda pos: pos.update(cursor_row=old, file_id=[0, 0]))
+        self.copy_over(db)
+        self.assertIn("holds the rows uploaded", self.upload(db))
+        mark = self.position()["cursor_row"]
+        self.assertNotIn("columns", mark)
+        self.edit_position(lambda pos: pos.update(cursor_row=old, file_id=[0, 0]))
+        os.replace(self.make(schema, self.shaped(schema, 0, 8, base=100)[1], cols,
+                             name="new.db"), db)
+        lines = error_lines(self.upload(db, expect=1))
+        self.assertIn("(other values)", lines[0])
+        self.assert_once(self.landed("raw_t"), "v", range(6))
+
+    def test_a_column_added_before_a_copy_leaves_the_mark_of_the_row_uploaded(self):
+        # a schema upgrade adds a column (ALTER TABLE ADD COLUMN), then the file is
+        # copied: the row at the cursor is compared on the columns it was marked with
+        schema, cols, db = self.uploaded("rowid")
+        with sqlite3.connect(db) as conn:
+            conn.execute("ALTER TABLE t ADD COLUMN note TEXT")
+            conn.execute("UPDATE t SET note = 'x'")
+        conn.close()
+        self.copy_over(db)
+        err = self.upload(db)
+        self.assertIn("(the same values)", err)
 
 
 # === Batches and names ===============================================================

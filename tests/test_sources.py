@@ -621,17 +621,36 @@ class FileJoiningTableTest(SourcesTestCase):
                                     for r in self.rows("raw_readings", "_source_file"))
         self.assertEqual(files, {"sensor.db.1": 5 + 2, "sensor.db": 10 + 3})
 
-    def test_renamed_file_that_cannot_be_confirmed_is_refused_in_one_line(self):
-        # same device and inode, but the row at its cursor is not the one uploaded: it
-        # may be another file that got a freed inode, or the file changed; neither its
-        # rows nor the ones already sent go (again) until the user says
+    def renamed_and_changed(self, sql):
+        """sensor-0.db uploaded, then renamed sensor-1.db and changed by `sql` while no
+        uploader ran; return the config."""
         self.logger_file("sensor-0.db")
         config = self.glob_config()
         self.run_once(config)
         os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
         with sqlite3.connect(self.path("sensor-1.db")) as conn:
-            conn.execute("UPDATE readings SET value = -1 WHERE id = 10")
+            conn.execute(sql)
         conn.close()
+        return config
+
+    def test_renamed_file_whose_row_at_the_cursor_changed_in_place_goes_on(self):
+        # the logger updated its newest row in place (a 'last seen' value), then the
+        # file was renamed while no uploader ran: its timestamp and first row are those
+        # marked, so it is the file uploaded (before: refused until the user said)
+        config = self.renamed_and_changed("UPDATE readings SET value = -1 WHERE id = 10")
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        err = self.run_once(config)
+        self.assertIn("renamed while no uploader", err)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-0.db", i) for i in range(1, 11)]
+                        + [("sensor-1.db", 11), ("sensor-1.db", 12)])
+
+    def test_renamed_file_that_cannot_be_confirmed_is_refused_in_one_line(self):
+        # same device and inode, but the rows are not those uploaded: it may be another
+        # file that got a freed inode, or the file changed; neither its rows nor the
+        # ones already sent go (again) until the user says
+        config = self.renamed_and_changed("UPDATE readings SET value = -1")
         code, _, err = run_main(["--config", config, "--once"], self.env())
         self.assertEqual(code, 1, err)
         said = [line for line in err.splitlines() if line.startswith("error:")]
