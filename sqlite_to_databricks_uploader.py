@@ -7250,12 +7250,14 @@ def recover_file(job, recovery):
 
 
 def holds_marked_row(conn, source, found):
-    """True when the file of `conn` holds the row marked at the batch's cursor end."""
+    """True when the file of `conn` holds the row marked at the batch's cursor end (the
+    mark is keyed with the state id that begins the batch id)."""
     mark, cursor = found.get("cursor_row"), decode_cursor(found["cursor"])
     if mark is None or cursor is None:
         return False
     try:
-        return is_marked_row(conn, source, cursor, mark)
+        return is_marked_row(conn, source, cursor, mark,
+                             (found.get("batch_id") or "").split("-")[0])
     except sqlite3.Error:  # another table under that name
         return False
 
@@ -7275,11 +7277,15 @@ def other_holds(job, name, found):
 
 def take_batch(job, found, prefix, name):
     """Give the job's new position the cursor and open windows after batch `found`,
-    read from a file named `name` (the rows it sent count as the position's)."""
+    read from a file named `name` (the rows it sent count as the position's); the row
+    at the cursor is marked with this state's id."""
     rows = sum(n for batch_id, n in job.sink.count_file_rows(
         job.table, job.config.source_id, name).items() if batch_prefix(batch_id) == prefix)
     job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),
-                          cursor_row=found["cursor_row"], file_id=list(job.file_id),
+                          cursor_row=read_row_mark(job.conn, job.source,
+                                                   decode_cursor(found["cursor"]),
+                                                   job.checkpoint.data["state_id"]),
+                          file_id=list(job.file_id),
                           rows=rows, recovered=[prefix], updated_at=utc_now_text(),
                           **job.recorded)
 

@@ -776,10 +776,13 @@ class RecoverStateTest(SourcesTestCase):
             ("sensor-c.db", 5), ("sensor-c.db", 6)]
         self.assertOnce("raw_readings", ["_source_file", "id"], readings_rows)
         self.assertOnce("raw_events", ["_source_file", "id"], events_rows)
-        # the recovered state goes on as any other: new rows once, nothing again
+        # the recovered state goes on as any other: new rows once, nothing again, and
+        # a copy put in place (rsync) is known by the rows marked in the new state
         self.insert(self.path("sensor-a.db"), readings(10, 1),
                     ["timestamp", "sensor", "value"], "readings")
-        self.run_once(config)
+        shutil.copyfile(self.path("sensor-a.db"), self.path("copy.tmp"))
+        os.replace(self.path("copy.tmp"), self.path("sensor-a.db"))
+        self.assertIn("holds the rows uploaded", self.run_once(config))
         self.run_once(config)
         self.assertOnce("raw_readings", ["_source_file", "id"],
                         readings_rows + [("sensor-a.db", 11)])
