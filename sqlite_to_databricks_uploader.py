@@ -6866,11 +6866,16 @@ def check_same_rows(job, pos, cursor):
     rows: its row at the cursor is the row uploaded (compare_mark), or it has rows and
     all follow the cursor. It is then recorded, with the mark of its row at the cursor
     (positions written before files were recorded take the file read now, as they
-    did). False when the file is not recorded: it is checked again the next cycle."""
+    did). False when the file is not recorded: it is checked again the next cycle. A
+    mark of an older version is made again of the file recorded (it holds the row)."""
     now, was = job.file_id, pos.get("file_id")
-    if now is None or was == list(now):
-        return True
     mark = pos.get("cursor_row")
+    if now is None or was == list(now):
+        if cursor is not None and was is not None and "columns" in (mark or {}):
+            mark = read_row_mark(job.conn, job.source, cursor, job.checkpoint.data["state_id"])
+            if mark is not None:
+                job.checkpoint.update(job.key, cursor_row=mark)
+        return True
     if was is not None and cursor is not None:
         where = (f"{job.config.sqlite} is another file than the one uploaded from "
                  f"({file_change(was, now)}: replaced in place)")

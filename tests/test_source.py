@@ -939,6 +939,20 @@ class ReplacedSourceTest(PipelineTestCase):
         self.assertIn("(other values)", lines[0])
         self.assert_once(self.landed("raw_t"), "v", range(6))
 
+    def test_a_mark_of_the_older_form_is_made_again_of_the_file_it_was_read_from(self):
+        # on the file recorded, the older mark is replaced at the next cycle (rows
+        # or not), so a row updated in place later is told apart from another file's
+        db = self.logger()  # (its row at the cursor is updated in place)
+        self.edit_position(lambda pos: pos.update(cursor_row={
+            "columns": ["id", "timestamp", "v", "last_seen"], "digest": "0" * 16}))
+        self.upload(db)
+        self.assertNotIn("columns", self.position()["cursor_row"])
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE t SET last_seen = ? WHERE id = 6", (stamp(50),))
+        conn.close()
+        self.copy_over(db)
+        self.assertIn("updated in place", self.upload(db))
+
     def test_a_column_added_before_a_copy_leaves_the_mark_of_the_row_uploaded(self):
         # a schema upgrade adds a column (ALTER TABLE ADD COLUMN), then the file is
         # copied: the row at the cursor is compared on the columns it was marked with
