@@ -407,6 +407,31 @@ class GoneFileTest(SourcesTestCase):
         self.addCleanup(sources.close)
         return sources
 
+    def test_a_new_empty_database_under_a_name_is_checked_until_it_can_be_told(self):
+        # a producer recreates its file (empty) while the uploader runs: one WARNING,
+        # not an error every cycle; once it has rows up to the cursor that are not
+        # those uploaded, it is refused (before: taken for the file uploaded, and its
+        # rows up to the cursor skipped without a word)
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        sources = self.open_sources(lambda: 1000.0, tables=("events",))
+        self.assertEqual(sources.cycle(), {})
+        empty = self.make(READINGS + EVENTS, name="new.db")
+        os.replace(empty, self.path("sensor-1.db"))
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            for _ in range(3):
+                self.assertEqual(sources.cycle(), {})
+        said = [line for line in logs.output if "is empty" in line]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertTrue(said[0].startswith("WARNING"), said)
+        self.insert(self.path("sensor-1.db"), events(0, 6, "new"), ["at", "what"], "events")
+        failed = sources.cycle()
+        self.assertEqual(list(failed), [(os.path.realpath(self.path("sensor-1.db")),
+                                         "events")], failed)
+        self.assertIn("not the row uploaded", failed[list(failed)[0]])
+        self.assertOnce("raw_events", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 5)])
+
     def test_fully_uploaded_file_forgotten_after_the_grace_in_one_line(self):
         self.logger_file("sensor-1.db")
         self.logger_file("sensor-2.db")
