@@ -1495,7 +1495,8 @@ def read_first_digest(conn, source, key, names=None):
     """The digest of the table's first row (by rowid, or by key in a WITHOUT ROWID
     table) made of columns `names` (default: all); None when the table is empty."""
     names = source.column_names if names is None else names
-    order = ", ".join(key_sql(source.cursor)) if source.without_rowid else "rowid"
+    keys = key_sql(source.cursor)  # (the last one of a rowid table's cursor is its rowid)
+    order = ", ".join(keys) if source.without_rowid else keys[-1]
     row = conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
                        f"{quote_ident(source.name)} ORDER BY {order} LIMIT 1").fetchone()
     return mark_digest(key, row) if row is not None else None

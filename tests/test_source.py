@@ -610,6 +610,8 @@ class ReplacedSourceTest(PipelineTestCase):
                          "timestamp TEXT, v INTEGER)",
         "pair": "CREATE TABLE t (timestamp TEXT, v INTEGER)",
         "rowid": "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)",
+        "without rowid": "CREATE TABLE t (timestamp TEXT, v INTEGER, PRIMARY KEY "
+                         "(timestamp, v)) WITHOUT ROWID",
     }
 
     def test_older_copy_fails_until_reset_state(self):
