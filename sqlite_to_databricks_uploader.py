@@ -1502,8 +1502,9 @@ def read_first_digest(conn, source, key, names=None):
     return mark_digest(key, row) if row is not None else None
 
 
-def is_marked_row(conn, source, cursor, mark, key):
-    """True when the row at `cursor` is the one `mark` was made of (see compare_mark)."""
+def is_marked_row(conn, source, cursor, mark, key=""):
+    """True when the row at `cursor` is the one `mark` was made of (see compare_mark);
+    `key` is the one the mark was made with (the state id)."""
     return compare_mark(conn, source, cursor, mark, key)[0]
 
 
@@ -1541,9 +1542,9 @@ def compare_mark(conn, source, cursor, mark, key):
                  "first row marked"
 
 
-def read_row_mark(conn, source, cursor, key, names=None):
-    """The mark of the row at `cursor` now, made of columns `names` (default: all);
-    None when no row is there."""
+def read_row_mark(conn, source, cursor, key="", names=None):
+    """The mark of the row at `cursor` now, made of columns `names` (default: all) and
+    keyed with `key` (the state id); None when no row is there."""
     names = source.column_names if names is None else names
     row = read_marked_row(conn, source, cursor, names)
     if row is None:
