@@ -1306,7 +1306,7 @@ CHUNK_ROWS = 10_000
 
 
 def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, newer=None,
-                 until=None, refresh=None, key=None):
+                 until=None, refresh=None, key=""):
     """Yield the rows after `cursor` in chunks, until a short batch says it is drained.
 
     A batch is one statement, so one read transaction. It is fetched chunk by chunk,
@@ -1316,14 +1316,13 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
     one, as if drained (rows come in timestamp order). With `until` (the cursor_end of
     an in-flight batch that did not land) the first batch is exactly the rows up to it
     (resend=True), whatever batch_size now is. `refresh(source)` gives the table as it is
-    before each batch, so a column added meanwhile is read from then on. With a `key`
-    (the state id) each chunk has the mark of its last row (row_mark).
+    before each batch, so a column added meanwhile is read from then on. Each chunk has
+    the mark of its last row (row_mark), keyed with `key` (the state id).
     """
     while True:
         if refresh is not None:
             source = refresh(source)
-        head = None if key is None else reading_source(
-            source, lambda: read_first_digest(conn, source, key))
+        head = reading_source(source, lambda: read_first_digest(conn, source, key))
         resend, limit = until is not None, batch_size if until is None else -1
         sql = select_sql(source, cursor is not None, bounded=resend)
         params = (list(cursor) if cursor is not None else []) + (
@@ -1367,11 +1366,12 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
             return
 
 
-def read_missing(conn, source, until, names, batch_size, missing, chunk_rows=CHUNK_ROWS):
+def read_missing(conn, source, until, names, batch_size, missing, chunk_rows=CHUNK_ROWS,
+                 key=""):
     """Yield, in chunks, the rows at or before `until` for whose key (the values of
     `names`) `missing(key)` is true; a batch ends after `batch_size` such rows. Each
     chunk is read by its own short statement, so no read transaction lasts while a
-    batch is written."""
+    batch is written. Marks are keyed with `key` (the state id)."""
     positions = [source.column_names.index(n) + (1 if source.cursor.hidden else 0)
                  for n in names]
     keys = key_positions(source)
@@ -1386,7 +1386,7 @@ def read_missing(conn, source, until, names, batch_size, missing, chunk_rows=CHU
         done = len(found) < chunk_rows
         while rows and (len(rows) >= batch_size or done):
             part, rows = rows[:batch_size], rows[batch_size:]
-            yield rows_to_chunk(source, part, True, final=True)
+            yield rows_to_chunk(source, part, True, final=True, key=key)
         if done:
             return
 
@@ -1446,9 +1446,9 @@ def reading_source(source, action):
         raise SourceError(f"source: reading {source.name!r} failed: {exc}") from None
 
 
-def rows_to_chunk(source, rows, first, final, key=None, head=None):
-    """Row tuples as a column-major Chunk, with the cursor after the last row and, with
-    a mark `key`, the mark of that row (`head`: the table's first row's digest)."""
+def rows_to_chunk(source, rows, first, final, key="", head=None):
+    """Row tuples as a column-major Chunk, with the cursor after the last row and the
+    mark of that row, keyed with `key` (`head`: the digest of the table's first row)."""
     offset = 1 if source.cursor.hidden else 0
     positions = key_positions(source)
     ts_pos = stamp_position(source)
@@ -1459,8 +1459,8 @@ def rows_to_chunk(source, rows, first, final, key=None, head=None):
         if not fmt.native:
             pos = source.column_names.index(name) + offset
             columns[pos] = normalize_times(columns[pos], fmt)
-    mark = None if key is None else row_mark(
-        source.column_names, last[offset:], key, stamp=source.timestamp_col, first=head)
+    mark = row_mark(source.column_names, last[offset:], key, stamp=source.timestamp_col,
+                    first=head)
     return Chunk(source.column_names, columns[offset:], count, [last[p] for p in positions],
                  stamps[-1] if stamps is not None else None, source_kinds(source),
                  first=first, final=final, keys=[columns[p] for p in positions],
@@ -1476,7 +1476,7 @@ def mark_digest(key, values):
                            digest_size=8).hexdigest()
 
 
-def row_mark(names, row, key, stamp=None, first=None):
+def row_mark(names, row, key="", stamp=None, first=None):
     """What tells the row at a cursor from another file's row there, as digests keyed
     with `key` (the state id): of its column names (and their number, so a column added
     later is left out), of its values, of its timestamp (column `stamp`), which a row
@@ -7074,7 +7074,8 @@ def backfill(job):
     sent = read = 0
     if cursor is not None:
         chunks = read_missing(job.conn, job.source, cursor, names, job.config.batch_size,
-                              lambda key: key_value(key, stamps, fmt) not in held)
+                              lambda key: key_value(key, stamps, fmt) not in held,
+                              key=job.checkpoint.data["state_id"])
         bpos = run.checkpoint.position(run.key)
         mark = time.monotonic()
         for batch in prefetch(prepare_batches(run, chunks, bpos), job.stop):
