@@ -1532,8 +1532,9 @@ def compare_mark(conn, source, cursor, mark, key):
         return False, "no such row"
     if mark_digest(key, row) == mark["digest"]:
         return True, "the same values"
-    if "stamp" in mark and row_mark(names, row, key, source.timestamp_col).get(
-            "stamp") != mark["stamp"]:
+    stamp = source.timestamp_col
+    if "stamp" in mark and (stamp not in names or mark_digest(
+            key, [row[names.index(stamp)]]) != mark["stamp"]):
         return False, "another timestamp"
     if mark.get("first") is None or read_first_digest(conn, source, key,
                                                      names) != mark["first"]:
@@ -6888,8 +6889,9 @@ def check_same_rows(job, pos, cursor):
                         where, at)
         elif not check_replaced(job, cursor, mark, where, at):
             return False
-    if cursor is not None:
-        mark = read_row_mark(job.conn, job.source, cursor, job.checkpoint.data["state_id"])
+    if cursor is not None:  # (no row there: the mark of the file uploaded is kept)
+        mark = read_row_mark(job.conn, job.source, cursor,
+                             job.checkpoint.data["state_id"]) or mark
     job.checkpoint.update(job.key, file_id=list(now), cursor_row=mark)
     return True
 
