@@ -1539,8 +1539,9 @@ def compare_mark(conn, source, cursor, mark, key):
     if mark.get("first") is None or read_first_digest(conn, source, key,
                                                      names) != mark["first"]:
         return False, "other values, and the table's first row is another"
-    return True, "other values (updated in place), with the timestamp and the table's " \
-                 "first row marked"
+    return True, "other values, updated in place: " + (
+        "its timestamp and the table's first row are those marked" if "stamp" in mark
+        else "the table's first row is the one marked")
 
 
 def read_row_mark(conn, source, cursor, key="", names=None):
