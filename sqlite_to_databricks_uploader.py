@@ -1322,7 +1322,7 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
     while True:
         if refresh is not None:
             source = refresh(source)
-        head = reading_source(source, lambda: read_first_digest(conn, source, key))
+        head = reading_source(source, lambda: read_first_row(conn, source, key))
         resend, limit = until is not None, batch_size if until is None else -1
         sql = select_sql(source, cursor is not None, bounded=resend)
         params = (list(cursor) if cursor is not None else []) + (
@@ -1448,7 +1448,7 @@ def reading_source(source, action):
 
 def rows_to_chunk(source, rows, first, final, key="", head=None):
     """Row tuples as a column-major Chunk, with the cursor after the last row and the
-    mark of that row, keyed with `key` (`head`: the digest of the table's first row)."""
+    mark of that row, keyed with `key` (`head`: the table's first row, read_first_row)."""
     offset = 1 if source.cursor.hidden else 0
     positions = key_positions(source)
     ts_pos = stamp_position(source)
@@ -1480,26 +1480,45 @@ def row_mark(names, row, key="", stamp=None, first=None):
     """What tells the row at a cursor from another file's row there, as digests keyed
     with `key` (the state id): of its column names (and their number, so a column added
     later is left out), of its values, of its timestamp (column `stamp`), which a row
-    updated in place keeps, and `first`, the digest of the table's first row then."""
+    updated in place keeps, and `first`, the table's first row then (read_first_row:
+    its digest and where it was)."""
     names = list(names)
     mark = {"names": mark_digest(key, names), "n": len(names),
             "digest": mark_digest(key, row)}
     if stamp in names:
         mark["stamp"] = mark_digest(key, [row[names.index(stamp)]])
     if first is not None:
-        mark["first"] = first
+        mark["first"], mark["first_at"] = first
     return mark
 
 
-def read_first_digest(conn, source, key, names=None):
-    """The digest of the table's first row (by rowid, or by key in a WITHOUT ROWID
-    table) made of columns `names` (default: all); None when the table is empty."""
+def first_order(source):
+    """What orders the table's rows as stored: its rowid (the last column of a rowid
+    table's cursor), or a WITHOUT ROWID table's key."""
+    keys = key_sql(source.cursor)
+    return keys if source.without_rowid else keys[-1:]
+
+
+def read_first_row(conn, source, key, names=None):
+    """(digest, place) of the table's first row (first_order): the digest of columns
+    `names` (default: all) and its rowid or key as a cursor; None when it is empty."""
     names = source.column_names if names is None else names
-    keys = key_sql(source.cursor)  # (the last one of a rowid table's cursor is its rowid)
-    order = ", ".join(keys) if source.without_rowid else keys[-1]
-    row = conn.execute(f"SELECT {', '.join(quote_ident(n) for n in names)} FROM "
+    order = ", ".join(first_order(source))
+    row = conn.execute(f"SELECT {order}, {', '.join(quote_ident(n) for n in names)} FROM "
                        f"{quote_ident(source.name)} ORDER BY {order} LIMIT 1").fetchone()
-    return mark_digest(key, row) if row is not None else None
+    if row is None:
+        return None
+    width = len(first_order(source))
+    return mark_digest(key, row[width:]), encode_cursor(row[:width])
+
+
+def has_rows_from(conn, source, place):
+    """True when some row is at or before `place` (a first row's place) in first_order."""
+    order = first_order(source)
+    keys = order[0] if len(order) == 1 else f"({', '.join(order)})"
+    marks = "?" if len(order) == 1 else f"({', '.join('?' * len(order))})"
+    return conn.execute(f"SELECT 1 FROM {quote_ident(source.name)} WHERE {keys} <= {marks} "
+                        "LIMIT 1", decode_cursor(place)).fetchone() is not None
 
 
 def is_marked_row(conn, source, cursor, mark, key=""):
@@ -1512,8 +1531,9 @@ def compare_mark(conn, source, cursor, mark, key):
     """(same, what): is the row at `cursor` the one `mark` was made of, and what was
     found. It is when it holds the same values, or when only values a producer updates
     in place changed (a 'last seen' column): its timestamp and the table's first row are
-    those marked. A mark of an older version (a list of columns, an unkeyed digest of
-    the values) has only the values."""
+    those marked, or, with a timestamp, the rows up to the first row marked are gone (a
+    purge) and none took their place. A mark of an older version (a list of columns, an
+    unkeyed digest of the values) has only the values."""
     if "columns" in mark:  # (older version)
         names = mark["columns"]
         if not set(names) <= set(source.column_names):
@@ -1536,12 +1556,16 @@ def compare_mark(conn, source, cursor, mark, key):
     if "stamp" in mark and (stamp not in names or mark_digest(
             key, [row[names.index(stamp)]]) != mark["stamp"]):
         return False, "another timestamp"
-    if mark.get("first") is None or read_first_digest(conn, source, key,
-                                                     names) != mark["first"]:
-        return False, "other values, and the table's first row is another"
-    return True, "other values, updated in place: " + (
-        "its timestamp and the table's first row are those marked" if "stamp" in mark
-        else "the table's first row is the one marked")
+    first = read_first_row(conn, source, key, names)
+    if mark.get("first") is not None and first is not None and first[0] == mark["first"]:
+        return True, "other values, updated in place: " + (
+            "its timestamp and the table's first row are those marked" if "stamp" in mark
+            else "the table's first row is the one marked")
+    if "stamp" in mark and mark.get("first_at") is not None and not has_rows_from(
+            conn, source, mark["first_at"]):
+        return True, ("other values, updated in place: its timestamp is the one marked, "
+                      "and the table's first rows, up to the one marked, were deleted since")
+    return False, "other values, and the table's first row is another"
 
 
 def read_row_mark(conn, source, cursor, key="", names=None):
@@ -1552,7 +1576,7 @@ def read_row_mark(conn, source, cursor, key="", names=None):
     if row is None:
         return None
     return row_mark(names, row, key, stamp=source.timestamp_col,
-                    first=read_first_digest(conn, source, key, names))
+                    first=read_first_row(conn, source, key, names))
 
 
 def read_marked_row(conn, source, cursor, names):

@@ -861,6 +861,23 @@ class ReplacedSourceTest(PipelineTestCase):
                                  os.stat(db).st_ino)
                 self.assert_once(self.landed("raw_t", how.__name__), "v", range(8))
 
+    def test_a_copy_after_a_purge_and_an_update_in_place_goes_on(self):
+        # the producer deleted its oldest rows (Home Assistant's nightly purge) and
+        # updated its newest one in place, then the file was copied: its first row is
+        # another, but the rows up to the one marked are gone and none took their place
+        db = self.logger()
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM t WHERE id <= 2")
+        conn.close()
+        self.copy_over(db)
+        self.insert(db, [(stamp(i), i, stamp(i)) for i in range(6, 8)],
+                    ["timestamp", "v", "last_seen"])
+        err = self.upload(db)
+        said = [line for line in err.splitlines() if "replaced" in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("were deleted since", said[0])
+        self.assert_once(self.landed("raw_t"), "v", range(8))
+
     def test_another_database_whose_row_at_the_cursor_has_another_timestamp_is_refused(
             self):
         # its first rows are those uploaded and its row at the cursor has the same key:
