@@ -765,14 +765,20 @@ class ReplacedSourceTest(PipelineTestCase):
         self.addCleanup(up.close_job, job)
         return job
 
-    def test_file_replaced_while_the_uploader_runs_is_read_and_checked(self):
-        # one source in a loop: the file under the name is read again, not the old one
-        # held open forever; a copy goes on, another database is refused
-        schema = self.SHAPES["autoincrement"]
+    def running(self, shape):
+        """A SHAPES table of 6 rows (v = 0..5) and an open job that uploaded them:
+        (schema, columns, database, job)."""
+        schema = self.SHAPES[shape]
         cols, rows = self.shaped(schema, 0, 6)
         db = self.make(schema, rows, cols)
         job = self.open_job(db)
         self.assertEqual(up.run_cycle(job), 6)
+        return schema, cols, db, job
+
+    def test_file_replaced_while_the_uploader_runs_is_read_and_checked(self):
+        # one source in a loop: the file under the name is read again, not the old one
+        # held open forever; a copy goes on, another database is refused
+        schema, cols, db, job = self.running("autoincrement")
         cols, rows = self.shaped(schema, 6, 2)
         self.insert(db, rows, cols)
         shutil.copyfile(db, db + ".new")
@@ -925,6 +931,22 @@ class ReplacedSourceTest(PipelineTestCase):
                 self.assertIn("its rows so far are not uploaded", lines[0])
                 self.assertEqual(self.position(where)["cursor"], saved["cursor"])
                 self.assert_once(self.landed("raw_t", where), "v", range(6))
+
+    def test_an_empty_file_under_the_name_is_said_once_while_the_uploader_runs(self):
+        # one source in a loop: one WARNING while it stays empty, not an error a cycle;
+        # refused once it has rows up to the cursor that are not those uploaded
+        schema, cols, db, job = self.running("rowid")
+        os.replace(self.make(schema, [], cols, name="new.db"), db)
+        with self.assertLogs("uploader", "INFO") as logs:
+            for _ in range(3):
+                self.assertEqual(up.run_cycle(job), 0)
+        said = [line for line in logs.output if "is empty" in line]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertTrue(said[0].startswith("WARNING"), said)
+        self.insert(db, self.shaped(schema, 0, 10, base=100)[1], cols)
+        with self.assertRaisesRegex(up.SourceReplacedError, "not the row uploaded"):
+            up.run_cycle(job)
+        self.assert_once(self.landed("raw_t"), "v", range(6))
 
     def test_an_empty_file_put_first_while_a_copy_is_restored_goes_on_once(self):
         # the producer's empty database, then the backup copied over it
