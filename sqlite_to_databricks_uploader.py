@@ -6266,6 +6266,9 @@ def position_key(destination, table):
     return f"{destination}/{table}"
 
 
+# Positions of gone files kept after they are forgotten (see Checkpoint.forget): about
+# 0.5 kB each in a state file written at every batch
+FORGOTTEN_KEPT = 100
 EMPTY_POSITION = {"cursor": None, "last_upload": None, "rows": 0, "seq": 0,
                   "inflight": None, "carry": None, "updated_at": None}
 
@@ -6362,10 +6365,52 @@ class Checkpoint:
 
     @locked
     def forget(self, keys):
-        """Remove positions (those of a file that is gone) and save."""
+        """Remove positions (those of a file that is gone) and save. They are kept a
+        while in the state's `forgotten` list (the newest FORGOTTEN_KEPT): a file that
+        comes back is known by its inode and the row at its cursor, and goes on there."""
+        kept = self.data.setdefault("forgotten", [])
         for key in keys:
-            self.data["destinations"].pop(key, None)
+            pos = self.data["destinations"].pop(key, None)
+            if pos is not None:
+                kept.append({**pos, "key": key, "forgotten_at": utc_now_text()})
+        del kept[:-FORGOTTEN_KEPT]
         self.save()
+
+    @locked
+    def move_file(self, old, new, file_id=None, apart=False):
+        """Key the positions of file `old` by its new name `new`, in one save (a crash
+        leaves all of them at one name): those the state keeps and, with `file_id`, only
+        those of that file, and the forgotten ones of that file (back: kept again).
+        Never onto a position there is: its file must be set apart first (`apart`: the
+        positions of a gone file, under a name no file has, until forgotten)."""
+        moved, kept = {}, []
+        for key, pos in self.data["destinations"].items():
+            if is_position_of(pos, old, file_id):
+                moved[key] = pos
+        for pos in self.data.get("forgotten", ()):
+            if file_id is not None and is_position_of(pos, old, file_id):
+                moved[pos["key"]] = {k: v for k, v in pos.items()
+                                     if k not in ("key", "forgotten_at")}
+            else:
+                kept.append(pos)
+        renamed = {}
+        for key, pos in moved.items():
+            table = pos["source"]["table"]
+            pos = {k: v for k, v in pos.items() if k != "apart"}
+            renamed[key.replace(source_scope(old, table), source_scope(new, table))] = {
+                **pos, "source": {**pos["source"], "path": new},
+                **({"apart": True} if apart else {"gone_at": None, "drained": None})}
+        taken = set(renamed) & (set(self.data["destinations"]) - set(moved))
+        if taken:
+            raise StateError(f"state: cannot move the positions of {old} to {new}: "
+                             f"{', '.join(sorted(taken))} is another file's")
+        for key in moved:
+            self.data["destinations"].pop(key, None)
+        self.data["destinations"].update(renamed)
+        if "forgotten" in self.data:
+            self.data["forgotten"] = kept
+        self.save()
+        return len(renamed)
 
     def read_old(self):
         """The state file on disk (before a reset), or None when there is none or it is
@@ -6482,6 +6527,13 @@ class Checkpoint:
         if self._lock:
             self._lock.close()
             self._lock = None
+
+
+def is_position_of(pos, path, file_id=None):
+    """True when a position (or a forgotten one) is of file `path` (and of `file_id`:
+    the (device, inode) it recorded)."""
+    return ((pos.get("source") or {}).get("path") == path
+            and (file_id is None or pos.get("file_id") == list(file_id)))
 
 
 def new_state(source_desc):
@@ -7206,15 +7258,39 @@ def start_route(job):
 def unexplained_rows(job):
     """Rows of this node in the job's target table that the state cannot account for:
     with one source, all of them (the table is new to the state); among many, those
-    read from a file of the job's file name that no position of the state sent (their
-    batch ids are not of a position's prefix: a lost, reset or forgotten position)."""
+    read from a file of the job's file name that this state did not send (their batch
+    ids are of another state id, and of no batch a position took up with
+    --recover-state: a lost or reset state). Rows a forgotten position of
+    this state sent count as sent: a new file under a rotated name is not held back by
+    the rows of the files that had the name before; a forgotten file that comes back
+    is known by its inode and the row at its cursor (Sources.follow_moves)."""
     if not job.scope:
         return job.sink.count_rows(job.table, job.config.source_id)
     state_id, table = job.checkpoint.data["state_id"], position_key(
         job.sink.destination, job.table) + " <- "
     sent = sent_prefixes(job.checkpoint, state_id, table)
+    for pos in job.checkpoint.data.get("forgotten", ()):
+        if pos["key"].startswith(table):
+            sent.update(pos.get("recovered") or ())
     return sum(job.sink.count_file_rows(job.table, job.config.source_id,
-                                        job.sink.identity.source_file, sent).values())
+                                        job.sink.identity.source_file,
+                                        StateBatches(state_id, sent)).values())
+
+
+class StateBatches(frozenset):
+    """The batch id prefixes of one state, as count_file_rows's `sent`: `prefixes`
+    (those of its positions and of the batches they took up), and the state id with any
+    tag (a position's, kept or forgotten: the tags of positions forgotten long ago are
+    not kept)."""
+
+    def __new__(cls, state_id, prefixes=()):
+        batches = super().__new__(cls, {state_id, *prefixes})
+        batches.state_id = state_id
+        return batches
+
+    def __contains__(self, prefix):
+        return (super().__contains__(prefix)
+                or str(prefix).startswith(self.state_id + "-"))
 
 
 def sent_prefixes(checkpoint, state_id, table):
@@ -7469,6 +7545,21 @@ def file_identity(path):
     return info.st_dev, info.st_ino
 
 
+def note_first_row(job):
+    """Record in the job's position, once it has sent rows, the mark of the file's first
+    row: a file that takes the inode of a deleted file, and has not its row at the
+    cursor, is another file when it does not begin with that row either."""
+    pos = job.checkpoint.position(job.key)
+    if pos.get("first_row") or pos["cursor"] is None:
+        return
+    conn, source = job.conn, job.source
+    row = reading_source(source, lambda: conn.execute(select_sql(source, False), [1]).fetchone())
+    if row is not None:
+        first = [row[p] for p in key_positions(source)]
+        job.checkpoint.update(job.key, first_row={
+            "cursor": encode_cursor(first), "mark": read_row_mark(conn, source, first)})
+
+
 WORKERS = 2  # files read at once (one is read while another's batch is written)
 
 
@@ -7527,6 +7618,7 @@ class Sources:
                 return
             try:
                 run_cycle(job)
+                note_first_row(job)
                 job.sink.report_status(node_status(job))
                 job.sink.upkeep(job.table)
             except (SinkError, SourceError, StateError) as exc:
@@ -7582,62 +7674,118 @@ class Sources:
     def follow_renames(self):
         """A file held open that a glob now finds under another name (rotation by
         rename) keeps its positions: they move to the new name, said in one line. Only
-        a file held open is followed: its inode cannot be another file's meanwhile."""
+        a file held open is followed: its inode cannot be another file's meanwhile. A
+        file at the new name that is not moving (deleted, or gone from the glob's names:
+        logrotate's `rotate 1`) is set apart first, so that its last rows are read and
+        its positions forgotten as a gone file's; no position is moved onto another."""
         held = {found[1]: path for path, found in self.files.items()
                 if found[1] and file_identity(path) != found[1]}
-        if not held:
-            return
-        for spec in self.specs:
+        moves = {}
+        for spec in self.specs if held else ():
             for path in match_files(spec) if spec.is_glob else ():
                 old = held.get(file_identity(path))
-                if old and old != path and old in self.files:
-                    self.move_file(old, path)
+                if old and old != path:
+                    moves[old] = path
+        while moves:
+            free = [old for old, new in moves.items() if not self.holds(new)]
+            if not free:  # the file at each new name is not moving, or moves in a ring
+                old = next(iter(moves))
+                self.set_apart(moves[old])
+                continue
+            for old in free:
+                if self.holds(moves[old]):  # (an earlier move of this pass took it)
+                    continue
+                self.move_file(old, moves.pop(old))
+            for new in [new for new in moves.values() if new not in moves and self.holds(new)]:
+                self.set_apart(new)
+
+    def holds(self, path):
+        """True when the state keeps positions of file `path`, or it is held open."""
+        return path in self.files or any(
+            is_position_of(pos, path) for pos in self.checkpoint.data["destinations"].values())
+
+    def set_apart(self, path):
+        """Give the file at `path` (held open, or gone) a name no file has: its jobs read
+        its last rows from the connection held open, and its positions are forgotten
+        after FORGET_AFTER, as those of a gone file."""
+        found, apart = self.files.get(path), f"{path}#gone-{new_tag(self.checkpoint)}"
+        self.checkpoint.move_file(path, apart, apart=True)
+        for where in [w for w in self.jobs if w[0] == path]:
+            job = self.jobs.pop(where)
+            job.scope = source_scope(apart, where[1])
+            self.jobs[(apart, where[1])] = job
+        if found:
+            self.files[apart] = self.files.pop(path)
+        log.info("source: %s is another file now, and the file uploaded from under that "
+                 "name is gone; its positions are kept apart (as %s) until forgotten",
+                 path, apart)
 
     def follow_moves(self):
-        """A file renamed while no uploader ran: a file a glob finds under a name new to
-        the state, with the (device, inode) a position recorded for a file no longer at
-        its name, is that file if it has the row marked at each position's cursor: its
-        positions move to the new name, said in one line. Else (a file that got a freed
-        inode, or the file changed) it is refused for the cycle, in one line, unless its
-        start_at is now: its rows may be in the target under the old name. One file at
-        a time, so that a chain of renames (.1 -> .2, then the file -> .1) is followed."""
+        """A file renamed while no uploader ran, or forgotten and back: a file a glob
+        finds under a name new to the state, with the (device, inode) a position recorded
+        (or the inode alone, when no position has its device: a volume mounted again) for
+        a file no longer at its name, is that file if it has the row marked at each
+        position's cursor: its positions move to the new name, said in one line. Else a
+        file whose first row is not that file's is a new file (a freed inode taken
+        again); one that begins as it did is refused for the cycle, in one line, unless
+        its start_at is now: its rows may be in the target under the old name. One file
+        at a time, so that a chain of renames (.1 -> .2, then the file -> .1) is
+        followed."""
         self.unconfirmed = set()
         while self.follow_move():
             pass
 
     def follow_move(self):
         """Move the positions of one file renamed while no uploader ran; False if none."""
-        lost, known = {}, set()
+        lost, known = self.lost_files(), {}
         for pos in self.checkpoint.data["destinations"].values():
-            src = pos.get("source") or {}
-            known.add(src.get("path"))
-            found = tuple(pos.get("file_id") or ())
-            if found and src["path"] not in self.files and file_identity(src["path"]) != found:
-                lost[found] = src["path"]
+            known.setdefault(pos["source"]["path"], set()).add(tuple(pos.get("file_id") or ()))
         for spec in self.specs if lost else ():
             for path in match_files(spec):
-                old = lost.get(file_identity(path))
-                if old and path not in known | self.unconfirmed and self.claim(spec, old,
-                                                                               path):
+                now, ids = file_identity(path), known.get(path)
+                if now is None or path in self.unconfirmed or (ids and now not in ids):
+                    continue  # (another file under a name the state keeps: replaced)
+                found = ([r for r in lost if r[1] == now]
+                         or [r for r in lost if r[1][1:] == now[1:]])
+                found = [r for r in found if r[0] != path and (r[2] or not ids)]
+                if found and self.claim(spec, path, found, partial=bool(ids)):
                     return True
         return False
 
-    def claim(self, spec, old, new):
-        """Move file `old`'s positions to `new` if `new` has the rows marked at their
-        cursors (True); else refuse `new` for this cycle."""
-        positions = [p for p in self.checkpoint.data["destinations"].values()
-                     if (p.get("source") or {}).get("path") == old]
+    def lost_files(self):
+        """(name, (device, inode), kept) of each file the state keeps positions of that
+        is not at its name and not held open, then of each forgotten lately (newest
+        first)."""
+        lost = {}
+        for pos in self.checkpoint.data["destinations"].values():
+            path, found = pos["source"]["path"], tuple(pos.get("file_id") or ())
+            if found and path not in self.files and file_identity(path) != found:
+                lost.setdefault((path, found), True)
+        for pos in reversed(self.checkpoint.data.get("forgotten", ())):
+            if pos.get("file_id"):
+                lost.setdefault((pos["source"]["path"], tuple(pos["file_id"])), False)
+        return [(path, found, kept) for (path, found), kept in lost.items()]
+
+    def claim(self, spec, new, lost, partial=False):
+        """Move the positions of the first file of `lost` whose rows marked at their
+        cursors `new` has to `new` (True); else refuse `new` for this cycle, unless it is
+        a new file, or the positions of it that `new` already has were moved (partial)."""
         try:
             conn = self.connect(new, spec)
         except (sqlite3.Error, SourceError):
             return False  # (walk says why)
-        if self.has_rows_uploaded(spec, conn, new, positions):
-            self.move_positions(old, new)
-            log.info("source: %s is now %s (renamed while no uploader was reading it: "
-                     "the same file, with the rows uploaded from it); its positions move "
-                     "with it", old, new)
-            return True
-        if spec_config(self.config, spec, new).start_at != "now":
+        for old, found, kept in lost:
+            if self.has_rows_uploaded(spec, conn, new, self.positions_of(old, found, kept)):
+                self.checkpoint.move_file(old, new, found)
+                log.info("source: %s is now %s (%s: the same file, with the rows uploaded "
+                         "from it); its positions move with it", old, new,
+                         "renamed while no uploader was reading it" if kept else
+                         "gone long enough that its positions were forgotten, and back")
+                return True
+        doubt = [old for old, found, kept in lost if kept and not self.is_other_file(
+            spec, conn, new, self.positions_of(old, found, kept))]
+        if doubt and not partial and spec_config(self.config, spec, new).start_at != "now":
+            old = doubt[0]
             self.unconfirmed.add(new)
             self.fail((new, ""), StateError(
                 f"state: {new} has the device and inode of {old}, whose positions this "
@@ -7648,6 +7796,34 @@ class Sources:
                 f"another file, it is read once the positions of {old} are forgotten "
                 f"(FORGET_AFTER after {old} is gone)"))
         return False
+
+    def positions_of(self, path, found, kept):
+        """The positions (kept, or forgotten) of file `path` with (device, inode) `found`."""
+        positions = (self.checkpoint.data["destinations"].values() if kept
+                     else self.checkpoint.data.get("forgotten", ()))
+        return [pos for pos in positions if is_position_of(pos, path, found)]
+
+    def is_other_file(self, spec, conn, path, positions):
+        """True when file `path` begins with none of the first rows the positions
+        recorded of their file (see note_first_row): another file, that took the inode
+        of a deleted one. False when no first row was recorded (positions written before)."""
+        firsts = []
+        try:
+            tables = {t["name"]: t for t in spec_tables(spec, conn, path)[0]}
+            for pos in positions:
+                first, table = pos.get("first_row"), tables.get(pos["source"]["table"])
+                if first is None:
+                    continue
+                if table is None:
+                    firsts.append(False)
+                    continue
+                config = spec_config(self.config, spec, path, table)
+                source = recorded_cursor(conn, config, describe_source(conn, config), pos)
+                firsts.append(is_marked_row(conn, source, decode_cursor(first["cursor"]),
+                                            first["mark"]))
+        except (sqlite3.Error, UploaderError):
+            return False
+        return bool(firsts) and not any(firsts)
 
     def has_rows_uploaded(self, spec, conn, path, positions):
         """True when file `path` has, for each position, the row uploaded at its cursor
@@ -7673,25 +7849,15 @@ class Sources:
                     return False
         except (sqlite3.Error, UploaderError):
             return False
-        return True
+        return bool(positions)
 
     def move_file(self, old, new):
         """Give the positions and connection of file `old` to its new name `new`."""
         self.drop_jobs(old)  # opened again under the new name
         self.files[new] = self.files.pop(old)
-        self.move_positions(old, new)
+        self.checkpoint.move_file(old, new)
         log.info("source: %s is now %s (renamed: the same file); its positions move with "
                  "it", old, new)
-
-    def move_positions(self, old, new):
-        """Key the positions of file `old` by its new name `new`."""
-        for key, pos in list(self.checkpoint.data["destinations"].items()):
-            src = pos.get("source") or {}
-            if src.get("path") == old:
-                moved = key.replace(source_scope(old, src["table"]),
-                                    source_scope(new, src["table"]))
-                self.checkpoint.rename(key, moved)
-                self.checkpoint.update(moved, source={**src, "path": new})
 
     def connect(self, path, spec):
         """The file's connection, opened again when another file took its name."""
@@ -7768,7 +7934,7 @@ class Sources:
         gone, back = {}, []
         for key, pos in self.checkpoint.data["destinations"].items():
             path = (pos.get("source") or {}).get("path")
-            if not path or not any(s.matches(path) for s in self.specs):
+            if not path or not (pos.get("apart") or any(s.matches(path) for s in self.specs)):
                 continue
             if file_identity(path) is None:
                 gone.setdefault(path, []).append(key)

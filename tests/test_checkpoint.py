@@ -417,6 +417,57 @@ class ResetStateTest(CheckpointTestCase):
         self.assertEqual(len(backups), 2)
 
 
+class ManySourcesStateTest(TempDirTestCase):
+    """The positions of one file among many: moved together, forgotten, and back."""
+
+    def state(self, *files):
+        """A state of many sources with a position per (file, table) of `files`, each
+        file (path, (device, inode))."""
+        checkpoint = up.Checkpoint(self.path())
+        checkpoint.load_many()
+        for path, found in files:
+            for table in ("readings", "events"):
+                checkpoint.update(f"delta:/lake/raw_{table}" + up.source_scope(path, table),
+                                  source={"path": path, "table": table}, file_id=list(found),
+                                  cursor=[3], tag=f"{table[0]}{found[1]}")
+        return checkpoint
+
+    def test_a_file_s_positions_move_in_one_save_never_onto_another_s(self):
+        a, b, c = (self.path(n) for n in ("a.db", "b.db", "c.db"))
+        checkpoint = self.state((a, (1, 10)), (b, (1, 20)))
+        with mock.patch.object(checkpoint, "save", wraps=checkpoint.save) as save:
+            self.assertEqual(checkpoint.move_file(a, c), 2)
+        self.assertEqual(save.call_count, 1)  # a crash leaves both at one name
+        on_disk = read_state(self.path())["destinations"]
+        self.assertEqual(sorted((p["source"]["path"], p["tag"]) for p in on_disk.values()),
+                         [(b, "e20"), (b, "r20"), (c, "e10"), (c, "r10")])
+        self.assertTrue(all(c in k for k, p in on_disk.items() if p["source"]["path"] == c))
+        with self.assertRaises(up.StateError):  # b's positions are there
+            checkpoint.move_file(c, b)
+        self.assertEqual(read_state(self.path())["destinations"], on_disk)
+
+    def test_forgotten_positions_are_kept_a_while_and_come_back_with_their_file(self):
+        a = self.path("a.db")
+        checkpoint = self.state((a, (1, 10)))
+        checkpoint.forget(list(checkpoint.data["destinations"]))
+        self.assertEqual(read_state(self.path())["destinations"], {})
+        self.assertEqual(len(read_state(self.path())["forgotten"]), 2)
+        self.assertEqual(checkpoint.move_file(a, self.path("b.db"), (1, 11)), 0)  # not it
+        self.assertEqual(checkpoint.move_file(a, self.path("b.db"), (1, 10)), 2)
+        state = read_state(self.path())
+        self.assertEqual(state["forgotten"], [])
+        self.assertEqual(sorted(p["tag"] for p in state["destinations"].values()),
+                         ["e10", "r10"])
+        for n in range(up.FORGOTTEN_KEPT):
+            checkpoint.update(f"k{n}", source={"path": "x", "table": "t"}, tag=str(n))
+        checkpoint.forget([f"k{n}" for n in range(up.FORGOTTEN_KEPT)] +
+                          list(checkpoint.data["destinations"]))
+        kept = read_state(self.path())["forgotten"]
+        self.assertEqual(len(kept), up.FORGOTTEN_KEPT)  # the newest
+        self.assertEqual(sorted(p["tag"] for p in kept[-2:]), ["e10", "r10"])
+        self.assertNotIn("0", [p["tag"] for p in kept])  # the oldest went
+
+
 class StateDirTest(CheckpointTestCase):
 
     def test_explicit_state_dir_that_cannot_be_written_is_exit_2(self):

@@ -395,9 +395,9 @@ class WholeDatabaseTest(SourcesTestCase):
 class GoneFileTest(SourcesTestCase):
     """A file a glob matched that disappears is forgotten after FORGET_AFTER."""
 
-    def open_sources(self, clock, tables=("readings",)):
+    def open_sources(self, clock, tables=("readings",), pattern="sensor-*.db"):
         config = up.load_config(up.build_parser().parse_args(
-            ["--config", self.config([{"sqlite": self.path("sensor-*.db"),
+            ["--config", self.config([{"sqlite": self.path(pattern),
                                        "tables": list(tables)}]), "--forget-after", "60"]),
             self.env())
         stop = up.StopFlag()
@@ -685,7 +685,9 @@ class FileJoiningTableTest(SourcesTestCase):
         self.assertOnce("raw_readings", ["_source_file", "id"],
                         [("sensor-0.db", i) for i in range(1, 11)])
 
-    def test_forgotten_file_that_comes_back_is_refused_not_sent_again(self):
+    def test_forgotten_file_that_comes_back_goes_on_from_its_cursor(self):
+        # gone for FORGET_AFTER, then back (under its name or another the glob finds):
+        # known by its inode and the row at its cursor, it goes on from there
         self.logger_file("sensor-1.db")
         self.logger_file("sensor-2.db")
         now = [1000.0]
@@ -696,24 +698,16 @@ class FileJoiningTableTest(SourcesTestCase):
         now[0] += 61
         sources.cycle()  # forgotten
         self.assertEqual(len(self.state()["destinations"]), 1)
-        os.rename(self.path("away.db"), self.path("sensor-1.db"))
-        failed = sources.cycle()
-        (error,) = failed.values()
-        self.assertIn("already holds 10 rows", error)
-        self.assertIn("sensor-1.db", error)
-        self.assertOnce("raw_readings", ["_source_file", "id"],
-                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)])
-        # the way out, for that file: start at its current end
-        sources.close()
-        self.insert(self.path("sensor-1.db"), readings(10, 2),
+        self.insert(self.path("away.db"), readings(10, 2),
                     ["timestamp", "sensor", "value"], "readings")
-        self.run_once(self.glob_config(), "--start-at", "now")
-        self.insert(self.path("sensor-1.db"), readings(12, 1),
-                    ["timestamp", "sensor", "value"], "readings")
-        self.run_once(self.glob_config())
+        os.rename(self.path("away.db"), self.path("sensor-3.db"))
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            self.assertEqual(sources.cycle(), {})
+        self.assertIn("positions were forgotten, and back", "\n".join(logs.output))
         self.assertOnce("raw_readings", ["_source_file", "id"],
                         [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)]
-                        + [("sensor-1.db", 13)])
+                        + [("sensor-3.db", 11), ("sensor-3.db", 12)])
+        self.assertEqual(self.state()["forgotten"], [])
 
     def test_reset_state_with_several_files_feeding_one_table(self):
         # after --reset-state one file starts (here: at its end, its own start_at: now);
@@ -909,6 +903,147 @@ class RecoverStateTest(SourcesTestCase):
                 for row in delta_rows(self.lake("aggregated_readings", where)))
         self.assertGreater(len(runs["reference"]), 5)
         self.assertEqual(runs["recovered"], runs["reference"])
+
+
+class RotationTest(SourcesTestCase):
+    """Rotation as logrotate does it, with positions forgotten, kept apart or moved:
+    every row of every generation of a file lands exactly once (rows told apart by
+    their values: each generation has its own)."""
+
+    open_sources = GoneFileTest.open_sources
+    glob_config = FileJoiningTableTest.glob_config
+    GLOB = FileJoiningTableTest.GLOB
+
+    def generation(self, name, start, count):
+        """A logger file whose readings have values start/2 .. (start + count - 1)/2."""
+        db = self.make(READINGS + EVENTS, name=name)
+        self.insert(db, readings(start, count), ["timestamp", "sensor", "value"], "readings")
+        return db
+
+    def assertValuesOnce(self, starts):
+        """raw_readings holds the readings readings(start, count) makes, each once."""
+        self.assertOnce("raw_readings", ["value"],
+                        [(i * 0.5,) for start, count in starts for i in range(start, start + count)])
+
+    def test_new_file_under_the_live_name_after_a_rotated_file_is_forgotten(self):
+        # sensor.db becomes sensor-<day>.db each day and a new sensor.db starts; the
+        # dated file is deleted and its positions forgotten: the next new sensor.db is
+        # not refused for the rows its forerunners sent under that name
+        self.generation("sensor.db", 0, 5)
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0], pattern="sensor*.db")
+        self.assertEqual(sources.cycle(), {})
+        for day in range(1, 5):
+            os.rename(self.path("sensor.db"), self.path(f"sensor-{day}.db"))
+            self.generation("sensor.db", 100 * day, 5)
+            self.assertEqual(sources.cycle(), {}, f"day {day}")
+            os.remove(self.path(f"sensor-{day}.db"))
+            for _ in range(3):
+                now[0] += 61
+                self.assertEqual(sources.cycle(), {}, f"day {day}")
+        self.assertValuesOnce([(100 * day, 5) for day in range(5)])
+        self.assertEqual(len(self.state()["destinations"]), 1)
+        self.assertEqual(len(self.state()["forgotten"]), 4)
+
+    def test_rotate_1_while_running_reads_every_generation_once(self):
+        # logrotate `rotate 1` between two cycles: sensor-1.db is deleted, sensor-0.db
+        # becomes sensor-1.db and a new sensor-0.db starts; twice
+        self.generation("sensor-0.db", 0, 10)
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0])
+        self.assertEqual(sources.cycle(), {})
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        self.generation("sensor-0.db", 100, 3)
+        self.assertEqual(sources.cycle(), {})
+        self.insert(self.path("sensor-1.db"), readings(10, 2),  # read from the file held
+                    ["timestamp", "sensor", "value"], "readings")
+        self.insert(self.path("sensor-0.db"), readings(103, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.remove(self.path("sensor-1.db"))
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        self.generation("sensor-0.db", 200, 4)
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            self.assertEqual(sources.cycle(), {})
+        self.assertEqual(len([x for x in logs.output if "kept apart" in x]), 1, logs.output)
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 12), (100, 5), (200, 4)])
+        now[0] += 61
+        sources.cycle()
+        now[0] += 61
+        sources.cycle()  # the deleted file's positions are forgotten, its file closed
+        paths = sorted(p["source"]["path"] for p in self.state()["destinations"].values())
+        self.assertEqual(paths, [os.path.realpath(self.path(f"sensor-{n}.db")) for n in (0, 1)])
+        self.assertEqual(sorted(sources.files), paths)
+        self.insert(self.path("sensor-1.db"), readings(105, 1),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 12), (100, 6), (200, 4)])
+
+    def test_partial_move_left_by_a_crash_is_finished(self):
+        # a run that moved the positions of a renamed file one by one was killed after
+        # the first: the next run moves the others, nothing is sent again
+        self.logger_file("sensor-0.db")
+        config = self.config([{"sqlite": self.path("sensor-*.db"),
+                               "tables": ["readings", "events"]}])
+        self.run_once(config)
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        path = os.path.join(self.env()["STATE_DIR"], up.STATE_FILE)
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        old, new = (os.path.realpath(self.path(n)) for n in ("sensor-0.db", "sensor-1.db"))
+        key = next(k for k in state["destinations"] if k.endswith(":readings"))
+        pos = state["destinations"].pop(key)
+        state["destinations"][key.replace(old, new)] = {**pos, "source": {**pos["source"],
+                                                                           "path": new}}
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        self.insert(self.path("sensor-1.db"), events(4, 1, "sensor-0"), ["at", "what"],
+                    "events")
+        err = self.run_once(config)
+        self.assertOnce("raw_events", ["id"], [(i,) for i in range(1, 6)])
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 11)])
+        self.assertIn("renamed while no uploader", err)
+        self.assertTrue(all(p["source"]["path"] == new
+                            for p in self.state()["destinations"].values()))
+
+    def test_rename_while_stopped_with_another_device_number(self):
+        # the volume came back with another device number (a remount): the file renamed
+        # while no uploader ran is known by its inode and the row at its cursor
+        self.generation("sensor-0.db", 0, 10)
+        config = self.glob_config()
+        self.run_once(config)
+        path = os.path.join(self.env()["STATE_DIR"], up.STATE_FILE)
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        for pos in state["destinations"].values():
+            pos["file_id"][0] += 1
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        err = self.run_once(config)
+        self.assertValuesOnce([(0, 12)])
+        self.assertIn("renamed while no uploader", err)
+
+    def test_new_file_that_takes_a_freed_inode_is_a_new_file(self):
+        # ext4 gives a new file the inode of one just deleted: the positions of the
+        # deleted file recorded it; the new file has neither the row at their cursor nor
+        # the first row of that file: it is uploaded as a new file, with no error
+        self.generation("sensor-1.db", 0, 10)
+        self.generation("sensor-2.db", 100, 10)
+        sources = self.open_sources(lambda: 1000.0)
+        self.assertEqual(sources.cycle(), {})
+        os.remove(self.path("sensor-1.db"))
+        self.assertEqual(sources.cycle(), {})  # read to its end, closed
+        self.generation("sensor-3.db", 200, 4)
+        taken = up.file_identity(self.path("sensor-3.db"))
+        for key, pos in sources.checkpoint.data["destinations"].items():
+            if pos["source"]["path"].endswith("sensor-1.db"):
+                sources.checkpoint.update(key, file_id=list(taken))
+        self.assertEqual(sources.cycle(), {})
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 10), (100, 10), (200, 4)])
 
 
 class StatusTest(SourcesTestCase):
