@@ -7688,16 +7688,16 @@ class Sources:
                     moves[old] = path
         while moves:
             free = [old for old, new in moves.items() if not self.holds(new)]
-            if not free:  # the file at each new name is not moving, or moves in a ring
-                old = next(iter(moves))
-                self.set_apart(moves[old])
-                continue
             for old in free:
-                if self.holds(moves[old]):  # (an earlier move of this pass took it)
-                    continue
-                self.move_file(old, moves.pop(old))
-            for new in [new for new in moves.values() if new not in moves and self.holds(new)]:
-                self.set_apart(new)
+                if not self.holds(moves[old]):  # (else an earlier move took the name)
+                    self.move_file(old, moves.pop(old))
+            for old, new in list(moves.items()):
+                if self.holds(new) and (new not in moves or not free):
+                    # not moving (deleted, or gone from the glob's names), or a ring
+                    apart = self.set_apart(new)
+                    if new in moves:
+                        moves[apart] = moves.pop(new)
+                    break
 
     def holds(self, path):
         """True when the state keeps positions of file `path`, or it is held open."""
@@ -7716,9 +7716,11 @@ class Sources:
             self.jobs[(apart, where[1])] = job
         if found:
             self.files[apart] = self.files.pop(path)
-        log.info("source: %s is another file now, and the file uploaded from under that "
-                 "name is gone; its positions are kept apart (as %s) until forgotten",
-                 path, apart)
+        log.info("source: %s is another file now; the file that had that name (deleted, or "
+                 "renamed) keeps its positions apart, as %s: its last rows are read from "
+                 "it while it is held open, and they are forgotten once it is gone for "
+                 "FORGET_AFTER", path, apart)
+        return apart
 
     def follow_moves(self):
         """A file renamed while no uploader ran, or forgotten and back: a file a glob
@@ -7747,7 +7749,7 @@ class Sources:
                     continue  # (another file under a name the state keeps: replaced)
                 found = ([r for r in lost if r[1] == now]
                          or [r for r in lost if r[1][1:] == now[1:]])
-                found = [r for r in found if r[0] != path and (r[2] or not ids)]
+                found = [r for r in found if (r[2] and r[0] != path) or not (r[2] or ids)]
                 if found and self.claim(spec, path, found, partial=bool(ids)):
                     return True
         return False

@@ -700,14 +700,25 @@ class FileJoiningTableTest(SourcesTestCase):
         self.assertEqual(len(self.state()["destinations"]), 1)
         self.insert(self.path("away.db"), readings(10, 2),
                     ["timestamp", "sensor", "value"], "readings")
-        os.rename(self.path("away.db"), self.path("sensor-3.db"))
+        os.rename(self.path("away.db"), self.path("sensor-1.db"))
         with self.assertLogs("uploader", logging.INFO) as logs:
             self.assertEqual(sources.cycle(), {})
-        self.assertIn("positions were forgotten, and back", "\n".join(logs.output))
         self.assertOnce("raw_readings", ["_source_file", "id"],
-                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)]
-                        + [("sensor-3.db", 11), ("sensor-3.db", 12)])
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 13)
+                         if f == "sensor-1.db" or i < 11])
+        self.assertIn("positions were forgotten, and back", "\n".join(logs.output))
         self.assertEqual(self.state()["forgotten"], [])
+        # and under another name the glob finds, after it is forgotten again
+        os.rename(self.path("sensor-1.db"), self.path("away.db"))
+        sources.cycle()
+        now[0] += 61
+        sources.cycle()
+        self.insert(self.path("away.db"), readings(12, 1),
+                    ["timestamp", "sensor", "value"], "readings")
+        os.rename(self.path("away.db"), self.path("sensor-3.db"))
+        self.assertEqual(sources.cycle(), {})
+        self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 14)] +
+                        [(i,) for i in range(1, 11)])
 
     def test_reset_state_with_several_files_feeding_one_table(self):
         # after --reset-state one file starts (here: at its end, its own start_at: now);
@@ -978,6 +989,27 @@ class RotationTest(SourcesTestCase):
                     ["timestamp", "sensor", "value"], "readings")
         self.assertEqual(sources.cycle(), {})
         self.assertValuesOnce([(0, 12), (100, 6), (200, 4)])
+
+    def test_renames_onto_each_other_while_running(self):
+        # rotate 2 (.1 -> .2, then the file -> .1, a new file), then two files swap names
+        self.generation("sensor.db.1", 0, 5)
+        self.generation("sensor.db", 100, 5)
+        sources = self.open_sources(lambda: 1000.0, "sensor.db*")
+        self.assertEqual(sources.cycle(), {})
+        os.rename(self.path("sensor.db.1"), self.path("sensor.db.2"))
+        os.rename(self.path("sensor.db"), self.path("sensor.db.1"))
+        self.generation("sensor.db", 200, 5)
+        self.assertEqual(sources.cycle(), {})
+        os.rename(self.path("sensor.db.1"), self.path("swap.tmp"))
+        os.rename(self.path("sensor.db.2"), self.path("sensor.db.1"))
+        os.rename(self.path("swap.tmp"), self.path("sensor.db.2"))
+        self.assertEqual(sources.cycle(), {})
+        for name, start in (("sensor.db.2", 105), ("sensor.db.1", 5), ("sensor.db", 205)):
+            self.insert(self.path(name), readings(start, 1),
+                        ["timestamp", "sensor", "value"], "readings")
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 6), (100, 6), (200, 6)])
+        self.assertEqual(len(self.state()["destinations"]), 3)
 
     def test_partial_move_left_by_a_crash_is_finished(self):
         # a run that moved the positions of a renamed file one by one was killed after
