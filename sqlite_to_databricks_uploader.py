@@ -6382,7 +6382,8 @@ class Checkpoint:
         leaves all of them at one name): those the state keeps and, with `file_id`, only
         those of that file, and the forgotten ones of that file (back: kept again).
         Never onto a position there is: its file must be set apart first (`apart`: the
-        positions of a gone file, under a name no file has, until forgotten)."""
+        positions of a gone file, under a name no file has until they are forgotten,
+        keep in field `apart` the name they had)."""
         moved, kept = {}, []
         for key, pos in self.data["destinations"].items():
             if is_position_of(pos, old, file_id):
@@ -6399,7 +6400,7 @@ class Checkpoint:
             pos = {k: v for k, v in pos.items() if k != "apart"}
             renamed[key.replace(source_scope(old, table), source_scope(new, table))] = {
                 **pos, "source": {**pos["source"], "path": new},
-                **({"apart": True} if apart else {"gone_at": None, "drained": None})}
+                **({"apart": old} if apart else {"gone_at": None, "drained": None})}
         taken = set(renamed) & (set(self.data["destinations"]) - set(moved))
         if taken:
             raise StateError(f"state: cannot move the positions of {old} to {new}: "
@@ -7936,7 +7937,7 @@ class Sources:
         gone, back = {}, []
         for key, pos in self.checkpoint.data["destinations"].items():
             path = (pos.get("source") or {}).get("path")
-            if not path or not (pos.get("apart") or any(s.matches(path) for s in self.specs)):
+            if not path or not any(s.matches(pos.get("apart") or path) for s in self.specs):
                 continue
             if file_identity(path) is None:
                 gone.setdefault(path, []).append(key)
@@ -7972,7 +7973,7 @@ class Sources:
                  "(it went while no uploader was reading it: rows added after its last "
                  "upload were not uploaded)",
                  ", ".join(sorted(k.split(" <- ")[0] for k in keys)))
-        self.retire_status(path, positions)
+        self.retire_status(positions[0].get("apart") or path, positions)
 
     def retire_status(self, path, positions):
         """Have the sink remove the status (--fleet-status) the forgotten positions of

@@ -975,7 +975,7 @@ class RotationTest(SourcesTestCase):
         self.generation("sensor-0.db", 200, 4)
         with self.assertLogs("uploader", logging.INFO) as logs:
             self.assertEqual(sources.cycle(), {})
-        self.assertEqual(len([x for x in logs.output if "kept apart" in x]), 1, logs.output)
+        self.assertEqual(len([x for x in logs.output if "positions apart, as" in x]), 1, logs.output)
         self.assertEqual(sources.cycle(), {})
         self.assertValuesOnce([(0, 12), (100, 5), (200, 4)])
         now[0] += 61
@@ -994,7 +994,7 @@ class RotationTest(SourcesTestCase):
         # rotate 2 (.1 -> .2, then the file -> .1, a new file), then two files swap names
         self.generation("sensor.db.1", 0, 5)
         self.generation("sensor.db", 100, 5)
-        sources = self.open_sources(lambda: 1000.0, "sensor.db*")
+        sources = self.open_sources(lambda: 1000.0, pattern="sensor.db*")
         self.assertEqual(sources.cycle(), {})
         os.rename(self.path("sensor.db.1"), self.path("sensor.db.2"))
         os.rename(self.path("sensor.db"), self.path("sensor.db.1"))
