@@ -7742,7 +7742,8 @@ class Sources:
         """Move the positions of one file renamed while no uploader ran; False if none."""
         lost, known = self.lost_files(), {}
         for pos in self.checkpoint.data["destinations"].values():
-            known.setdefault(pos["source"]["path"], set()).add(tuple(pos.get("file_id") or ()))
+            known.setdefault((pos.get("source") or {}).get("path"), set()).add(
+                tuple(pos.get("file_id") or ()))
         for spec in self.specs if lost else ():
             for path in match_files(spec):
                 now, ids = file_identity(path), known.get(path)
@@ -7761,8 +7762,8 @@ class Sources:
         first)."""
         lost = {}
         for pos in self.checkpoint.data["destinations"].values():
-            path, found = pos["source"]["path"], tuple(pos.get("file_id") or ())
-            if found and path not in self.files and file_identity(path) != found:
+            path, found = (pos.get("source") or {}).get("path"), tuple(pos.get("file_id") or ())
+            if path and found and path not in self.files and file_identity(path) != found:
                 lost.setdefault((path, found), True)
         for pos in reversed(self.checkpoint.data.get("forgotten", ())):
             if pos.get("file_id"):
