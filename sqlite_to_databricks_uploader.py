@@ -7786,19 +7786,23 @@ class Sources:
                          "renamed while no uploader was reading it" if kept else
                          "gone long enough that its positions were forgotten, and back")
                 return True
-        doubt = [old for old, found, kept in lost if kept and not self.is_other_file(
-            spec, conn, new, self.positions_of(old, found, kept))]
+        doubt = []  # the same file, changed? (kept: unless it is surely another file)
+        for old, found, kept in lost:
+            begins = self.begins_as(spec, conn, new, self.positions_of(old, found, kept))
+            if begins or (kept and begins is None):
+                doubt.append((old, kept))
         if doubt and not partial and spec_config(self.config, spec, new).start_at != "now":
-            old = doubt[0]
+            old, kept = doubt[0]
             self.unconfirmed.add(new)
             self.fail((new, ""), StateError(
-                f"state: {new} has the device and inode of {old}, whose positions this "
-                "state keeps, but not the row uploaded at their cursor, so it is not read: "
-                f"if it is {old} renamed while no uploader ran (and changed), its rows are "
-                "in the target under the old name: rename it back, or give it start_at: "
-                "now (--start-at now) to upload only rows added from now on; if it is "
-                f"another file, it is read once the positions of {old} are forgotten "
-                f"(FORGET_AFTER after {old} is gone)"))
+                f"state: {new} has the inode of {old}, whose positions this state "
+                f"{'keeps' if kept else 'forgot after it was gone'}, and begins with its "
+                "first row, but has not the row uploaded at their cursor, so it is not "
+                f"read: if it is {old} {'renamed' if kept else 'back'} (and changed), its "
+                "rows are in the target: rename it back, or give it start_at: now "
+                "(--start-at now) to upload only rows added from now on" +
+                (f"; if it is another file, it is read once the positions of {old} are "
+                 f"forgotten (FORGET_AFTER after {old} is gone)" if kept else "")))
         return False
 
     def positions_of(self, path, found, kept):
@@ -7807,27 +7811,25 @@ class Sources:
                      else self.checkpoint.data.get("forgotten", ()))
         return [pos for pos in positions if is_position_of(pos, path, found)]
 
-    def is_other_file(self, spec, conn, path, positions):
-        """True when file `path` begins with none of the first rows the positions
-        recorded of their file (see note_first_row): another file, that took the inode
-        of a deleted one. False when no first row was recorded (positions written before)."""
+    def begins_as(self, spec, conn, path, positions):
+        """Whether file `path` begins with a first row the positions recorded of their
+        file (see note_first_row): False for another file, that took the inode of a
+        deleted one; None when no first row was recorded (positions written before)."""
         firsts = []
         try:
             tables = {t["name"]: t for t in spec_tables(spec, conn, path)[0]}
             for pos in positions:
                 first, table = pos.get("first_row"), tables.get(pos["source"]["table"])
-                if first is None:
-                    continue
-                if table is None:
-                    firsts.append(False)
+                if first is None or table is None:
+                    firsts += [False] * (first is not None)
                     continue
                 config = spec_config(self.config, spec, path, table)
                 source = recorded_cursor(conn, config, describe_source(conn, config), pos)
                 firsts.append(is_marked_row(conn, source, decode_cursor(first["cursor"]),
                                             first["mark"]))
         except (sqlite3.Error, UploaderError):
-            return False
-        return bool(firsts) and not any(firsts)
+            return None
+        return any(firsts) if firsts else None
 
     def has_rows_uploaded(self, spec, conn, path, positions):
         """True when file `path` has, for each position, the row uploaded at its cursor
