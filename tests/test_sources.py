@@ -685,9 +685,9 @@ class FileJoiningTableTest(SourcesTestCase):
         self.assertOnce("raw_readings", ["_source_file", "id"],
                         [("sensor-0.db", i) for i in range(1, 11)])
 
-    def test_forgotten_file_that_comes_back_goes_on_from_its_cursor(self):
-        # gone for FORGET_AFTER, then back (under its name or another the glob finds):
-        # known by its inode and the row at its cursor, it goes on from there
+    def forget_sensor_1(self):
+        """Two files uploaded; sensor-1.db moved away (to away.db) until forgotten: the
+        Sources and their clock."""
         self.logger_file("sensor-1.db")
         self.logger_file("sensor-2.db")
         now = [1000.0]
@@ -696,7 +696,13 @@ class FileJoiningTableTest(SourcesTestCase):
         os.rename(self.path("sensor-1.db"), self.path("away.db"))
         sources.cycle()
         now[0] += 61
-        sources.cycle()  # forgotten
+        sources.cycle()
+        return sources, now
+
+    def test_forgotten_file_that_comes_back_goes_on_from_its_cursor(self):
+        # gone for FORGET_AFTER, then back (under its name or another the glob finds):
+        # known by its inode and the row at its cursor, it goes on from there
+        sources, now = self.forget_sensor_1()
         self.assertEqual(len(self.state()["destinations"]), 1)
         self.insert(self.path("away.db"), readings(10, 2),
                     ["timestamp", "sensor", "value"], "readings")
@@ -723,15 +729,7 @@ class FileJoiningTableTest(SourcesTestCase):
     def test_forgotten_file_back_changed_at_its_cursor_is_refused_not_sent_again(self):
         # its inode and first row are those of the forgotten file, its row at the cursor
         # is not: its rows may be in the target (changed since): refused in one line
-        self.logger_file("sensor-1.db")
-        self.logger_file("sensor-2.db")
-        now = [1000.0]
-        sources = self.open_sources(lambda: now[0])
-        self.assertEqual(sources.cycle(), {})
-        os.rename(self.path("sensor-1.db"), self.path("away.db"))
-        sources.cycle()
-        now[0] += 61
-        sources.cycle()  # forgotten
+        sources, now = self.forget_sensor_1()
         with sqlite3.connect(self.path("away.db")) as conn:
             conn.execute("UPDATE readings SET value = -1 WHERE id = 10")
         conn.close()
