@@ -6377,13 +6377,14 @@ class Checkpoint:
         self.save()
 
     @locked
-    def move_file(self, old, new, file_id=None, apart=False):
+    def move_file(self, old, new, file_id=None, apart=False, now=None):
         """Key the positions of file `old` by its new name `new`, in one save (a crash
         leaves all of them at one name): those the state keeps and, with `file_id`, only
         those of that file, and the forgotten ones of that file (back: kept again).
         Never onto a position there is: its file must be set apart first (`apart`: the
         positions of a gone file, under a name no file has until they are forgotten,
-        keep in field `apart` the name they had)."""
+        keep in field `apart` the name they had); `now`: the (device, inode) the file
+        has now, when it was checked (a volume mounted again gives another device)."""
         moved, kept = {}, []
         for key, pos in self.data["destinations"].items():
             if is_position_of(pos, old, file_id):
@@ -6400,7 +6401,8 @@ class Checkpoint:
             pos = {k: v for k, v in pos.items() if k != "apart"}
             renamed[key.replace(source_scope(old, table), source_scope(new, table))] = {
                 **pos, "source": {**pos["source"], "path": new},
-                **({"apart": old} if apart else {"gone_at": None, "drained": None})}
+                **({"apart": old} if apart else {"gone_at": None, "drained": None}),
+                **({"file_id": list(now)} if now else {})}
         taken = set(renamed) & (set(self.data["destinations"]) - set(moved))
         if taken:
             raise StateError(f"state: cannot move the positions of {old} to {new}: "
@@ -7780,7 +7782,7 @@ class Sources:
             return False  # (walk says why)
         for old, found, kept in lost:
             if self.has_rows_uploaded(spec, conn, new, self.positions_of(old, found, kept)):
-                self.checkpoint.move_file(old, new, found)
+                self.checkpoint.move_file(old, new, found, now=file_identity(new))
                 log.info("source: %s is now %s (%s: the same file, with the rows uploaded "
                          "from it); its positions move with it", old, new,
                          "renamed while no uploader was reading it" if kept else

@@ -1078,6 +1078,9 @@ class RotationTest(SourcesTestCase):
         err = self.run_once(config)
         self.assertValuesOnce([(0, 12)])
         self.assertIn("renamed while no uploader", err)
+        self.assertNotIn("replaced in place", err)
+        (pos,) = self.state()["destinations"].values()
+        self.assertEqual(pos["file_id"], list(up.file_identity(self.path("sensor-1.db"))))
 
     def test_new_file_that_takes_a_freed_inode_is_a_new_file(self):
         # ext4 gives a new file the inode of one just deleted: the positions of the
