@@ -1380,6 +1380,27 @@ class CrashTest(SourcesTestCase):
         self.assertIn("renamed while no uploader", done.stderr)
         self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 21)])
 
+    def test_kill_while_the_positions_of_a_renamed_file_move(self):
+        # renamed while no uploader ran; the next run is killed at its first state writes
+        # (the move of both tables' positions, then the first batch): nothing twice
+        for hook, k in (("save-before", 1), ("save-after", 1), ("save-after", 2),
+                        ("torn-state", 1)):
+            with self.subTest(hook=hook, k=k):
+                self.setUp()
+                self.logger_file("sensor-0.db")
+                config = self.config([{"sqlite": self.path("sensor-*.db"),
+                                       "tables": ["readings", "events"]}])
+                self.run_once(config)
+                self.insert(self.path("sensor-0.db"), readings(10, 3),
+                            ["timestamp", "sensor", "value"], "readings")
+                os.rename(self.path("sensor-0.db"), self.path("sensor-1.db"))
+                died = run_driver(hook, k, ["--config", config, "--once"], self.env())
+                self.assertEqual(died.returncode, -9, died.stderr)
+                done = run_driver("none", 0, ["--config", config, "--once"], self.env())
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertOnce("raw_readings", ["id"], [(i,) for i in range(1, 14)])
+                self.assertOnce("raw_events", ["id"], [(i,) for i in range(1, 5)])
+
     def test_signal_mid_cycle_exits_0_and_the_next_run_goes_on(self):
         # the signal lands while the main thread waits for the two workers: each
         # finishes the batch it has, no new one starts, nothing is left in flight
