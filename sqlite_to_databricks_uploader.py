@@ -6372,7 +6372,8 @@ class Checkpoint:
         for key in keys:
             pos = self.data["destinations"].pop(key, None)
             if pos is not None:
-                kept.append({**pos, "key": key, "forgotten_at": utc_now_text()})
+                kept.append({**{k: v for k, v in pos.items() if not k.startswith("last_error")},
+                             "key": key, "forgotten_at": utc_now_text()})
         del kept[:-FORGOTTEN_KEPT]
         self.save()
 
