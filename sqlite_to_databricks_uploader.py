@@ -1568,6 +1568,18 @@ def compare_mark(conn, source, cursor, mark, key):
     return False, "other values, and the table's first row is another"
 
 
+def begins_with(conn, source, place, mark, key):
+    """True when the row at `place` (a table's first row) is the one `mark` was made
+    of, or has the timestamp marked (its other values updated in place since)."""
+    if is_marked_row(conn, source, place, mark, key):
+        return True
+    stamp, names = source.timestamp_col, source.column_names[:mark.get("n", 0)]
+    if "stamp" not in mark or stamp not in names:
+        return False
+    row = read_marked_row(conn, source, place, names)
+    return row is not None and mark_digest(key, [row[names.index(stamp)]]) == mark["stamp"]
+
+
 def read_row_mark(conn, source, cursor, key="", names=None):
     """The mark of the row at `cursor` now, made of columns `names` (default: all) and
     keyed with `key` (the state id); None when no row is there."""
@@ -7561,7 +7573,8 @@ def note_first_row(job):
     if row is not None:
         first = [row[p] for p in key_positions(source)]
         job.checkpoint.update(job.key, first_row={
-            "cursor": encode_cursor(first), "mark": read_row_mark(conn, source, first)})
+            "cursor": encode_cursor(first),
+            "mark": read_row_mark(conn, source, first, job.checkpoint.data["state_id"])})
 
 
 WORKERS = 2  # files read at once (one is read while another's batch is written)
@@ -7828,8 +7841,8 @@ class Sources:
                     continue
                 config = spec_config(self.config, spec, path, table)
                 source = recorded_cursor(conn, config, describe_source(conn, config), pos)
-                firsts.append(is_marked_row(conn, source, decode_cursor(first["cursor"]),
-                                            first["mark"]))
+                firsts.append(begins_with(conn, source, decode_cursor(first["cursor"]),
+                                          first["mark"], self.checkpoint.data["state_id"]))
         except (sqlite3.Error, UploaderError):
             return None
         return any(firsts) if firsts else None

@@ -728,10 +728,12 @@ class FileJoiningTableTest(SourcesTestCase):
 
     def test_forgotten_file_back_changed_at_its_cursor_is_refused_not_sent_again(self):
         # its inode and first row are those of the forgotten file, its row at the cursor
-        # is not: its rows may be in the target (changed since): refused in one line
+        # is not (another timestamp: not a value updated in place, which would be the
+        # file uploaded): its rows may be in the target: refused in one line
         sources, now = self.forget_sensor_1()
         with sqlite3.connect(self.path("away.db")) as conn:
-            conn.execute("UPDATE readings SET value = -1 WHERE id = 10")
+            conn.execute("UPDATE readings SET timestamp = '2031-01-01T00:00:00Z' "
+                         "WHERE id = 10")
         conn.close()
         os.rename(self.path("away.db"), self.path("sensor-1.db"))
         for _ in range(2):
