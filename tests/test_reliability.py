@@ -1353,9 +1353,13 @@ class StateDiskTest(ReliabilityTestCase):
             def __getattr__(self, name):
                 return getattr(self._fh, name)
 
+        state_lock = os.path.join(self.path("state"), "")
+
         def full_open(file, mode="r", *args, **kwargs):
             fh = real_open(file, mode, *args, **kwargs)
-            return FullFile(fh) if os.fspath(file).endswith(".lock") else fh
+            name = os.fspath(file)  # the state's lock, not the scratch folder's
+            return FullFile(fh) if name.endswith(".lock") and name.startswith(state_lock) \
+                else fh
 
         self.sensor.add(20)
         with mock.patch("builtins.open", full_open):
