@@ -3253,9 +3253,12 @@ class DeltaSink(Sink):
         return os.path.join(self.base, table)
 
     def check_store(self, table):
-        """Once per table: refuse a store that does not enforce conditional writes."""
+        """Once per table: refuse a store that does not enforce conditional writes. A
+        probe that fails for a transient reason (a connection reset) is tried again."""
         if table not in self._checked:
-            probe_conditional_writes(self.table_uri(table), os.environ)
+            self.retry(lambda: probe_conditional_writes(self.table_uri(table), os.environ),
+                       what=f"checking {table} for conditional writes",
+                       is_transient=is_transient_sink_error, **self.BACKOFF)
             self._checked.add(table)
 
     def _open(self, table, check=True):

@@ -297,6 +297,30 @@ class RetryTest(PipelineTestCase):
                 self.assertEqual(sorted(r["id"] for r in delta_rows(sink.table_uri("t"))),
                                  list(range(1, 3 * seq + 1)))
 
+    def test_a_conditional_write_probe_cut_off_is_tried_again(self):
+        """The store's probe (two PUTs) meets a connection reset (moto's server under a
+        fleet's load did, and the node exited 1): tried again after a jittered pause,
+        and the batch lands; a store found not to enforce them is not retried."""
+        sleeps, probes = [], []
+        sink = self.sink(sleeps)
+
+        def reset_once(uri, environ):
+            probes.append(uri)
+            if len(probes) == 1:
+                raise up.SinkError(f"sink: checking {uri} for conditional writes failed: "
+                                   "[Errno 104] Connection reset by peer", transient=True)
+
+        with mock.patch.object(up, "probe_conditional_writes", reset_once):
+            self.assertEqual(sink.write("t", self.batch(sink)).rows, 3)
+        self.assertEqual(len(probes), 2)
+        self.assertEqual(sleeps, [0.2 * 2 * 1.5])
+        self.assertEqual(len(delta_rows(sink.table_uri("t"))), 3)
+        refused = up.ConfigError("target: the store ignores conditional writes")
+        with mock.patch.object(up, "probe_conditional_writes", side_effect=refused) as probe:
+            with self.assertRaises(up.ConfigError):
+                self.sink([]).check_store("t")
+        self.assertEqual(probe.call_count, 1)
+
     def test_what_is_retried(self):
         cases = [("Protocol changed since last commit", True),
                  ("Metadata changed since last commit.", True),
