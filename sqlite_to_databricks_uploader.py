@@ -7268,10 +7268,10 @@ def start_route(job):
     if now:
         log.info("state: %s is new to this state: starting at the current end of "
                  "the source, %s = %s (START_AT=now); rows before it are not uploaded "
-                 "to it", job.table, job.source.cursor.describe(), cursor)
+                 "to it", job.where, job.source.cursor.describe(), cursor)
     else:
         log.info("state: %s is new to this state: uploading the source from the "
-                 "beginning", job.table)
+                 "beginning", job.where)
 
 
 def unexplained_rows(job):
