@@ -4940,7 +4940,9 @@ SCRATCH_LOCK = threading.Lock()
 
 def scratch_root(base=None):
     """This process's scratch folder, made and locked on first use (in a forked child
-    too); removed at a normal exit."""
+    too); removed at a normal exit. Its name has the pid and a random part: processes
+    in separate pid namespaces (containers) sharing one temporary folder may have the
+    same pid."""
     import atexit
     import shutil
     import tempfile
@@ -4948,11 +4950,10 @@ def scratch_root(base=None):
         if SCRATCH.get("pid") == os.getpid():
             return SCRATCH["path"]
         base = base or tempfile.gettempdir()
-        path = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}")
+        path = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         new = tempfile.mkdtemp(prefix=".uploader-new-", dir=base)  # locked before it
         lock = open(os.path.join(new, ".lock"), "w")  # gets a name a cleanup looks at
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        shutil.rmtree(path, ignore_errors=True)  # a dead process's that had this pid
         os.rename(new, path)
         SCRATCH.update(pid=os.getpid(), path=path, lock=lock)
         atexit.register(shutil.rmtree, path, True)

@@ -290,7 +290,7 @@ class ScratchKillTest(CrashTestCase):
             self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr[-3000:])
             said.append(done.stderr)
             (left,) = os.listdir(self.path("tmp"))  # this run's: the last one's is gone
-            self.assertRegex(left, r"^uploader-scratch-\d+$")
+            self.assertRegex(left, r"^uploader-scratch-\d+-[0-9a-f]{8}$")
             self.assertEqual(len(glob.glob(self.path("tmp", left, "parquet-*", "**",
                                                      "*.parquet"), recursive=True)), 1)
         done = run_driver("none", 0, self.argv, env)

@@ -1232,6 +1232,8 @@ SCRATCH_CHILD = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import sqlite_to_databricks_uploader as up
+if sys.argv[3] == "pid-7":  # another pid namespace (a container) whose pid is 7
+    os.getpid = lambda: 7
 root = up.scratch_root(sys.argv[2])
 open(os.path.join(up.scratch_dir("parquet-"), "part.parquet"), "wb").write(b"PAR1")
 print(root, flush=True)
@@ -1254,8 +1256,24 @@ class ScratchTest(TempDirTestCase):
         for cleanup in (proc.wait, proc.stdout.close, proc.stdin.close):
             self.addCleanup(cleanup)
         root = proc.stdout.readline().strip()
-        self.assertEqual(root, os.path.join(self.tmp, f"uploader-scratch-{proc.pid}"))
+        pid = 7 if how == "pid-7" else proc.pid
+        self.assertRegex(os.path.basename(root), rf"^uploader-scratch-{pid}-[0-9a-f]{{8}}$")
+        self.assertEqual(os.path.dirname(root), self.tmp)
         return proc, root
+
+    def test_processes_with_one_pid_in_two_containers_keep_their_folders(self):
+        # two containers sharing /tmp (a pod's emptyDir), each uploader pid 7 in its
+        # own namespace: the second start must not take the first one's folder
+        first, first_root = self.child("pid-7")
+        second, second_root = self.child("pid-7")
+        self.assertNotEqual(first_root, second_root)
+        for root in (first_root, second_root):
+            self.assertTrue(glob.glob(os.path.join(root, "parquet-*", "part.parquet")))
+        self.assertEqual(up.remove_stale_scratch(self.tmp), 0)
+        for proc in (first, second):
+            proc.stdin.close()
+            self.assertEqual(proc.wait(), 0)
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def test_a_dead_process_folder_is_removed_and_a_live_one_kept(self):
         live, live_root = self.child("wait")
