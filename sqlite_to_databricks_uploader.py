@@ -8804,6 +8804,24 @@ def setup_logging(level="INFO", json_lines=False):
 SECRET_VARIABLE = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|_KEY)$", re.I)
 
 
+def is_secret_variable(name, value):
+    """Whether an environment variable holds a secret, by its name: one with SECRET,
+    TOKEN or PASSWORD in it always; *_KEY (an account key, a SAS key) unless its value
+    is a plain name, letters without digits (PARTITION_KEY=states, SORT_KEY=ts: taken
+    for secrets, they turned 'raw_states' into 'raw_[REDACTED]' in every line)."""
+    if not SECRET_VARIABLE.search(name):
+        return False
+    if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD", name, re.I) or name.upper() in KEY_SECRETS:
+        return True
+    return not re.fullmatch(r"[A-Za-z_.\-]*", value.strip())
+
+
+# *_KEY variables that are secrets whatever they hold: ours, and object stores' keys
+KEY_SECRETS = {"SANITIZE_HASH_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY",
+               "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_MASTER_KEY",
+               "GOOGLE_SERVICE_ACCOUNT_KEY"}
+
+
 def remember_secrets(config, environ):
     """Have redact() know the run's secrets before anything is logged: the secret
     settings (and the client id and secret as HTTP Basic sends them), the secret-named
@@ -8816,7 +8834,7 @@ def remember_secrets(config, environ):
         remember_secret(base64.b64encode(f"{config.databricks_client_id}:"
                                          f"{config.databricks_client_secret}".encode()).decode())
     remember_secret(*(value for name, value in environ.items()
-                      if SECRET_VARIABLE.search(name)))
+                      if is_secret_variable(name, value)))
     texts = [*environ.values(), *(str(getattr(config, name) or "")
                                   for name, _, _ in config_fields())]
     remember_secret(*(password for text in texts

@@ -366,6 +366,23 @@ class SecretsTest(CliTestCase):
         self.assertIn("store options: sas=[REDACTED] hash=[REDACTED]", err)
         self.assertIn("WARNING retrying ?[REDACTED]", err)
         self.assertNotIn(secret, out + err)
+        with mock.patch.dict(os.environ, {"SANITIZE_HASH_KEY": "onlyletterspepper"}):
+            up.remember_secrets(up.Config(), dict(os.environ))
+            self.assertEqual(up.redact("hash onlyletterspepper"), "hash [REDACTED]")
+
+    def test_a_variable_named_key_that_holds_a_plain_name_is_not_a_secret(self):
+        # PARTITION_KEY=states (a user's own variable): 'raw_states' must stay readable;
+        # an account or SAS key (long, not a plain name) is still replaced
+        env = self.base_env(SQLITE_PATH=self.db, PARTITION_KEY="states", SORT_KEY="ts",
+                            AZURE_STORAGE_ACCOUNT_KEY="bm90LWEtcmVhbC1rZXk+Lw==")
+
+        def announce(sink):
+            up.log.info("table raw_states sorted by ts; account key %s",
+                        "bm90LWEtcmVhbC1rZXk+Lw==")
+        with mock.patch.object(up.DeltaSink, "announce", announce):
+            code, out, err = self.run_guarded(["--once"], env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("table raw_states sorted by ts; account key [REDACTED]", err)
 
     def test_redact_takes_out_the_shapes_of_secrets_and_keeps_the_rest(self):
         cases = [
