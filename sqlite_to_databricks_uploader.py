@@ -7283,7 +7283,7 @@ def unexplained_rows(job):
     --recover-state: a lost or reset state). Rows a forgotten position of
     this state sent count as sent: a new file under a rotated name is not held back by
     the rows of the files that had the name before; a forgotten file that comes back
-    is known by its inode and the row at its cursor (Sources.follow_moves)."""
+    (or a copy of it) is known by the row at its cursor (Sources.follow_moves)."""
     if not job.scope:
         return job.sink.count_rows(job.table, job.config.source_id)
     state_id, table = job.checkpoint.data["state_id"], position_key(
@@ -7413,9 +7413,9 @@ def take_batch(job, found, prefix, name):
     rows = sum(n for batch_id, n in job.sink.count_file_rows(
         job.table, job.config.source_id, name).items() if batch_prefix(batch_id) == prefix)
     job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),
-                          cursor_row=read_row_mark(job.conn, job.source,
-                                                   decode_cursor(found["cursor"]),
-                                                   job.checkpoint.data["state_id"]),
+                          cursor_row=reading_source(job.source, lambda: read_row_mark(
+                              job.conn, job.source, decode_cursor(found["cursor"]),
+                              job.checkpoint.data["state_id"])),
                           file_id=list(job.file_id),
                           rows=rows, recovered=[prefix], updated_at=utc_now_text(),
                           **job.recorded)
@@ -7573,12 +7573,17 @@ def note_first_row(job):
     if pos.get("first_row") or pos["cursor"] is None:
         return
     conn, source = job.conn, job.source
-    row = reading_source(source, lambda: conn.execute(select_sql(source, False), [1]).fetchone())
-    if row is not None:
+
+    def read():  # (a locked file, or a table dropped since: the job's own failure)
+        row = conn.execute(select_sql(source, False), [1]).fetchone()
+        if row is None:
+            return None
         first = [row[p] for p in key_positions(source)]
-        job.checkpoint.update(job.key, first_row={
-            "cursor": encode_cursor(first),
-            "mark": read_row_mark(conn, source, first, job.checkpoint.data["state_id"])})
+        return {"cursor": encode_cursor(first),
+                "mark": read_row_mark(conn, source, first, job.checkpoint.data["state_id"])}
+    first_row = reading_source(source, read)
+    if first_row is not None:
+        job.checkpoint.update(job.key, first_row=first_row)
 
 
 WORKERS = 2  # files read at once (one is read while another's batch is written)
@@ -7751,16 +7756,18 @@ class Sources:
         position's cursor: its positions move to the new name, said in one line. Else a
         file whose first row is not that file's is a new file (a freed inode taken
         again); one that begins as it did is refused for the cycle, in one line, unless
-        its start_at is now: its rows may be in the target under the old name. One file
-        at a time, so that a chain of renames (.1 -> .2, then the file -> .1) is
-        followed."""
+        its start_at is now: its rows may be in the target under the old name. A file
+        new to the state with no such inode (a copy of a gone file put back) is known
+        alike by the row at the cursor of a gone or forgotten file, and refused alike if
+        it begins as one. One file at a time, so that a chain of renames (.1 -> .2, then
+        the file -> .1) is followed."""
         self.unconfirmed = set()
         while self.follow_move():
             pass
 
     def follow_move(self):
         """Move the positions of one file renamed while no uploader ran; False if none."""
-        lost, known = self.lost_files(), {}
+        lost, known, read = self.lost_files(), {}, {where[0] for where in self.jobs}
         for pos in self.checkpoint.data["destinations"].values():
             known.setdefault((pos.get("source") or {}).get("path"), set()).add(
                 tuple(pos.get("file_id") or ()))
@@ -7774,6 +7781,11 @@ class Sources:
                 found = [r for r in found if (r[2] and r[0] != path) or not (r[2] or ids)]
                 if found and self.claim(spec, path, found, partial=bool(ids)):
                     return True
+                if not (ids or found or os.path.realpath(path) in read):
+                    # a copy (another inode) of a gone file put back: known by its rows
+                    copies = self.sent_from(lost, path)
+                    if copies and self.claim(spec, path, copies, by_inode=False):
+                        return True
         return False
 
     def lost_files(self):
@@ -7790,10 +7802,18 @@ class Sources:
                 lost.setdefault((pos["source"]["path"], tuple(pos["file_id"])), False)
         return [(path, found, kept) for (path, found), kept in lost.items()]
 
-    def claim(self, spec, new, lost, partial=False):
+    def sent_from(self, lost, path):
+        """The files of `lost` whose positions sent rows, those named `path` first."""
+        sent = [r for r in lost if any(pos["cursor"] is not None or pos["inflight"]
+                                       for pos in self.positions_of(*r))]
+        return sorted(sent, key=lambda r: r[0] != path)
+
+    def claim(self, spec, new, lost, partial=False, by_inode=True):
         """Move the positions of the first file of `lost` whose rows marked at their
         cursors `new` has to `new` (True); else refuse `new` for this cycle, unless it is
-        a new file, or the positions of it that `new` already has were moved (partial)."""
+        a new file, or the positions of it that `new` already has were moved (partial).
+        Not `by_inode`: `lost` are gone files whose inode `new` has not (a copy of one
+        of them?); only a file that begins as one of them is refused."""
         try:
             conn = self.connect(new, spec)
         except (sqlite3.Error, SourceError):
@@ -7803,26 +7823,32 @@ class Sources:
                 self.checkpoint.move_file(old, new, found, now=file_identity(new))
                 log.info("source: %s is now %s (%s: the same file, with the rows uploaded "
                          "from it); its positions move with it", old, new,
-                         "renamed while no uploader was reading it" if kept else
-                         "gone long enough that its positions were forgotten, and back")
+                         ("renamed while no uploader was reading it" if kept else
+                          "gone long enough that its positions were forgotten, and back")
+                         + ("" if by_inode else ", as a copy"))
                 return True
         doubt = []  # the same file, changed? (kept: unless it is surely another file)
         for old, found, kept in lost:
             begins = self.begins_as(spec, conn, new, self.positions_of(old, found, kept))
-            if begins or (kept and begins is None):
+            if begins or (kept and by_inode and begins is None):
                 doubt.append((old, kept))
         if doubt and not partial and spec_config(self.config, spec, new).start_at != "now":
             old, kept = doubt[0]
+            how = "keeps" if kept else "forgot after it was gone"
             self.unconfirmed.add(new)
             self.fail((new, ""), StateError(
-                f"state: {new} has the inode of {old}, whose positions this state "
-                f"{'keeps' if kept else 'forgot after it was gone'}, and begins with its "
-                "first row, but has not the row uploaded at their cursor, so it is not "
-                f"read: if it is {old} {'renamed' if kept else 'back'} (and changed), its "
-                "rows are in the target: rename it back, or give it start_at: now "
-                "(--start-at now) to upload only rows added from now on" +
+                f"state: {new} " + (
+                    f"has the inode of {old}, whose positions this state {how}, and begins "
+                    "with its first row" if by_inode else
+                    f"is new to this state but begins with the first row of {old}, whose "
+                    f"positions this state {how}") +
+                ", but has not the row uploaded at their cursor, so it is not read: if it "
+                f"is {old} {'renamed' if kept else 'back'} (and changed), its rows are in "
+                f"the target: {'rename it back, or ' if by_inode else ''}give it start_at: "
+                "now (--start-at now) to upload only rows added from now on" +
                 (f"; if it is another file, it is read once the positions of {old} are "
-                 f"forgotten (FORGET_AFTER after {old} is gone)" if kept else "")))
+                 f"forgotten (FORGET_AFTER after {old} is gone)" if kept and by_inode
+                 else "")))
         return False
 
     def positions_of(self, path, found, kept):

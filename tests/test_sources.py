@@ -299,6 +299,35 @@ class ManySourcesTest(SourcesTestCase):
         self.assertIn("cursor: rowid (metadata_id) on table 'states_meta'", err)
 
 
+class LockedReadTest(SourcesTestCase):
+    """A read of one file that fails (a writer holds its lock past BUSY_TIMEOUT) is
+    that file's failure: one error line, no traceback, the other files go on."""
+
+    def test_locked_read_of_the_first_row_fails_only_that_file(self):
+        self.logger_file("sensor-1.db")
+        self.logger_file("sensor-2.db")
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"]}])
+        real = up.read_row_mark
+
+        def locked(conn, *args, **kwargs):
+            if conn.execute("PRAGMA database_list").fetchone()[2].endswith("sensor-1.db"):
+                raise sqlite3.OperationalError("database is locked")
+            return real(conn, *args, **kwargs)
+        with mock.patch.object(up, "read_row_mark", locked):
+            err = self.run_once(config, expect=1)
+        self.assertNotIn("Traceback", err)
+        said = [line for line in err.splitlines() if " ERROR " in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("database is locked", said[0])
+        self.assertIn("sensor-1.db", said[0])
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)])
+        self.run_once(config)  # the lock is gone: the file's first row is recorded
+        self.assertTrue(all(p.get("first_row") for p in self.state()["destinations"].values()))
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [(f, i) for f in ("sensor-1.db", "sensor-2.db") for i in range(1, 11)])
+
+
 class WholeDatabaseTest(SourcesTestCase):
     """tables: all."""
 
@@ -1102,6 +1131,77 @@ class RotationTest(SourcesTestCase):
         self.assertEqual(sources.cycle(), {})
         self.assertEqual(sources.cycle(), {})
         self.assertValuesOnce([(0, 10), (100, 10), (200, 4)])
+
+    def forget_then_copy_back(self, archived=None):
+        """sensor-1.db (readings 0..9) is uploaded, archived (copied aside) and deleted,
+        and its positions are forgotten;
+        then the archived copy (`archived`: a function that changes it first) is put back
+        under its own name: the Sources."""
+        self.generation("sensor-1.db", 0, 10)
+        self.generation("sensor-2.db", 100, 3)
+        now = [1000.0]
+        sources = self.open_sources(lambda: now[0])
+        self.assertEqual(sources.cycle(), {})
+        os.makedirs(self.path("arch"))
+        shutil.copy(self.path("sensor-1.db"), self.path("arch/sensor-1.db"))
+        os.remove(self.path("sensor-1.db"))
+        for _ in range(3):
+            now[0] += 61
+            self.assertEqual(sources.cycle(), {})
+        self.assertEqual(len(self.state()["forgotten"]), 1)
+        if archived:
+            archived(self.path("arch/sensor-1.db"))
+        taken = self.state()["forgotten"][0]["file_id"][1]
+        for n in range(20):  # a copy with another inode than the file's (freed now)
+            shutil.copy(self.path("arch/sensor-1.db"), self.path("copy.tmp"))
+            if up.file_identity(self.path("copy.tmp"))[1] != taken:
+                break
+            os.rename(self.path("copy.tmp"), self.path(f"arch/holds-inode-{n}"))
+        os.rename(self.path("copy.tmp"), self.path("sensor-1.db"))
+        self.assertNotEqual(up.file_identity(self.path("sensor-1.db"))[1], taken)
+        return sources
+
+    def test_copy_of_a_forgotten_file_put_back_goes_on_from_its_cursor(self):
+        # a copy (another inode) of a file whose positions were forgotten, put back
+        # under its name: it holds the row uploaded at their cursor, so it is that file
+        # back and goes on from there (before: uploaded again from its first row)
+        sources = self.forget_then_copy_back()
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            self.assertEqual(sources.cycle(), {})
+        said = [line for line in logs.output if "its positions move with it" in line]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertFalse([line for line in logs.output if "is new to this state" in line],
+                         logs.output)
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 12), (100, 3)])
+        self.assertEqual(self.state()["forgotten"], [])
+
+    def test_copy_of_a_forgotten_file_under_another_name_goes_on_from_its_cursor(self):
+        sources = self.forget_then_copy_back()
+        os.rename(self.path("sensor-1.db"), self.path("sensor-7.db"))
+        self.assertEqual(sources.cycle(), {})
+        self.assertValuesOnce([(0, 10), (100, 3)])
+
+    def test_older_copy_of_a_forgotten_file_put_back_is_refused_in_one_line(self):
+        # the copy put back lacks the last rows uploaded (archived before they were
+        # written, or edited): it begins as the forgotten file but has not the row at
+        # its cursor; its rows may be in the target: refused, nothing sent again
+        def older(path):
+            with sqlite3.connect(path) as conn:
+                conn.execute("DELETE FROM readings WHERE id > 6")
+            conn.close()
+        sources = self.forget_then_copy_back(older)
+        with self.assertLogs("uploader", logging.INFO) as logs:
+            failed = sources.cycle()
+        where = (os.path.realpath(self.path("sensor-1.db")), "")
+        self.assertEqual(list(failed), [where], failed)
+        self.assertIn("not the row uploaded", failed[where])
+        self.assertEqual(len([x for x in logs.output if x.startswith("ERROR")]), 1,
+                         logs.output)
+        self.assertEqual(list(sources.cycle()), [where])  # (and at each cycle)
+        self.assertValuesOnce([(0, 10), (100, 3)])
 
 
 class StatusTest(SourcesTestCase):
