@@ -1151,15 +1151,20 @@ class RotationTest(SourcesTestCase):
         self.assertEqual(len(self.state()["forgotten"]), 1)
         if archived:
             archived(self.path("arch/sensor-1.db"))
+        self.put_back()
+        return sources
+
+    def put_back(self):
+        """Copy arch/sensor-1.db to sensor-1.db, with another inode than the forgotten
+        file's (the file system may give the copy the inode it freed)."""
         taken = self.state()["forgotten"][0]["file_id"][1]
-        for n in range(20):  # a copy with another inode than the file's (freed now)
+        for n in range(20):
             shutil.copy(self.path("arch/sensor-1.db"), self.path("copy.tmp"))
             if up.file_identity(self.path("copy.tmp"))[1] != taken:
                 break
             os.rename(self.path("copy.tmp"), self.path(f"arch/holds-inode-{n}"))
         os.rename(self.path("copy.tmp"), self.path("sensor-1.db"))
         self.assertNotEqual(up.file_identity(self.path("sensor-1.db"))[1], taken)
-        return sources
 
     def test_copy_of_a_forgotten_file_put_back_goes_on_from_its_cursor(self):
         # a copy (another inode) of a file whose positions were forgotten, put back
@@ -1177,6 +1182,24 @@ class RotationTest(SourcesTestCase):
         self.assertEqual(sources.cycle(), {})
         self.assertValuesOnce([(0, 12), (100, 3)])
         self.assertEqual(self.state()["forgotten"], [])
+
+    def test_copy_of_a_forgotten_file_put_back_between_runs(self):
+        # the reviewer's case, one run at a time (--forget-after 0): each row once
+        self.generation("sensor-1.db", 0, 10)
+        config = self.glob_config()
+        self.run_once(config, "--forget-after", "0")
+        os.makedirs(self.path("arch"))
+        shutil.copy(self.path("sensor-1.db"), self.path("arch/sensor-1.db"))
+        os.remove(self.path("sensor-1.db"))
+        self.run_once(config, "--forget-after", "0")
+        self.run_once(config, "--forget-after", "0")
+        self.assertEqual(len(self.state()["forgotten"]), 1)
+        self.put_back()
+        self.insert(self.path("sensor-1.db"), readings(10, 2),
+                    ["timestamp", "sensor", "value"], "readings")
+        err = self.run_once(config, "--forget-after", "0")
+        self.assertNotIn("is new to this state", err)
+        self.assertValuesOnce([(0, 12)])
 
     def test_copy_of_a_forgotten_file_under_another_name_goes_on_from_its_cursor(self):
         sources = self.forget_then_copy_back()
