@@ -1605,6 +1605,14 @@ def has_rows_up_to(conn, source, cursor):
                         cursor).fetchone() is not None
 
 
+def is_purged_up_to(conn, source, cursor):
+    """True when the table has no row up to the cursor (the row there included) but rows
+    after it: the rows up to it were deleted (a purge), so going on after the cursor
+    skips none of its rows."""
+    return not has_rows_up_to(conn, source, cursor) and conn.execute(
+        f"SELECT 1 FROM {quote_ident(source.name)} LIMIT 1").fetchone() is not None
+
+
 def count_passed(conn, source, pending, nulls=None):
     """Rows at or before the cursor: all rows but the `pending` ones after it and those
     a pair cursor cannot order (`nulls`, counted when not given)."""
@@ -7010,11 +7018,11 @@ def check_replaced(job, cursor, mark, where, at):
                 "source: %s; its row at the cursor %s is the row uploaded (%s), so it "
                 "holds the rows uploaded: it goes on after them", where, at, what)
         return True
+    if is_purged_up_to(conn, source, cursor):
+        log.info("source: %s; it has no row up to the cursor %s, only rows after it, "
+                 "so going on skips none of them: it goes on", where, at)
+        return True
     if not has_rows_up_to(conn, source, cursor):
-        if conn.execute(f"SELECT 1 FROM {quote_ident(source.name)} LIMIT 1").fetchone():
-            log.info("source: %s; it has no row up to the cursor %s, only rows after it, "
-                     "so going on skips none of them: it goes on", where, at)
-            return True
         if job.unconfirmed != job.file_id:
             job.unconfirmed = job.file_id
             log.warning("source: %s; its table %r is empty, so whether its rows will be "
@@ -7140,13 +7148,19 @@ def recover_state(job):
         job.checkpoint.update(job.key)
         return
     if found.get("cursor_row") and not holds_marked_row(job.conn, job.source, found):
-        raise StateError(
-            f"state: the last batch of node {job.config.source_id} in {job.table} ends at "
-            f"{job.source.cursor.describe()} = {decode_cursor(found['cursor'])}, and the row "
-            f"of {job.config.sqlite} there is not the row uploaded: it is not the file those "
-            "rows came from (another file under its name?), so going on after them would "
-            "skip its rows; put back the file uploaded from, or --start-at now uploads only "
-            "rows added from now on")
+        if not holds_purged(job.conn, job.source, found):
+            raise StateError(
+                f"state: the last batch of node {job.config.source_id} in {job.table} ends "
+                f"at {job.source.cursor.describe()} = {decode_cursor(found['cursor'])}, and "
+                f"the row of {job.config.sqlite} there is not the row uploaded: it is not "
+                "the file those rows came from (another file under its name?), so going on "
+                "after them would skip its rows; put back the file uploaded from, or "
+                "--start-at now uploads only rows added from now on")
+        log.info("state: the last batch of node %s in %s ends at %s = %s, and %s has no "
+                 "row up to it, only rows after it (the rows up to it were deleted: a "
+                 "purge), so going on after it skips none of them", job.config.source_id,
+                 job.table, job.source.cursor.describe(), decode_cursor(found["cursor"]),
+                 job.config.sqlite)
     rows = found["rows"] if "rows" in found else job.sink.count_rows(
         job.table, job.config.source_id)
     job.checkpoint.update(job.key, cursor=found["cursor"], carry=found.get("carry"),
@@ -7355,7 +7369,9 @@ def recover_file(job, recovery):
         prefix = batch_prefix(found["batch_id"] or "")
         if found["batch_id"] in recovery.taken or prefix in known:
             continue
-        if not holds_marked_row(job.conn, job.source, found):
+        if not holds_marked_row(job.conn, job.source, found) and not (
+                other == name and found.get("cursor_row")
+                and purged_here(job, found, batches)):
             if other == name:
                 log.warning("state: %s table %s: the newest batch from a file named %s in "
                             "%s %s, so it is taken as a file new to the state",
@@ -7391,6 +7407,42 @@ def holds_marked_row(conn, source, found):
                              (found.get("batch_id") or "").split("-")[0])
     except sqlite3.Error:  # another table under that name
         return False
+
+
+def holds_purged(conn, source, found):
+    """True when the file of `conn` has no row up to the batch's cursor end, only rows
+    after it (a purge deleted the row marked there): going on after it skips nothing."""
+    cursor = decode_cursor(found["cursor"])
+    try:
+        return cursor is not None and is_purged_up_to(conn, source, cursor)
+    except sqlite3.Error:  # another table under that name
+        return False
+
+
+def purged_here(job, found, batches):
+    """True when the job's file has no row up to the batch's cursor end, only rows after
+    it (a purge deleted the row marked there), and no other file in its folder holds
+    that row (log rotation moved it; a file that holds the newest batch of its own name,
+    `batches`, is that name's): going on after the batch skips none of its rows."""
+    if not holds_purged(job.conn, job.source, found):
+        return False
+    folder, own = os.path.split(job.config.sqlite)
+    for other in sorted(os.listdir(folder or ".")):
+        path = os.path.join(folder, other)
+        if other == own or other.endswith(SIDE_FILES) or not os.path.isfile(path):
+            continue
+        try:
+            if other_holds(job, other, found) and not (
+                    other in batches and other_holds(job, other, batches[other])):
+                return False
+        except (SourceError, sqlite3.Error):  # not a database
+            continue
+    log.info("state: %s table %s: the newest batch from its name in %s ends at %s = %s, "
+             "and it has no row up to it, only rows after it (the rows up to it were "
+             "deleted: a purge), so going on after it skips none of them",
+             job.config.sqlite, job.source.name, job.table, job.source.cursor.describe(),
+             decode_cursor(found["cursor"]))
+    return True
 
 
 def other_holds(job, name, found):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -238,6 +239,23 @@ class RouteProgressTest(CheckpointTestCase):
         self.assertEqual(done.returncode, 2, done.stderr)
         self.assertIn("not the file those rows came from", self.error_line(done.stderr))
         self.assertEqual(sorted(target_ids(self.table_uri())), list(range(1, 601)))
+
+    def test_recover_state_after_a_purge_of_the_row_at_the_cursor(self):
+        # a retention purge deleted the rows up to past the cursor (the row uploaded
+        # last is gone) and the state is lost: the file holds no row up to the cursor,
+        # only rows after it, so going on skips none of them
+        self.assert_ok(self.upload("--cursor", "timestamp"))
+        add_rows(self.db, 50)
+        with sqlite3.connect(self.db) as conn:
+            conn.execute("DELETE FROM sensor_readings WHERE id <= 620")
+        conn.close()
+        os.remove(self.state_file)
+        done = self.upload("--cursor", "timestamp", "--recover-state")
+        self.assert_ok(done)
+        self.assertIn("has no row up to it, only rows after it", done.stderr)
+        self.assert_ok(self.upload("--cursor", "timestamp"))
+        self.assertEqual(sorted(target_ids(self.table_uri())),  # 601-620: purged unsent
+                         list(range(1, 601)) + list(range(621, 651)))
 
 class LockTest(CheckpointTestCase):
     """The lock is between processes: each uploader here is one."""

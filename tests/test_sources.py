@@ -894,6 +894,29 @@ class RecoverStateTest(SourcesTestCase):
         self.run_once(config)
         self.assertEqual(len(self.rows("raw_readings", "id")), 24)
 
+    def test_purge_of_the_row_at_the_cursor_goes_on_after_it(self):
+        # the state is lost, and a retention purge deleted sensor-a's rows up to past
+        # the cursor (rows 11-12 with them, never uploaded): it holds no row up to the
+        # cursor, only rows after it, so going on skips none of them
+        for name in ("sensor-a.db", "sensor-b.db"):
+            self.logger_file(name)
+        config = self.config([{"sqlite": self.path("sensor-*.db"), "tables": ["readings"],
+                               "cursor": "timestamp"}])
+        self.run_once(config)
+        self.lose_state()
+        self.insert(self.path("sensor-a.db"), readings(10, 5),
+                    ["timestamp", "sensor", "value"], "readings")
+        with sqlite3.connect(self.path("sensor-a.db")) as conn:
+            conn.execute("DELETE FROM readings WHERE id <= 12")
+        conn.close()
+        err = self.run_once(config, "--recover-state")
+        self.assertIn("sensor-a.db table readings: the newest batch from its name", err)
+        self.assertIn("only rows after it (the rows up to it were deleted: a purge)", err)
+        self.run_once(config)
+        self.assertOnce("raw_readings", ["_source_file", "id"],
+                        [("sensor-a.db", i) for i in [*range(1, 11), 13, 14, 15]] +
+                        [("sensor-b.db", i) for i in range(1, 11)])
+
     def test_name_reused_without_the_old_file_is_refused_in_one_line(self):
         self.logger_file("app.db")
         self.logger_file("other.db", count=3)
