@@ -6898,6 +6898,10 @@ def upload_pending(job):
     cursor = decode_cursor(pos["cursor"])
     pending = job.pending = reading_source(job.source, lambda: check_source(job, pos, cursor))
     started, done, read, notes = time.monotonic(), 0, 0, {}
+    if pending is None:  # another file under the name, not told yet: none of it is read
+        job.pending = 0  # (rows written meanwhile are checked with it the next cycle)
+        log_cycle(job, 0, 0, time.monotonic() - started, notes)
+        return 0
     if not job.kinds:
         job.kinds.update(job.sink.known_kinds(job.table))
     newer = lag_filter(job.source, job.config.cursor_lag)
@@ -6933,14 +6937,18 @@ def refresh_job_source(job, source):
 
 
 def check_source(job, pos, cursor):
-    """Start-of-cycle checks and reports; return the rows pending after the cursor."""
+    """Start-of-cycle checks and reports; return the rows pending after the cursor, or
+    None when the file is another one not told to hold the rows uploaded yet (then
+    nothing is read from it this cycle: a row its producer writes meanwhile could be
+    one going on would skip)."""
     follow_replaced(job)
     conn, source = job.conn, job.source
     check_not_behind(conn, source, cursor)
-    confirmed = check_same_rows(job, pos, cursor)
+    if not check_same_rows(job, pos, cursor):
+        return None
     nulls = report_null_timestamps(conn, source)
     pending = count_pending(conn, source, cursor)
-    if cursor is not None and confirmed and time.monotonic() >= job.behind_due:
+    if cursor is not None and time.monotonic() >= job.behind_due:
         started = time.monotonic()
         report_behind(job, pos, count_passed(conn, source, pending, nulls))
         # SQLite counts a table by walking a b-tree: on a big table keep it to about
@@ -7028,7 +7036,8 @@ def check_replaced(job, cursor, mark, where, at):
             log.warning("source: %s; its table %r is empty, so whether its rows will be "
                         "those uploaded (a copy being put in place) or a new database's, "
                         "whose rows up to the cursor %s going on would skip, cannot be told "
-                        "yet: it is checked again each cycle", where, source.name, at)
+                        "yet: it is checked again each cycle, and nothing is read from it "
+                        "until then (0 rows uploaded)", where, source.name, at)
         return False
     fix = ("move it to a new name, where it is uploaded from its first row as a new file"
            if job.scope else "use --reset-state --start-at now to take it from its current "

@@ -932,6 +932,35 @@ class ReplacedSourceTest(PipelineTestCase):
                 self.assertEqual(self.position(where)["cursor"], saved["cursor"])
                 self.assert_once(self.landed("raw_t", where), "v", range(6))
 
+    def test_rows_written_to_an_empty_new_file_during_its_check_are_not_read(self):
+        # the producer's first rows land between the check of the empty file and the
+        # read: before, they were read, and their mark let the next cycle go on after
+        # the cursor, skipping the new file's rows up to it (v 100-105), unsaid
+        schema = self.SHAPES["rowid"]
+        cols, rows = self.shaped(schema, 0, 6)
+        db = self.make(schema, rows, cols)
+        self.upload(db)
+        os.replace(self.make(schema, [], cols, name="new.db"), db)
+        check = up.check_same_rows
+
+        def producer_writes(job, pos, cursor):  # right after the check
+            confirmed = check(job, pos, cursor)
+            self.insert(db, self.shaped(schema, 0, 10, base=100)[1], cols)
+            return confirmed
+
+        with mock.patch.object(up, "check_same_rows", producer_writes):
+            err = self.upload(db)
+        said = [line for line in err.splitlines() if "is empty" in line]
+        self.assertEqual(len(said), 1, err)
+        self.assertIn("nothing is read from it until then (0 rows uploaded)", said[0])
+        self.assertNotIn("batch ", err)
+        self.assert_once(self.landed("raw_t"), "v", range(6))
+        # the next cycle sees its rows up to the cursor: refused in one line, none skipped
+        lines = error_lines(self.upload(db, expect=1))
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("not the row uploaded", lines[0])
+        self.assert_once(self.landed("raw_t"), "v", range(6))
+
     def test_an_empty_file_under_the_name_is_said_once_while_the_uploader_runs(self):
         # one source in a loop: one WARNING while it stays empty, not an error a cycle;
         # refused once it has rows up to the cursor that are not those uploaded
