@@ -1317,12 +1317,13 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
     an in-flight batch that did not land) the first batch is exactly the rows up to it
     (resend=True), whatever batch_size now is. `refresh(source)` gives the table as it is
     before each batch, so a column added meanwhile is read from then on. Each chunk has
-    the mark of its last row (row_mark), keyed with `key` (the state id).
+    the mark of its last row (row_mark), keyed with `key` (the state id), with the
+    table's first row, read once (again when the columns change), when a row is read.
     """
+    head, headed = None, None
     while True:
         if refresh is not None:
             source = refresh(source)
-        head = reading_source(source, lambda: read_first_row(conn, source, key))
         resend, limit = until is not None, batch_size if until is None else -1
         sql = select_sql(source, cursor is not None, bounded=resend)
         params = (list(cursor) if cursor is not None else []) + (
@@ -1331,6 +1332,9 @@ def read_batches(conn, source, cursor, batch_size, chunk_rows=CHUNK_ROWS, *, new
         rows, count, first = reading_source(source, lambda: statement.fetchmany(chunk_rows)), 0, True
         held, lagged = False, None if resend else newer  # a re-sent batch passed the lag
         while rows:
+            if headed is not source:  # (in the batch's read transaction)
+                head, headed = reading_source(
+                    source, lambda: read_first_row(conn, source, key)), source
             full = len(rows) == chunk_rows
             if lagged is not None and lagged(rows[-1]):
                 rows, held = rows[:bisect.bisect_left(rows, True, key=lagged)], True
@@ -1488,33 +1492,44 @@ def row_mark(names, row, key="", stamp=None, first=None):
     if stamp in names:
         mark["stamp"] = mark_digest(key, [row[names.index(stamp)]])
     if first is not None:
-        mark["first"], mark["first_at"] = first
+        mark["first"], mark["first_at"] = first[:2]
+        if first[2:] and first[2]:
+            mark["first_by"] = first[2]
     return mark
 
 
-def first_order(source):
+def first_order(source, by_key=True):
     """What orders the table's rows as stored: its rowid (the last column of a rowid
-    table's cursor), or a WITHOUT ROWID table's key."""
+    table's cursor), or a WITHOUT ROWID table's PRIMARY KEY (an index seek; marks of
+    before, without first_by, by_key=False: its cursor's columns, a scan and a sort
+    when no index leads with them)."""
     keys = key_sql(source.cursor)
-    return keys if source.without_rowid else keys[-1:]
+    if not source.without_rowid:
+        return keys[-1:]
+    if not by_key:
+        return keys
+    return [quote_ident(c.name) for c in sorted(source.columns, key=lambda c: c.pk) if c.pk]
 
 
-def read_first_row(conn, source, key, names=None):
-    """(digest, place) of the table's first row (first_order): the digest of columns
-    `names` (default: all) and its rowid or key as a cursor; None when it is empty."""
+def read_first_row(conn, source, key, names=None, by_key=True):
+    """(digest, place, by) of the table's first row (first_order): the digest of columns
+    `names` (default: all), its rowid or key as a cursor, and "key" when that is a
+    WITHOUT ROWID table's PRIMARY KEY (the mark's first_by); None when it is empty."""
     names = source.column_names if names is None else names
-    order = ", ".join(first_order(source))
-    row = conn.execute(f"SELECT {order}, {', '.join(quote_ident(n) for n in names)} FROM "
-                       f"{quote_ident(source.name)} ORDER BY {order} LIMIT 1").fetchone()
+    order = first_order(source, by_key)
+    keys = ", ".join(order)
+    row = conn.execute(f"SELECT {keys}, {', '.join(quote_ident(n) for n in names)} FROM "
+                       f"{quote_ident(source.name)} ORDER BY {keys} LIMIT 1").fetchone()
     if row is None:
         return None
-    width = len(first_order(source))
-    return mark_digest(key, row[width:]), encode_cursor(row[:width])
+    width = len(order)
+    return (mark_digest(key, row[width:]), encode_cursor(row[:width]),
+            "key" if source.without_rowid and by_key else None)
 
 
-def has_rows_from(conn, source, place):
+def has_rows_from(conn, source, place, by_key=True):
     """True when some row is at or before `place` (a first row's place) in first_order."""
-    order = first_order(source)
+    order = first_order(source, by_key)
     keys = order[0] if len(order) == 1 else f"({', '.join(order)})"
     marks = "?" if len(order) == 1 else f"({', '.join('?' * len(order))})"
     return conn.execute(f"SELECT 1 FROM {quote_ident(source.name)} WHERE {keys} <= {marks} "
@@ -1556,13 +1571,14 @@ def compare_mark(conn, source, cursor, mark, key):
     if "stamp" in mark and (stamp not in names or mark_digest(
             key, [row[names.index(stamp)]]) != mark["stamp"]):
         return False, "another timestamp"
-    first = read_first_row(conn, source, key, names)
+    by_key = not source.without_rowid or mark.get("first_by") == "key"
+    first = read_first_row(conn, source, key, names, by_key)
     if mark.get("first") is not None and first is not None and first[0] == mark["first"]:
         return True, "other values, updated in place: " + (
             "its timestamp and the table's first row are those marked" if "stamp" in mark
             else "the table's first row is the one marked")
     if "stamp" in mark and mark.get("first_at") is not None and not has_rows_from(
-            conn, source, mark["first_at"]):
+            conn, source, mark["first_at"], by_key):
         return True, ("other values, updated in place: its timestamp is the one marked, "
                       "and the table's first rows, up to the one marked, were deleted since")
     return False, "other values, and the table's first row is another"

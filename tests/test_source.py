@@ -1038,6 +1038,67 @@ class ReplacedSourceTest(PipelineTestCase):
 
 # === Batches and names ===============================================================
 
+class FirstRowTest(unittest.TestCase):
+    """The table's first row in a row mark: read by the table's stored order (a WITHOUT
+    ROWID table's PRIMARY KEY, an index seek), once per read, and marks of before (by the
+    cursor's columns) still read."""
+
+    # the cursor (ts, sensor) and the key (sensor, ts) begin at other rows
+    ROWS = [("s1", "2025-01-01T00:00:00Z", 1.0), ("s0", "2025-01-01T00:00:01Z", 2.0),
+            ("s1", "2025-01-01T00:00:02Z", 3.0), ("s0", "2025-01-01T00:00:03Z", 4.0),
+            ("s1", "2025-01-01T00:00:04Z", 5.0), ("s0", "2025-01-01T00:00:05Z", 6.0)]
+
+    def setUp(self):
+        self.conn = sqlite3.connect(":memory:")
+        self.addCleanup(self.conn.close)
+        self.conn.execute("CREATE TABLE r (sensor TEXT, ts TEXT, v REAL, "
+                          "PRIMARY KEY (sensor, ts)) WITHOUT ROWID")
+        self.conn.executemany("INSERT INTO r VALUES (?, ?, ?)", self.ROWS)
+        self.source = up.describe_table(self.conn, "r", None, "r.db")
+        self.assertEqual(self.source.cursor.columns, ("ts", "sensor"))
+
+    def test_first_row_is_read_once_per_read_by_the_key_without_a_sort(self):
+        heads = []
+        self.conn.set_trace_callback(
+            lambda sql: heads.append(sql) if sql.rstrip().endswith("LIMIT 1") else None)
+        chunks = list(up.read_batches(self.conn, self.source, None, 2, key="k"))
+        self.conn.set_trace_callback(None)
+        self.assertEqual([c.count for c in chunks], [2, 2, 2, 0][:len(chunks)])
+        self.assertEqual(len(heads), 1, heads)  # not one a batch
+        plan = " ".join(str(r) for r in self.conn.execute("EXPLAIN QUERY PLAN " + heads[0]))
+        self.assertNotIn("TEMP B-TREE", plan)  # the key's index, not a scan and a sort
+        mark = chunks[-1].cursor_row
+        self.assertEqual(mark["first_by"], "key")
+        self.assertEqual(up.decode_cursor(mark["first_at"]), ["s0", "2025-01-01T00:00:01Z"])
+        # nothing to read (an idle cycle): the first row is not read
+        end = chunks[-1].cursor_end
+        self.conn.set_trace_callback(
+            lambda sql: heads.append(sql) if sql.rstrip().endswith("LIMIT 1") else None)
+        self.assertEqual(list(up.read_batches(self.conn, self.source, end, 2, key="k")), [])
+        self.conn.set_trace_callback(None)
+        self.assertEqual(len(heads), 1, heads)
+
+    def test_a_mark_of_before_by_the_cursor_columns_is_still_read(self):
+        names, cursor = self.source.column_names, ["2025-01-01T00:00:04Z", "s1"]
+        row = self.conn.execute("SELECT * FROM r WHERE sensor = 's1' AND ts = ?",
+                                cursor[:1]).fetchone()
+        # as the version before wrote it: the first row by (ts, sensor), no first_by
+        first = up.read_first_row(self.conn, self.source, "k", names, by_key=False)
+        old = up.row_mark(names, row, "k", stamp="ts", first=first[:2])
+        self.assertEqual(up.decode_cursor(old["first_at"]), ["2025-01-01T00:00:00Z", "s1"])
+        new = up.read_row_mark(self.conn, self.source, cursor, "k")
+        self.conn.execute("UPDATE r SET v = 50.0 WHERE sensor = 's1' AND ts = ?", cursor[:1])
+        for mark in (old, new):  # updated in place: the same file
+            self.assertEqual(up.compare_mark(self.conn, self.source, cursor, mark, "k"),
+                             (True, "other values, updated in place: its timestamp and "
+                                    "the table's first row are those marked"))
+        # a purge of the first rows (by time, the producer's order): both still go on
+        self.conn.execute("DELETE FROM r WHERE ts <= '2025-01-01T00:00:01Z'")
+        for mark in (old, new):
+            same, what = up.compare_mark(self.conn, self.source, cursor, mark, "k")
+            self.assertTrue(same, what)
+
+
 class BatchTest(PipelineTestCase):
 
     def test_checkpoint_advances_after_each_batch(self):
