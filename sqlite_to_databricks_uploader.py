@@ -6407,7 +6407,8 @@ class Checkpoint:
     def forget(self, keys):
         """Remove positions (those of a file that is gone) and save. They are kept a
         while in the state's `forgotten` list (the newest FORGOTTEN_KEPT): a file that
-        comes back is known by its inode and the row at its cursor, and goes on there."""
+        comes back, or a copy of it, is known by the row at its cursor (its inode too,
+        when it kept it) and goes on there (Sources.follow_moves)."""
         kept = self.data.setdefault("forgotten", [])
         for key in keys:
             pos = self.data["destinations"].pop(key, None)
